@@ -1,0 +1,148 @@
+"""Frozen, validated configuration dataclasses.
+
+Every config validates itself in ``__post_init__`` and raises ``ValueError`` naming the field.
+The model config is hashable so it can be a static argument of ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+ROPE_TYPES = ("default", "linear", "llama3")
+FAMILIES = ("llama", "gpt")
+ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+def _check_positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling as in Hugging Face's ``rope_scaling`` dict."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}")
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling factor={self.factor} must be > 0")
+
+    @classmethod
+    def from_hf(cls, d: dict | None) -> RopeScaling | None:
+        if not d:
+            return None
+        rope_type = d.get("rope_type", d.get("type", "default"))
+        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_type"}
+        return cls(rope_type=rope_type, **{k: v for k, v in d.items() if k in fields})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one decoder-only transformer.
+
+    ``family`` picks the model module: "llama" (RMSNorm, RoPE, GQA, SwiGLU: Llama 2/3, Mistral,
+    Qwen2, Qwen3, SmolLM2) or "gpt" (LayerNorm, learned positions, GELU/ReLU MLP: GPT-2, OPT).
+    """
+
+    family: str
+    architecture: str  # Hugging Face architecture name, e.g. "LlamaForCausalLM"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    # "gpt" family only.
+    position_offset: int = 0  # OPT's learned position table starts at index 2
+    pre_norm: bool = True  # OPT-350m normalises after attention/MLP
+    final_norm: bool = True
+    word_embed_proj_dim: int | None = None  # OPT-350m projects embeddings in and out
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} must be one of {FAMILIES}")
+        _check_positive(
+            self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "intermediate_size", "max_position_embeddings",
+        )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; supported: {ACTIVATIONS}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
+
+    @property
+    def dtype_bytes_per_token_kv(self) -> int:
+        """Elements (not bytes) of K and V one token occupies across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV pool."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+    swap_space: float = 4.0  # GiB of host memory for swapped-out blocks
+
+    def __post_init__(self):
+        _check_positive(self, "block_size")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size} must be a power of two")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.kv_cache_memory_bytes is not None:
+            _check_positive(self, "kv_cache_memory_bytes")
+        if self.num_kv_blocks is not None:
+            if not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 2:
+                raise ValueError(f"num_kv_blocks={self.num_kv_blocks!r} must be an integer >= 2")
+        if self.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; only 'auto'")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space={self.swap_space} must be >= 0")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one engine step."""
+
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 2048
+
+    def __post_init__(self):
+        _check_positive(self, "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                f"max_num_seqs={self.max_num_seqs} so every running request can decode each step"
+            )

@@ -1,0 +1,90 @@
+"""Every engine argument in one place, and the factory that builds an LLMEngine from them.
+
+``LLM(**kwargs)`` and ``jaxllm serve`` flags map one to one onto :class:`EngineArgs` fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+from jaxllm.config import CacheConfig, SchedulerConfig
+from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.loader import load_checkpoint_as
+from jaxllm.models.attention import get_attention_backend
+from jaxllm.runner.model_runner import ModelRunner
+
+logger = logging.getLogger("jaxllm")
+
+# Defaults of the step limits when not given: GPUs take big batches, a CPU small ones.
+_PLATFORM_LIMITS = {"gpu": (256, 8192), "cpu": (64, 512)}  # (max_num_seqs, max_num_batched_tokens)
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Arguments of ``LLM`` / ``jaxllm serve``, with vLLM's names and defaults."""
+
+    model: str | None = None  # None or "SmolLM2-135M-Instruct": the embedded default model
+    dtype: str = "auto"
+    block_size: int = 16
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    kv_cache_dtype: str = "auto"
+    swap_space: float = 4.0
+    seed: int = 0
+    download_dir: str | None = None  # where converted weights are cached with orbax
+    warmup: bool = True  # compile every bucket at start-up
+
+    def scheduler_config(self, max_position_embeddings: int) -> SchedulerConfig:
+        platform = "gpu" if jax.devices()[0].platform == "gpu" else "cpu"
+        seqs, tokens = _PLATFORM_LIMITS[platform]
+        max_model_len = self.max_model_len or max_position_embeddings
+        if max_model_len > max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's {max_position_embeddings} positions")
+        max_num_seqs = self.max_num_seqs or seqs
+        return SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens or max(tokens, max_num_seqs),
+            max_model_len=max_model_len,
+        )
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.block_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            num_kv_blocks=self.num_kv_blocks,
+            enable_prefix_caching=self.enable_prefix_caching,
+            kv_cache_dtype=self.kv_cache_dtype,
+            swap_space=self.swap_space,
+        )
+
+    @classmethod
+    def from_kwargs(cls, model: str | None, kwargs: dict[str, Any]) -> EngineArgs:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s) {unknown}; known: {sorted(known)}")
+        return cls(model=model, **kwargs)
+
+
+def create_engine(args: EngineArgs) -> LLMEngine:
+    """Load the model, size the KV pool, compile, and return a ready engine."""
+    attend = get_attention_backend(args.attention_backend)  # fail fast on a bad name
+    cache = args.cache_config()
+    ckpt = load_checkpoint_as(args.model, args.dtype, args.download_dir)
+    sched = args.scheduler_config(ckpt.config.max_position_embeddings)
+    runner = ModelRunner(ckpt.config, ckpt.params, cache, sched, attend, seed=args.seed)
+    if args.warmup:
+        runner.warmup()
+    return LLMEngine(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, ckpt.config.eos_token_ids)

@@ -1,0 +1,46 @@
+"""Command line: ``jaxllm generate``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from jaxllm import LLM, SamplingParams
+
+    llm = LLM(args.model, max_model_len=args.max_model_len, dtype=args.dtype)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    outputs = llm.chat(conversations, params, use_tqdm=False) if args.chat else llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        print(f"### {prompt}\n{out.outputs[0].text.strip()}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxllm", description="vLLM's engine in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="greedy generation for one or more prompts")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    gen.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--max-model-len", type=int, default=1024)
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--no-chat", dest="chat", action="store_false", help="send the raw prompt, no chat template")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

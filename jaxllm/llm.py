@@ -1,0 +1,124 @@
+"""LLM: the offline batch API, with vLLM's names and defaults."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from jaxllm.engine_args import EngineArgs, create_engine
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    """Generate from a model for a batch of prompts, continuously batched over a paged KV pool.
+
+    Args:
+      model: None or "SmolLM2-135M-Instruct" (the embedded model), a HF checkpoint directory,
+        a .gguf file, or a repo id in the local Hugging Face cache.
+      **kwargs: any :class:`jaxllm.engine_args.EngineArgs` field (dtype, block_size,
+        max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization,
+        kv_cache_memory_bytes, num_kv_blocks, enable_prefix_caching, attention_backend, seed, ...).
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        self.engine_args = EngineArgs.from_kwargs(model, kwargs)
+        self.llm_engine = create_engine(self.engine_args)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete every prompt; returns one RequestOutput per prompt, in input order.
+
+        Args:
+          prompts: a string, a list of strings, or dicts ``{"prompt_token_ids": [...]}``
+            (``{"prompt": "..."}`` also works).
+          sampling_params: one SamplingParams for all prompts, or one per prompt.
+          use_tqdm: show a progress bar with requests done and tokens/s.
+        """
+        prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        ids = self._add_all(prompts, params)
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them through the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tokenizer = self.get_tokenizer()
+        prompts = [
+            {"prompt_token_ids": list(tokenizer.apply_chat_template(
+                conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=True,
+                return_dict=False,
+            ))}
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    # -- internals -------------------------------------------------------------------------------
+    @staticmethod
+    def _params_per_prompt(sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling_params for {n} prompts; pass one or one per prompt")
+        return params
+
+    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
+        engine, ids = self.llm_engine, []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                request_id = str(next(self._counter))
+                engine.add_request(request_id, _prompt_input(prompt), p)
+                ids.append(request_id)
+        except Exception:
+            engine.abort_request(ids)  # a bad prompt leaves nothing half-queued behind
+            raise
+        return ids
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine, done = self.llm_engine, {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        start, generated = time.perf_counter(), 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    generated += sum(len(o.token_ids) for o in out.outputs)
+                    bar.update(1)
+                    bar.set_postfix_str(f"output {generated / (time.perf_counter() - start):.1f} toks/s")
+        bar.close()
+        return [done[i] for i in ids]
+
+
+def _prompt_input(prompt: PromptType) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"]
+    raise ValueError(f"prompt must be a str or a dict with 'prompt_token_ids' or 'prompt', got {prompt!r}")

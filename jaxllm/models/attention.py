@@ -1,0 +1,115 @@
+"""Paged attention over the flat ragged batch: the one place that picks a backend.
+
+The KV pool holds every layer: ``k, v: [L, num_blocks, block_size, K, H]``. A token at
+position p of a sequence lives in physical block ``block_table[p // block_size]`` at offset
+``p % block_size``; ``slot_mapping`` is ``block * block_size + offset`` for each new token.
+
+Every token attends causally over its own sequence: keys at positions ``<= position`` (and
+``> position - sliding_window`` when set). New tokens' K/V are written into the pool first, so a
+sequence's context (cached blocks, this step's earlier chunk tokens, itself) is read back from
+the pool the same way, whatever mix of prefill chunks and decode tokens the batch holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+# Bound on the [tokens, context, K, H] tile of keys the xla backend gathers at once.
+_XLA_GATHER_BUDGET_ELEMENTS = 1 << 24
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where the flat batch's tokens sit in their sequences and in the KV pool.
+
+    T is the padded number of tokens, S the padded number of sequences, B the padded number of
+    blocks per sequence. Padding tokens belong to a padding sequence whose block table is all
+    null block (0), and write their K/V into the null block.
+    """
+
+    positions: jax.Array  # [T] int32 position of each token in its sequence
+    slot_mapping: jax.Array  # [T] int32 pool slot its K/V is written to
+    seq_ids: jax.Array  # [T] int32 row of block_tables the token belongs to
+    block_tables: jax.Array  # [S, B] int32 physical block ids, 0 past the end
+    cu_q_lens: jax.Array  # [S + 1] int32 start of each sequence's tokens in the flat batch
+    kv_lens: jax.Array  # [S] int32 tokens of each sequence in the pool after this step
+
+
+KVPool = tuple[jax.Array, jax.Array]  # k, v: [L, num_blocks, block_size, K, H]
+
+# A backend maps (q [T, N, H], kv pool, layer index, metadata, sliding_window) -> [T, N, H].
+AttentionFn = Callable[[jax.Array, KVPool, jax.Array, AttentionMetadata, "int | None"], jax.Array]
+
+
+def write_kv(kv: KVPool, layer: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> KVPool:
+    """Scatter the new tokens' k, v [T, K, H] into ``layer`` of the pool (in place under donation)."""
+    k_pool, v_pool = kv
+    block_size = k_pool.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_pool = k_pool.at[layer, blocks, offsets].set(k.astype(k_pool.dtype))
+    v_pool = v_pool.at[layer, blocks, offsets].set(v.astype(v_pool.dtype))
+    return k_pool, v_pool
+
+
+def _attend_one_token(q, k_pool, v_pool, layer, table, position, window):
+    # q [N, H]; table [B] block ids; k_pool/v_pool [L, NB, bs, K, H].
+    num_kv_heads, head_dim = k_pool.shape[-2:]
+    keys = k_pool[layer, table].reshape(-1, num_kv_heads, head_dim)  # [C, K, H]
+    values = v_pool[layer, table].reshape(-1, num_kv_heads, head_dim)
+    q = q.reshape(num_kv_heads, -1, head_dim)  # [K, G, H]
+    scores = jnp.einsum("kgh,ckh->kgc", q, keys, preferred_element_type=jnp.float32)
+    key_pos = jnp.arange(keys.shape[0])
+    visible = key_pos <= position
+    if window is not None:
+        visible &= key_pos > position - window
+    scores = jnp.where(visible, scores * head_dim**-0.5, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("kgc,ckh->kgh", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return out.reshape(-1, head_dim).astype(q.dtype)
+
+
+def xla_paged_attention(q, kv: KVPool, layer, md: AttentionMetadata, sliding_window=None):
+    """Reference backend in plain jnp: each token gathers its sequence's blocks from the pool.
+
+    Tokens are processed in tiles sized so the gathered keys stay under a fixed budget.
+    """
+    k_pool, v_pool = kv
+    num_tokens = q.shape[0]
+    context = md.block_tables.shape[1] * k_pool.shape[2]
+    per_token = context * k_pool.shape[3] * k_pool.shape[4]
+    tile = max(1, min(num_tokens, _XLA_GATHER_BUDGET_ELEMENTS // per_token))
+    tables = md.block_tables[md.seq_ids]  # [T, B]
+
+    def one(args):
+        q_t, table, position = args
+        return _attend_one_token(q_t, k_pool, v_pool, layer, table, position, sliding_window)
+
+    return jax.lax.map(one, (q, tables, md.positions), batch_size=tile)
+
+
+_BACKENDS: dict[str, AttentionFn] = {"xla": xla_paged_attention}
+
+
+def register_attention_backend(name: str, fn: AttentionFn) -> None:
+    """Make ``fn`` selectable as ``attention_backend=name`` (signature of xla_paged_attention)."""
+    if not callable(fn):
+        raise ValueError(f"attention backend {name!r} must be callable")
+    _BACKENDS[name] = fn
+
+
+def available_backends() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def get_attention_backend(name: str) -> AttentionFn:
+    """Resolve a backend name; "auto" is the xla reference until a faster one is registered."""
+    if name == "auto":
+        name = "xla"
+    if name not in _BACKENDS:
+        raise ValueError(f"attention_backend={name!r} is not available; available: {available_backends()}")
+    return _BACKENDS[name]

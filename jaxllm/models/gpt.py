@@ -1,0 +1,65 @@
+"""GPT family: GPT-2 and OPT (LayerNorm, learned positions, multi-head attention, GELU/ReLU MLP).
+
+Same contract as ``llama.forward``. OPT-350m's variants are config flags: post-norm layers
+(``pre_norm=False``), no final norm, and embeddings projected in and out of a narrower width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.attention import AttentionFn, AttentionMetadata, KVPool, write_kv
+from jaxllm.models.layers import activation, layer_norm
+
+
+def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMetadata, attend: AttentionFn):
+    q = jnp.einsum("td,dnh->tnh", x, lp["wq"]) + lp["bq"]
+    k = jnp.einsum("td,dnh->tnh", x, lp["wk"]) + lp["bk"]
+    v = jnp.einsum("td,dnh->tnh", x, lp["wv"]) + lp["bv"]
+    kv = write_kv(kv, layer, k, v, md.slot_mapping)
+    out = attend(q, kv, layer, md, None)
+    return jnp.einsum("tnh,nhd->td", out, lp["wo"]) + lp["bo"], kv
+
+
+def _mlp(cfg: ModelConfig, lp: dict, x):
+    return activation(cfg.hidden_act)(x @ lp["w_up"] + lp["b_up"]) @ lp["w_down"] + lp["b_down"]
+
+
+def _norm(cfg: ModelConfig, lp: dict, name: str, x):
+    return layer_norm(x, lp[name], lp[name + "_bias"], cfg.norm_eps)
+
+
+def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: AttentionMetadata, attend: AttentionFn):
+    """Run the decoder over the flat batch token_ids [T]; returns (hidden [T, D], kv pool)."""
+    x = params["embed"][token_ids]
+    if "project_in" in params:
+        x = x @ params["project_in"]
+    x = x + params["pos_embed"][md.positions + cfg.position_offset]
+
+    def layer(carry, scanned):
+        x, kv = carry
+        lp, index = scanned
+        with jax.named_scope("attention"):
+            h = _norm(cfg, lp, "attn_norm", x) if cfg.pre_norm else x
+            h, kv = _attention(cfg, lp, h, kv, index, md, attend)
+            x = x + h if cfg.pre_norm else _norm(cfg, lp, "attn_norm", x + h)
+        with jax.named_scope("mlp"):
+            h = _norm(cfg, lp, "mlp_norm", x) if cfg.pre_norm else x
+            h = _mlp(cfg, lp, h)
+            x = x + h if cfg.pre_norm else _norm(cfg, lp, "mlp_norm", x + h)
+        return (x, kv), None
+
+    (x, kv), _ = jax.lax.scan(layer, (x, kv), (params["layers"], jnp.arange(cfg.num_layers)))
+    if cfg.final_norm:
+        x = layer_norm(x, params["final_norm"], params["final_norm_bias"], cfg.norm_eps)
+    if "project_out" in params:
+        x = x @ params["project_out"]
+    return x, kv
+
+
+def logits(params: dict, cfg: ModelConfig, hidden):
+    """hidden [S, D or E] -> float32 logits [S, V]."""
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.dot(hidden, head, preferred_element_type=jnp.float32)

@@ -1,0 +1,123 @@
+"""Build the padded flat batch of one step in numpy from the scheduler's output.
+
+Shapes are padded to buckets so a running engine reuses a few compiled programs: T tokens
+from ``token_buckets``, S = min(T, max_num_seqs) sequences, B blocks per sequence from
+``block_buckets``. Padding tokens sit at position 0 of sequence row 0 and write into the null
+block 0, which no real block table reaches below its sequence's length.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from jaxllm.engine.messages import SchedulerOutput
+from jaxllm.models.attention import AttentionMetadata
+from jaxllm.runner.sampler import SamplingTensors
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepBatch:
+    token_ids: np.ndarray  # [T] int32
+    md: AttentionMetadata
+    logits_indices: np.ndarray  # [S] int32 flat index of the token each sequence samples after
+    sampling: SamplingTensors
+
+
+def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    out, n = [], lo
+    while n < hi:
+        out.append(n)
+        n *= 2
+    return (*out, hi)
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """The padded shapes the runner compiles for."""
+
+    token_buckets: tuple[int, ...]
+    block_buckets: tuple[int, ...]
+    max_num_seqs: int
+
+    @classmethod
+    def make(cls, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int) -> Buckets:
+        tokens = _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)
+        blocks = _powers_of_two(min(4, max_blocks_per_seq), max_blocks_per_seq)
+        return cls(tokens, blocks, max_num_seqs)
+
+    def num_seqs(self, num_tokens_bucket: int) -> int:
+        return min(num_tokens_bucket, self.max_num_seqs)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (T, B) pair, smallest first."""
+        return [(t, b) for t in self.token_buckets for b in self.block_buckets]
+
+    @staticmethod
+    def pick(buckets: tuple[int, ...], n: int) -> int:
+        i = bisect.bisect_left(buckets, n)
+        if i == len(buckets):
+            raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+        return buckets[i]
+
+
+def build_batch(
+    sched: SchedulerOutput,
+    buckets: Buckets,
+    block_size: int,
+    rng: np.random.Generator,
+    shape: tuple[int, int] | None = None,
+) -> StepBatch:
+    """Pad and flatten ``sched`` into numpy arrays; unseeded rows draw a seed from ``rng``.
+
+    ``shape`` forces the (T, B) bucket (warm-up); by default the smallest that fits is used.
+    """
+    seqs = sched.sequences
+    kv_lens = [s.start_pos + len(s.token_ids) for s in seqs]
+    if shape is None:
+        T = buckets.pick(buckets.token_buckets, sched.num_tokens)
+        B = buckets.pick(buckets.block_buckets, max(-(-n // block_size) for n in kv_lens))
+    else:
+        T, B = shape
+    S = buckets.num_seqs(T)
+    token_ids, positions, slots, seq_ids = (np.zeros(T, np.int32) for _ in range(4))
+    tables = np.zeros((S, B), np.int32)
+    cu = np.zeros(S + 1, np.int32)
+    lens = np.zeros(S, np.int32)
+    logits_indices = np.zeros(S, np.int32)
+    start = 0
+    for i, (s, kv_len) in enumerate(zip(seqs, kv_lens)):
+        n = len(s.token_ids)
+        pos = np.arange(s.start_pos, kv_len, dtype=np.int32)
+        table = np.asarray(s.block_ids[: -(-kv_len // block_size)], np.int32)
+        token_ids[start : start + n] = s.token_ids
+        positions[start : start + n] = pos
+        slots[start : start + n] = table[pos // block_size] * block_size + pos % block_size
+        seq_ids[start : start + n] = i
+        tables[i, : len(table)] = table
+        lens[i] = kv_len
+        logits_indices[i] = start + n - 1
+        start += n
+        cu[i + 1] = start
+    cu[len(seqs) + 1 :] = start
+    md = AttentionMetadata(positions, slots, seq_ids, tables, cu, lens)
+    return StepBatch(token_ids, md, logits_indices, _sampling_tensors(seqs, S, rng))
+
+
+def _sampling_tensors(seqs, S: int, rng: np.random.Generator) -> SamplingTensors:
+    temperature = np.zeros(S, np.float32)
+    top_k = np.zeros(S, np.int32)
+    top_p = np.ones(S, np.float32)
+    min_p = np.zeros(S, np.float32)
+    seeds = np.zeros(S, np.uint32)
+    steps = np.zeros(S, np.int32)
+    for i, s in enumerate(seqs):
+        o = s.sampling
+        temperature[i], top_k[i], top_p[i], min_p[i] = o.temperature, max(o.top_k, 0), o.top_p, o.min_p
+        seeds[i] = (o.seed if o.seed is not None else rng.integers(2**32)) % 2**32
+        steps[i] = s.num_generated
+    return SamplingTensors(temperature, top_k, top_p, min_p, seeds, steps)

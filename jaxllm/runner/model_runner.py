@@ -1,0 +1,118 @@
+"""Device side of the engine: SchedulerOutput -> padded batch -> one compiled step -> RunnerOutput.
+
+Every (tokens, blocks-per-sequence) bucket is compiled ahead of time; ``num_compiles`` counts
+compilations so tests can assert a warmed-up engine never compiles again. The KV pool is
+donated to each call and replaced by the result, so it is updated in place, never copied.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from jaxllm.engine.messages import RunnerOutput, SamplingOptions, ScheduledSequence, SchedulerOutput
+from jaxllm.models import model_module
+from jaxllm.models.attention import AttentionFn, KVPool
+from jaxllm.runner import kv_pool
+from jaxllm.runner.batch import Buckets, StepBatch, build_batch
+from jaxllm.runner.sampler import sample
+
+logger = logging.getLogger("jaxllm")
+
+_COPY_SLOTS = 64  # block copies per call, padded with the null block copying onto itself
+
+
+def _step(params, kv: KVPool, batch: StepBatch, *, cfg: ModelConfig, attend: AttentionFn):
+    model = model_module(cfg)
+    hidden, kv = model.forward(params, cfg, kv, batch.token_ids, batch.md, attend)
+    logits = model.logits(params, cfg, hidden[batch.logits_indices])
+    return sample(logits, batch.sampling), kv
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: dict,
+        cache: CacheConfig,
+        sched: SchedulerConfig,
+        attend: AttentionFn,
+        seed: int = 0,
+    ):
+        self.cfg, self.cache = cfg, cache
+        self.params = jax.device_put(params)
+        self.dtype = jax.tree.leaves(self.params)[0].dtype
+        self.buckets = Buckets.make(
+            sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size)
+        )
+        self._rng = np.random.default_rng(seed)
+        self._jit_step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend), donate_argnums=1)
+        self._jit_copy = jax.jit(kv_pool.copy_blocks, donate_argnums=0)
+        self._compiled: dict[tuple[int, int], object] = {}
+        self.num_compiles = 0
+        self.num_blocks = self._size_pool(sched.max_model_len)
+        self.kv = kv_pool.allocate(cfg, self.num_blocks, cache.block_size, self.dtype)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _size_pool(self, max_model_len: int) -> int:
+        device = jax.devices()[0]
+        weights = sum(x.nbytes for x in jax.tree.leaves(self.params))
+        peak = self._activation_peak() if device.platform == "gpu" and self.cache.num_kv_blocks is None else 0
+        budget = kv_pool.kv_budget_bytes(self.cache, device, weights, peak)
+        blocks = kv_pool.num_blocks_for(self.cache, self.cfg, self.dtype, budget)
+        kv_pool.log_capacity(blocks, self.cache.block_size, max_model_len)
+        return blocks
+
+    def _activation_peak(self) -> int:
+        """Scratch memory of the largest bucket, compiled against a 2-block pool."""
+        T, B = self.buckets.token_buckets[-1], self.buckets.block_buckets[-1]
+        kv = jax.eval_shape(lambda: kv_pool.allocate(self.cfg, 2, self.cache.block_size, self.dtype))
+        compiled = self._jit_step.lower(self.params, kv, self._dummy_batch(T, B)).compile()
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+
+    def _dummy_batch(self, T: int, B: int) -> StepBatch:
+        n = min(T, B * self.cache.block_size)
+        seq = ScheduledSequence("warmup", (0,) * n, 0, (0,) * B, True, SamplingOptions(), 0)
+        return build_batch(SchedulerOutput((seq,)), self.buckets, self.cache.block_size, self._rng, (T, B))
+
+    def warmup(self) -> None:
+        """Compile every bucket now, so serving never stops to compile."""
+        start = time.perf_counter()
+        for T, B in self.buckets.shapes():
+            self._executable(T, B)
+        pad = jnp.zeros(_COPY_SLOTS, jnp.int32)
+        self.kv = self._jit_copy(self.kv, pad, pad)
+        logger.info("warm-up: %d programs compiled in %.1f s", self.num_compiles, time.perf_counter() - start)
+
+    def _executable(self, T: int, B: int):
+        if (T, B) not in self._compiled:
+            batch = self._dummy_batch(T, B)
+            self._compiled[(T, B)] = self._jit_step.lower(self.params, self.kv, batch).compile()
+            self.num_compiles += 1
+        return self._compiled[(T, B)]
+
+    # -- the step ----------------------------------------------------------------------------------
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        if sched.block_copies:
+            self._copy_blocks(sched.block_copies)
+        if sched.is_empty:
+            return RunnerOutput()
+        batch = build_batch(sched, self.buckets, self.cache.block_size, self._rng)
+        T, B = batch.token_ids.shape[0], batch.md.block_tables.shape[1]
+        sampled, self.kv = self._executable(T, B)(self.params, self.kv, batch)
+        ids = np.asarray(sampled)  # the step's only device -> host transfer
+        return RunnerOutput({s.request_id: int(ids[i]) for i, s in enumerate(sched.sequences) if s.sample})
+
+    def _copy_blocks(self, copies) -> None:
+        pairs = np.asarray(copies, np.int32).reshape(-1, 2)
+        for i in range(0, len(pairs), _COPY_SLOTS):
+            chunk = np.zeros((_COPY_SLOTS, 2), np.int32)
+            chunk[: len(pairs[i : i + _COPY_SLOTS])] = pairs[i : i + _COPY_SLOTS]
+            self.kv = self._jit_copy(self.kv, chunk[:, 0], chunk[:, 1])
+
