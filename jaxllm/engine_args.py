@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 
+from converters.checkpoint import Checkpoint
 from jaxllm.config import CacheConfig, SchedulerConfig
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.loader import load_checkpoint_as
@@ -44,6 +46,8 @@ class EngineArgs:
     seed: int = 0
     download_dir: str | None = None  # where converted weights are cached with orbax
     warmup: bool = True  # compile every bucket at start-up
+    # JAX's persistent compilation cache: a second start loads compiled programs from disk.
+    compilation_cache_dir: str | None = "~/.cache/jaxllm/xla"
 
     def scheduler_config(self, max_position_embeddings: int) -> SchedulerConfig:
         platform = "gpu" if jax.devices()[0].platform == "gpu" else "cpu"
@@ -78,13 +82,24 @@ class EngineArgs:
         return cls(model=model, **kwargs)
 
 
-def create_engine(args: EngineArgs) -> LLMEngine:
-    """Load the model, size the KV pool, compile, and return a ready engine."""
+def _enable_compilation_cache(path: str | None) -> None:
+    if path is None or jax.config.jax_compilation_cache_dir:
+        return  # off, or already chosen by the user
+    jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None) -> LLMEngine:
+    """Load the model (unless ``checkpoint`` is given), size the KV pool, compile, return an engine."""
     attend = get_attention_backend(args.attention_backend)  # fail fast on a bad name
     cache = args.cache_config()
-    ckpt = load_checkpoint_as(args.model, args.dtype, args.download_dir)
+    _enable_compilation_cache(args.compilation_cache_dir)
+    ckpt = checkpoint or load_checkpoint_as(args.model, args.dtype, args.download_dir)
     sched = args.scheduler_config(ckpt.config.max_position_embeddings)
     runner = ModelRunner(ckpt.config, ckpt.params, cache, sched, attend, seed=args.seed)
     if args.warmup:
         runner.warmup()
-    return LLMEngine(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, ckpt.config.eos_token_ids)
+    eos = set(ckpt.config.eos_token_ids)
+    if ckpt.tokenizer is not None and ckpt.tokenizer.eos_token_id is not None:
+        eos.add(ckpt.tokenizer.eos_token_id)
+    return LLMEngine(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, tuple(sorted(eos)))

@@ -9,7 +9,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from converters.checkpoint import Checkpoint
 from jaxllm.engine_args import EngineArgs, create_engine
+from jaxllm.loader import Model
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
@@ -21,15 +23,21 @@ class LLM:
 
     Args:
       model: None or "SmolLM2-135M-Instruct" (the embedded model), a HF checkpoint directory,
-        a .gguf file, or a repo id in the local Hugging Face cache.
+        a .gguf file, a repo id in the local Hugging Face cache, or a ``Model`` from
+        ``jaxllm.load_model`` (its weights are reused as they are; ``dtype`` is ignored).
       **kwargs: any :class:`jaxllm.engine_args.EngineArgs` field (dtype, block_size,
         max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization,
         kv_cache_memory_bytes, num_kv_blocks, enable_prefix_caching, attention_backend, seed, ...).
     """
 
-    def __init__(self, model: str | None = None, **kwargs: Any):
-        self.engine_args = EngineArgs.from_kwargs(model, kwargs)
-        self.llm_engine = create_engine(self.engine_args)
+    def __init__(self, model: str | Model | None = None, **kwargs: Any):
+        if isinstance(model, Model):  # already loaded in a notebook: reuse its weights
+            self.engine_args = EngineArgs.from_kwargs(None, kwargs)
+            checkpoint = Checkpoint(model.config, model.params, model.tokenizer, "loaded")
+        else:
+            self.engine_args = EngineArgs.from_kwargs(model, kwargs)
+            checkpoint = None
+        self.llm_engine = create_engine(self.engine_args, checkpoint)
         self._counter = itertools.count()
 
     def get_tokenizer(self):

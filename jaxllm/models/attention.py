@@ -69,6 +69,8 @@ def _attend_one_token(q, k_pool, v_pool, layer, table, position, window):
         visible &= key_pos > position - window
     scores = jnp.where(visible, scores * head_dim**-0.5, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
+    # Unwritten slots may hold anything (tests fill them with NaN): 0 * NaN would leak through.
+    values = jnp.where(visible[:, None, None], values, 0)
     out = jnp.einsum("kgc,ckh->kgh", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
     return out.reshape(-1, head_dim).astype(q.dtype)
 
