@@ -2,27 +2,30 @@
 
 Public API with vLLM's names: ``LLM``, ``SamplingParams``, ``RequestOutput``,
 ``CompletionOutput``, ``LLMEngine``, ``EngineArgs``; and ``load_model`` for notebooks.
+Names are imported on first use, so the host-side ``jaxllm.engine`` never pulls in jax.
 """
 
-from jaxllm.engine.llm_engine import LLMEngine
-from jaxllm.engine_args import EngineArgs, create_engine
-from jaxllm.llm import LLM
-from jaxllm.loader import Model, load_model
-from jaxllm.models.attention import register_attention_backend
-from jaxllm.outputs import CompletionOutput, RequestOutput
-from jaxllm.sampling_params import SamplingParams
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LLM",
-    "CompletionOutput",
-    "EngineArgs",
-    "LLMEngine",
-    "Model",
-    "RequestOutput",
-    "SamplingParams",
-    "create_engine",
-    "load_model",
-    "register_attention_backend",
-]
+_EXPORTS = {
+    "LLM": "jaxllm.llm",
+    "CompletionOutput": "jaxllm.outputs",
+    "RequestOutput": "jaxllm.outputs",
+    "SamplingParams": "jaxllm.sampling_params",
+    "LLMEngine": "jaxllm.engine.llm_engine",
+    "EngineArgs": "jaxllm.engine_args",
+    "create_engine": "jaxllm.engine_args",
+    "Model": "jaxllm.loader",
+    "load_model": "jaxllm.loader",
+    "register_attention_backend": "jaxllm.models.attention",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxllm' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

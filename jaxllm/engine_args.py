@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxllm.engine.messages import SchedulerOutput
 from jaxllm.models.attention import AttentionMetadata
-from jaxllm.runner.sampler import SamplingTensors
+from jaxllm.runner.sampler import MAX_BANNED_IDS, SamplingTensors
 
 
 @jax.tree_util.register_dataclass
@@ -70,6 +70,7 @@ def build_batch(
     buckets: Buckets,
     block_size: int,
     rng: np.random.Generator,
+    vocab_size: int,
     shape: tuple[int, int] | None = None,
 ) -> StepBatch:
     """Pad and flatten ``sched`` into numpy arrays; unseeded rows draw a seed from ``rng``.
@@ -90,7 +91,7 @@ def build_batch(
     lens = np.zeros(S, np.int32)
     logits_indices = np.zeros(S, np.int32)
     start = 0
-    for i, (s, kv_len) in enumerate(zip(seqs, kv_lens)):
+    for i, (s, kv_len) in enumerate(zip(seqs, kv_lens, strict=True)):
         n = len(s.token_ids)
         pos = np.arange(s.start_pos, kv_len, dtype=np.int32)
         table = np.asarray(s.block_ids[: -(-kv_len // block_size)], np.int32)
@@ -105,19 +106,25 @@ def build_batch(
         cu[i + 1] = start
     cu[len(seqs) + 1 :] = start
     md = AttentionMetadata(positions, slots, seq_ids, tables, cu, lens)
-    return StepBatch(token_ids, md, logits_indices, _sampling_tensors(seqs, S, rng))
+    return StepBatch(token_ids, md, logits_indices, _sampling_tensors(seqs, S, vocab_size, rng))
 
 
-def _sampling_tensors(seqs, S: int, rng: np.random.Generator) -> SamplingTensors:
+def _sampling_tensors(seqs, S: int, vocab_size: int, rng: np.random.Generator) -> SamplingTensors:
     temperature = np.zeros(S, np.float32)
     top_k = np.zeros(S, np.int32)
     top_p = np.ones(S, np.float32)
     min_p = np.zeros(S, np.float32)
     seeds = np.zeros(S, np.uint32)
     steps = np.zeros(S, np.int32)
+    banned = np.full((S, MAX_BANNED_IDS), vocab_size, np.int32)  # vocab_size: out of range, dropped
     for i, s in enumerate(seqs):
         o = s.sampling
         temperature[i], top_k[i], top_p[i], min_p[i] = o.temperature, max(o.top_k, 0), o.top_p, o.min_p
         seeds[i] = (o.seed if o.seed is not None else rng.integers(2**32)) % 2**32
         steps[i] = s.num_generated
-    return SamplingTensors(temperature, top_k, top_p, min_p, seeds, steps)
+        if s.num_generated < o.min_tokens:
+            ids = o.min_tokens_masked_ids
+            if len(ids) > MAX_BANNED_IDS:
+                raise ValueError(f"at most {MAX_BANNED_IDS} eos/stop_token_ids can be held back by min_tokens")
+            banned[i, : len(ids)] = ids
+    return SamplingTensors(temperature, top_k, top_p, min_p, seeds, steps, banned)

@@ -79,7 +79,7 @@ class ModelRunner:
     def _dummy_batch(self, T: int, B: int) -> StepBatch:
         n = min(T, B * self.cache.block_size)
         seq = ScheduledSequence("warmup", (0,) * n, 0, (0,) * B, True, SamplingOptions(), 0)
-        return build_batch(SchedulerOutput((seq,)), self.buckets, self.cache.block_size, self._rng, (T, B))
+        return build_batch(SchedulerOutput((seq,)), self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size, (T, B))
 
     def warmup(self) -> None:
         """Compile every bucket now, so serving never stops to compile."""
@@ -87,7 +87,8 @@ class ModelRunner:
         for T, B in self.buckets.shapes():
             self._executable(T, B)
         pad = jnp.zeros(_COPY_SLOTS, jnp.int32)
-        self.kv = self._jit_copy(self.kv, pad, pad)
+        self.kv = self._jit_copy(self.kv, pad, pad)  # its one fixed shape, compiled here
+        self.num_compiles += 1
         logger.info("warm-up: %d programs compiled in %.1f s", self.num_compiles, time.perf_counter() - start)
 
     def _executable(self, T: int, B: int):
@@ -103,7 +104,7 @@ class ModelRunner:
             self._copy_blocks(sched.block_copies)
         if sched.is_empty:
             return RunnerOutput()
-        batch = build_batch(sched, self.buckets, self.cache.block_size, self._rng)
+        batch = build_batch(sched, self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size)
         T, B = batch.token_ids.shape[0], batch.md.block_tables.shape[1]
         sampled, self.kv = self._executable(T, B)(self.params, self.kv, batch)
         ids = np.asarray(sampled)  # the step's only device -> host transfer

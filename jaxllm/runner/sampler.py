@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+MAX_BANNED_IDS = 16
+
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
@@ -23,6 +25,9 @@ class SamplingTensors:
     min_p: jax.Array  # [S] float32, 0 = off
     seeds: jax.Array  # [S] uint32
     steps: jax.Array  # [S] int32 tokens generated so far (folded into the key)
+    # [S, MAX_BANNED_IDS] int32 ids that may not be sampled yet (min_tokens holds back eos and
+    # stop tokens); padded with vocab_size, which is out of range and dropped.
+    banned: jax.Array
 
 
 _BISECT_STEPS = 32  # halvings of the logit range: far below float32 spacing at logit scale
@@ -65,6 +70,8 @@ def _filter(logits, top_k, top_p, min_p):
 
 def sample(logits: jax.Array, st: SamplingTensors) -> jax.Array:
     """logits [S, V] float32 -> token ids [S] int32."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    logits = logits.at[rows, st.banned].set(-jnp.inf, mode="drop")
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
     needs_filter = jnp.any((st.top_k > 0) | (st.top_p < 1.0) | (st.min_p > 0.0))

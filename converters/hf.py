@@ -1,0 +1,73 @@
+"""Load a Hugging Face checkpoint directory: config.json, weights, tokenizer.
+
+Weights are taken from safetensors when present (``model.safetensors``, or shards listed in
+``model.safetensors.index.json``), else from ``pytorch_model.bin`` (or its sharded index) through
+torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.checkpoint import Checkpoint
+from converters.convert import convert
+from converters.sources import SafetensorsSource, TensorSource, TorchBinSource
+from jaxllm.models.registry import config_from_hf
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def read_hf_config(directory: Path) -> dict:
+    """The parsed ``config.json`` of ``directory``."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {directory}: not a Hugging Face checkpoint directory")
+    return json.loads(path.read_text())
+
+
+def _index_files(index: Path) -> list[Path]:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return [index.parent / name for name in sorted(set(weight_map.values()))]
+
+
+def open_weights(directory: Path) -> TensorSource:
+    """The weights of ``directory``: safetensors first, torch ``.bin`` otherwise."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return SafetensorsSource(_index_files(index), index)
+    if (directory / "model.safetensors").is_file():
+        return SafetensorsSource([directory / "model.safetensors"])
+    # Mistral's repos add consolidated.safetensors, the same weights under mistral-native names.
+    safetensors = sorted(f for f in directory.glob("*.safetensors") if not f.name.startswith("consolidated"))
+    if safetensors:
+        return SafetensorsSource(safetensors)
+    bin_index = directory / "pytorch_model.bin.index.json"
+    if bin_index.is_file():
+        return TorchBinSource(_index_files(bin_index))
+    if (directory / "pytorch_model.bin").is_file():
+        return TorchBinSource([directory / "pytorch_model.bin"])
+    raise FileNotFoundError(
+        f"no weights in {directory}: looked for model.safetensors(.index.json), *.safetensors "
+        "and pytorch_model.bin(.index.json)"
+    )
+
+
+def load_tokenizer(directory: Path) -> Any | None:
+    """``AutoTokenizer.from_pretrained(directory)``, or None when the directory has no tokenizer."""
+    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def load_hf_directory(directory: Path, dtype=np.float32) -> Checkpoint:
+    """Convert the checkpoint in ``directory`` to the layout's params, cast to ``dtype``."""
+    config = config_from_hf(read_hf_config(directory))
+    source = open_weights(directory)
+    params = convert(config, source, dtype)
+    return Checkpoint(config, params, load_tokenizer(directory), source.source_dtype())

@@ -1,0 +1,102 @@
+"""Save a converted checkpoint with orbax-checkpoint and load it back, skipping conversion.
+
+A saved checkpoint is a directory::
+
+    params/            orbax StandardCheckpointer pytree (numpy arrays, dtypes kept, bf16 too)
+    model.json         {"format": 1, "config": ModelConfig fields, "source_dtype": ...}
+    tokenizer/         tokenizer.save_pretrained(), when the checkpoint has a tokenizer
+
+It is written to a temporary sibling and renamed into place, so a crash never leaves a
+half-written directory that a later start would trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from converters.checkpoint import Checkpoint
+from jaxllm.config import ModelConfig, RopeScaling
+from jaxllm.models.layout import param_shapes
+
+_FORMAT = 1
+
+
+def config_to_dict(c: ModelConfig) -> dict:
+    """JSON-ready fields of ``c``."""
+    return dataclasses.asdict(c)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of :func:`config_to_dict` (JSON turns tuples into lists and RopeScaling into a dict)."""
+    fields = dict(d)
+    if fields.get("rope_scaling") is not None:
+        fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+    fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
+    return ModelConfig(**fields)
+
+
+def is_saved(directory: Path) -> bool:
+    """Whether ``directory`` holds a complete saved checkpoint."""
+    return (directory / "model.json").is_file() and (directory / "params").is_dir()
+
+
+def save(checkpoint: Checkpoint, directory: Path) -> None:
+    """Write ``checkpoint`` to ``directory`` (replacing whatever is there)."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp / "params", checkpoint.params)
+        checkpointer.wait_until_finished()
+    meta = {"format": _FORMAT, "config": config_to_dict(checkpoint.config), "source_dtype": checkpoint.source_dtype}
+    (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+    if checkpoint.tokenizer is not None:
+        checkpoint.tokenizer.save_pretrained(tmp / "tokenizer")
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def _check_params(params: dict, shapes: dict, where: str) -> dict:
+    if params.keys() != shapes.keys():
+        raise ValueError(f"saved params at {where} have keys {sorted(params)}, expected {sorted(shapes)}")
+    out = {}
+    for name, shape in shapes.items():
+        if isinstance(shape, dict):
+            out[name] = _check_params(params[name], shape, f"{where}/{name}")
+            continue
+        value = np.asarray(params[name])
+        if value.shape != shape:
+            raise ValueError(f"saved param {where}/{name} has shape {value.shape}, expected {shape}")
+        out[name] = value
+    return out
+
+
+def load(directory: Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save`."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    if not is_saved(directory):
+        raise FileNotFoundError(f"no saved checkpoint in {directory}")
+    meta = json.loads((directory / "model.json").read_text())
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"saved checkpoint {directory} has format={meta.get('format')}, expected {_FORMAT}")
+    config = config_from_dict(meta["config"])
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(directory / "params")
+    params = _check_params(params, param_shapes(config), "params")
+    tokenizer = None
+    if (directory / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
+    return Checkpoint(config, params, tokenizer, meta["source_dtype"])

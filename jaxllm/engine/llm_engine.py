@@ -1,0 +1,205 @@
+"""LLMEngine: the host loop. ``step()`` = schedule -> execute -> update -> detokenize."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from jaxllm.config import CacheConfig, SchedulerConfig
+from jaxllm.engine.detokenizer import IncrementalDetokenizer
+from jaxllm.engine.messages import RunnerOutput, SchedulerOutput
+from jaxllm.engine.request import Request, RequestStatus
+from jaxllm.engine.scheduler import RequestUpdate, Scheduler
+from jaxllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+
+class Runner(Protocol):
+    """Anything that computes a scheduled step: the jitted model runner, or a fake in tests."""
+
+    num_compiles: int
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int  # usable blocks, without the null block
+    prefix_cache_queries: int  # tokens looked up at admission
+    prefix_cache_hits: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    num_compiles: int  # reported by the runner; growth after warm-up is a bug
+    num_steps: int
+    num_prompt_tokens: int  # of all requests added
+    num_generated_tokens: int
+
+
+@dataclass
+class _Tracked:
+    """Engine-side state of one live request: what its RequestOutput needs besides tokens."""
+
+    request: Request
+    prompt: str | None
+    detokenizer: IncrementalDetokenizer
+    metrics: RequestMetrics
+
+
+class LLMEngine:
+    """Host side of the engine over already-built pieces.
+
+    Args:
+        tokenizer: a transformers tokenizer, or None to take and return token ids only.
+        runner: computes each step (see :class:`Runner`).
+        scheduler_config: step limits and ``max_model_len``.
+        cache_config: block size and prefix caching.
+        num_kv_blocks: blocks in the runner's KV pool, including the null block 0.
+        eos_token_ids: ids that end a request unless ``ignore_eos``.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        runner: Runner,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_kv_blocks: int,
+        eos_token_ids: Iterable[int] = (),
+    ):
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.scheduler = Scheduler(scheduler_config, cache_config, num_kv_blocks, tuple(eos_token_ids))
+        self._tracked: dict[str, _Tracked] = {}
+        self._num_steps = 0
+        self._num_prompt_tokens = 0
+        self._num_generated_tokens = 0
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Tokenize and queue a request; raises ValueError, queueing nothing, if it is invalid."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt_text, token_ids = self._tokenize(prompt)
+        arrival = time.time() if arrival_time is None else arrival_time
+        request = Request(str(request_id), token_ids, params, arrival)
+        self.scheduler.add_request(request)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
+        self._tracked[request.request_id] = _Tracked(request, prompt_text, detokenizer, RequestMetrics(arrival))
+        self._num_prompt_tokens += len(token_ids)
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is a string but the engine has no tokenizer; pass token ids")
+            token_ids = list(self.tokenizer.encode(prompt))
+            if not token_ids:
+                raise ValueError(f"prompt={prompt!r} tokenizes to no tokens")
+            return prompt, token_ids
+        token_ids = list(prompt)
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in token_ids):
+            raise ValueError("prompt token ids must be non-negative integers")
+        return None, token_ids
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the cumulative output of every request that advanced or finished."""
+        if not self.scheduler.has_unfinished_requests():
+            return []
+        scheduled = self.scheduler.schedule()
+        ran = self.runner.execute(scheduled)
+        updates = self.scheduler.update(scheduled, ran)
+        self._num_steps += 1
+        self._mark_scheduled(scheduled)
+        return [self._process(update) for update in updates]
+
+    def _mark_scheduled(self, scheduled: SchedulerOutput) -> None:
+        now = time.time()
+        for seq in scheduled.sequences:
+            tracked = self._tracked.get(seq.request_id)
+            if tracked is not None and tracked.metrics.first_scheduled_time is None:
+                tracked.metrics.first_scheduled_time = now
+
+    def _process(self, update: RequestUpdate) -> RequestOutput:
+        tracked = self._tracked[update.request_id]
+        self._num_generated_tokens += len(update.new_token_ids)
+        self._record_token_times(tracked.metrics)
+        finish_reason, stop_reason = update.finish_reason, update.stop_reason
+        match = tracked.detokenizer.update(update.new_token_ids)
+        if match is not None:
+            # A stop string wins over a length cap reached by the same token, as in vLLM.
+            finish_reason, stop_reason = "stop", match.stop
+            self.scheduler.finish_request(update.request_id, RequestStatus.FINISHED_STOPPED, match.stop)
+        finished = finish_reason is not None
+        if finished:
+            tracked.metrics.finished_time = time.time()
+            del self._tracked[update.request_id]
+        return self._output(tracked, finished, finish_reason, stop_reason)
+
+    @staticmethod
+    def _record_token_times(metrics: RequestMetrics) -> None:
+        now = time.time()
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
+
+    def _output(self, tracked: _Tracked, finished: bool, finish_reason, stop_reason) -> RequestOutput:
+        request = tracked.request
+        completion = CompletionOutput(
+            index=0,
+            text=tracked.detokenizer.output_text(finished),
+            token_ids=list(request.output_token_ids),
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+        )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=tracked.prompt,
+            prompt_token_ids=list(request.prompt_token_ids),
+            outputs=[completion],
+            finished=finished,
+            metrics=tracked.metrics,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Stop requests now and free their blocks; unknown or finished ids are ignored."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED)
+            self._tracked.pop(rid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.scheduler.get_num_unfinished_requests()
+
+    @property
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_blocks_used=s.kv_blocks_used,
+            kv_blocks_total=s.kv_blocks_total,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            prefix_cache_hit_rate=s.prefix_cache_hit_rate,
+            num_preemptions=s.num_preemptions,
+            num_compiles=int(self.runner.num_compiles),
+            num_steps=self._num_steps,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_generated_tokens=self._num_generated_tokens,
+        )

@@ -1,0 +1,90 @@
+"""One request's state on the host: its tokens, how many are in the KV pool, its status."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from jaxllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()  # waiting again, its KV freed; recomputed from scratch when rescheduled
+    FINISHED_STOPPED = enum.auto()  # eos, a stop token id or a stop string
+    FINISHED_LENGTH_CAPPED = enum.auto()  # max_tokens or max_model_len
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> str | None:
+        """vLLM's finish_reason string, None while not finished."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass(eq=False)
+class Request:
+    """Mutable state of one request, owned by the scheduler.
+
+    ``num_computed_tokens`` counts the tokens whose K/V are in the pool; it catches up with
+    ``num_tokens`` (prompt + outputs). The last output token is never computed before it is
+    sampled, so a decoding request is always exactly one token behind.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache on first schedule
+    # Hash of each full block of all_token_ids, chained (block i's hash covers blocks 0..i).
+    # Tokens are only ever appended, so these stay valid across preemption.
+    block_hashes: list[bytes] = field(default_factory=list)
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self):
+        if not self.prompt_token_ids:
+            raise ValueError(f"request {self.request_id!r}: prompt_token_ids must not be empty")
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def token_ids_in(self, start: int, stop: int) -> tuple[int, ...]:
+        """Tokens at positions ``start .. stop - 1`` of prompt + outputs."""
+        n = self.num_prompt_tokens
+        if stop <= n:
+            return tuple(self.prompt_token_ids[start:stop])
+        if start >= n:  # decode steps: avoid concatenating the whole sequence
+            return tuple(self.output_token_ids[start - n:stop - n])
+        return tuple(self.all_token_ids[start:stop])

@@ -1,0 +1,270 @@
+"""Token-budget scheduler: continuous batching, chunked prefill, preemption by recompute.
+
+Every step each scheduled request advances ``num_computed_tokens`` towards ``num_tokens`` by some
+tokens within one budget: a whole prompt, a chunk of one, or one decode token. Running requests go
+first, in order; then waiting ones, first come first served. When the pool runs out for a running
+request, the most recently arrived running request is preempted: its blocks are freed and it goes
+back to the front of the queue, to be recomputed from prompt + outputs later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from jaxllm.config import CacheConfig, SchedulerConfig
+from jaxllm.engine.kv_cache_manager import KVCacheManager
+from jaxllm.engine.messages import RunnerOutput, ScheduledSequence, SchedulerOutput
+from jaxllm.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    """What one step did to one request that sampled a token or finished."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: str | None  # "stop" or "length" once finished
+    stop_reason: int | str | None  # the stop token id that ended it; None for eos or length
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+
+
+class Scheduler:
+    """Decides what each engine step computes.
+
+    Args:
+        scheduler_config: step limits and ``max_model_len``.
+        cache_config: ``block_size`` and ``enable_prefix_caching``.
+        num_kv_blocks: blocks in the pool, including the null block.
+        eos_token_ids: the model's end-of-sequence ids.
+    """
+
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_kv_blocks: int,
+        eos_token_ids: tuple[int, ...] = (),
+    ):
+        self.config = scheduler_config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._eos_tuple = tuple(eos_token_ids)
+        self.kv = KVCacheManager(num_kv_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+        self._arrival_order: dict[str, int] = {}
+        self._num_added = 0
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raises ValueError (and queues nothing) if it can never complete."""
+        self._validate(request)
+        self.requests[request.request_id] = request
+        self._arrival_order[request.request_id] = self._num_added
+        self._num_added += 1
+        self.waiting.append(request)
+
+    def _validate(self, request: Request) -> None:
+        rid, params = request.request_id, request.sampling_params
+        if rid in self.requests:
+            raise ValueError(f"request_id={rid!r} is already in use")
+        if request.num_prompt_tokens == 0:
+            raise ValueError(f"request {rid!r}: the prompt is empty")
+        total = request.num_prompt_tokens + params.max_tokens
+        if total > self.config.max_model_len:
+            raise ValueError(
+                f"request {rid!r}: prompt ({request.num_prompt_tokens} tokens) + max_tokens ({params.max_tokens})"
+                f" = {total} exceeds max_model_len={self.config.max_model_len}"
+            )
+        # The last sampled token is never fed back, so the pool holds at most total - 1 tokens.
+        needed = self.kv.num_blocks_for(total - 1)
+        if needed > self.kv.num_usable_blocks:
+            raise ValueError(
+                f"request {rid!r}: needs {needed} KV blocks for {total - 1} tokens but the whole pool has "
+                f"{self.kv.num_usable_blocks}"
+            )
+
+    def finish_request(self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None) -> bool:
+        """End a request now (abort, stop string) and free its blocks; False if it was not live."""
+        if not status.is_finished:
+            raise ValueError(f"status={status} is not a finished status")
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._finish(request, status, stop_reason)
+        return True
+
+    def _finish(self, request: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
+        request.status = status
+        request.stop_reason = stop_reason
+        self.kv.free(request)
+        self._arrival_order.pop(request.request_id, None)
+        self._finished_ids.append(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    @property
+    def stats(self) -> SchedulerStats:
+        cache = self.kv.prefix_cache_stats
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_blocks_used=self.kv.num_used_blocks,
+            kv_blocks_total=self.kv.num_usable_blocks,
+            prefix_cache_queries=cache.queries,
+            prefix_cache_hits=cache.hits,
+            prefix_cache_hit_rate=cache.hit_rate,
+            num_preemptions=self.num_preemptions,
+        )
+
+    # -- schedule ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens and blocks."""
+        step = _StepBuilder(self.config.max_num_batched_tokens)
+        self._schedule_running(step)
+        if not step.preempted_ids:
+            self._schedule_waiting(step)
+        finished, self._finished_ids = tuple(self._finished_ids), []
+        return SchedulerOutput(
+            sequences=tuple(step.sequences),
+            block_copies=tuple(step.copies),
+            preempted_ids=tuple(step.preempted_ids),
+            finished_ids=finished,
+        )
+
+    def _schedule_running(self, step: _StepBuilder) -> None:
+        index = 0
+        while index < len(self.running) and step.budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
+            allocation = self.kv.allocate_slots(request, num_new)
+            while allocation is None:
+                victim = self._pick_victim(index)
+                self._preempt(victim, step)
+                if victim is request:
+                    break
+                allocation = self.kv.allocate_slots(request, num_new)
+            if allocation is None:
+                continue  # the request preempted itself; running[index] is now the next one
+            step.add(self._sequence(request, num_new), allocation)
+            index += 1
+
+    def _pick_victim(self, index: int) -> Request:
+        # Requests before ``index`` are already in this step's batch and stay.
+        return max(self.running[index:], key=lambda r: (r.arrival_time, self._arrival_order[r.request_id]))
+
+    def _preempt(self, request: Request, step: _StepBuilder) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        step.preempted_ids.append(request.request_id)
+
+    def _schedule_waiting(self, step: _StepBuilder) -> None:
+        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - computed.num_tokens, step.budget)
+            allocation = self.kv.allocate_slots(request, num_new, computed)
+            if allocation is None:
+                return  # first come first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            if request.status is RequestStatus.WAITING:
+                request.num_cached_tokens = computed.num_tokens
+            request.num_computed_tokens = computed.num_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            step.add(self._sequence(request, num_new), allocation)
+
+    def _sequence(self, request: Request, num_new: int) -> ScheduledSequence:
+        start = request.num_computed_tokens
+        return ScheduledSequence(
+            request_id=request.request_id,
+            token_ids=request.token_ids_in(start, start + num_new),
+            start_pos=start,
+            block_ids=self.kv.block_ids(request.request_id),
+            sample=start + num_new == request.num_tokens,
+            sampling=request.sampling_params.sampling_options(self._eos_tuple),
+            num_generated=request.num_output_tokens,
+        )
+
+    # -- update ------------------------------------------------------------------------------
+
+    def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestUpdate]:
+        """Apply a finished step: advance computed tokens, append samples, stop, free finished."""
+        updates = []
+        for seq in scheduler_output.sequences:
+            request = self.requests.get(seq.request_id)
+            if request is None:  # aborted after it was scheduled
+                continue
+            request.num_computed_tokens += len(seq.token_ids)
+            if seq.sample:
+                updates.append(self._append_sample(request, runner_output))
+        return updates
+
+    def _append_sample(self, request: Request, runner_output: RunnerOutput) -> RequestUpdate:
+        token = runner_output.sampled.get(request.request_id)
+        if token is None:
+            raise ValueError(f"the runner returned no sampled token for request {request.request_id!r}")
+        request.output_token_ids.append(int(token))
+        status, stop_reason = self._check_stop(request, int(token))
+        if status is not None:
+            self.running.remove(request)
+            del self.requests[request.request_id]
+            self._finish(request, status, stop_reason)
+        return RequestUpdate(request.request_id, (int(token),), status is not None,
+                             status.finish_reason if status else None, stop_reason)
+
+    def _check_stop(self, request: Request, token: int) -> tuple[RequestStatus | None, int | None]:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, token
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED, None
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH_CAPPED, None
+        return None, None
+
+
+class _StepBuilder:
+    """The sequences, copies and preemptions of the step being scheduled, and the budget left."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.sequences: list[ScheduledSequence] = []
+        self.copies: list[tuple[int, int]] = []
+        self.preempted_ids: list[str] = []
+
+    def add(self, sequence: ScheduledSequence, allocation) -> None:
+        self.sequences.append(sequence)
+        self.copies.extend(allocation.block_copies)
+        self.budget -= len(sequence.token_ids)

@@ -1,0 +1,128 @@
+"""LLM end to end on the embedded SmolLM2: greedy output equals transformers' token for token,
+however the requests are batched, cached, preempted or chunked."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import hf_greedy
+
+from jaxllm import LLM, SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "1, 2, 3, 4,",
+]
+MAX_TOKENS = 24
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+# Small limits keep the compiled bucket set (and the suite) small.
+LIMITS = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def expected(smollm2_model, smollm2_hf):
+    tok = smollm2_model.tokenizer
+    return [hf_greedy(smollm2_hf, tok.encode(p), MAX_TOKENS) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_model):
+    return LLM(smollm2_model, **LIMITS)
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_batched_greedy_equals_transformers(llm, expected):
+    compiles = llm.llm_engine.stats.num_compiles
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert _tokens(outputs) == expected
+    assert [o.prompt for o in outputs] == PROMPTS
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outputs)
+    assert llm.llm_engine.stats.num_compiles == compiles  # warm-up covered every shape
+
+
+def test_one_at_a_time_and_with_prefix_cache_hits(llm, expected):
+    for prompt, want in zip(PROMPTS, expected, strict=True):
+        assert _tokens(llm.generate(prompt, GREEDY, use_tqdm=False)) == [want]
+    # The same prompts again: their full blocks now come from the prefix cache.
+    before = llm.llm_engine.stats.prefix_cache_hits
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    assert llm.llm_engine.stats.prefix_cache_hits > before
+
+
+def test_prefix_caching_off(smollm2_model, expected):
+    llm = LLM(smollm2_model, enable_prefix_caching=False, **LIMITS)
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    assert llm.llm_engine.stats.prefix_cache_hits == 0
+
+
+def test_tiny_pool_preempts_and_still_matches(smollm2_model, expected):
+    # 9 usable blocks of 16 tokens; the four requests need 2-4 blocks each.
+    llm = LLM(smollm2_model, num_kv_blocks=10, **LIMITS)
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    stats = llm.llm_engine.stats
+    assert stats.num_preemptions > 0
+    assert stats.kv_blocks_used == 0
+
+
+def test_chunked_prefill_matches(smollm2_model, expected):
+    llm = LLM(smollm2_model, **dict(LIMITS, max_num_batched_tokens=16))
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    assert llm.llm_engine.stats.num_compiles == len(llm.llm_engine.runner.buckets.shapes()) + 1
+
+
+def test_seeded_sampling_is_independent_of_the_batch(llm):
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate(PROMPTS[0], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    other = SamplingParams(temperature=1.0, max_tokens=8)
+    mixed = llm.generate([PROMPTS[2], PROMPTS[0], PROMPTS[1]], [other, seeded, other], use_tqdm=False)
+    assert mixed[1].outputs[0].token_ids == alone
+    unseeded = [llm.generate(PROMPTS[0], other, use_tqdm=False)[0].outputs[0].token_ids for _ in range(3)]
+    assert len({tuple(u) for u in unseeded}) > 1
+
+
+def test_stop_string_and_stop_token(llm, expected):
+    tok = llm.get_tokenizer()
+    full = tok.decode(expected[0])
+    stop = full.split()[1]  # a word inside the greedy continuation
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[stop]), use_tqdm=False)
+    c = out[0].outputs[0]
+    assert (c.finish_reason, c.stop_reason) == ("stop", stop)
+    assert c.text == full[: full.index(stop)]
+    stop_id = expected[0][3]
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[stop_id]),
+                       use_tqdm=False)
+    c = out[0].outputs[0]
+    first = expected[0].index(stop_id)
+    assert (c.finish_reason, c.stop_reason, c.token_ids) == ("stop", stop_id, expected[0][: first + 1])
+
+
+def test_chat_answers_capital_of_france(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text
+    assert out[0].outputs[0].finish_reason == "stop"  # ends on the chat's end-of-turn token
+
+
+def test_min_tokens_holds_back_eos(llm):
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    short = llm.chat(chat, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0].outputs[0]
+    assert short.finish_reason == "stop"
+    n = len(short.token_ids) + 5
+    held = llm.chat(chat, SamplingParams(temperature=0, max_tokens=40, min_tokens=n), use_tqdm=False)[0].outputs[0]
+    assert len(held.token_ids) >= n
+    assert short.token_ids[-1] not in held.token_ids[: n - 1]  # eos never sampled before min_tokens
+
+
+def test_bad_requests_are_rejected_and_leave_nothing_queued(llm):
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate("hello " * 300, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="sampling_params"):
+        llm.generate(PROMPTS, [GREEDY], use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.llm_engine.stats.kv_blocks_used == 0

@@ -1,0 +1,178 @@
+"""LLMEngine host loop with fake runners: outputs, stop strings, aborts, validation, stats."""
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from jaxllm.config import CacheConfig, SchedulerConfig
+from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.engine.messages import RunnerOutput
+from jaxllm.sampling_params import SamplingParams
+
+CORPUS = ["Hello world! The quick brown fox jumps over the lazy dog.", "naïve café 你好 🙂", "hello world"] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
+
+
+class PositionRunner:
+    """Next token = a function of the last fed token and its position: the same under any schedule."""
+
+    def __init__(self, token_ids):
+        self.token_ids = token_ids
+        self.num_compiles = 4
+        self.num_calls = 0
+
+    def execute(self, out) -> RunnerOutput:
+        self.num_calls += 1
+        sampled = {}
+        for seq in out.sequences:
+            if seq.sample:
+                position = seq.start_pos + len(seq.token_ids)
+                sampled[seq.request_id] = self.token_ids[(31 * seq.token_ids[-1] + 7 * position) % len(self.token_ids)]
+        return RunnerOutput(sampled)
+
+
+class ScriptedRunner:
+    num_compiles = 0
+
+    def __init__(self, script):
+        self.script = list(script)
+
+    def execute(self, out) -> RunnerOutput:
+        return RunnerOutput({s.request_id: self.script.pop(0) for s in out.sequences if s.sample})
+
+
+def make_engine(tokenizer, runner, num_blocks=64, max_model_len=128, budget=16, eos=None) -> LLMEngine:
+    eos_ids = (tokenizer.eos_token_id,) if eos is None and tokenizer is not None else (eos or ())
+    return LLMEngine(tokenizer, runner, SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget,
+                                                        max_model_len=max_model_len),
+                     CacheConfig(block_size=4), num_kv_blocks=num_blocks, eos_token_ids=eos_ids)
+
+
+def run(engine: LLMEngine) -> dict:
+    final, steps = {}, 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            assert output.request_id not in final, "output after finish"
+            if output.finished:
+                final[output.request_id] = output
+        steps += 1
+        assert steps < 1000
+    return final
+
+
+def word_ids(tokenizer):
+    return sorted({i for word in [" world", " the", " fox", " lazy", " dog", " quick"] for i in tokenizer.encode(word)})
+
+
+def test_string_prompt_streams_cumulative_outputs(tokenizer):
+    engine = make_engine(tokenizer, PositionRunner(word_ids(tokenizer)))
+    engine.add_request("a", "Hello", SamplingParams(max_tokens=5))
+    lengths = []
+    while engine.has_unfinished_requests():
+        (output,) = engine.step()
+        completion = output.outputs[0]
+        lengths.append(len(completion.token_ids))
+        assert completion.text == tokenizer.decode(completion.token_ids)
+        assert output.prompt == "Hello" and output.prompt_token_ids == tokenizer.encode("Hello")
+    assert lengths == [1, 2, 3, 4, 5]
+    assert output.finished and (completion.finish_reason, completion.stop_reason) == ("length", None)
+    assert output.metrics.first_token_time <= output.metrics.finished_time
+    stats = engine.stats
+    assert (stats.num_generated_tokens, stats.num_steps, stats.num_compiles, stats.kv_blocks_used) == (5, 5, 4, 0)
+    assert engine.step() == []
+
+
+def test_stop_string_ends_the_request_and_frees_its_blocks(tokenizer):
+    script = tokenizer.encode("Hello world, again")
+    engine = make_engine(tokenizer, ScriptedRunner(script))
+    engine.add_request("a", [5, 6, 7], SamplingParams(stop="lo wo", max_tokens=20))
+    completion = run(engine)["a"].outputs[0]
+    assert (completion.text, completion.finish_reason, completion.stop_reason) == ("Hel", "stop", "lo wo")
+    assert completion.token_ids == script[:3]
+    assert engine.stats.kv_blocks_used == 0 and engine.get_num_unfinished_requests() == 0
+
+
+def test_stop_string_wins_over_length_on_the_same_token(tokenizer):
+    engine = make_engine(tokenizer, ScriptedRunner(tokenizer.encode("Hello world")))
+    engine.add_request("a", [5], SamplingParams(stop=["lo wo"], max_tokens=3))
+    completion = run(engine)["a"].outputs[0]
+    assert (completion.text, completion.finish_reason, completion.stop_reason) == ("Hel", "stop", "lo wo")
+
+
+def test_eos_stops_and_is_not_in_the_text(tokenizer):
+    eos = tokenizer.eos_token_id
+    engine = make_engine(tokenizer, ScriptedRunner(tokenizer.encode("Hello") + [eos]))
+    engine.add_request("a", [5], SamplingParams(max_tokens=10))
+    completion = run(engine)["a"].outputs[0]
+    assert completion.token_ids[-1] == eos and completion.text == "Hello"
+    assert (completion.finish_reason, completion.stop_reason) == ("stop", None)
+
+
+def test_abort_frees_blocks_and_silences_the_request(tokenizer):
+    engine = make_engine(tokenizer, PositionRunner(word_ids(tokenizer)))
+    for rid in "abc":
+        engine.add_request(rid, "Hello world", SamplingParams(max_tokens=8, ignore_eos=True))
+    assert {o.request_id for o in engine.step()} == {"a", "b", "c"}
+    engine.abort_request(["a", "b", "unknown"])
+    engine.abort_request("a")
+    assert engine.get_num_unfinished_requests() == 1
+    assert engine.stats.kv_blocks_used == len(engine.scheduler.kv.block_ids("c"))
+    assert set(run(engine)) == {"c"}
+    assert engine.stats.kv_blocks_used == 0
+
+
+def test_invalid_requests_raise_and_queue_nothing(tokenizer):
+    engine = make_engine(tokenizer, PositionRunner([1]), max_model_len=16)
+    with pytest.raises(ValueError, match="exceeds max_model_len=16"):
+        engine.add_request("a", "Hello world", SamplingParams(max_tokens=15))
+    with pytest.raises(ValueError, match="non-negative integers"):
+        engine.add_request("a", [1, -2])
+    with pytest.raises(ValueError, match="must not be empty"):
+        engine.add_request("a", [])
+    with pytest.raises(ValueError, match="params must be a SamplingParams"):
+        engine.add_request("a", [1], {"max_tokens": 3})
+    assert not engine.has_unfinished_requests() and engine.stats.num_prompt_tokens == 0
+    engine.add_request("a", [1], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", [1], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="no tokenizer"):
+        make_engine(None, PositionRunner([1])).add_request("b", "text")
+
+
+def test_tiny_pool_preempts_and_gives_the_same_outputs(tokenizer):
+    def generate(num_blocks):
+        engine = make_engine(tokenizer, PositionRunner(word_ids(tokenizer)), num_blocks=num_blocks)
+        for i, prompt in enumerate(["Hello world", "The quick brown fox", "naïve café", "hello"]):
+            engine.add_request(str(i), prompt, SamplingParams(max_tokens=12, ignore_eos=True))
+        outputs = {rid: (o.outputs[0].text, o.outputs[0].token_ids) for rid, o in run(engine).items()}
+        return outputs, engine.stats.num_preemptions
+
+    (big, big_preemptions), (tiny, tiny_preemptions) = generate(64), generate(7)
+    assert big_preemptions == 0 and tiny_preemptions > 0
+    assert big == tiny and len(big) == 4
+
+
+def test_prefix_cache_hits_show_in_outputs_and_stats(tokenizer):
+    engine = make_engine(tokenizer, PositionRunner(word_ids(tokenizer)))
+    prompt = "The quick brown fox jumps over the lazy dog."
+    engine.add_request("a", prompt, SamplingParams(max_tokens=2))
+    first = run(engine)["a"]
+    engine.add_request("b", prompt, SamplingParams(max_tokens=2))
+    second = run(engine)["b"]
+    num_prompt = len(first.prompt_token_ids)
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == (num_prompt - 1) // 4 * 4
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    stats = engine.stats
+    assert stats.prefix_cache_hits == second.num_cached_tokens
+    assert stats.prefix_cache_hit_rate == pytest.approx(second.num_cached_tokens / (2 * num_prompt))

@@ -1,0 +1,71 @@
+"""SamplingParams: vLLM defaults, validation naming the field, unsupported features refused."""
+
+import pytest
+
+from jaxllm.engine.messages import SamplingOptions
+from jaxllm.sampling_params import SamplingParams
+
+
+def test_defaults_match_vllm():
+    p = SamplingParams()
+    assert (p.n, p.best_of, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (1, None, 1.0, 1.0, 0, 0.0, None)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert (p.max_tokens, p.min_tokens, p.stop, p.stop_token_ids) == (16, 0, [], [])
+    assert (p.ignore_eos, p.include_stop_str_in_output, p.logprobs, p.prompt_logprobs) == (False, False, None, None)
+    assert (p.detokenize, p.skip_special_tokens, p.spaces_between_special_tokens) == (True, True, True)
+    assert (p.bad_words, p.logit_bias) == (None, None)
+
+
+def test_stop_normalised_to_lists():
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams(stop_token_ids=(3, 4)).stop_token_ids == [3, 4]
+    assert SamplingParams(stop=["ab", "abcd"]).max_stop_str_len == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(min_tokens=-1), "min_tokens"),
+        (dict(min_tokens=5, max_tokens=4), "min_tokens"),
+        (dict(n=0), "n"),
+        (dict(seed=1.5), "seed"),
+        (dict(seed=True), "seed"),
+        (dict(stop_token_ids=[1, "x"]), "stop_token_ids"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop=["x"], detokenize=False), "stop"),
+    ],
+)
+def test_invalid_values_raise_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field}="):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(n=2), dict(best_of=2), dict(presence_penalty=0.5), dict(frequency_penalty=0.5),
+        dict(repetition_penalty=1.1), dict(logprobs=1), dict(prompt_logprobs=0), dict(logit_bias={1: 2.0}),
+        dict(bad_words=["x"]),
+    ],
+)
+def test_unimplemented_features_are_refused(kwargs):
+    (field,) = kwargs
+    with pytest.raises(ValueError, match=rf"^{field}=.* is not supported yet"):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_options():
+    p = SamplingParams(temperature=0.0, top_p=0.9, top_k=-1, min_p=0.1, seed=7)
+    assert p.sampling_options((2,)) == SamplingOptions(temperature=0.0, top_p=0.9, top_k=0, min_p=0.1, seed=7)
+    masked = SamplingParams(min_tokens=3, stop_token_ids=[5, 2]).sampling_options((2, 9))
+    assert (masked.min_tokens, masked.min_tokens_masked_ids) == (3, (2, 9, 5))
+    assert SamplingParams(min_tokens=3, ignore_eos=True).sampling_options((2,)).min_tokens_masked_ids == ()

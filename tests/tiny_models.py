@@ -1,0 +1,124 @@
+"""Tiny random Hugging Face checkpoints of every supported family, for tests (not a test file).
+
+``make_tiny_checkpoint("qwen3", tmp_path)`` writes config.json + weights with transformers'
+``save_pretrained`` and returns the directory. Every parameter is perturbed with seeded noise so
+norm scales and biases are not their trivial ones/zeros init, and a wrong mapping shows up.
+
+Families and what each one exercises:
+  llama        Llama 2 style, GQA (4 q heads, 2 kv heads), untied
+  llama3_rope  rope_scaling llama3 (factor 8, original_max_position_embeddings 32), mlp_bias
+  mistral      sliding_window 16 (transformers' eager attention applies it)
+  qwen2        q/k/v biases, no o bias
+  qwen3        qk-norm, explicit head_dim 32 != hidden / heads, attention_bias (q/k/v and o)
+  smollm2      Llama with tied embeddings, 3 q heads / 1 kv head
+  gpt2         Conv1D weights, fused c_attn, learned positions, tied
+  opt          separate q/k/v, position offset 2, ReLU, tied
+  opt350m      word_embed_proj_dim 32 (project_in/out), post-norm, no final norm
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FAMILIES = ("llama", "llama3_rope", "mistral", "qwen2", "qwen3", "smollm2", "gpt2", "opt", "opt350m")
+
+_LLAMA_SIZES = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    intermediate_size=96, vocab_size=160, max_position_embeddings=128, rms_norm_eps=1e-5,
+    bos_token_id=1, eos_token_id=2,
+)
+_OPT_SIZES = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96, vocab_size=160,
+    max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+
+def _llama3_rope() -> dict:
+    scaling = dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32,
+    )
+    return dict(_LLAMA_SIZES, rope_scaling=scaling, rope_theta=500000.0, mlp_bias=True)
+
+
+def _config(name: str):
+    import transformers as tf
+
+    builders = {
+        "llama": lambda: tf.LlamaConfig(**_LLAMA_SIZES),
+        "llama3_rope": lambda: tf.LlamaConfig(**_llama3_rope()),
+        "mistral": lambda: tf.MistralConfig(**_LLAMA_SIZES, sliding_window=16),
+        "qwen2": lambda: tf.Qwen2Config(**_LLAMA_SIZES),
+        "qwen3": lambda: tf.Qwen3Config(**dict(_LLAMA_SIZES, head_dim=32), attention_bias=True),
+        "smollm2": lambda: tf.LlamaConfig(
+            **dict(_LLAMA_SIZES, hidden_size=48, num_attention_heads=3, num_key_value_heads=1),
+            tie_word_embeddings=True, rope_theta=100000.0,
+        ),
+        "gpt2": lambda: tf.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=160, bos_token_id=1, eos_token_id=2,
+        ),
+        "opt": lambda: tf.OPTConfig(**_OPT_SIZES, word_embed_proj_dim=64),
+        "opt350m": lambda: tf.OPTConfig(**_OPT_SIZES, word_embed_proj_dim=32, do_layer_norm_before=False),
+    }
+    if name not in builders:
+        raise ValueError(f"unknown tiny family {name!r}; choose from {FAMILIES}")
+    return builders[name]()
+
+
+def _save_bin(model, path: Path, max_shard_size) -> None:
+    """transformers 5 only writes safetensors, so .bin checkpoints are written by hand."""
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    for old in [*path.glob("*.safetensors"), path / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+    state = model.state_dict()  # a tied model keeps lm_head.weight too, as real .bin files do
+    if max_shard_size is None:
+        torch.save(state, path / "pytorch_model.bin")
+        return
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="pytorch_model{suffix}.bin", max_shard_size=max_shard_size
+    )
+    for file, names in split.filename_to_tensors.items():
+        torch.save({n: state[n] for n in names}, path / file)
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_tiny_checkpoint(
+    name: str,
+    path: Path,
+    *,
+    safe_serialization: bool = True,
+    max_shard_size: int | str | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
+    """Write a tiny random checkpoint of family ``name`` to ``path`` and return ``path``.
+
+    Args:
+        name: one of :data:`FAMILIES`.
+        path: target directory (created).
+        safe_serialization: safetensors when True, else ``pytorch_model.bin``.
+        max_shard_size: shard the weights (e.g. ``20_000`` bytes) and write an index.
+        seed: torch seed for the init and the perturbation.
+        dtype: torch dtype name the weights are stored in ("float32", "bfloat16", "float16").
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = _config(name)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype))
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kwargs)
+    if not safe_serialization:
+        _save_bin(model, path, max_shard_size)
+    return path
