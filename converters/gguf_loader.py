@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from converters.checkpoint import Checkpoint
 from converters.convert import convert
+from converters.gguf_tokenizer import load_gguf_tokenizer
 from jaxllm.models.registry import config_from_hf
 
 # general.architecture -> HF architecture; only these llama-family layouts are mapped.
@@ -132,13 +132,6 @@ class GGUFSource:
         return Counter(matrices).most_common(1)[0][0]
 
 
-def load_gguf_tokenizer(path: Path) -> Any:
-    """The tokenizer embedded in the GGUF file, through transformers' GGUF support."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-
-
 def load_gguf(path: Path, dtype=np.float32) -> Checkpoint:
     """Convert a GGUF file alone to the layout's params (dequantised, cast to ``dtype``)."""
     from gguf import GGUFReader
@@ -148,4 +141,4 @@ def load_gguf(path: Path, dtype=np.float32) -> Checkpoint:
     config = config_from_hf(hf)
     source = GGUFSource(reader, hf)
     params = convert(config, source, dtype)
-    return Checkpoint(config, params, load_gguf_tokenizer(path), source.source_dtype())
+    return Checkpoint(config, params, load_gguf_tokenizer(reader, path), source.source_dtype())

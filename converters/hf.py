@@ -65,9 +65,24 @@ def load_tokenizer(directory: Path) -> Any | None:
     return AutoTokenizer.from_pretrained(directory)
 
 
+def _with_generation_eos(directory: Path, hf: dict) -> dict:
+    """Chat models list their end-of-turn ids in generation_config.json (Llama 3's <|eot_id|>),
+    as vLLM reads them: the union with config.json's eos ids ends generation."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return hf
+    extra = json.loads(path.read_text()).get("eos_token_id")
+    if extra is None:
+        return hf
+    ids = []
+    for value in (hf.get("eos_token_id"), extra):
+        ids += value if isinstance(value, list) else [] if value is None else [value]
+    return {**hf, "eos_token_id": list(dict.fromkeys(ids))}
+
+
 def load_hf_directory(directory: Path, dtype=np.float32) -> Checkpoint:
     """Convert the checkpoint in ``directory`` to the layout's params, cast to ``dtype``."""
-    config = config_from_hf(read_hf_config(directory))
+    config = config_from_hf(_with_generation_eos(directory, read_hf_config(directory)))
     source = open_weights(directory)
     params = convert(config, source, dtype)
     return Checkpoint(config, params, load_tokenizer(directory), source.source_dtype())

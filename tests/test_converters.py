@@ -342,3 +342,11 @@ def test_gguf_only_directory_loads_its_gguf(tmp_path, monkeypatch):
     (tmp_path / "model-Q4_K_M.gguf").touch()
     monkeypatch.setattr(converters, "load_gguf", lambda path, dtype: path)  # only where it goes
     assert converters.load_checkpoint(tmp_path) == tmp_path / "model-Q4_K_M.gguf"
+
+
+def test_generation_config_eos_ids_join_config_eos(tmp_path):
+    from converters import load_checkpoint
+
+    path = make_tiny_checkpoint("llama", tmp_path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert load_checkpoint(path).config.eos_token_ids == (2, 7)

@@ -93,3 +93,40 @@ def test_unpermute_inverts_llama_cpp_permute(num_heads):
     assert not np.array_equal(gguf, hf)
     np.testing.assert_array_equal(unpermute_rows(gguf, num_heads), hf)
     np.testing.assert_array_equal(unpermute_rows(gguf[:, 0], num_heads), hf[:, 0])  # biases too
+
+
+TEXTS = [
+    "What is the capital of France?",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)",
+    "Ünïcödé façade — 東京 🙂",
+    "<|im_start|>user\nHi<|im_end|>",
+]
+
+
+def test_tokenizer_equals_transformers_gguf_tokenizer(ours, smollm2_path):
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+    for text in TEXTS:
+        assert ours.tokenizer.encode(text) == theirs.encode(text), text
+        assert ours.tokenizer.decode(ours.tokenizer.encode(text)) == text
+    assert ours.tokenizer.eos_token == "<|im_end|>" and ours.tokenizer.bos_token == "<|im_start|>"
+
+
+def test_smollm_tokenizer_splits_digits_like_the_original(ours):
+    # SmolLM2's own tokenizer.json splits every digit: "12345" is five tokens.
+    assert len(ours.tokenizer.encode("12345")) == 5
+
+
+def test_gguf_tokenizer_loads_without_torch(smollm2_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+        "from gguf import GGUFReader; from pathlib import Path\n"
+        "from converters.gguf_tokenizer import load_gguf_tokenizer\n"
+        f"p = Path({str(smollm2_path)!r}); tok = load_gguf_tokenizer(GGUFReader(p), p)\n"
+        f"assert tok.encode({PROMPT!r}) == {PROMPT_IDS!r}, tok.encode({PROMPT!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

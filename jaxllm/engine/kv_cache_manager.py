@@ -61,6 +61,14 @@ class PrefixCacheStats:
         return self.hits / self.queries if self.queries else 0.0
 
 
+@dataclass(frozen=True)
+class SlotUsage:
+    """Token slots of the blocks some requests hold, each block counted once however shared."""
+
+    allocated: int  # distinct blocks held * block_size
+    filled: int  # of those, slots whose K/V are in the pool
+
+
 class BlockPool:
     """Reference counts, content hashes and the LRU free queue of all blocks."""
 
@@ -68,6 +76,7 @@ class BlockPool:
         self.ref_counts = [0] * num_blocks
         self.hashes: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}
+        self.num_shared = 0  # blocks with more than one holder
         # Head is evicted first. Block 0 is the null block and never enters.
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
 
@@ -91,10 +100,14 @@ class BlockPool:
             if self.ref_counts[block_id] == 0:
                 del self.free_queue[block_id]
             self.ref_counts[block_id] += 1
+            if self.ref_counts[block_id] == 2:
+                self.num_shared += 1
 
     def release(self, block_ids: Iterable[int]) -> None:
         for block_id in block_ids:
             self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 1:
+                self.num_shared -= 1
             if self.ref_counts[block_id] == 0:
                 self.free_queue[block_id] = None
 
@@ -170,6 +183,19 @@ class KVCacheManager:
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
+
+    def slot_usage(self, requests: Iterable[Request]) -> SlotUsage:
+        """Allocated and filled slots of the blocks ``requests`` hold; O(requests) unless shared."""
+        if self.pool.num_shared == 0:
+            held = sum(len(self._tables.get(r.request_id, ())) for r in requests)
+            return SlotUsage(held * self.block_size, sum(r.num_computed_tokens for r in requests))
+        # A shared block is never written, so its holders agree on its content; take the fullest.
+        filled: dict[int, int] = {}
+        for request in requests:
+            for i, block_id in enumerate(self._tables.get(request.request_id, ())):
+                fill = min(self.block_size, max(0, request.num_computed_tokens - i * self.block_size))
+                filled[block_id] = max(fill, filled.get(block_id, 0))
+        return SlotUsage(len(filled) * self.block_size, sum(filled.values()))
 
     # -- changes -----------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ class EngineStats:
     num_steps: int
     num_prompt_tokens: int  # of all requests added
     num_generated_tokens: int
+    kv_waste: float = 0.0  # allocated but unfilled KV slots / allocated slots, mean over steps
 
 
 @dataclass
@@ -202,4 +203,5 @@ class LLMEngine:
             num_steps=self._num_steps,
             num_prompt_tokens=self._num_prompt_tokens,
             num_generated_tokens=self._num_generated_tokens,
+            kv_waste=s.kv_waste,
         )

@@ -39,6 +39,7 @@ class SchedulerStats:
     prefix_cache_hits: int
     prefix_cache_hit_rate: float
     num_preemptions: int
+    kv_waste: float = 0.0  # allocated but unfilled slots / allocated slots, mean over steps
 
 
 class Scheduler:
@@ -69,6 +70,8 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self._arrival_order: dict[str, int] = {}
         self._num_added = 0
+        self._kv_waste_sum = 0.0  # per-step waste ratios, summed over steps that held blocks
+        self._kv_waste_steps = 0
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -139,6 +142,7 @@ class Scheduler:
             prefix_cache_hits=cache.hits,
             prefix_cache_hit_rate=cache.hit_rate,
             num_preemptions=self.num_preemptions,
+            kv_waste=self._kv_waste_sum / self._kv_waste_steps if self._kv_waste_steps else 0.0,
         )
 
     # -- schedule ----------------------------------------------------------------------------
@@ -228,7 +232,15 @@ class Scheduler:
             request.num_computed_tokens += len(seq.token_ids)
             if seq.sample:
                 updates.append(self._append_sample(request, runner_output))
+        self._record_kv_waste()
         return updates
+
+    def _record_kv_waste(self) -> None:
+        # Only running requests hold blocks: waiting and preempted ones hold none.
+        usage = self.kv.slot_usage(self.running)
+        if usage.allocated:
+            self._kv_waste_sum += (usage.allocated - usage.filled) / usage.allocated
+            self._kv_waste_steps += 1
 
     def _append_sample(self, request: Request, runner_output: RunnerOutput) -> RequestUpdate:
         token = runner_output.sampled.get(request.request_id)

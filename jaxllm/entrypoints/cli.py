@@ -1,4 +1,4 @@
-"""Command line: ``jaxllm generate``."""
+"""Command line: ``jaxllm generate`` and ``jaxllm serve``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from jaxllm.entrypoints.openai import api_server, cli_args
+
+    logging.getLogger().setLevel(args.log_level.upper())
+    return api_server.run_server(cli_args.resolve_model_tag(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxllm", description="vLLM's engine in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,7 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="send the raw prompt, no chat template")
     gen.set_defaults(func=_generate)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (every engine argument is a flag)")
+    _add_serve_args(serve)
+    serve.set_defaults(func=_serve)
     return parser
+
+
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    # Imported here so that `jaxllm generate` does not pay for FastAPI's import.
+    from jaxllm.entrypoints.openai.cli_args import build_serve_parser
+
+    build_serve_parser(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

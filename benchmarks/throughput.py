@@ -1,0 +1,267 @@
+"""Offline throughput: jaxllm's continuous batching vs transformers' static-batch ``generate``.
+
+Usage: python benchmarks/throughput.py [--num-prompts 64] [--seed 0] [--hf-batch-sizes 8,16,32,64]
+                                       [--skip-hf] [--quick] [--output PATH]
+
+One seeded mixed-length workload (random non-special token ids, 16-200 prompt tokens, 16-128
+output tokens each, greedy, ignore_eos) runs through ``LLM.generate`` (float32) and through
+transformers on the same SmolLM2 weights, in the same process on the same machine. transformers
+gets static batches with left padding; each batch decodes max(output length in batch) tokens
+(min_new_tokens, so it cannot stop early) and only each request's own output tokens count. Both
+use every core: torch.set_num_threads(os.cpu_count()), XLA at its default. Prints a summary and
+writes JSON (``--quick``: 16 prompts, batch sizes 8 and 16, and no file unless ``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import converters
+import jaxllm
+from jaxllm import LLM, SamplingParams
+
+_DEFAULT_OUT = Path(__file__).parent / "results" / "throughput_cpu.json"
+_ENGINE_LIMITS = {"max_model_len": 512, "max_num_seqs": 64, "max_num_batched_tokens": 512}
+_PROMPT_LENS, _OUTPUT_LENS = (16, 200), (16, 128)  # inclusive ranges
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]  # token ids, no special ids
+    output_lens: list[int]  # tokens each request must generate
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def make_workload(num_prompts: int, seed: int, vocab_size: int, special_ids: set[int]) -> Workload:
+    rng = np.random.default_rng(seed)
+    allowed = np.array([i for i in range(vocab_size) if i not in special_ids])
+    prompt_lens = rng.integers(_PROMPT_LENS[0], _PROMPT_LENS[1] + 1, num_prompts)
+    output_lens = rng.integers(_OUTPUT_LENS[0], _OUTPUT_LENS[1] + 1, num_prompts)
+    prompts = [rng.choice(allowed, int(n)).tolist() for n in prompt_lens]
+    return Workload(prompts, [int(n) for n in output_lens])
+
+
+# -- jaxllm ------------------------------------------------------------------------------------
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def _warm_up(llm: LLM, token_id: int) -> None:
+    # One-step requests (prefill + first token, then done): they leave no block held after any
+    # step, so the KV-waste mean of the timed run below starts from nothing.
+    for n in (1, 8):
+        llm.generate([{"prompt_token_ids": [token_id] * 48}] * n, _greedy(1), use_tqdm=False)
+
+
+def run_jaxllm(model, workload: Workload) -> tuple[dict, list[list[int]]]:
+    start = time.perf_counter()
+    llm = LLM(model, **_ENGINE_LIMITS)
+    startup_s = time.perf_counter() - start
+    _warm_up(llm, workload.prompts[0][0])
+    engine = llm.llm_engine
+    before = engine.stats
+    prompts = [{"prompt_token_ids": p} for p in workload.prompts]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, [_greedy(n) for n in workload.output_lens], use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    after = engine.stats
+    token_ids = [list(o.outputs[0].token_ids) for o in outputs]
+    assert [len(t) for t in token_ids] == workload.output_lens, "jaxllm generated the wrong number of tokens"
+    result = {
+        "engine_args": {**_ENGINE_LIMITS, "dtype": "float32", "block_size": llm.engine_args.block_size},
+        "startup_with_compile_s": startup_s,
+        "elapsed_s": elapsed,
+        "output_tokens": workload.num_output_tokens,
+        "output_tokens_per_s": workload.num_output_tokens / elapsed,
+        "total_tokens_per_s": (workload.num_output_tokens + sum(map(len, workload.prompts))) / elapsed,
+        "num_steps": after.num_steps - before.num_steps,
+        "kv_waste": after.kv_waste,
+        "kv_blocks_total": after.kv_blocks_total,
+        "num_preemptions": after.num_preemptions - before.num_preemptions,
+        "compiles_after_warmup": before.num_compiles,
+        "compiles_after_run": after.num_compiles,
+        "new_compiles_during_run": after.num_compiles - before.num_compiles,
+    }
+    return result, token_ids
+
+
+# -- transformers ------------------------------------------------------------------------------
+
+
+def load_hf(gguf_path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, torch_dtype=torch.float32)
+    return model.eval()
+
+
+def _hf_batch(model, prompts: list[list[int]], num_new: int, pad_id: int):
+    """Greedy ``num_new`` tokens for each left-padded prompt; returns [batch, num_new] ids."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=num_new, min_new_tokens=num_new,
+                             do_sample=False, pad_token_id=pad_id)
+    return out[:, width:]
+
+
+def run_hf_static(model, workload: Workload, batch_size: int, pad_id: int) -> tuple[dict, list[list[int]]]:
+    n = len(workload.prompts)
+    start, generated, token_ids = time.perf_counter(), 0, []
+    for lo in range(0, n, batch_size):
+        lens = workload.output_lens[lo : lo + batch_size]
+        new = _hf_batch(model, workload.prompts[lo : lo + batch_size], max(lens), pad_id)
+        generated += new.numel()
+        token_ids += [row[:k].tolist() for row, k in zip(new, lens, strict=True)]
+    elapsed = time.perf_counter() - start
+    return {
+        "elapsed_s": elapsed,
+        "useful_output_tokens": workload.num_output_tokens,
+        "generated_tokens_incl_batch_tail": generated,
+        "output_tokens_per_s": workload.num_output_tokens / elapsed,
+    }, token_ids
+
+
+def run_hf(gguf_path: Path, workload: Workload, batch_sizes: list[int], pad_id: int) -> tuple[dict, dict]:
+    model = load_hf(gguf_path)
+    _hf_batch(model, [workload.prompts[0][:16]] * 2, 4, pad_id)  # warm-up
+    per_batch, outputs = {}, {}
+    for bs in batch_sizes:
+        per_batch[str(bs)], outputs[bs] = run_hf_static(model, workload, bs, pad_id)
+        print(f"transformers batch {bs:3d}: {per_batch[str(bs)]['output_tokens_per_s']:8.1f} output tok/s", flush=True)
+    best = max(per_batch, key=lambda k: per_batch[k]["output_tokens_per_s"])
+    summary = {
+        "attn_implementation": model.config._attn_implementation,
+        "per_batch_size": per_batch,
+        "best_batch_size": int(best),
+        "output_tokens_per_s": per_batch[best]["output_tokens_per_s"],
+    }
+    return summary, outputs[int(best)]
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _environment() -> dict:
+    import jax
+    import torch
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    return {
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "git_commit": commit.stdout.strip() or None,
+        "git_dirty": bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                         cwd=Path(__file__).parent).stdout.strip()),
+        "jax_version": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "xla_threads": f"XLA default (all {os.cpu_count()} cores); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+    }
+
+
+def _agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
+    # Informational: batched float32 (left padding, other kernels) may legitimately diverge late.
+    same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    first16 = sum(a[:16] == b[:16] for a, b in zip(ours, theirs, strict=True))
+    return {"identical_outputs": same, "identical_first_16_tokens": first16, "num_requests": len(ours)}
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-prompts", type=int, default=None, help="default 64, or 16 with --quick")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hf-batch-sizes", default=None, help="comma separated; default 8,16,32,64 (8,16 quick)")
+    parser.add_argument("--skip-hf", action="store_true", help="measure jaxllm only")
+    parser.add_argument("--quick", action="store_true", help="a smoke check: 16 prompts, no file unless --output")
+    parser.add_argument("--output", type=Path, default=None, help=f"JSON path; default {_DEFAULT_OUT}")
+    args = parser.parse_args()
+    args.num_prompts = args.num_prompts or (16 if args.quick else 64)
+    sizes = args.hf_batch_sizes or ("8,16" if args.quick else "8,16,32,64")
+    args.hf_batch_sizes = [int(s) for s in sizes.split(",")]
+    args.output = args.output or (None if args.quick else _DEFAULT_OUT)
+    return args
+
+
+def main() -> None:
+    import torch
+
+    args = _parse_args()
+    torch.set_num_threads(os.cpu_count())
+    gguf_path = converters.resolve_model(None)
+    model = jaxllm.load_model(str(gguf_path), dtype="float32")
+    tokenizer = model.tokenizer
+    workload = make_workload(args.num_prompts, args.seed, len(tokenizer), set(tokenizer.all_special_ids))
+    report = {"environment": _environment(), "model": gguf_path.name,
+              "workload": _describe(workload, args.seed)}
+    report["jaxllm"], ours = run_jaxllm(model, workload)
+    print(f"jaxllm: {report['jaxllm']['output_tokens_per_s']:.1f} output tok/s "
+          f"({report['jaxllm']['elapsed_s']:.1f} s)", flush=True)
+    if not args.skip_hf:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        report["transformers"], theirs = run_hf(gguf_path, workload, args.hf_batch_sizes, pad_id)
+        report["speedup_vs_transformers"] = (report["jaxllm"]["output_tokens_per_s"]
+                                             / report["transformers"]["output_tokens_per_s"])
+        report["greedy_agreement_with_best_hf_batch"] = _agreement(ours, theirs)
+    _print_summary(report)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.output}")
+
+
+def _describe(workload: Workload, seed: int) -> dict:
+    prompt_lens = [len(p) for p in workload.prompts]
+    return {
+        "seed": seed,
+        "num_prompts": len(workload.prompts),
+        "prompt_len_range": _PROMPT_LENS,
+        "output_len_range": _OUTPUT_LENS,
+        "prompt_tokens": sum(prompt_lens),
+        "output_tokens": workload.num_output_tokens,
+        "sampling": asdict(_greedy(1)) | {"max_tokens": "per request"},
+    }
+
+
+def _print_summary(report: dict) -> None:
+    ours = report["jaxllm"]
+    print(f"jaxllm        {ours['output_tokens_per_s']:8.1f} output tok/s, {ours['num_steps']} steps, "
+          f"kv waste {ours['kv_waste']:.2%}, compiles {ours['compiles_after_warmup']} -> {ours['compiles_after_run']}")
+    if "transformers" in report:
+        hf = report["transformers"]
+        print(f"transformers  {hf['output_tokens_per_s']:8.1f} output tok/s (batch {hf['best_batch_size']})")
+        print(f"speedup       {report['speedup_vs_transformers']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""AsyncLLMEngine: one LLMEngine shared by many asyncio clients.
+
+``LLMEngine.step()`` is blocking device work, so it runs in a dedicated thread. That thread is the
+only one that touches the engine: clients send it commands (add, abort) through a thread-safe
+queue, and it executes them between steps. Outputs go back to each request's asyncio queue with
+``loop.call_soon_threadsafe``. Requests of all clients are batched together by the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from jaxllm.engine.llm_engine import EngineStats, LLMEngine
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxllm")
+
+
+class EngineQueueFullError(RuntimeError):
+    """The bounded waiting queue is full; the server answers 503."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped (shut down or crashed); no request can be served."""
+
+
+class RequestStream:
+    """The outputs of one request, filled by the engine thread and read by one asyncio task."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.finished = False
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Thread-safe: called from the engine thread."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            self.finished = item.finished
+            yield item
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    stream: RequestStream
+    accepted: asyncio.Future  # resolved with None, or failed with the reason the request was refused
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class OutputObserver(Protocol):
+    """Sees, on the engine thread, every output with the time it was produced (latency metrics)."""
+
+    def observe(self, output: RequestOutput, now: float) -> None: ...
+
+    def forget(self, request_id: str) -> None:
+        """The request was aborted: it will produce no more outputs."""
+
+
+class AsyncLLMEngine:
+    """Serve an :class:`LLMEngine` to asyncio code.
+
+    Args:
+        engine: the engine; from now on only this object's thread may call it.
+        max_waiting_requests: refuse new requests (``EngineQueueFullError``) while this many are
+            already waiting to be scheduled; None: unbounded.
+        observer: optional hook called on the engine thread for every output (metrics).
+    """
+
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
+                 observer: OutputObserver | None = None):
+        if max_waiting_requests is not None and max_waiting_requests < 0:
+            raise ValueError(f"{max_waiting_requests=} must be >= 0 or None")
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_waiting_requests = max_waiting_requests
+        self._observer = observer
+        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._streams: dict[str, RequestStream] = {}  # owned by the engine thread
+        self._thread = threading.Thread(target=self._run, name="jaxllm-engine", daemon=True)
+        self.stats: EngineStats = engine.stats  # replaced (never mutated) by the engine thread
+
+    # -- client side (event loop) ------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it.
+
+        Raises:
+            ValueError: the engine refused the request (invalid parameters, prompt too long).
+            EngineQueueFullError: the waiting queue is full.
+            EngineDeadError: the engine thread is not running.
+        """
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, loop)
+        accepted = loop.create_future()
+        self._send(_Add(request_id, prompt, params, stream, accepted))
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)  # the client left while the request was being queued
+            raise
+        return stream
+
+    async def generate(self, request_id: str, prompt: str | list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its cumulative outputs; leaving early aborts it."""
+        stream = await self.add_request(request_id, prompt, params)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; it runs on the engine thread before its next step."""
+        self._send(_Abort(request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread; requests still live end with EngineDeadError."""
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _send(self, command: _Add | _Abort) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    # -- engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._wakeup.clear()
+                self._execute_commands()
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                else:
+                    self.stats = self.engine.stats
+                    self._wakeup.wait()
+        except BaseException as exc:  # noqa: BLE001 - a dead engine must still end every stream
+            logger.exception("engine thread crashed")
+            self._fail_all(EngineDeadError(f"the engine stopped: {exc!r}"))
+            raise
+        self._execute_commands()
+        self._fail_all(EngineDeadError("the server is shutting down"))
+
+    def _execute_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                self._abort(command.request_id)
+
+    def _add(self, command: _Add) -> None:
+        error = self._refusal(command)
+        if error is None:
+            self._streams[command.request_id] = command.stream
+        loop = command.stream._loop
+        loop.call_soon_threadsafe(_resolve, command.accepted, error)
+
+    def _refusal(self, command: _Add) -> BaseException | None:
+        if self._stopping.is_set():
+            return EngineDeadError("the server is shutting down")
+        limit = self.max_waiting_requests
+        if limit is not None and self.engine.stats.num_waiting >= limit:
+            return EngineQueueFullError(f"the server is overloaded: {limit} requests are already waiting; retry later")
+        try:
+            self.engine.add_request(command.request_id, command.prompt, command.params)
+        except ValueError as exc:
+            return exc
+        return None
+
+    def _abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self.engine.abort_request(request_id)
+            if self._observer is not None:
+                self._observer.forget(request_id)
+
+    def _step(self) -> None:
+        outputs = self.engine.step()
+        now = time.time()
+        for output in outputs:
+            if self._observer is not None:
+                self._observer.observe(output, now)
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # aborted while the step ran
+            if output.finished:
+                del self._streams[output.request_id]
+            stream.put(output)
+        self.stats = self.engine.stats
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self._abort(request_id)
+            stream.put(error)
+        self._streams.clear()
+        self.stats = self.engine.stats
+
+
+def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():  # cancelled by a client that left
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: ``jaxllm serve`` / ``python -m jaxllm.entrypoints.openai.api_server``."""

@@ -1,0 +1,225 @@
+"""The OpenAI-compatible HTTP server (vLLM's ``vllm serve``): FastAPI app and its entry point.
+
+    python -m jaxllm.entrypoints.openai.api_server --model PATH --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import secrets
+import sys
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jaxllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineQueueFullError
+from jaxllm.entrypoints.openai import cli_args
+from jaxllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from jaxllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from jaxllm.entrypoints.openai.serving_chat import OpenAIServingChat, apply_chat_template
+from jaxllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from jaxllm.entrypoints.openai.serving_engine import APIError, ServedModel, error_body
+
+logger = logging.getLogger("jaxllm")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _error(message: str, status: int, type: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, type, param), status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for err in exc.errors()[:5]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request", param
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_, exc: APIError):
+        return JSONResponse(exc.response_body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return _error(message, 400, "BadRequestError", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        kind = "NotFoundError" if exc.status_code == 404 else "HTTPError"
+        return _error(str(exc.detail), exc.status_code, kind)
+
+    @app.exception_handler(ValueError)
+    async def refused(_, exc: ValueError):  # the engine refused the request (e.g. too long)
+        return _error(str(exc), 400, "BadRequestError")
+
+    @app.exception_handler(EngineQueueFullError)
+    async def overloaded(_, exc: EngineQueueFullError):
+        return _error(str(exc), 503, "ServiceUnavailableError")
+
+    @app.exception_handler(EngineDeadError)
+    async def dead(_, exc: EngineDeadError):
+        return _error(str(exc), 503, "ServiceUnavailableError")
+
+    @app.exception_handler(Exception)
+    async def internal(_, exc: Exception):
+        logger.exception("unhandled error")
+        return _error(f"internal error: {exc!r}", 500, "InternalServerError")
+
+
+def _add_auth(app: FastAPI, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    expected = f"Bearer {api_key}".encode()
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "").encode()
+            if not secrets.compare_digest(given, expected):
+                return _error("invalid or missing API key", 401, "AuthenticationError")
+        return await call_next(request)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_on_disconnect(request: Request, coro):
+    """Run a handler, cancelling it (and so aborting its engine requests) if the client leaves first."""
+    handler = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    done, _ = await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if handler in done:
+        watcher.cancel()
+        return handler.result()
+    handler.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await handler
+    return Response(status_code=499)  # nobody is listening any more
+
+
+def _add_openai_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel) -> None:
+    completions = OpenAIServingCompletion(engine, served)
+    chat = OpenAIServingChat(engine, served)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=served.name, root=served.root, max_model_len=served.max_model_len)])
+
+    @app.post("/v1/completions")
+    async def create_completion(request: CompletionRequest, raw: Request):
+        return await cancel_on_disconnect(raw, completions.create_completion(request))
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: ChatCompletionRequest, raw: Request):
+        return await cancel_on_disconnect(raw, chat.create_chat_completion(request))
+
+
+def _add_utility_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel, metrics: ServerMetrics) -> None:
+    tokenizer = engine.tokenizer
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_running:
+            return _error("the engine is not running", 503, "ServiceUnavailableError")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        if (request.prompt is None) == (request.messages is None):
+            raise APIError("give exactly one of prompt and messages", param="prompt")
+        if request.messages is not None:
+            ids = apply_chat_template(tokenizer, request.messages, request.add_generation_prompt)
+        else:
+            ids = list(tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
+        return TokenizeResponse(count=len(ids), max_model_len=served.max_model_len, tokens=ids)
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        vocab = len(tokenizer)
+        if any(t < 0 or t >= vocab for t in request.tokens):
+            raise APIError(f"token ids must be in [0, {vocab})", param="tokens")
+        return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))
+
+
+def build_app(engine: AsyncLLMEngine, served: ServedModel, metrics: ServerMetrics,
+              api_key: str | None = None) -> FastAPI:
+    """The app over an engine; the engine thread starts with the app and stops when it shuts down."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        if not engine.is_running:
+            engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="jaxllm", lifespan=lifespan)
+    _add_error_handlers(app)
+    _add_auth(app, api_key)
+    _add_openai_routes(app, engine, served)
+    _add_utility_routes(app, engine, served, metrics)
+    return app
+
+
+def build_async_engine(args: argparse.Namespace) -> tuple[AsyncLLMEngine, ServedModel, ServerMetrics]:
+    """Load and compile the model (slow), and wrap it for serving."""
+    from jaxllm.engine_args import create_engine
+
+    engine_args = cli_args.engine_args_from(args)
+    engine = create_engine(engine_args)
+    name = args.served_model_name or engine_args.model or DEFAULT_MODEL_NAME
+    served = ServedModel(name=name, root=engine_args.model or DEFAULT_MODEL_NAME,
+                         max_model_len=engine.scheduler.config.max_model_len)
+    # The collector reads the stats the engine thread publishes, never the engine itself.
+    holder: dict[str, AsyncLLMEngine] = {}
+    metrics = ServerMetrics(name, lambda: holder["engine"].stats)
+    holder["engine"] = AsyncLLMEngine(engine, args.max_waiting_requests, observer=metrics)
+    return holder["engine"], served, metrics
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Build the engine, then serve until SIGINT/SIGTERM (uvicorn lets in-flight requests finish)."""
+    engine, served, metrics = build_async_engine(args)
+    app = build_app(engine, served, metrics, args.api_key)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.graceful_shutdown_timeout)
+    logger.info("serving %s on http://%s:%d", served.name, args.host, args.port)
+    uvicorn.Server(config).run()
+    engine.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli_args.build_serve_parser(argparse.ArgumentParser(prog="jaxllm.entrypoints.openai.api_server"),
+                                         positional_model=False)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    return run_server(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
