@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 ROPE_TYPES = ("default", "linear", "llama3")
 FAMILIES = ("llama", "gpt")
+PREEMPTION_MODES = ("recompute", "swap")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
@@ -112,7 +113,10 @@ class CacheConfig:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
-    swap_space: float = 4.0  # GiB of host memory for swapped-out blocks
+    swap_space: float = 4.0  # GiB of host memory for swapped-out blocks (preemption_mode="swap")
+    # What preemption does to a request's KV: "recompute" frees it (recomputed on resume),
+    # "swap" saves it to host memory and copies it back (recompute when swap space is full).
+    preemption_mode: str = "recompute"
 
     def __post_init__(self):
         _check_positive(self, "block_size")
@@ -129,6 +133,8 @@ class CacheConfig:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; only 'auto'")
         if self.swap_space < 0:
             raise ValueError(f"swap_space={self.swap_space} must be >= 0")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode={self.preemption_mode!r} must be one of {PREEMPTION_MODES}")
 
 
 @dataclass(frozen=True)

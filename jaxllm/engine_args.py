@@ -42,7 +42,8 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     kv_cache_dtype: str = "auto"
-    swap_space: float = 4.0
+    swap_space: float = 4.0  # GiB of host memory for preemption_mode="swap"
+    preemption_mode: str = "recompute"  # or "swap": preempted requests' KV goes to host memory
     seed: int = 0
     download_dir: str | None = None  # where converted weights are cached with orbax
     warmup: bool = True  # compile every bucket at start-up
@@ -71,6 +72,7 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_dtype=self.kv_cache_dtype,
             swap_space=self.swap_space,
+            preemption_mode=self.preemption_mode,
         )
 
     @classmethod
@@ -102,4 +104,5 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None) -> LLM
     eos = set(ckpt.config.eos_token_ids)
     if ckpt.tokenizer is not None and ckpt.tokenizer.eos_token_id is not None:
         eos.add(ckpt.tokenizer.eos_token_id)
-    return LLMEngine(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, tuple(sorted(eos)))
+    return LLMEngine(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, tuple(sorted(eos)),
+                     num_swap_blocks=runner.num_swap_blocks)

@@ -5,15 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """vLLM's Logprob: one token's log-probability, its rank (1 = most likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 @dataclass
 class CompletionOutput:
     """One completion of a request, cumulative: all tokens and text generated so far."""
 
-    index: int  # which of the request's n completions (always 0 until n > 1 exists)
+    index: int  # which of the request's n completions
     text: str
     token_ids: list[int]
-    cumulative_logprob: float | None = None  # logprobs are not supported yet
-    logprobs: list | None = None
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs, when logprobs is set
+    logprobs: list | None = None  # per token: {token id: Logprob}, with the sampled token always in
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 

@@ -7,24 +7,19 @@ silently samples differently from what was asked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
-from jaxllm.engine.messages import SamplingOptions
+from jaxllm.engine.messages import MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, MAX_LOGIT_BIAS, SamplingOptions
 
 # field -> the only value accepted until the feature exists.
 _UNSUPPORTED_UNLESS_NEUTRAL = {
     "best_of": None,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "logprobs": None,
-    "prompt_logprobs": None,
-    "logit_bias": None,
-    "bad_words": None,
 }
 
 
 _MAX_HELD_BACK_STOP_IDS = 12
+MAX_LOGPROBS = 20  # as the device side returns (jaxllm.runner.logprobs) and OpenAI allows
 
 
 def _is_int(value) -> bool:
@@ -83,11 +78,17 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    # bad_words as token id sequences, set by update_from_tokenizer (a field so that copies keep it).
+    _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.stop = _as_str_list("stop", self.stop)
+        self.bad_words = _as_str_list("bad_words", self.bad_words) or None
+        self.logit_bias = _as_logit_bias(self.logit_bias)
+        self._check_penalties()
         self.stop_token_ids = _as_int_list("stop_token_ids", self.stop_token_ids)
         self._check_unsupported()
+        self._check_logprobs()
         self._check_sampling()
         self._check_lengths()
         if self.stop and not self.detokenize:
@@ -96,11 +97,40 @@ class SamplingParams:
     def _check_unsupported(self) -> None:
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n={self.n!r} must be an integer >= 1")
-        if self.n != 1:
-            raise ValueError(f"n={self.n} is not supported yet; only n=1")
         for name, neutral in _UNSUPPORTED_UNLESS_NEUTRAL.items():
             if getattr(self, name) != neutral:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported yet; leave it at {neutral!r}")
+
+    def _check_penalties(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name}={value!r} must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be > 0 and finite")
+
+    def update_from_tokenizer(self, tokenizer) -> None:
+        """Tokenize ``bad_words`` and check ``logit_bias`` ids against the vocabulary (as vLLM).
+
+        Args:
+            tokenizer: a transformers tokenizer, or None for an engine fed token ids only.
+        """
+        if tokenizer is None:
+            if self.bad_words:
+                raise ValueError(f"bad_words={self.bad_words!r} need a tokenizer; the engine has none")
+            return
+        vocab = len(tokenizer)
+        outside = sorted(t for t in self.logit_bias or () if t >= vocab)
+        if outside:
+            raise ValueError(f"logit_bias has token ids {outside} outside the vocabulary of {vocab}")
+        if self.bad_words:
+            self._bad_words_token_ids = _tokenize_bad_words(tokenizer, self.bad_words)
+
+    def _check_logprobs(self) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name}={value!r} must be an integer in [0, {MAX_LOGPROBS}] or None")
 
     def _check_sampling(self) -> None:
         if not self.temperature >= 0.0:
@@ -149,4 +179,50 @@ class SamplingParams:
             seed=self.seed,
             min_tokens=self.min_tokens,
             min_tokens_masked_ids=masked,
+            presence_penalty=float(self.presence_penalty),
+            frequency_penalty=float(self.frequency_penalty),
+            repetition_penalty=float(self.repetition_penalty),
+            logit_bias=tuple((self.logit_bias or {}).items()),
+            bad_words_token_ids=self._bad_words_options(),
         )
+
+    def _bad_words_options(self) -> tuple[tuple[int, ...], ...]:
+        if self.bad_words and self._bad_words_token_ids is None:
+            raise ValueError(f"bad_words={self.bad_words!r} are not tokenized yet; call update_from_tokenizer")
+        return tuple(tuple(ids) for ids in self._bad_words_token_ids or ())
+
+
+def _as_logit_bias(value) -> dict[int, float] | None:
+    """Integer ids (JSON gives strings) -> bias clamped to [-100, 100], as vLLM and OpenAI do."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"logit_bias={value!r} must be a dict of token id -> bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias has {len(value)} entries; at most {MAX_LOGIT_BIAS}")
+    out = {}
+    for token, bias in value.items():
+        token_id = int(token) if isinstance(token, str) and token.isdigit() else token
+        if not _is_int(token_id) or token_id < 0:
+            raise ValueError(f"logit_bias key {token!r} must be a non-negative integer token id")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
+            raise ValueError(f"logit_bias[{token!r}]={bias!r} must be a finite number")
+        out[token_id] = min(100.0, max(-100.0, float(bias)))
+    return out
+
+
+def _tokenize_bad_words(tokenizer, words: list[str]) -> list[list[int]]:
+    """vLLM's rule: each word alone, and with a leading space when that is a different token
+    sequence of the same length (so the word is banned at the start and in mid-text)."""
+    seqs: list[list[int]] = []
+    for word in words:
+        plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        seqs.append(plain)
+        if spaced and plain and spaced[0] != plain[0] and len(spaced) == len(plain):
+            seqs.append(spaced)
+    if len(seqs) > MAX_BAD_WORDS:
+        raise ValueError(f"bad_words={words!r} give {len(seqs)} token sequences; at most {MAX_BAD_WORDS}")
+    if any(not 0 < len(ids) <= MAX_BAD_WORD_TOKENS for ids in seqs):
+        raise ValueError(f"bad_words={words!r}: each word must tokenize to 1..{MAX_BAD_WORD_TOKENS} tokens")
+    return seqs

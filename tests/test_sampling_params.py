@@ -52,9 +52,7 @@ def test_invalid_values_raise_naming_the_field(kwargs, field):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(n=2), dict(best_of=2), dict(presence_penalty=0.5), dict(frequency_penalty=0.5),
-        dict(repetition_penalty=1.1), dict(logprobs=1), dict(prompt_logprobs=0), dict(logit_bias={1: 2.0}),
-        dict(bad_words=["x"]),
+        dict(best_of=2),
     ],
 )
 def test_unimplemented_features_are_refused(kwargs):
@@ -69,3 +67,15 @@ def test_sampling_options():
     masked = SamplingParams(min_tokens=3, stop_token_ids=[5, 2]).sampling_options((2, 9))
     assert (masked.min_tokens, masked.min_tokens_masked_ids) == (3, (2, 9, 5))
     assert SamplingParams(min_tokens=3, ignore_eos=True).sampling_options((2,)).min_tokens_masked_ids == ()
+
+
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+@pytest.mark.parametrize("value", [-1, 21, 1.5, True])
+def test_logprob_counts_are_validated(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}="):
+        SamplingParams(**{field: value})
+
+
+def test_logprobs_and_n_are_accepted():
+    p = SamplingParams(n=3, logprobs=5, prompt_logprobs=0)
+    assert (p.n, p.logprobs, p.prompt_logprobs) == (3, 5, 0)

@@ -262,6 +262,26 @@ class KVCacheManager:
         del self._num_registered[request.request_id]
         self.pool.release(reversed(table))
 
+    def swap_out(self, request: Request) -> tuple[int, ...]:
+        """Free a request's blocks like ``free``; returns those holding its computed K/V, in
+        table order, whose content the runner saves to host memory before anything reuses them."""
+        computed = self.block_ids(request.request_id)[: self.num_blocks_for(request.num_computed_tokens)]
+        self.free(request)
+        return computed
+
+    def swap_in(self, request: Request, num_blocks: int) -> tuple[int, ...]:
+        """A fresh table of ``num_blocks`` blocks for a swapped-out request's saved K/V.
+
+        The caller checks there is room; the blocks are registered for prefix caching by the
+        next ``allocate_slots``, whose step runs after the runner has copied their content back.
+        """
+        if request.request_id in self._tables:
+            raise ValueError(f"request {request.request_id!r} already holds blocks")
+        block_ids = self.pool.take(num_blocks)
+        self._tables[request.request_id] = block_ids
+        self._num_registered[request.request_id] = 0
+        return tuple(block_ids)
+
     def fork(self, parent: Request, child: Request) -> None:
         """Let ``child`` share all of ``parent``'s blocks (parallel sampling, beam search).
 

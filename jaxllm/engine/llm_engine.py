@@ -12,7 +12,7 @@ from jaxllm.engine.detokenizer import IncrementalDetokenizer
 from jaxllm.engine.messages import RunnerOutput, SchedulerOutput
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import RequestUpdate, Scheduler
-from jaxllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
 
@@ -39,6 +39,17 @@ class EngineStats:
     num_prompt_tokens: int  # of all requests added
     num_generated_tokens: int
     kv_waste: float = 0.0  # allocated but unfilled KV slots / allocated slots, mean over steps
+    num_swaps: int = 0  # preemptions that swapped the request's KV to host memory
+
+
+@dataclass
+class _Completion:
+    """One of a request's n completions: its scheduler request and its detokenizer."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -47,8 +58,13 @@ class _Tracked:
 
     request: Request
     prompt: str | None
-    detokenizer: IncrementalDetokenizer
     metrics: RequestMetrics
+    completions: dict[int, _Completion]  # by completion index; children appear when forked
+
+    @property
+    def finished(self) -> bool:
+        n = self.request.sampling_params.n
+        return len(self.completions) == n and all(c.finish_reason for c in self.completions.values())
 
 
 class LLMEngine:
@@ -61,6 +77,7 @@ class LLMEngine:
         cache_config: block size and prefix caching.
         num_kv_blocks: blocks in the runner's KV pool, including the null block 0.
         eos_token_ids: ids that end a request unless ``ignore_eos``.
+        num_swap_blocks: host slots for swapped-out blocks (``preemption_mode="swap"``).
     """
 
     def __init__(
@@ -71,10 +88,13 @@ class LLMEngine:
         cache_config: CacheConfig,
         num_kv_blocks: int,
         eos_token_ids: Iterable[int] = (),
+        num_swap_blocks: int = 0,
     ):
         self.tokenizer = tokenizer
         self.runner = runner
-        self.scheduler = Scheduler(scheduler_config, cache_config, num_kv_blocks, tuple(eos_token_ids))
+        self.scheduler = Scheduler(
+            scheduler_config, cache_config, num_kv_blocks, tuple(eos_token_ids), num_swap_blocks=num_swap_blocks
+        )
         self._tracked: dict[str, _Tracked] = {}
         self._num_steps = 0
         self._num_prompt_tokens = 0
@@ -91,12 +111,14 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids, logit_bias ids checked
         prompt_text, token_ids = self._tokenize(prompt)
         arrival = time.time() if arrival_time is None else arrival_time
         request = Request(str(request_id), token_ids, params, arrival)
         self.scheduler.add_request(request)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
-        self._tracked[request.request_id] = _Tracked(request, prompt_text, detokenizer, RequestMetrics(arrival))
+        completions = {0: _Completion(request, detokenizer)}
+        self._tracked[request.request_id] = _Tracked(request, prompt_text, RequestMetrics(arrival), completions)
         self._num_prompt_tokens += len(token_ids)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -133,20 +155,29 @@ class LLMEngine:
                 tracked.metrics.first_scheduled_time = now
 
     def _process(self, update: RequestUpdate) -> RequestOutput:
-        tracked = self._tracked[update.request_id]
+        request = update.request
+        tracked = self._tracked[request.group_id]
+        completion = self._completion(tracked, request)
         self._num_generated_tokens += len(update.new_token_ids)
         self._record_token_times(tracked.metrics)
         finish_reason, stop_reason = update.finish_reason, update.stop_reason
-        match = tracked.detokenizer.update(update.new_token_ids)
+        match = completion.detokenizer.update(update.new_token_ids)
         if match is not None:
             # A stop string wins over a length cap reached by the same token, as in vLLM.
             finish_reason, stop_reason = "stop", match.stop
             self.scheduler.finish_request(update.request_id, RequestStatus.FINISHED_STOPPED, match.stop)
-        finished = finish_reason is not None
-        if finished:
+        completion.finish_reason, completion.stop_reason = finish_reason, stop_reason
+        if tracked.finished:
             tracked.metrics.finished_time = time.time()
-            del self._tracked[update.request_id]
-        return self._output(tracked, finished, finish_reason, stop_reason)
+            del self._tracked[request.group_id]
+        return self._output(tracked)
+
+    def _completion(self, tracked: _Tracked, request: Request) -> _Completion:
+        index = request.completion_index
+        if index not in tracked.completions:  # a parallel-sampling child, forked this step
+            detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.sampling_params)
+            tracked.completions[index] = _Completion(request, detokenizer)
+        return tracked.completions[index]
 
     @staticmethod
     def _record_token_times(metrics: RequestMetrics) -> None:
@@ -155,31 +186,53 @@ class LLMEngine:
             metrics.first_token_time = now
         metrics.last_token_time = now
 
-    def _output(self, tracked: _Tracked, finished: bool, finish_reason, stop_reason) -> RequestOutput:
+    def _output(self, tracked: _Tracked) -> RequestOutput:
         request = tracked.request
-        completion = CompletionOutput(
-            index=0,
-            text=tracked.detokenizer.output_text(finished),
-            token_ids=list(request.output_token_ids),
-            finish_reason=finish_reason,
-            stop_reason=stop_reason,
-        )
+        finished = tracked.finished
         return RequestOutput(
             request_id=request.request_id,
             prompt=tracked.prompt,
             prompt_token_ids=list(request.prompt_token_ids),
-            outputs=[completion],
+            outputs=[self._completion_output(i, c, finished) for i, c in sorted(tracked.completions.items())],
             finished=finished,
+            prompt_logprobs=self._logprob_dicts(request.prompt_logprobs) if request.prompt_logprobs else None,
             metrics=tracked.metrics,
             num_cached_tokens=request.num_cached_tokens,
         )
+
+    def _completion_output(self, index: int, c: _Completion, finished: bool) -> CompletionOutput:
+        wants_logprobs = c.request.sampling_params.logprobs is not None
+        return CompletionOutput(
+            index=index,
+            text=c.detokenizer.output_text(c.finish_reason is not None),
+            token_ids=list(c.request.output_token_ids),
+            cumulative_logprob=sum(e.logprob for e in c.request.output_logprobs) if wants_logprobs else None,
+            logprobs=self._logprob_dicts(c.request.output_logprobs) if wants_logprobs else None,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        )
+
+    def _logprob_dicts(self, entries) -> list[dict[int, Logprob] | None]:
+        """vLLM's shape: per position, token id -> Logprob, always including the chosen token."""
+        return [None if e is None else self._logprob_dict(e) for e in entries]
+
+    def _logprob_dict(self, e) -> dict[int, Logprob]:
+        out = {tid: Logprob(lp, rank, self._decode_one(tid)) for rank, (tid, lp) in enumerate(e.top, 1)}
+        if e.token_id not in out:
+            out[e.token_id] = Logprob(e.logprob, e.rank, self._decode_one(e.token_id))
+        return out
+
+    def _decode_one(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Stop requests now and free their blocks; unknown or finished ids are ignored."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
-            self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED)
-            self._tracked.pop(rid, None)
+            tracked = self._tracked.pop(rid, None)
+            members = [c.request.request_id for c in tracked.completions.values()] if tracked else [rid]
+            for member in members:
+                self.scheduler.finish_request(member, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -204,4 +257,5 @@ class LLMEngine:
             num_prompt_tokens=self._num_prompt_tokens,
             num_generated_tokens=self._num_generated_tokens,
             kv_waste=s.kv_waste,
+            num_swaps=s.num_swaps,
         )

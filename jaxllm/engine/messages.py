@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -22,6 +24,25 @@ class SamplingOptions:
     # must get -inf logits, so a request cannot stop before its min_tokens.
     min_tokens: int = 0
     min_tokens_masked_ids: tuple[int, ...] = ()
+    # Penalties as in vLLM: presence/frequency over output tokens, repetition over prompt and output.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # Token sequences of each bad word: the last token is banned once the outputs end in the rest.
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def needs_token_history(self) -> bool:
+        """Whether the device needs the request's prompt + output ids to apply these options."""
+        penalised = (self.presence_penalty, self.frequency_penalty, self.repetition_penalty) != (0.0, 0.0, 1.0)
+        return penalised or any(len(w) > 1 for w in self.bad_words_token_ids)
+
+
+# Fixed widths of the per-row penalty tables, so every step has the shapes warm-up compiled.
+MAX_LOGIT_BIAS = 300  # entries per request: OpenAI's own cap on logit_bias
+MAX_BAD_WORDS = 32  # token sequences per request (a word gives one or two: with a leading space)
+MAX_BAD_WORD_TOKENS = 8  # tokens per bad-word sequence
 
 
 @dataclass(frozen=True)
@@ -37,6 +58,20 @@ class ScheduledSequence:
     sample: bool  # True when the last new token is the end of the known sequence: sample after it
     sampling: SamplingOptions
     num_generated: int  # output tokens so far; with ``seed`` it makes sampling reproducible
+    logprobs: int | None = None  # top logprobs wanted for each sampled token (None: none)
+    prompt_logprobs: int | None = None  # top logprobs wanted for each prompt token (None: none)
+    num_prompt_tokens: int = 0  # positions below this are prompt tokens (for prompt_logprobs)
+    following_token_id: int | None = None  # the known token after this chunk, if any
+    # Parallel sampling: more completions to sample from the same last position. Child i samples
+    # with seed + i + 1 when the request is seeded; the request itself is completion 0.
+    fork_ids: tuple[str, ...] = ()
+    # Prompt + output ids so far (read-only int32), only when ``sampling.needs_token_history``.
+    token_history: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def sample_ids(self) -> tuple[str, ...]:
+        """Ids that get a sampled token from this sequence's last position."""
+        return (self.request_id, *self.fork_ids) if self.sample else ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +83,10 @@ class SchedulerOutput:
     block_copies: tuple[tuple[int, int], ...] = ()  # (src block id, dst block id)
     preempted_ids: tuple[str, ...] = ()
     finished_ids: tuple[str, ...] = ()  # freed since the last step (aborted or finished)
+    # Preemption by swapping, done before the step: first every swap-out, then block copies,
+    # then every swap-in (a swapped-out block may be handed out again in the same step).
+    swap_out: tuple[tuple[int, int], ...] = ()  # (device block id, host slot)
+    swap_in: tuple[tuple[int, int], ...] = ()  # (host slot, device block id)
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +98,21 @@ class SchedulerOutput:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probability of one token under the model's raw distribution, and the top ones there."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class RunnerOutput:
-    """Sampled tokens of the sequences whose ``sample`` flag was set, keyed by request id."""
+    """Sampled tokens keyed by sample id (a request id, or a fork child's id)."""
 
     sampled: dict[str, int] = field(default_factory=dict)
+    # For requests that asked for logprobs: the sampled token's, keyed like ``sampled``.
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # For requests that asked for prompt_logprobs: (first position, one entry per position).
+    prompt_logprobs: dict[str, tuple[int, tuple[TokenLogprobs, ...]]] = field(default_factory=dict)

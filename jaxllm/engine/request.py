@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from jaxllm.engine.messages import TokenLogprobs
 from jaxllm.sampling_params import SamplingParams
 
 
@@ -55,6 +56,14 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # Parallel sampling: children are forked from the request when its prompt is done; each is a
+    # request of its own ("<parent id>#<index>") that reports as completion ``index`` of the parent.
+    parent_id: str | None = None
+    completion_index: int = 0
+    has_forked: bool = False
+    # Logprobs, when asked for: one entry per output token, and per prompt position (0 is None).
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.prompt_token_ids:
@@ -63,6 +72,16 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def group_id(self) -> str:
+        """The id the user knows: the parent's for a parallel-sampling child."""
+        return self.parent_id or self.request_id
+
+    @property
+    def num_pending_forks(self) -> int:
+        """Children still to be forked: they count against max_num_seqs before they exist."""
+        return 0 if self.has_forked else self.sampling_params.n - 1
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,18 +4,24 @@ Every step each scheduled request advances ``num_computed_tokens`` towards ``num
 tokens within one budget: a whole prompt, a chunk of one, or one decode token. Running requests go
 first, in order; then waiting ones, first come first served. When the pool runs out for a running
 request, the most recently arrived running request is preempted: its blocks are freed and it goes
-back to the front of the queue, to be recomputed from prompt + outputs later.
+back to the front of the queue, to be recomputed from prompt + outputs later. With
+``preemption_mode="swap"`` its computed blocks are first saved to host memory instead and copied
+back into fresh blocks when it is next at the head of the queue and they fit; when the swap space
+is full it falls back to recompute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass
 
 from jaxllm.config import CacheConfig, SchedulerConfig
-from jaxllm.engine.kv_cache_manager import KVCacheManager
+from jaxllm.engine.kv_cache_manager import NO_COMPUTED_BLOCKS, KVCacheManager
 from jaxllm.engine.messages import RunnerOutput, ScheduledSequence, SchedulerOutput
 from jaxllm.engine.request import Request, RequestStatus
+from jaxllm.engine.swap_space import SwapSpace
+from jaxllm.engine.token_history import TokenHistories
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class RequestUpdate:
     finished: bool
     finish_reason: str | None  # "stop" or "length" once finished
     stop_reason: int | str | None  # the stop token id that ended it; None for eos or length
+    request: Request | None = None  # the request itself (a fork child's carries its parent's id)
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class SchedulerStats:
     prefix_cache_hit_rate: float
     num_preemptions: int
     kv_waste: float = 0.0  # allocated but unfilled slots / allocated slots, mean over steps
+    num_swaps: int = 0  # preemptions that saved the request's blocks to host memory (swap-outs)
 
 
 class Scheduler:
@@ -58,6 +66,7 @@ class Scheduler:
         cache_config: CacheConfig,
         num_kv_blocks: int,
         eos_token_ids: tuple[int, ...] = (),
+        num_swap_blocks: int = 0,
     ):
         self.config = scheduler_config
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -72,6 +81,10 @@ class Scheduler:
         self._num_added = 0
         self._kv_waste_sum = 0.0  # per-step waste ratios, summed over steps that held blocks
         self._kv_waste_steps = 0
+        swapping = cache_config.preemption_mode == "swap"
+        self.swap_space = SwapSpace(num_swap_blocks if swapping else 0)
+        self.num_swaps = 0
+        self._histories = TokenHistories()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -121,6 +134,8 @@ class Scheduler:
         request.status = status
         request.stop_reason = stop_reason
         self.kv.free(request)
+        self.swap_space.release(request.request_id)
+        self._histories.drop(request.request_id)
         self._arrival_order.pop(request.request_id, None)
         self._finished_ids.append(request.request_id)
 
@@ -143,6 +158,7 @@ class Scheduler:
             prefix_cache_hit_rate=cache.hit_rate,
             num_preemptions=self.num_preemptions,
             kv_waste=self._kv_waste_sum / self._kv_waste_steps if self._kv_waste_steps else 0.0,
+            num_swaps=self.num_swaps,
         )
 
     # -- schedule ----------------------------------------------------------------------------
@@ -159,6 +175,8 @@ class Scheduler:
             block_copies=tuple(step.copies),
             preempted_ids=tuple(step.preempted_ids),
             finished_ids=finished,
+            swap_out=tuple(step.swap_out),
+            swap_in=tuple(step.swap_in),
         )
 
     def _schedule_running(self, step: _StepBuilder) -> None:
@@ -184,18 +202,49 @@ class Scheduler:
 
     def _preempt(self, request: Request, step: _StepBuilder) -> None:
         self.running.remove(request)
-        self.kv.free(request)
-        request.num_computed_tokens = 0
+        if not self._swap_out(request, step):
+            self.kv.free(request)
+            request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
         step.preempted_ids.append(request.request_id)
 
+    def _swap_out(self, request: Request, step: _StepBuilder) -> bool:
+        """Save a preempted request's computed blocks to host memory; False if it must recompute."""
+        num_blocks = self.kv.num_blocks_for(request.num_computed_tokens)
+        slots = self.swap_space.store(request.request_id, num_blocks) if num_blocks else None
+        if slots is None:
+            return False
+        step.swap_out.extend(zip(self.kv.swap_out(request), slots, strict=True))
+        self.num_swaps += 1
+        return True
+
+    def _swap_in(self, request: Request, step: _StepBuilder) -> bool:
+        """Copy the saved blocks of the swapped-out head of the queue back and schedule it."""
+        num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
+        if self.kv.num_blocks_for(request.num_computed_tokens + num_new) > self.kv.num_free_blocks:
+            return False
+        slots = self.swap_space.release(request.request_id)
+        step.swap_in.extend(zip(slots, self.kv.swap_in(request, len(slots)), strict=True))
+        allocation = self.kv.allocate_slots(request, num_new)  # fits: checked above, nothing shared
+        self.waiting.popleft()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        step.add(self._sequence(request, num_new), allocation)
+        return True
+
     def _schedule_waiting(self, step: _StepBuilder) -> None:
-        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and step.budget > 0 and self._has_room_for(self.waiting[0]):
             request = self.waiting[0]
-            computed = self.kv.get_computed_blocks(request)
+            if self.swap_space.holds(request.request_id):
+                if not self._swap_in(request, step):
+                    return  # first come first served, as below
+                continue
+            # Prompt logprobs need every prompt position computed, so such requests skip the cache.
+            wants_prompt_lp = request.sampling_params.prompt_logprobs is not None
+            computed = NO_COMPUTED_BLOCKS if wants_prompt_lp else self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - computed.num_tokens, step.budget)
             allocation = self.kv.allocate_slots(request, num_new, computed)
             if allocation is None:
@@ -208,17 +257,35 @@ class Scheduler:
             self.running.append(request)
             step.add(self._sequence(request, num_new), allocation)
 
+    def _has_room_for(self, request: Request) -> bool:
+        # Children of parallel sampling count before they are forked, so forking never overflows.
+        seqs = sum(1 + r.num_pending_forks for r in self.running)
+        return seqs + 1 + request.num_pending_forks <= self.config.max_num_seqs
+
     def _sequence(self, request: Request, num_new: int) -> ScheduledSequence:
-        start = request.num_computed_tokens
+        start, stop = request.num_computed_tokens, request.num_computed_tokens + num_new
+        params = request.sampling_params
+        sample = stop == request.num_tokens
+        options = params.sampling_options(self._eos_tuple)
         return ScheduledSequence(
             request_id=request.request_id,
-            token_ids=request.token_ids_in(start, start + num_new),
+            token_ids=request.token_ids_in(start, stop),
             start_pos=start,
             block_ids=self.kv.block_ids(request.request_id),
-            sample=start + num_new == request.num_tokens,
-            sampling=request.sampling_params.sampling_options(self._eos_tuple),
+            sample=sample,
+            sampling=options,
             num_generated=request.num_output_tokens,
+            logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
+            num_prompt_tokens=request.num_prompt_tokens,
+            following_token_id=request.token_ids_in(stop, stop + 1)[0] if stop < request.num_tokens else None,
+            fork_ids=self._fork_ids(request) if sample else (),
+            token_history=self._histories.view(request) if sample and options.needs_token_history else None,
         )
+
+    @staticmethod
+    def _fork_ids(request: Request) -> tuple[str, ...]:
+        return tuple(f"{request.request_id}#{i}" for i in range(1, request.num_pending_forks + 1))
 
     # -- update ------------------------------------------------------------------------------
 
@@ -230,10 +297,39 @@ class Scheduler:
             if request is None:  # aborted after it was scheduled
                 continue
             request.num_computed_tokens += len(seq.token_ids)
+            self._record_prompt_logprobs(request, runner_output)
+            # Children fork before the parent's sample is appended: that may finish and free it.
+            family = [request, *(self._fork(request, cid, i) for i, cid in enumerate(seq.fork_ids, 1))]
             if seq.sample:
-                updates.append(self._append_sample(request, runner_output))
+                updates += [self._append_sample(r, runner_output) for r in family]
         self._record_kv_waste()
         return updates
+
+    def _fork(self, parent: Request, child_id: str, index: int) -> Request:
+        """A parallel-sampling child sharing all of ``parent``'s blocks (copy on write later)."""
+        params = parent.sampling_params
+        child_params = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + index)
+        child = Request(child_id, parent.prompt_token_ids, child_params, parent.arrival_time,
+                        parent_id=parent.request_id, completion_index=index, has_forked=True)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        self.kv.fork(parent, child)
+        parent.has_forked = True
+        self.requests[child_id] = child
+        self._arrival_order[child_id] = self._arrival_order[parent.request_id]
+        self.running.append(child)
+        return child
+
+    @staticmethod
+    def _record_prompt_logprobs(request: Request, runner_output: RunnerOutput) -> None:
+        chunk = runner_output.prompt_logprobs.get(request.request_id)
+        if chunk is None:
+            return
+        first, entries = chunk
+        if not request.prompt_logprobs:
+            request.prompt_logprobs.append(None)  # the first prompt token has no context
+        if first == len(request.prompt_logprobs):  # a recompute after preemption adds nothing
+            request.prompt_logprobs.extend(entries)
 
     def _record_kv_waste(self) -> None:
         # Only running requests hold blocks: waiting and preempted ones hold none.
@@ -247,13 +343,16 @@ class Scheduler:
         if token is None:
             raise ValueError(f"the runner returned no sampled token for request {request.request_id!r}")
         request.output_token_ids.append(int(token))
+        token_logprobs = runner_output.logprobs.get(request.request_id)
+        if token_logprobs is not None:
+            request.output_logprobs.append(token_logprobs)
         status, stop_reason = self._check_stop(request, int(token))
         if status is not None:
             self.running.remove(request)
             del self.requests[request.request_id]
             self._finish(request, status, stop_reason)
         return RequestUpdate(request.request_id, (int(token),), status is not None,
-                             status.finish_reason if status else None, stop_reason)
+                             status.finish_reason if status else None, stop_reason, request)
 
     def _check_stop(self, request: Request, token: int) -> tuple[RequestStatus | None, int | None]:
         params = request.sampling_params
@@ -275,6 +374,8 @@ class _StepBuilder:
         self.sequences: list[ScheduledSequence] = []
         self.copies: list[tuple[int, int]] = []
         self.preempted_ids: list[str] = []
+        self.swap_out: list[tuple[int, int]] = []  # (device block, host slot)
+        self.swap_in: list[tuple[int, int]] = []  # (host slot, device block)
 
     def add(self, sequence: ScheduledSequence, allocation) -> None:
         self.sequences.append(sequence)

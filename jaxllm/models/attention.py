@@ -104,14 +104,42 @@ def register_attention_backend(name: str, fn: AttentionFn) -> None:
     _BACKENDS[name] = fn
 
 
+# Kernel backends live in pallas_kernels and are imported on first request, so importing the
+# engine never pulls in Pallas or Triton. name -> (module, attribute).
+_KERNEL_BACKENDS = {
+    "pallas": ("pallas_kernels.backends", "pallas_paged_attention"),
+    "pallas_mgpu": ("pallas_kernels.backends", "mosaic_paged_attention"),
+    "triton": ("pallas_kernels.backends", "triton_paged_attention"),
+}
+
+
 def available_backends() -> tuple[str, ...]:
-    return tuple(_BACKENDS)
+    return (*_BACKENDS, *(n for n in _KERNEL_BACKENDS if n not in _BACKENDS), "auto")
 
 
 def get_attention_backend(name: str) -> AttentionFn:
-    """Resolve a backend name; "auto" is the xla reference until a faster one is registered."""
+    """Resolve a backend name.
+
+    "xla" is the plain-jnp reference; "pallas" the Pallas kernels (interpreted on CPU); "triton" a
+    raw Triton kernel through jax-triton (NVIDIA GPU only); "pallas_mgpu" the Hopper kernel on
+    Pallas Mosaic GPU (H100/H200 only). "auto" is "xla" on CPU, where interpreted kernels are
+    slow, and "pallas" on GPU: chosen by reasoning (a fused paged kernel reads each page once, the
+    xla backend materialises gathered context), not yet by a measurement, since no GPU was
+    available when this was written; benchmarks/attention.py is the sweep that should decide it.
+    """
     if name == "auto":
-        name = "xla"
+        name = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if name not in _BACKENDS and name in _KERNEL_BACKENDS:
+        import importlib
+
+        module, attribute = _KERNEL_BACKENDS[name]
+        if name == "triton":
+            from pallas_kernels.triton_paged_attention import triton_unavailable_reason
+
+            reason = triton_unavailable_reason()
+            if reason is not None:
+                raise ValueError(f"attention_backend='triton' is not usable here: {reason}")
+        register_attention_backend(name, getattr(importlib.import_module(module), attribute))
     if name not in _BACKENDS:
         raise ValueError(f"attention_backend={name!r} is not available; available: {available_backends()}")
     return _BACKENDS[name]

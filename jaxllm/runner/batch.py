@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxllm.engine.messages import SchedulerOutput
+from jaxllm.engine.messages import ScheduledSequence, SchedulerOutput
 from jaxllm.models.attention import AttentionMetadata
+from jaxllm.runner.penalties import penalty_tensors
 from jaxllm.runner.sampler import MAX_BANNED_IDS, SamplingTensors
 
 
@@ -24,8 +25,24 @@ from jaxllm.runner.sampler import MAX_BANNED_IDS, SamplingTensors
 class StepBatch:
     token_ids: np.ndarray  # [T] int32
     md: AttentionMetadata
-    logits_indices: np.ndarray  # [S] int32 flat index of the token each sequence samples after
+    logits_indices: np.ndarray  # [S] int32 flat index of the token each sampling row samples after
     sampling: SamplingTensors
+    want_logprobs: np.ndarray  # [] bool: some row asked for logprobs
+    want_prompt_logprobs: np.ndarray  # [] bool: some sequence asked for prompt_logprobs
+    next_token_ids: np.ndarray  # [T] int32 the token after each position when known, else -1
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One sampled token of a step: a sequence's own, or a parallel-sampling fork's."""
+
+    sample_id: str
+    sequence: ScheduledSequence
+    fork_index: int  # 0 for the request itself
+
+
+def sample_rows(sched: SchedulerOutput) -> list[SampleRow]:
+    return [SampleRow(sid, s, i) for s in sched.sequences for i, sid in enumerate(s.sample_ids)]
 
 
 def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -78,9 +95,10 @@ def build_batch(
     ``shape`` forces the (T, B) bucket (warm-up); by default the smallest that fits is used.
     """
     seqs = sched.sequences
+    rows = sample_rows(sched)
     kv_lens = [s.start_pos + len(s.token_ids) for s in seqs]
     if shape is None:
-        T = buckets.pick(buckets.token_buckets, sched.num_tokens)
+        T = buckets.pick(buckets.token_buckets, max(sched.num_tokens, len(rows)))
         B = buckets.pick(buckets.block_buckets, max(-(-n // block_size) for n in kv_lens))
     else:
         T, B = shape
@@ -89,7 +107,8 @@ def build_batch(
     tables = np.zeros((S, B), np.int32)
     cu = np.zeros(S + 1, np.int32)
     lens = np.zeros(S, np.int32)
-    logits_indices = np.zeros(S, np.int32)
+    last_index = {}
+    next_ids = np.full(T, -1, np.int32)
     start = 0
     for i, (s, kv_len) in enumerate(zip(seqs, kv_lens, strict=True)):
         n = len(s.token_ids)
@@ -101,15 +120,27 @@ def build_batch(
         seq_ids[start : start + n] = i
         tables[i, : len(table)] = table
         lens[i] = kv_len
-        logits_indices[i] = start + n - 1
+        last_index[s.request_id] = start + n - 1
+        if s.prompt_logprobs is not None:
+            next_ids[start : start + n - 1] = s.token_ids[1:]
+            next_ids[start + n - 1] = -1 if s.following_token_id is None else s.following_token_id
         start += n
         cu[i + 1] = start
     cu[len(seqs) + 1 :] = start
     md = AttentionMetadata(positions, slots, seq_ids, tables, cu, lens)
-    return StepBatch(token_ids, md, logits_indices, _sampling_tensors(seqs, S, vocab_size, rng))
+    logits_indices = np.zeros(S, np.int32)
+    logits_indices[: len(rows)] = [last_index[r.sequence.request_id] for r in rows]
+    return StepBatch(
+        token_ids, md, logits_indices, _sampling_tensors(rows, S, vocab_size, rng, B * block_size),
+        want_logprobs=np.array(any(r.sequence.logprobs is not None for r in rows)),
+        want_prompt_logprobs=np.array(any(s.prompt_logprobs is not None for s in seqs)),
+        next_token_ids=next_ids,
+    )
 
 
-def _sampling_tensors(seqs, S: int, vocab_size: int, rng: np.random.Generator) -> SamplingTensors:
+def _sampling_tensors(
+    rows: list[SampleRow], S: int, vocab_size: int, rng: np.random.Generator, history_width: int
+) -> SamplingTensors:
     temperature = np.zeros(S, np.float32)
     top_k = np.zeros(S, np.int32)
     top_p = np.ones(S, np.float32)
@@ -117,14 +148,15 @@ def _sampling_tensors(seqs, S: int, vocab_size: int, rng: np.random.Generator) -
     seeds = np.zeros(S, np.uint32)
     steps = np.zeros(S, np.int32)
     banned = np.full((S, MAX_BANNED_IDS), vocab_size, np.int32)  # vocab_size: out of range, dropped
-    for i, s in enumerate(seqs):
-        o = s.sampling
+    for i, row in enumerate(rows):
+        s, o = row.sequence, row.sequence.sampling
         temperature[i], top_k[i], top_p[i], min_p[i] = o.temperature, max(o.top_k, 0), o.top_p, o.min_p
-        seeds[i] = (o.seed if o.seed is not None else rng.integers(2**32)) % 2**32
+        seeds[i] = (o.seed + row.fork_index if o.seed is not None else rng.integers(2**32)) % 2**32
         steps[i] = s.num_generated
         if s.num_generated < o.min_tokens:
             ids = o.min_tokens_masked_ids
             if len(ids) > MAX_BANNED_IDS:
                 raise ValueError(f"at most {MAX_BANNED_IDS} eos/stop_token_ids can be held back by min_tokens")
             banned[i, : len(ids)] = ids
-    return SamplingTensors(temperature, top_k, top_p, min_p, seeds, steps, banned)
+    penalties = penalty_tensors([r.sequence for r in rows], S, history_width, vocab_size)
+    return SamplingTensors(temperature, top_k, top_p, min_p, seeds, steps, banned, penalties)

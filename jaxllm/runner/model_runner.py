@@ -20,8 +20,10 @@ from jaxllm.engine.messages import RunnerOutput, SamplingOptions, ScheduledSeque
 from jaxllm.models import model_module
 from jaxllm.models.attention import AttentionFn, KVPool
 from jaxllm.runner import kv_pool
-from jaxllm.runner.batch import Buckets, StepBatch, build_batch
+from jaxllm.runner.batch import Buckets, StepBatch, build_batch, sample_rows
+from jaxllm.runner.logprobs import host_prompt_logprobs, host_sample_logprobs, logprobs_if, prompt_logprobs_if
 from jaxllm.runner.sampler import sample
+from jaxllm.runner.swap import HostSwapSpace, num_swap_slots
 
 logger = logging.getLogger("jaxllm")
 
@@ -32,7 +34,11 @@ def _step(params, kv: KVPool, batch: StepBatch, *, cfg: ModelConfig, attend: Att
     model = model_module(cfg)
     hidden, kv = model.forward(params, cfg, kv, batch.token_ids, batch.md, attend)
     logits = model.logits(params, cfg, hidden[batch.logits_indices])
-    return sample(logits, batch.sampling), kv
+    tokens = sample(logits, batch.sampling)
+    sample_lp = logprobs_if(batch.want_logprobs, logits, tokens)
+    logits_fn = functools.partial(model.logits, params, cfg)
+    prompt_lp = prompt_logprobs_if(batch.want_prompt_logprobs, logits_fn, hidden, batch.next_token_ids)
+    return (tokens, sample_lp, prompt_lp), kv
 
 
 class ModelRunner:
@@ -58,6 +64,8 @@ class ModelRunner:
         self.num_compiles = 0
         self.num_blocks = self._size_pool(sched.max_model_len)
         self.kv = kv_pool.allocate(cfg, self.num_blocks, cache.block_size, self.dtype)
+        self.num_swap_blocks = num_swap_slots(cache, cfg, self.dtype)
+        self._swap = HostSwapSpace(cfg, self.num_swap_blocks, cache.block_size, self.dtype) if self.num_swap_blocks else None
 
     # -- set-up --------------------------------------------------------------------------------
     def _size_pool(self, max_model_len: int) -> int:
@@ -89,6 +97,9 @@ class ModelRunner:
         pad = jnp.zeros(_COPY_SLOTS, jnp.int32)
         self.kv = self._jit_copy(self.kv, pad, pad)  # its one fixed shape, compiled here
         self.num_compiles += 1
+        if self._swap is not None:
+            self.kv = self._swap.warmup(self.kv)  # swap-out and swap-in: one fixed shape each
+            self.num_compiles += 2
         logger.info("warm-up: %d programs compiled in %.1f s", self.num_compiles, time.perf_counter() - start)
 
     def _executable(self, T: int, B: int):
@@ -100,15 +111,25 @@ class ModelRunner:
 
     # -- the step ----------------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        # Swap-outs first: their blocks may be the targets of this step's copies and swap-ins.
+        if sched.swap_out:
+            self._swap.swap_out(self.kv, sched.swap_out)
         if sched.block_copies:
             self._copy_blocks(sched.block_copies)
+        if sched.swap_in:
+            self.kv = self._swap.swap_in(self.kv, sched.swap_in)
         if sched.is_empty:
             return RunnerOutput()
         batch = build_batch(sched, self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size)
         T, B = batch.token_ids.shape[0], batch.md.block_tables.shape[1]
-        sampled, self.kv = self._executable(T, B)(self.params, self.kv, batch)
-        ids = np.asarray(sampled)  # the step's only device -> host transfer
-        return RunnerOutput({s.request_id: int(ids[i]) for i, s in enumerate(sched.sequences) if s.sample})
+        (tokens, sample_lp, prompt_lp), self.kv = self._executable(T, B)(self.params, self.kv, batch)
+        ids = np.asarray(tokens)  # the step's device -> host transfer (logprobs only when asked)
+        rows = sample_rows(sched)
+        return RunnerOutput(
+            sampled={r.sample_id: int(ids[i]) for i, r in enumerate(rows)},
+            logprobs=host_sample_logprobs(rows, sample_lp, ids) if batch.want_logprobs else {},
+            prompt_logprobs=host_prompt_logprobs(sched, prompt_lp) if batch.want_prompt_logprobs else {},
+        )
 
     def _copy_blocks(self, copies) -> None:
         pairs = np.asarray(copies, np.int32).reshape(-1, 2)

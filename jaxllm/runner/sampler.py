@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jaxllm.runner.penalties import PenaltyTensors, apply_penalties
+
 MAX_BANNED_IDS = 16
 
 
@@ -28,6 +30,7 @@ class SamplingTensors:
     # [S, MAX_BANNED_IDS] int32 ids that may not be sampled yet (min_tokens holds back eos and
     # stop tokens); padded with vocab_size, which is out of range and dropped.
     banned: jax.Array
+    penalties: PenaltyTensors | None = None  # None: no penalty, bias or bad word in this program
 
 
 _BISECT_STEPS = 32  # halvings of the logit range: far below float32 spacing at logit scale
@@ -71,6 +74,8 @@ def _filter(logits, top_k, top_p, min_p):
 def sample(logits: jax.Array, st: SamplingTensors) -> jax.Array:
     """logits [S, V] float32 -> token ids [S] int32."""
     rows = jnp.arange(logits.shape[0])[:, None]
+    if st.penalties is not None:
+        logits = apply_penalties(logits, st.penalties)
     logits = logits.at[rows, st.banned].set(-jnp.inf, mode="drop")
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]

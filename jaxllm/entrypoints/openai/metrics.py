@@ -58,10 +58,12 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(model_name, stats))
         labels = {"labelnames": ["model_name"], "registry": self.registry, "buckets": _LATENCY_BUCKETS}
-        self.ttft = Histogram("jaxllm:time_to_first_token_seconds", "Time to first token.", **labels)
-        self.itl = Histogram("jaxllm:inter_token_latency_seconds", "Time between consecutive tokens.", **labels)
-        self.e2e = Histogram("jaxllm:e2e_request_latency_seconds", "Arrival to finish of a request.", **labels)
-        self.model_name = model_name
+        # Children bound to the label now, so the series are exported (empty) before any request.
+        self.ttft = Histogram("jaxllm:time_to_first_token_seconds", "Time to first token.", **labels).labels(model_name)
+        self.itl = Histogram("jaxllm:inter_token_latency_seconds", "Time between consecutive tokens.",
+                             **labels).labels(model_name)
+        self.e2e = Histogram("jaxllm:e2e_request_latency_seconds", "Arrival to finish of a request.",
+                             **labels).labels(model_name)
         self._last_token_time: dict[str, tuple[float, int]] = {}  # request id -> (time, tokens so far)
 
     def observe(self, output: RequestOutput, now: float) -> None:
@@ -70,14 +72,14 @@ class ServerMetrics:
         previous = self._last_token_time.get(output.request_id)
         arrival = output.metrics.arrival_time if output.metrics else now
         if previous is None and num_tokens:
-            self.ttft.labels(self.model_name).observe(now - arrival)
+            self.ttft.observe(now - arrival)
         elif previous is not None and num_tokens > previous[1]:
             gap = (now - previous[0]) / (num_tokens - previous[1])
             for _ in range(num_tokens - previous[1]):
-                self.itl.labels(self.model_name).observe(gap)
+                self.itl.observe(gap)
         if output.finished:
             self._last_token_time.pop(output.request_id, None)
-            self.e2e.labels(self.model_name).observe(now - arrival)
+            self.e2e.observe(now - arrival)
         elif num_tokens:
             self._last_token_time[output.request_id] = (now, num_tokens)
 

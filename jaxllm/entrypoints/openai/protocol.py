@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jaxllm.sampling_params import SamplingParams
 
+_INT32_MAX = 2**31 - 1
+
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
@@ -48,7 +50,7 @@ class SamplingRequest(OpenAIModel):
     n: int = 1
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(None, le=_INT32_MAX)  # the sampler holds it as int32
     min_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None

@@ -79,10 +79,19 @@ class OpenAIServing:
         if len(prompt_ids) >= self.served.max_model_len:
             raise APIError(f"the prompt has {len(prompt_ids)} tokens; max_model_len={self.served.max_model_len} "
                            "leaves no room for a completion", param="prompt")
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in request.stop_token_ids or ()):
+            raise APIError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         try:
-            return request.to_sampling_params(self.served.max_model_len - len(prompt_ids))
+            params = request.to_sampling_params(self.served.max_model_len - len(prompt_ids))
         except ValueError as exc:
             raise APIError(str(exc)) from exc
+        # The engine may honour these before the responses can carry them: refuse rather than drop.
+        if params.n != 1:
+            raise APIError(f"n={params.n} is not supported yet by the server; only n=1", param="n")
+        if params.logprobs is not None:
+            raise APIError(f"logprobs={params.logprobs} is not supported yet by the server", param="logprobs")
+        return params
 
     async def start(self, request_ids: list[str], prompts: list[list[int]], params) -> list[RequestStream]:
         """Add all requests or none: a refused one aborts those already added."""

@@ -1,0 +1,68 @@
+"""The kernels as engine attention backends: ``(q [T, N, H], kv, layer, md, sliding_window) -> [T, N, H]``.
+
+Same contract as ``jaxllm.models.attention.xla_paged_attention`` for every token of a real
+sequence; the batch's padding tokens (past ``cu_q_lens[-1]``) get zeros, where the xla backend
+attends them to sequence row 0's first key. Their rows are never sampled.
+
+The KV write stays the xla scatter of ``write_kv`` (in place under donation): fusing it into the
+kernel would save one pass over ``[T, K, H]`` new rows, small next to the context the kernel
+reads, and would tie every backend to one write layout.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.models.attention import AttentionMetadata, KVPool
+from pallas_kernels.paged_decode_attention import paged_decode_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _decode_rows(q, kv: KVPool, layer, md: AttentionMetadata, sliding_window, interpret):
+    # Every sequence brings at most one token: run the split-K kernel and scatter rows back.
+    num_tokens = q.shape[0]
+    starts = md.cu_q_lens[:-1]
+    has_token = md.cu_q_lens[1:] > starts
+    kv_lens = jnp.where(has_token, md.kv_lens, 0)
+    rows = paged_decode_attention(q[jnp.minimum(starts, num_tokens - 1)], *kv, layer, md.block_tables, kv_lens,
+                                  sliding_window=sliding_window, interpret=interpret)
+    return jnp.zeros_like(q).at[jnp.where(has_token, starts, num_tokens)].set(rows, mode="drop")
+
+
+def pallas_paged_attention(q, kv: KVPool, layer, md: AttentionMetadata, sliding_window=None):
+    """Pallas (Triton lowering; interpreted off GPU): split-K decode kernel when every sequence has at
+    most one new token, else the ragged kernel.
+
+    The choice is a ``lax.cond`` on device because the batch's mix is data, not shape. XLA:GPU runs
+    a conditional by reading its predicate on the host (one small sync per layer) unless it is
+    captured in a CUDA graph; a static "all decode" flag from the runner would remove it.
+    """
+    interpret = not _on_gpu()
+    all_decode = jnp.all(md.cu_q_lens[1:] - md.cu_q_lens[:-1] <= 1)
+    return jax.lax.cond(
+        all_decode,
+        lambda: _decode_rows(q, kv, layer, md, sliding_window, interpret),
+        lambda: ragged_paged_attention(q, *kv, layer, md.block_tables, md.cu_q_lens, md.kv_lens, md.positions,
+                                       sliding_window=sliding_window, interpret=interpret),
+    )
+
+
+def triton_paged_attention(q, kv: KVPool, layer, md: AttentionMetadata, sliding_window=None):
+    """Raw Triton kernel through jax-triton (GPU only); raises RuntimeError without jax-triton or a GPU."""
+    from pallas_kernels.triton_paged_attention import triton_ragged_paged_attention
+
+    return triton_ragged_paged_attention(q, *kv, layer, md.block_tables, md.cu_q_lens, md.kv_lens, md.positions,
+                                         sliding_window=sliding_window)
+
+
+def mosaic_paged_attention(q, kv: KVPool, layer, md: AttentionMetadata, sliding_window=None):
+    """Hopper kernel on Pallas Mosaic GPU (H100/H200 only; no interpret path)."""
+    from pallas_kernels.ragged_paged_attention_mgpu import ragged_paged_attention_mgpu
+
+    return ragged_paged_attention_mgpu(q, *kv, layer, md.block_tables, md.cu_q_lens, md.kv_lens, md.positions,
+                                       sliding_window=sliding_window)

@@ -1,0 +1,366 @@
+"""The OpenAI-compatible server end to end: one `jaxllm serve` subprocess on loopback for the module,
+driven with the official openai client and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jaxllm.sampling_params import SamplingParams
+
+API_KEY = "sk-jaxllm-test"
+MODEL = "SmolLM2-135M-Instruct"
+LIMITS = ["--max-model-len", "256", "--max-num-seqs", "16", "--max-num-batched-tokens", "64"]
+MAX_WAITING = 32
+# What LLM.generate / LLM.chat return greedily with the same limits (computed once with
+# LLM(None, max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64); test_llm.py checks
+# that those equal transformers' tokens).
+GREEDY_12 = {
+    "The capital of France is": " Paris.\n\nThe answer is: 201",
+    "def fibonacci(n):": "\n    if n == 0:\n        return 1\n   ",
+}
+CHAT = [{"role": "user", "content": "What is 2+2?"}]
+CHAT_GREEDY_12 = "The answer to this classic math problem is 4."  # ends with eos after 12 tokens
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "jaxllm.entrypoints.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--api-key", API_KEY, "--max-waiting-requests", str(MAX_WAITING), "--served-model-name", MODEL,
+           "--compilation-cache-dir", "/tmp/jaxllm-test-xla-cache", "--log-level", "warning", *LIMITS]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log)
+        yield {"url": url, "proc": proc, "log": log}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server['url']}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+        yield c
+
+
+def metric(http: httpx.Client, name: str) -> float:
+    text = http.get("/metrics").text
+    match = re.search(rf"^jaxllm:{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    assert match, f"jaxllm:{name} missing from /metrics"
+    return float(match.group(1))
+
+
+def wait_idle(http: httpx.Client, timeout: float = 20.0) -> None:
+    """Until no request runs or waits and no KV block is held."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        names = ("kv_cache_usage_perc", "num_requests_running", "num_requests_waiting")
+        if all(metric(http, n) == 0 for n in names):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"server not idle after {timeout}s: {http.get('/metrics').text[:2000]}")
+
+
+# -- happy paths -----------------------------------------------------------------------------------
+def test_health_models_and_metrics_need_no_key(server):
+    assert httpx.get(f"{server['url']}/health").status_code == 200
+    metrics = httpx.get(f"{server['url']}/metrics").text
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_hit_rate",
+                 "prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_bucket",
+                 "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_bucket"):
+        assert f"jaxllm:{name}" in metrics
+
+
+def test_models(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+
+
+def test_greedy_completion_equals_llm_generate(client):
+    prompts = list(GREEDY_12)
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [GREEDY_12[p] for p in prompts]
+    assert all(c.finish_reason == "length" for c in out.choices)
+    assert out.usage.completion_tokens == 24 and out.usage.prompt_tokens > 0
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 24
+
+
+def test_greedy_chat_equals_llm_chat(client):
+    out = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == CHAT_GREEDY_12
+    assert out.choices[0].finish_reason == "stop"  # eos
+    assert out.usage.completion_tokens == 12
+
+
+def test_streaming_chat_with_usage(client):
+    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == CHAT_GREEDY_12
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_streaming_completion_equals_whole(client):
+    prompt = "def fibonacci(n):"
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in stream if c.choices) == GREEDY_12[prompt]
+
+
+def test_stop_string(client):
+    out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0,
+                                    stop=["\n"])
+    assert out.choices[0].text == " Paris."
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_echo(client):
+    prompt = "The capital of France is"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True)
+    assert out.choices[0].text == prompt + " Paris.\n"
+
+
+def test_seed_reproducible(client):
+    def sample(seed):
+        return client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0,
+                                         seed=seed, extra_body={"ignore_eos": True}).choices[0].text
+
+    assert sample(1234) == sample(1234)
+
+
+def test_tokenize_detokenize_roundtrip(http):
+    ids = http.post("/tokenize", json={"prompt": "The capital of France is"}).json()
+    assert ids["count"] == len(ids["tokens"]) > 0 and ids["max_model_len"] == 256
+    assert http.post("/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"] == "The capital of France is"
+    chat = http.post("/tokenize", json={"messages": CHAT}).json()
+    assert chat["count"] > ids["count"]
+
+
+# -- errors ----------------------------------------------------------------------------------------
+BAD_REQUESTS = [
+    ("/v1/completions", {"prompt": "x", "n": 0}, "n=0"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, "not supported yet"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, "gpt-4"),
+    ("/v1/completions", {"prompt": "hello " * 300}, "max_model_len"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 256}, "max_model_len"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1}, "logprobs=1 is not supported yet"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 5.0}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ("/v1/completions", {"max_tokens": 3}, "prompt"),
+    ("/v1/completions", {"prompt": [10**9]}, "prompt"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 2}, "not supported yet"),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 3}, "not supported yet"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_p": 0}, "top_p"),
+]
+
+
+@pytest.mark.parametrize("path,body,needle", BAD_REQUESTS, ids=[f"{p}-{list(b)[-1]}" for p, b, _ in BAD_REQUESTS])
+def test_invalid_request_is_400_with_openai_error(http, path, body, needle):
+    response = http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == 400
+    assert needle in error["message"]
+
+
+def _engine_refuses(**fields) -> str | None:
+    try:
+        SamplingParams(**fields)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
+def test_penalties_are_applied_or_refused_never_ignored(client, field):
+    refusal = _engine_refuses(**{field: 0.5})
+    if refusal is not None:  # not implemented by the engine: the server passes its message on
+        with pytest.raises(openai.BadRequestError, match=re.escape(refusal)):
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, **{field: 0.5})
+    else:  # implemented: a strong penalty changes the greedy text
+        out = client.completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=12, temperature=0,
+                                        extra_body={"ignore_eos": True}, **{field: 2.0})
+        assert out.choices[0].text != GREEDY_12["def fibonacci(n):"]
+
+
+def test_malformed_json_is_400(http):
+    response = http.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert "JSON" in response.json()["error"]["message"]
+
+
+def test_openai_client_raises_bad_request(client):
+    with pytest.raises(openai.BadRequestError, match="not supported yet"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
+def test_missing_or_wrong_key_is_401(server, headers):
+    response = httpx.post(f"{server['url']}/v1/completions", json={"prompt": "x"}, headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == 401
+    assert httpx.get(f"{server['url']}/v1/models", headers=headers).status_code == 401
+
+
+def test_unknown_route_is_404(http):
+    response = http.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == 404
+
+
+async def _post_many(url: str, bodies: list[dict], concurrency: int) -> list[httpx.Response]:
+    limit = asyncio.Semaphore(concurrency)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as c:
+        async def post(body):
+            async with limit:
+                return await c.post("/v1/completions", json=body)
+
+        return await asyncio.gather(*(post(b) for b in bodies))
+
+
+def test_full_waiting_queue_is_503_and_others_succeed(server, http):
+    bodies = [{"prompt": f"Count to ten: {i}", "max_tokens": 32, "ignore_eos": True} for i in range(80)]
+    responses = asyncio.run(_post_many(server["url"], bodies, concurrency=80))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert 503 in codes and codes.count(200) >= 16
+    overloaded = next(r for r in responses if r.status_code == 503).json()["error"]
+    assert overloaded["code"] == 503 and "overloaded" in overloaded["message"]
+    assert all(r.json()["usage"]["completion_tokens"] == 32 for r in responses if r.status_code == 200)
+    wait_idle(http)
+
+
+# -- disconnects and load --------------------------------------------------------------------------
+def test_disconnect_mid_stream_frees_blocks(server, http):
+    body = {"messages": CHAT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        seen = 0
+        for line in response.iter_lines():
+            seen += line.startswith("data:")
+            if seen >= 3:
+                break
+        assert metric(http, "num_requests_running") == 1 and metric(http, "kv_cache_usage_perc") > 0
+    wait_idle(http, timeout=10)
+
+
+def test_disconnect_while_waiting_for_whole_response_frees_blocks(server, http):
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json=body, timeout=1.5)
+    wait_idle(http, timeout=10)
+
+
+def test_load_many_concurrent_clients(server, http):
+    generated = metric(http, "generation_tokens_total")
+    bodies = [{"prompt": f"Tell me about the number {i}.", "max_tokens": 6, "ignore_eos": True} for i in range(128)]
+    responses = asyncio.run(_post_many(server["url"], bodies, concurrency=MAX_WAITING))
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    assert all(r.json()["usage"]["completion_tokens"] == 6 for r in responses)
+    wait_idle(http)
+    assert metric(http, "generation_tokens_total") == generated + 6 * len(bodies)
+
+
+# -- the request schema never produces a 500 -------------------------------------------------------
+JSON_LEAF = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
+             | st.text(max_size=12))
+JSON = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                              max_size=3), max_leaves=8)
+# Never null: a missing max_tokens means "up to max_model_len", too slow for 60 examples on a CPU.
+SMALL = st.integers(-1, 3) | st.text(max_size=3) | st.floats(-1, 3)
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool"]) | JSON_LEAF},
+                                optional={"content": st.text(max_size=20) | JSON})
+BODY = st.fixed_dictionaries(
+    {"max_tokens": SMALL, "max_completion_tokens": SMALL},
+    optional={
+        "model": st.sampled_from([MODEL, "other"]) | JSON_LEAF,
+        "prompt": st.text(max_size=30) | st.lists(st.integers(-5, 60000), max_size=5) | JSON,
+        "messages": st.lists(MESSAGE, max_size=3) | JSON,
+        "tokens": st.lists(st.integers(-5, 60000), max_size=5) | JSON,
+        "temperature": JSON_LEAF, "top_p": JSON_LEAF, "top_k": JSON_LEAF, "min_p": JSON_LEAF, "n": JSON_LEAF,
+        "stop": JSON, "stop_token_ids": JSON, "seed": JSON_LEAF, "stream": st.booleans() | JSON_LEAF,
+        "stream_options": JSON, "logprobs": JSON_LEAF, "top_logprobs": JSON_LEAF, "echo": JSON_LEAF,
+        "presence_penalty": JSON_LEAF, "frequency_penalty": JSON_LEAF, "min_tokens": SMALL, "user": JSON_LEAF,
+        "ignore_eos": JSON_LEAF,
+    },
+)
+PATHS = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=PATHS, body=BODY | JSON)
+def test_random_bodies_never_500(http, path, body):
+    response = http.post(path, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    assert response.status_code in (200, 400), (response.status_code, response.text)
+    if response.status_code == 400:
+        assert response.json()["error"]["code"] == 400
+    elif body.get("stream") is True and path.startswith("/v1"):
+        assert response.text.rstrip().endswith("data: [DONE]")
+
+
+# -- shutdown: must stay the last test, it stops the module's server ---------------------------------
+def test_sigterm_lets_in_flight_requests_finish(server, client):
+    stream = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=40, stream=True,
+                                       extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    server["proc"].send_signal(signal.SIGTERM)
+    rest = list(stream)
+    assert first.choices and rest[-1].choices[0].finish_reason == "length"
+    # uvicorn re-raises the captured signal after its graceful shutdown.
+    assert server["proc"].wait(30) in (0, -signal.SIGTERM)
