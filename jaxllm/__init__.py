@@ -11,6 +11,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LLM": "jaxllm.llm",
+    "BeamSearchParams": "jaxllm.beam_search",
+    "BeamSearchOutput": "jaxllm.beam_search",
+    "Logprob": "jaxllm.outputs",
     "CompletionOutput": "jaxllm.outputs",
     "RequestOutput": "jaxllm.outputs",
     "SamplingParams": "jaxllm.sampling_params",

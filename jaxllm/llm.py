@@ -10,6 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from converters.checkpoint import Checkpoint
+from jaxllm.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jaxllm.engine_args import EngineArgs, create_engine
 from jaxllm.loader import Model
 from jaxllm.outputs import RequestOutput
@@ -81,6 +82,19 @@ class LLM:
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (vLLM's semantics; see :mod:`jaxllm.beam_search`).
+
+        Returns one BeamSearchOutput per prompt, its ``.sequences`` best first, each with
+        ``.tokens`` (prompt + generated ids), ``.text`` and ``.cum_logprob``.
+        """
+        prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
+        return beam_search(self.llm_engine, [self._token_ids(p) for p in prompts], params)
+
+    def _token_ids(self, prompt: PromptType) -> list[int]:
+        value = _prompt_input(prompt)
+        return value if isinstance(value, list) else list(self.get_tokenizer().encode(value))
 
     # -- internals -------------------------------------------------------------------------------
     @staticmethod

@@ -25,7 +25,8 @@ because the Triton lowering has no scalar prefetch. Each program loops over its 
 ``pages_per_compute_block`` at a time, gathering them through the block table with computed
 pointers (``k_ref[page_ids]``) and keeping an online softmax (flash attention); the loop runs only
 over the pages the tile's positions can see (causal upper bound, sliding-window lower bound).
-Output rows no tile covers (the batch's padding tokens) are zero.
+Output rows no tile covers (the batch's padding tokens) are zero. Compiled for a GPU, Triton needs
+power-of-two tile shapes, so head_dim must be a power of two there (interpret mode takes any).
 """
 
 from __future__ import annotations

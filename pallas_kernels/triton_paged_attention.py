@@ -29,6 +29,7 @@ from pallas_kernels.ragged_paged_attention import (
 )
 
 triton_ragged_paged_attention_reference = ragged_paged_attention_reference
+_DEFAULT_CONFIG = RaggedAttentionConfig()
 
 
 def triton_unavailable_reason() -> str | None:
@@ -57,7 +58,7 @@ def triton_ragged_paged_attention(
     positions: jax.Array,  # [T] int32
     *,
     sliding_window: int | None = None,
-    config: RaggedAttentionConfig = RaggedAttentionConfig(),
+    config: RaggedAttentionConfig = _DEFAULT_CONFIG,
 ) -> jax.Array:
     """Same contract and arguments as ``ragged_paged_attention`` (no ``interpret``: GPU only).
 

@@ -28,7 +28,6 @@ needs_triton = pytest.mark.skipif(
 
 def interpreted_max_error(group: int, head_dim: int, block_size: int, window: int) -> float:
     """Run the Triton body interpreted on a NaN-poisoned mixed batch; max |kernel - reference|."""
-    import jax.numpy as jnp
     import torch
 
     from pallas_kernels.ragged_paged_attention import fold_layer, query_tiles, ragged_paged_attention_reference

@@ -106,20 +106,41 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        *,
+        retain_blocks: bool = False,
     ) -> None:
-        """Tokenize and queue a request; raises ValueError, queueing nothing, if it is invalid."""
+        """Tokenize and queue a request; raises ValueError, queueing nothing, if it is invalid.
+
+        ``retain_blocks`` keeps its KV blocks after it finishes, for :meth:`fork_request`, until
+        :meth:`release_request` (beam search).
+        """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids, logit_bias ids checked
         prompt_text, token_ids = self._tokenize(prompt)
         arrival = time.time() if arrival_time is None else arrival_time
-        request = Request(str(request_id), token_ids, params, arrival)
+        request = Request(str(request_id), token_ids, params, arrival, retain_blocks=retain_blocks)
         self.scheduler.add_request(request)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         completions = {0: _Completion(request, detokenizer)}
         self._tracked[request.request_id] = _Tracked(request, prompt_text, RequestMetrics(arrival), completions)
         self._num_prompt_tokens += len(token_ids)
+
+    def fork_request(self, parent_id: str, request_id: str, token_ids: list[int], params: SamplingParams) -> None:
+        """Queue ``token_ids``, which extend the retained request ``parent_id``'s computed tokens,
+        sharing its KV blocks (the new request keeps its blocks too when it finishes)."""
+        request = Request(str(request_id), list(token_ids), params, time.time(), retain_blocks=True)
+        self.scheduler.add_forked_request(request, parent_id)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
+        self._tracked[request.request_id] = _Tracked(
+            request, None, RequestMetrics(request.arrival_time), {0: _Completion(request, detokenizer)}
+        )
+        self._num_prompt_tokens += len(token_ids)
+
+    def release_request(self, request_id: str) -> None:
+        """Free the blocks a finished ``retain_blocks`` request kept."""
+        self.scheduler.release(request_id)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

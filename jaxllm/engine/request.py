@@ -61,6 +61,8 @@ class Request:
     parent_id: str | None = None
     completion_index: int = 0
     has_forked: bool = False
+    # Beam search: keep the blocks after finishing, until the scheduler is told to release them.
+    retain_blocks: bool = False
     # Logprobs, when asked for: one entry per output token, and per prompt position (0 is None).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)

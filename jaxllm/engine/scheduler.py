@@ -79,6 +79,7 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self._arrival_order: dict[str, int] = {}
         self._num_added = 0
+        self._retained: dict[str, Request] = {}  # finished, blocks kept for forking (beam search)
         self._kv_waste_sum = 0.0  # per-step waste ratios, summed over steps that held blocks
         self._kv_waste_steps = 0
         swapping = cache_config.preemption_mode == "swap"
@@ -133,11 +134,34 @@ class Scheduler:
     def _finish(self, request: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
         request.status = status
         request.stop_reason = stop_reason
-        self.kv.free(request)
+        if request.retain_blocks and status is not RequestStatus.FINISHED_ABORTED:
+            self._retained[request.request_id] = request  # beam search forks from it next
+        else:
+            self.kv.free(request)
         self.swap_space.release(request.request_id)
         self._histories.drop(request.request_id)
         self._arrival_order.pop(request.request_id, None)
         self._finished_ids.append(request.request_id)
+
+    def add_forked_request(self, child: Request, parent_id: str) -> None:
+        """Queue ``child``, whose tokens extend a retained finished request's computed tokens,
+        sharing that request's blocks (beam search); it computes only what the parent did not."""
+        parent = self._retained[parent_id]
+        if child.all_token_ids[: parent.num_computed_tokens] != parent.all_token_ids[: parent.num_computed_tokens]:
+            raise ValueError(f"request {child.request_id!r} does not extend the tokens of {parent_id!r}")
+        self._validate(child)
+        self.kv.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        self.requests[child.request_id] = child
+        self._arrival_order[child.request_id] = self._num_added
+        self._num_added += 1
+        self.waiting.append(child)
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks of a finished request that kept them (``retain_blocks``)."""
+        request = self._retained.pop(request_id, None)
+        if request is not None:
+            self.kv.free(request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -242,17 +266,20 @@ class Scheduler:
                 if not self._swap_in(request, step):
                     return  # first come first served, as below
                 continue
+            # A forked beam arrives holding its parent's blocks: it resumes where the parent stopped.
+            held = request.num_computed_tokens if self.kv.block_ids(request.request_id) else 0
             # Prompt logprobs need every prompt position computed, so such requests skip the cache.
             wants_prompt_lp = request.sampling_params.prompt_logprobs is not None
-            computed = NO_COMPUTED_BLOCKS if wants_prompt_lp else self.kv.get_computed_blocks(request)
-            num_new = min(request.num_tokens - computed.num_tokens, step.budget)
+            skip_cache = wants_prompt_lp or held
+            computed = NO_COMPUTED_BLOCKS if skip_cache else self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - held - computed.num_tokens, step.budget)
             allocation = self.kv.allocate_slots(request, num_new, computed)
             if allocation is None:
                 return  # first come first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = computed.num_tokens
-            request.num_computed_tokens = computed.num_tokens
+            request.num_computed_tokens = held + computed.num_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             step.add(self._sequence(request, num_new), allocation)

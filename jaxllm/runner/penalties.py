@@ -10,9 +10,13 @@ Why a token history [S, W] and not a host-built count table [S, V]: W is the ste
 times block_size (a sampling row's sequence always fits its block table), so it adds no compiled
 shapes, and it is far narrower than V (SmolLM2: V = 49152, W <= max_model_len). The host copies
 each penalised row from a per-request buffer that grows by appending (see
-``jaxllm.engine.token_history``); the device turns it into counts with one scatter-add. Measured
-on CPU at SmolLM2's V with S = 16, W = 256: host build 0.1 ms per step, device 2.5 ms with a
-penalised row and 0.05 ms without (``lax.cond`` skips the [S, V] work when no row is penalised).
+``jaxllm.engine.token_history``); the device turns it into counts with one scatter-add.
+
+Measured at SmolLM2's V = 49152 on the 2-core CPU dev box (busy; medians of 50): with S = 16,
+W = 256 (71 kB of tables per step) the host build takes 0.01 ms (0.04 ms with every row
+penalised) and the device adds 0.9 ms over a bare argmax of the logits when no row uses any of
+this (the ``lax.cond`` pass-through), 1.3 ms with one penalised row and 1.8 ms with all rows
+using penalties, bias and bad words. At S = 256, W = 2048 the tables are 3 MB and build in 1 ms.
 """
 
 from __future__ import annotations
