@@ -8,7 +8,8 @@ output tokens each, greedy, ignore_eos) runs through ``LLM.generate`` (float32) 
 transformers on the same SmolLM2 weights, in the same process on the same machine. transformers
 gets static batches with left padding; each batch decodes max(output length in batch) tokens
 (min_new_tokens, so it cannot stop early) and only each request's own output tokens count. Both
-use every core: torch.set_num_threads(os.cpu_count()), XLA at its default. Prints a summary and
+use every core: torch.set_num_threads(os.cpu_count()), XLA at its default; the 1-minute load
+average before and after each timed phase is recorded, since a shared machine skews both. Prints a summary and
 writes JSON (``--quick``: 16 prompts, batch sizes 8 and 16, and no file unless ``--output``).
 """
 
@@ -76,7 +77,7 @@ def run_jaxllm(model, workload: Workload) -> tuple[dict, list[list[int]]]:
     startup_s = time.perf_counter() - start
     _warm_up(llm, workload.prompts[0][0])
     engine = llm.llm_engine
-    before = engine.stats
+    before, before_load = engine.stats, os.getloadavg()[0]
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
     start = time.perf_counter()
     outputs = llm.generate(prompts, [_greedy(n) for n in workload.output_lens], use_tqdm=False)
@@ -85,6 +86,7 @@ def run_jaxllm(model, workload: Workload) -> tuple[dict, list[list[int]]]:
     token_ids = [list(o.outputs[0].token_ids) for o in outputs]
     assert [len(t) for t in token_ids] == workload.output_lens, "jaxllm generated the wrong number of tokens"
     result = {
+        "load_avg_1min_before_after": [before_load, os.getloadavg()[0]],
         "engine_args": {**_ENGINE_LIMITS, "dtype": "float32", "block_size": llm.engine_args.block_size},
         "startup_with_compile_s": startup_s,
         "elapsed_s": elapsed,
@@ -109,7 +111,7 @@ def load_hf(gguf_path: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     return model.eval()
 
 
@@ -130,7 +132,7 @@ def _hf_batch(model, prompts: list[list[int]], num_new: int, pad_id: int):
 
 
 def run_hf_static(model, workload: Workload, batch_size: int, pad_id: int) -> tuple[dict, list[list[int]]]:
-    n = len(workload.prompts)
+    n, load = len(workload.prompts), os.getloadavg()[0]
     start, generated, token_ids = time.perf_counter(), 0, []
     for lo in range(0, n, batch_size):
         lens = workload.output_lens[lo : lo + batch_size]
@@ -139,6 +141,7 @@ def run_hf_static(model, workload: Workload, batch_size: int, pad_id: int) -> tu
         token_ids += [row[:k].tolist() for row, k in zip(new, lens, strict=True)]
     elapsed = time.perf_counter() - start
     return {
+        "load_avg_1min_before_after": [load, os.getloadavg()[0]],
         "elapsed_s": elapsed,
         "useful_output_tokens": workload.num_output_tokens,
         "generated_tokens_incl_batch_tail": generated,

@@ -207,3 +207,22 @@ def test_duplicate_content_keeps_the_first_cached_block():
 def test_bad_arguments_raise(num_blocks, block_size):
     with pytest.raises(ValueError):
         KVCacheManager(num_blocks=num_blocks, block_size=block_size)
+
+
+def test_sharing_accounting_counts_shared_and_saved_blocks():
+    from jaxllm.engine.request import Request
+    from jaxllm.sampling_params import SamplingParams
+
+    kv = KVCacheManager(num_blocks=16, block_size=4, enable_prefix_caching=False)
+    parent = Request("p", list(range(10)), SamplingParams(), 0.0)
+    assert kv.allocate_slots(parent, 10) is not None  # 3 blocks, the last one partial
+    children = [Request(f"c{i}", list(range(10)), SamplingParams(), 0.0) for i in range(2)]
+    for child in children:
+        kv.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens = 10
+    assert (kv.num_held_blocks, kv.num_block_references, kv.num_shared_blocks) == (3, 9, 3)
+    # The first child writes token 10 into the shared partial block: it gets its own copy.
+    children[0].prompt_token_ids.append(10)
+    allocation = kv.allocate_slots(children[0], 1)
+    assert len(allocation.block_copies) == 1
+    assert (kv.num_held_blocks, kv.num_block_references, kv.num_shared_blocks) == (4, 9, 3)

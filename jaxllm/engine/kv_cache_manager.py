@@ -161,6 +161,21 @@ class KVCacheManager:
         return self.num_usable_blocks - self.pool.num_free
 
     @property
+    def num_shared_blocks(self) -> int:
+        """Blocks held by more than one request."""
+        return self.pool.num_shared
+
+    @property
+    def num_held_blocks(self) -> int:
+        """Distinct blocks live requests hold (retained and running alike)."""
+        return len({b for t in self._tables.values() for b in t})
+
+    @property
+    def num_block_references(self) -> int:
+        """Blocks the live requests would hold if nothing were shared."""
+        return sum(len(t) for t in self._tables.values())
+
+    @property
     def usage(self) -> float:
         return self.num_used_blocks / self.num_usable_blocks
 

@@ -40,6 +40,8 @@ class EngineStats:
     num_generated_tokens: int
     kv_waste: float = 0.0  # allocated but unfilled KV slots / allocated slots, mean over steps
     num_swaps: int = 0  # preemptions that swapped the request's KV to host memory
+    kv_blocks_shared: int = 0  # blocks held by more than one request (prefix, n > 1, beams)
+    kv_blocks_saved: int = 0  # blocks the requests would need without sharing, minus those held
 
 
 @dataclass
@@ -279,4 +281,6 @@ class LLMEngine:
             num_generated_tokens=self._num_generated_tokens,
             kv_waste=s.kv_waste,
             num_swaps=s.num_swaps,
+            kv_blocks_shared=s.kv_blocks_shared,
+            kv_blocks_saved=s.kv_blocks_saved,
         )

@@ -46,6 +46,8 @@ class SchedulerStats:
     prefix_cache_hits: int
     prefix_cache_hit_rate: float
     num_preemptions: int
+    kv_blocks_shared: int = 0  # blocks held by more than one request
+    kv_blocks_saved: int = 0  # blocks sharing saves now: references to blocks - blocks held
     kv_waste: float = 0.0  # allocated but unfilled slots / allocated slots, mean over steps
     num_swaps: int = 0  # preemptions that saved the request's blocks to host memory (swap-outs)
 
@@ -176,6 +178,8 @@ class Scheduler:
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             kv_blocks_used=self.kv.num_used_blocks,
+            kv_blocks_shared=self.kv.num_shared_blocks,
+            kv_blocks_saved=self.kv.num_block_references - self.kv.num_held_blocks,
             kv_blocks_total=self.kv.num_usable_blocks,
             prefix_cache_queries=cache.queries,
             prefix_cache_hits=cache.hits,

@@ -12,7 +12,8 @@ DEFAULT_PROMPT = "What is the capital of France?"
 def _generate(args: argparse.Namespace) -> int:
     from jaxllm import LLM, SamplingParams
 
-    llm = LLM(args.model, max_model_len=args.max_model_len, dtype=args.dtype)
+    # A one-shot job: compile only the shapes it meets instead of warming up every bucket.
+    llm = LLM(args.model, max_model_len=args.max_model_len, dtype=args.dtype, warmup=False)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     prompts = args.prompt or [DEFAULT_PROMPT]
     conversations = [[{"role": "user", "content": p}] for p in prompts]

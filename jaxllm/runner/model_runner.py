@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -92,8 +94,12 @@ class ModelRunner:
     def warmup(self) -> None:
         """Compile every bucket now, so serving never stops to compile."""
         start = time.perf_counter()
-        for T, B in self.buckets.shapes():
-            self._executable(T, B)
+        # Tracing holds the GIL, XLA's compile does not: lower in order, compile in parallel.
+        lowered = {shape: self._lower(*shape) for shape in self.buckets.shapes() if shape not in self._compiled}
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            compiled = dict(zip(lowered, pool.map(lambda lw: lw.compile(), lowered.values()), strict=True))
+        self._compiled.update(compiled)
+        self.num_compiles += len(compiled)
         pad = jnp.zeros(_COPY_SLOTS, jnp.int32)
         self.kv = self._jit_copy(self.kv, pad, pad)  # its one fixed shape, compiled here
         self.num_compiles += 1
@@ -102,10 +108,12 @@ class ModelRunner:
             self.num_compiles += 2
         logger.info("warm-up: %d programs compiled in %.1f s", self.num_compiles, time.perf_counter() - start)
 
+    def _lower(self, T: int, B: int):
+        return self._jit_step.lower(self.params, self.kv, self._dummy_batch(T, B))
+
     def _executable(self, T: int, B: int):
         if (T, B) not in self._compiled:
-            batch = self._dummy_batch(T, B)
-            self._compiled[(T, B)] = self._jit_step.lower(self.params, self.kv, batch).compile()
+            self._compiled[(T, B)] = self._lower(T, B).compile()
             self.num_compiles += 1
         return self._compiled[(T, B)]
 
