@@ -132,6 +132,7 @@ class LLMEngine:
     def fork_request(self, parent_id: str, request_id: str, token_ids: list[int], params: SamplingParams) -> None:
         """Queue ``token_ids``, which extend the retained request ``parent_id``'s computed tokens,
         sharing its KV blocks (the new request keeps its blocks too when it finishes)."""
+        params.update_from_tokenizer(self.tokenizer)
         request = Request(str(request_id), list(token_ids), params, time.time(), retain_blocks=True)
         self.scheduler.add_forked_request(request, parent_id)
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
