@@ -35,6 +35,21 @@ GREEDY_12 = {
 }
 CHAT = [{"role": "user", "content": "What is 2+2?"}]
 CHAT_GREEDY_12 = "The answer to this classic math problem is 4."  # ends with eos after 12 tokens
+# Logprobs from LLM.generate with the same limits: "The capital of France is", temperature 0,
+# max_tokens=6, ignore_eos, logprobs=3, prompt_logprobs=3 (the prompt's first token has none).
+# Across batch shapes float32 logits agree to ~1e-6, so 1e-4 leaves room and still catches a wrong token.
+PARIS_TOKENS = [" Paris", ".", "\n", "\n", "The", " answer"]
+PARIS_LOGPROBS = [-0.258084, -0.380135, -1.009353, -0.879294, -1.935998, -3.209410]
+PARIS_PROMPT_TOKENS = ["The", " capital", " of", " France", " is"]
+PARIS_PROMPT_LOGPROBS = [None, -11.539279, -0.337618, -2.438672, -0.450947]
+PARIS_PROMPT_TOP_SIZES = [None, 4, 3, 3, 3]  # " capital" is not in its top 3, so it is added
+# LLM.chat(CHAT), temperature 0, max_tokens=12, logprobs=2: the sampled tokens (the last is eos) and
+# the first token's top 2.
+CHAT_TOKENS = ["The", " answer", " to", " this", " classic", " math", " problem", " is", " ", "4", ".", "<|im_end|>"]
+CHAT_LOGPROBS = [-1.571150, -0.531895, -0.470929, -0.569834, -0.218280, -0.725533, -0.893281, -0.631643,
+                 -0.889624, -0.081823, -0.311995, -1.603931]
+CHAT_FIRST_TOP = [("The", -1.571150), ("2", -2.394629)]
+LOGPROB_TOL = 1e-4
 
 
 def _free_port() -> int:
@@ -189,21 +204,142 @@ def test_tokenize_detokenize_roundtrip(http):
     assert chat["count"] > ids["count"]
 
 
+# -- n > 1 ---------------------------------------------------------------------------------------
+def _by_index(choices) -> list:
+    return sorted(choices, key=lambda c: c.index)
+
+
+def test_n2_greedy_choices_follow_their_prompt(client):
+    prompts = list(GREEDY_12)
+    out = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    # Choice i * n + j is completion j of prompt i (vLLM's numbering).
+    assert [c.text for c in _by_index(out.choices)] == [GREEDY_12[p] for p in prompts for _ in range(2)]
+    assert [c.index for c in _by_index(out.choices)] == [0, 1, 2, 3]
+    assert out.usage.completion_tokens == 4 * 12
+
+
+def _seeded_n2(client, **fields) -> list[str]:
+    out = client.completions.create(model=MODEL, prompt="Once upon a time", n=2, max_tokens=8, temperature=1.0,
+                                    seed=1234, extra_body={"ignore_eos": True}, **fields)
+    assert [c.index for c in _by_index(out.choices)] == [0, 1]
+    assert all(c.finish_reason == "length" for c in out.choices) and out.usage.completion_tokens == 16
+    return [c.text for c in _by_index(out.choices)]
+
+
+def test_n2_completion_seeded_reproducible_and_streamed_alike(client):
+    texts = _seeded_n2(client)
+    assert texts[0] != texts[1]  # child i samples with seed + i
+    assert _seeded_n2(client) == texts
+    stream = client.completions.create(model=MODEL, prompt="Once upon a time", n=2, max_tokens=8, temperature=1.0,
+                                       seed=1234, stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    streamed, finishes = ["", ""], [[], []]
+    for chunk in chunks[:-1]:
+        [choice] = chunk.choices
+        streamed[choice.index] += choice.text
+        finishes[choice.index].append(choice.finish_reason)
+    assert streamed == texts
+    assert [f[-1] for f in finishes] == ["length", "length"] and all(r is None for f in finishes for r in f[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+
+
+def test_n2_chat_seeded_and_streamed(client, http):
+    def chat(**fields):
+        return client.chat.completions.create(model=MODEL, messages=CHAT, n=2, max_tokens=8, temperature=1.0,
+                                              seed=7, extra_body={"ignore_eos": True}, **fields)
+
+    out = chat()
+    contents = [c.message.content for c in _by_index(out.choices)]
+    assert [c.index for c in _by_index(out.choices)] == [0, 1] and contents[0] != contents[1]
+    assert out.usage.completion_tokens == 16
+    assert [c.message.content for c in _by_index(chat().choices)] == contents
+    body = {"messages": CHAT, "n": 2, "max_tokens": 8, "temperature": 1.0, "seed": 7, "ignore_eos": True,
+            "stream": True}
+    lines = [line for line in http.post("/v1/chat/completions", json=body).text.splitlines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert [c["choices"][0]["delta"]["role"] for c in chunks[:2]] == ["assistant", "assistant"]
+    streamed = ["", ""]
+    for chunk in chunks:
+        [choice] = chunk["choices"]
+        streamed[choice["index"]] += choice["delta"].get("content") or ""
+    assert streamed == contents
+
+
+# -- logprobs ------------------------------------------------------------------------------------
+def _check_paris_logprobs(lp, tokens: list[str], logprobs: list[float | None], top_sizes: list[int | None]):
+    assert lp.tokens == tokens
+    assert [x is None for x in lp.token_logprobs] == [x is None for x in logprobs]
+    assert [x for x in lp.token_logprobs if x is not None] == pytest.approx(
+        [x for x in logprobs if x is not None], abs=LOGPROB_TOL)
+    assert [None if t is None else len(t) for t in lp.top_logprobs] == top_sizes
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top is None or top[token] == logprob
+    assert lp.text_offset == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
+def test_completion_logprobs_equal_llm_generate(client):
+    fields = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 3,
+              "extra_body": {"ignore_eos": True}}
+    whole = client.completions.create(**fields).choices[0]
+    assert whole.text == "".join(PARIS_TOKENS)
+    _check_paris_logprobs(whole.logprobs, PARIS_TOKENS, PARIS_LOGPROBS, [3] * 6)
+    # A stream carries each chunk's tokens, with text offsets continuing across chunks.
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**fields, stream=True) if c.choices]
+    joined = {key: [x for c in chunks for x in getattr(c, key)]
+              for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert joined == whole.logprobs.model_dump()
+
+
+def test_echo_with_logprobs_includes_the_prompt(client):
+    prompt = "The capital of France is"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=3)
+    choice = out.choices[0]
+    assert choice.text == prompt + " Paris."
+    _check_paris_logprobs(choice.logprobs, PARIS_PROMPT_TOKENS + PARIS_TOKENS[:2],
+                          PARIS_PROMPT_LOGPROBS + PARIS_LOGPROBS[:2], PARIS_PROMPT_TOP_SIZES + [3, 3])
+
+
+def test_chat_logprobs_equal_llm_chat(client):
+    fields = {"model": MODEL, "messages": CHAT, "max_tokens": 12, "temperature": 0, "logprobs": True}
+    content = client.chat.completions.create(**fields, top_logprobs=2).choices[0].logprobs.content
+    assert [c.token for c in content] == CHAT_TOKENS
+    assert [c.logprob for c in content] == pytest.approx(CHAT_LOGPROBS, abs=LOGPROB_TOL)
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token for c in content)  # greedy
+    assert [(t.token, t.logprob) for t in content[0].top_logprobs] == [
+        (token, pytest.approx(logprob, abs=LOGPROB_TOL)) for token, logprob in CHAT_FIRST_TOP]
+    streamed = [c for chunk in client.chat.completions.create(**fields, top_logprobs=2, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for c in chunk.choices[0].logprobs.content]
+    assert streamed == content
+    no_top = client.chat.completions.create(**fields).choices[0].logprobs.content
+    assert [c.top_logprobs for c in no_top] == [[]] * 12
+    assert client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2).choices[0].logprobs is None
+
+
 # -- errors ----------------------------------------------------------------------------------------
 BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "n": 0}, "n=0"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, "not supported yet"),
+    ("/v1/completions", {"prompt": "x", "n": 17}, "max_num_seqs=16"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of=2 is not supported yet"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, "gpt-4"),
     ("/v1/completions", {"prompt": "hello " * 300}, "max_model_len"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 256}, "max_model_len"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 1}, "logprobs=1 is not supported yet"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs=21"),
+    ("/v1/completions", {"prompt": "x", "logprobs": -1}, "logprobs=-1"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"many": 1.0}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"10000000": 1.0}}, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 5.0}, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens"),
     ("/v1/completions", {"max_tokens": 3}, "prompt"),
     ("/v1/completions", {"prompt": [10**9]}, "prompt"),
-    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 2}, "not supported yet"),
-    ("/v1/chat/completions", {"messages": CHAT, "n": 3}, "not supported yet"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "needs logprobs=true"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs=21"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": -1}, "top_logprobs=-1"),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 17}, "max_num_seqs"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": CHAT, "top_p": 0}, "top_p"),
 ]
@@ -238,6 +374,18 @@ def test_penalties_are_applied_or_refused_never_ignored(client, field):
         assert out.choices[0].text != GREEDY_12["def fibonacci(n):"]
 
 
+def test_logit_bias_and_bad_words_are_applied_or_refused(client):
+    paris = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 2, "temperature": 0}
+    for fields in ({"logit_bias": {"7042": -100}}, {"extra_body": {"bad_words": ["Paris"]}}):  # 7042: " Paris"
+        extra = fields.get("extra_body", {})
+        refusal = _engine_refuses(logit_bias={7042: -100}) if "logit_bias" in fields else _engine_refuses(**extra)
+        if refusal is not None:
+            with pytest.raises(openai.BadRequestError, match=re.escape(refusal)):
+                client.completions.create(**paris, **fields)
+        else:
+            assert "Paris" not in client.completions.create(**paris, **fields).choices[0].text
+
+
 def test_malformed_json_is_400(http):
     response = http.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert response.status_code == 400
@@ -245,8 +393,8 @@ def test_malformed_json_is_400(http):
 
 
 def test_openai_client_raises_bad_request(client):
-    with pytest.raises(openai.BadRequestError, match="not supported yet"):
-        client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs=21"):
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, logprobs=True, top_logprobs=21)
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])

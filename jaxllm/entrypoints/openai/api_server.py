@@ -194,8 +194,9 @@ def build_async_engine(args: argparse.Namespace) -> tuple[AsyncLLMEngine, Served
     engine_args = cli_args.engine_args_from(args)
     engine = create_engine(engine_args)
     name = args.served_model_name or engine_args.model or DEFAULT_MODEL_NAME
+    config = engine.scheduler.config
     served = ServedModel(name=name, root=engine_args.model or DEFAULT_MODEL_NAME,
-                         max_model_len=engine.scheduler.config.max_model_len)
+                         max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs)
     # The collector reads the stats the engine thread publishes, never the engine itself.
     holder: dict[str, AsyncLLMEngine] = {}
     metrics = ServerMetrics(name, lambda: holder["engine"].stats)

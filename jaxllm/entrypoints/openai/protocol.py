@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 _INT32_MAX = 2**31 - 1
 
@@ -58,7 +58,8 @@ class SamplingRequest(OpenAIModel):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # JSON keys are strings; SamplingParams makes them ids
+    bad_words: str | list[str] | None = None
     best_of: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
@@ -73,6 +74,9 @@ class SamplingRequest(OpenAIModel):
 
     def requested_logprobs(self) -> int | None:
         raise NotImplementedError
+
+    def requested_prompt_logprobs(self) -> int | None:
+        return None
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """Raises ValueError, with SamplingParams' message, for values the engine cannot honour."""
@@ -94,7 +98,9 @@ class SamplingRequest(OpenAIModel):
             skip_special_tokens=self.skip_special_tokens,
             max_tokens=default_max_tokens if max_tokens is None else max_tokens,
             logprobs=self.requested_logprobs(),
+            prompt_logprobs=self.requested_prompt_logprobs(),
             logit_bias=self.logit_bias or None,
+            bad_words=self.bad_words,
             **{name: value for name, value in optional.items() if value is not None},
         )
 
@@ -115,6 +121,10 @@ class CompletionRequest(SamplingRequest):
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
+
+    def requested_prompt_logprobs(self) -> int | None:
+        # Echoed prompt tokens carry logprobs like the generated ones (vLLM's rule).
+        return self.logprobs if self.echo else None
 
 
 class ContentPart(OpenAIModel):
@@ -154,11 +164,14 @@ class ChatCompletionRequest(SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def requested_logprobs(self) -> int | None:
+        top = self.top_logprobs
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise ValueError(f"top_logprobs={top} must be in [0, {MAX_LOGPROBS}]")
         if not self.logprobs:
-            if self.top_logprobs:
-                raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=true")
+            if top:  # 0 asks for nothing, so vLLM lets it pass
+                raise ValueError(f"top_logprobs={top} needs logprobs=true")
             return None
-        return self.top_logprobs or 0
+        return top or 0
 
 
 class UsageInfo(OpenAIModel):
@@ -175,10 +188,19 @@ class UsageInfo(OpenAIModel):
 FinishReason = Literal["stop", "length", "abort"] | None
 
 
+class CompletionLogProbs(OpenAIModel):
+    """Legacy completions' logprobs: parallel lists with one entry per token."""
+
+    text_offset: list[int] = Field(default_factory=list)  # of each token in the choice's text
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: first prompt token (echo)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)  # token text -> logprob
+
+
 class CompletionChoice(OpenAIModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogProbs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = None
 
@@ -192,6 +214,20 @@ class CompletionResponse(OpenAIModel):
     usage: UsageInfo | None = None
 
 
+class ChatLogProb(OpenAIModel):
+    token: str
+    logprob: float = -9999.0  # what vLLM reports for a token without a logprob
+    bytes: list[int] | None = None  # UTF-8 of token
+
+
+class ChatLogProbsContent(ChatLogProb):
+    top_logprobs: list[ChatLogProb] = Field(default_factory=list)
+
+
+class ChatChoiceLogProbs(OpenAIModel):
+    content: list[ChatLogProbsContent] | None = None
+
+
 class DeltaMessage(OpenAIModel):
     role: str | None = None
     content: str | None = None
@@ -200,7 +236,7 @@ class DeltaMessage(OpenAIModel):
 class ChatChoice(OpenAIModel):
     index: int
     message: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatChoiceLogProbs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = None
 
@@ -217,7 +253,7 @@ class ChatCompletionResponse(OpenAIModel):
 class ChatStreamChoice(OpenAIModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatChoiceLogProbs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = None
 

@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: messages -> the tokenizer's chat template -> one engine request."""
+"""POST /v1/chat/completions: messages -> the tokenizer's chat template -> one engine request (n choices)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
+from jaxllm.entrypoints.openai.logprobs import chat_logprobs
 from jaxllm.entrypoints.openai.protocol import (
     ChatChoice,
+    ChatChoiceLogProbs,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -17,7 +19,16 @@ from jaxllm.entrypoints.openai.protocol import (
     UsageInfo,
     random_id,
 )
-from jaxllm.entrypoints.openai.serving_engine import SSE_DONE, APIError, Delta, OpenAIServing, merged_deltas, sse
+from jaxllm.entrypoints.openai.serving_engine import (
+    SSE_DONE,
+    APIError,
+    Delta,
+    OpenAIServing,
+    final_outputs,
+    merged_deltas,
+    sse,
+)
+from jaxllm.outputs import RequestOutput
 
 
 def apply_chat_template(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
@@ -41,42 +52,58 @@ class OpenAIServingChat(OpenAIServing):
         params = self.sampling_params(request, prompt_ids)
         request_id = random_id("chatcmpl")
         streams = await self.start([request_id], [prompt_ids], params)
-        deltas = merged_deltas(self.engine, streams)
         if request.stream:
-            body = self._stream(request, request_id, deltas, len(prompt_ids))
+            body = self._stream(request, request_id, merged_deltas(self.engine, streams, params.n), params.n,
+                                len(prompt_ids))
             return StreamingResponse(body, media_type="text/event-stream")
-        return await self._collect(request_id, deltas, len(prompt_ids))
+        [output] = await final_outputs(self.engine, streams)
+        return self._response(request, request_id, output)
 
-    async def _collect(self, request_id: str, deltas: AsyncIterator[Delta], num_prompt_tokens: int):
-        text, last = "", None
-        async for delta in deltas:
-            text += delta.text
-            last = delta
-        choice = ChatChoice(index=0, message=DeltaMessage(role="assistant", content=text),
-                            finish_reason=last.finish_reason, stop_reason=last.stop_reason)
-        return ChatCompletionResponse(id=request_id, model=self.served.name, choices=[choice],
-                                      usage=UsageInfo.of(num_prompt_tokens, last.num_tokens))
+    def _response(self, request: ChatCompletionRequest, request_id: str,
+                  output: RequestOutput) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(index=c.index, message=DeltaMessage(role="assistant", content=c.text),
+                       logprobs=self._logprobs(request, c.token_ids, c.logprobs), finish_reason=c.finish_reason,
+                       stop_reason=c.stop_reason)
+            for c in output.outputs
+        ]
+        usage = UsageInfo.of(len(output.prompt_token_ids), sum(len(c.token_ids) for c in output.outputs))
+        return ChatCompletionResponse(id=request_id, model=self.served.name, choices=choices, usage=usage)
 
-    async def _stream(self, request: ChatCompletionRequest, request_id: str, deltas: AsyncIterator[Delta],
+    def _logprobs(self, request: ChatCompletionRequest, token_ids: list[int],
+                  logprobs: list | None) -> ChatChoiceLogProbs | None:
+        if not request.logprobs or logprobs is None:
+            return None
+        return chat_logprobs(token_ids, logprobs, request.top_logprobs or 0, self.tokenizer)
+
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, deltas: AsyncIterator[Delta], n: int,
                       num_prompt_tokens: int) -> AsyncIterator[str]:
-        num_tokens = 0
+        num_tokens: dict[int, int] = {}  # choice -> generated tokens
         try:
-            # OpenAI's first chunk carries the role alone.
-            yield sse(self._chunk(request_id, ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant",
-                                                                                            content=""))))
+            for index in range(n):  # OpenAI's first chunk of each choice carries the role alone
+                yield sse(self._chunk(request_id, ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant",
+                                                                                                    content=""))))
             async for delta in deltas:
-                num_tokens = delta.num_tokens
-                if not delta.text and delta.finish_reason is None:
-                    continue  # text held back (a possible stop string or an incomplete character)
-                choice = ChatStreamChoice(index=0, delta=DeltaMessage(content=delta.text),
-                                          finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
-                yield sse(self._chunk(request_id, choice))
+                num_tokens[delta.index] = delta.num_tokens
+                choice = self._stream_choice(request, delta)
+                if choice is not None:
+                    yield sse(self._chunk(request_id, choice))
             if request.include_usage:
-                usage = UsageInfo.of(num_prompt_tokens, num_tokens)
+                usage = UsageInfo.of(num_prompt_tokens, sum(num_tokens.values()))
                 yield sse(ChatCompletionChunk(id=request_id, model=self.served.name, choices=[], usage=usage))
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error can only go in the stream
             yield sse(APIError(str(exc), status=500, type="InternalServerError").response_body())
         yield SSE_DONE
+
+    def _stream_choice(self, request: ChatCompletionRequest, delta: Delta) -> ChatStreamChoice | None:
+        """None: nothing to send (text held back for a possible stop string or an incomplete
+        character, and no logprobs to carry)."""
+        carries_logprobs = request.logprobs and delta.token_ids
+        if not delta.text and delta.finish_reason is None and not carries_logprobs:
+            return None
+        return ChatStreamChoice(index=delta.index, delta=DeltaMessage(content=delta.text),
+                                logprobs=self._logprobs(request, delta.token_ids, delta.logprobs),
+                                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
 
     def _chunk(self, request_id: str, choice: ChatStreamChoice) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=request_id, model=self.served.name, choices=[choice])

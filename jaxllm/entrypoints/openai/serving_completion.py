@@ -1,4 +1,5 @@
-"""POST /v1/completions: one engine request per prompt, answered whole or as server-sent events."""
+"""POST /v1/completions: one engine request per prompt (n choices each), answered whole or as
+server-sent events. Choice ``i * n + j`` is completion j of prompt i, as in vLLM."""
 
 from __future__ import annotations
 
@@ -6,14 +7,26 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
+from jaxllm.entrypoints.openai.logprobs import completion_logprobs, next_text_offset
 from jaxllm.entrypoints.openai.protocol import (
     CompletionChoice,
+    CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
     UsageInfo,
     random_id,
 )
-from jaxllm.entrypoints.openai.serving_engine import SSE_DONE, APIError, Delta, OpenAIServing, merged_deltas, sse
+from jaxllm.entrypoints.openai.serving_engine import (
+    SSE_DONE,
+    APIError,
+    Delta,
+    OpenAIServing,
+    final_outputs,
+    merged_deltas,
+    sse,
+)
+from jaxllm.outputs import CompletionOutput, RequestOutput
+from jaxllm.sampling_params import SamplingParams
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -22,20 +35,21 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.suffix:
             raise APIError("suffix is not supported yet", param="suffix")
         prompts = self._prompt_ids(request.prompt)
+        params = self._params(request, prompts)
+        base_id = random_id("cmpl")
+        streams = await self.start([f"{base_id}-{i}" for i in range(len(prompts))], prompts, params)
+        if request.stream:
+            body = self._stream(request, base_id, prompts, merged_deltas(self.engine, streams, params.n))
+            return StreamingResponse(body, media_type="text/event-stream")
+        return self._response(request, base_id, prompts, await final_outputs(self.engine, streams))
+
+    def _params(self, request: CompletionRequest, prompts: list[list[int]]) -> SamplingParams:
         params = [self.sampling_params(request, ids) for ids in prompts]
         if len({p.max_tokens for p in params}) > 1:
             # One SamplingParams per request keeps the API simple; prompts of different lengths
             # only differ when max_tokens was left to its default, so fill it from the longest.
-            params = [self.sampling_params(request, max(prompts, key=len))] * len(prompts)
-        base_id = random_id("cmpl")
-        streams = await self.start([f"{base_id}-{i}" for i in range(len(prompts))], prompts, params[0])
-        echoes = [self._decode(ids) if request.echo else "" for ids in prompts]
-        num_prompt_tokens = sum(len(ids) for ids in prompts)
-        deltas = merged_deltas(self.engine, streams)
-        if request.stream:
-            body = self._stream(request, base_id, deltas, echoes, num_prompt_tokens)
-            return StreamingResponse(body, media_type="text/event-stream")
-        return await self._collect(base_id, deltas, echoes, num_prompt_tokens)
+            return self.sampling_params(request, max(prompts, key=len))
+        return params[0]
 
     def _prompt_ids(self, prompt) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -60,45 +74,72 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError("prompt must not be empty", param="prompt")
         return ids
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
-
-    async def _collect(self, request_id: str, deltas: AsyncIterator[Delta], echoes: list[str],
-                       num_prompt_tokens: int) -> CompletionResponse:
-        texts = list(echoes)
-        last: dict[int, Delta] = {}
-        async for delta in deltas:
-            texts[delta.index] += delta.text
-            last[delta.index] = delta
+    # -- whole responses -------------------------------------------------------------------------
+    def _response(self, request: CompletionRequest, request_id: str, prompts: list[list[int]],
+                  outputs: list[RequestOutput]) -> CompletionResponse:
+        n = len(outputs[0].outputs)
         choices = [
-            CompletionChoice(index=i, text=texts[i], finish_reason=last[i].finish_reason,
-                             stop_reason=last[i].stop_reason)
-            for i in range(len(texts))
+            self._choice(request, i * n + c.index, prompt, output.prompt_logprobs, c)
+            for i, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)) for c in output.outputs
         ]
-        completion_tokens = sum(d.num_tokens for d in last.values())
-        return CompletionResponse(id=request_id, model=self.served.name, choices=choices,
-                                  usage=UsageInfo.of(num_prompt_tokens, completion_tokens))
+        completion_tokens = sum(len(c.token_ids) for output in outputs for c in output.outputs)
+        usage = UsageInfo.of(sum(len(ids) for ids in prompts), completion_tokens)
+        return CompletionResponse(id=request_id, model=self.served.name, choices=choices, usage=usage)
 
-    async def _stream(self, request: CompletionRequest, request_id: str, deltas: AsyncIterator[Delta],
-                      echoes: list[str], num_prompt_tokens: int) -> AsyncIterator[str]:
-        num_tokens: dict[int, int] = {}
+    def _choice(self, request: CompletionRequest, index: int, prompt: list[int], prompt_logprobs: list | None,
+                completion: CompletionOutput) -> CompletionChoice:
+        text, token_ids, logprobs = completion.text, completion.token_ids, completion.logprobs
+        if request.echo:
+            text, token_ids, logprobs = self._echoed(prompt, prompt_logprobs, text, token_ids, logprobs)
+        return CompletionChoice(index=index, text=text, logprobs=self._logprobs(request, token_ids, logprobs),
+                                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+
+    def _echoed(self, prompt: list[int], prompt_logprobs: list | None, text: str, token_ids: list[int],
+                logprobs: list | None) -> tuple[str, list[int], list | None]:
+        """The prompt put in front of the text, tokens and (when asked for) logprobs."""
+        if logprobs is not None:
+            logprobs = [*(prompt_logprobs or [None] * len(prompt)), *logprobs]
+        return self.tokenizer.decode(prompt) + text, [*prompt, *token_ids], logprobs
+
+    def _logprobs(self, request: CompletionRequest, token_ids: list[int], logprobs: list | None,
+                  initial_offset: int = 0) -> CompletionLogProbs | None:
+        if request.logprobs is None or logprobs is None:
+            return None
+        return completion_logprobs(token_ids, logprobs, self.tokenizer, initial_offset)
+
+    # -- streams ---------------------------------------------------------------------------------
+    async def _stream(self, request: CompletionRequest, request_id: str, prompts: list[list[int]],
+                      deltas: AsyncIterator[Delta]) -> AsyncIterator[str]:
+        num_tokens: dict[int, int] = {}  # choice -> generated tokens
+        text_offsets: dict[int, int] = {}  # choice -> characters its logprobs' tokens covered so far
         try:
-            for index, echo in enumerate(echoes):
-                if echo:
-                    yield sse(self._chunk(request_id, CompletionChoice(index=index, text=echo)))
             async for delta in deltas:
+                first = delta.index not in num_tokens
                 num_tokens[delta.index] = delta.num_tokens
-                if not delta.text and delta.finish_reason is None:
-                    continue  # text held back (a possible stop string or an incomplete character)
-                choice = CompletionChoice(index=delta.index, text=delta.text, finish_reason=delta.finish_reason,
-                                          stop_reason=delta.stop_reason)
-                yield sse(self._chunk(request_id, choice))
+                choice = self._stream_choice(request, prompts, delta, first, text_offsets)
+                if choice is not None:
+                    yield sse(CompletionResponse(id=request_id, model=self.served.name, choices=[choice]))
             if request.include_usage:
-                usage = UsageInfo.of(num_prompt_tokens, sum(num_tokens.values()))
+                usage = UsageInfo.of(sum(len(ids) for ids in prompts), sum(num_tokens.values()))
                 yield sse(CompletionResponse(id=request_id, model=self.served.name, choices=[], usage=usage))
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error can only go in the stream
             yield sse(APIError(str(exc), status=500, type="InternalServerError").response_body())
         yield SSE_DONE
 
-    def _chunk(self, request_id: str, choice: CompletionChoice) -> CompletionResponse:
-        return CompletionResponse(id=request_id, model=self.served.name, choices=[choice])
+    def _stream_choice(self, request: CompletionRequest, prompts: list[list[int]], delta: Delta, first: bool,
+                       text_offsets: dict[int, int]) -> CompletionChoice | None:
+        """The chunk of one delta; the first of each choice carries the echoed prompt. None: nothing to send
+        (text held back for a possible stop string or an incomplete character, and no logprobs)."""
+        text, token_ids, logprobs = delta.text, delta.token_ids, delta.logprobs
+        if request.echo and first:
+            prompt = prompts[delta.prompt_index]
+            text, token_ids, logprobs = self._echoed(prompt, delta.prompt_logprobs, text, token_ids, logprobs)
+        carries_logprobs = request.logprobs is not None and token_ids
+        if not text and delta.finish_reason is None and not carries_logprobs:
+            return None
+        offset = text_offsets.get(delta.index, 0)
+        choice_logprobs = self._logprobs(request, token_ids, logprobs, offset)
+        if choice_logprobs is not None:
+            text_offsets[delta.index] = next_text_offset(choice_logprobs, offset)
+        return CompletionChoice(index=delta.index, text=text, logprobs=choice_logprobs,
+                                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)

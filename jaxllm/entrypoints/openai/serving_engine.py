@@ -1,4 +1,4 @@
-"""What completions and chat share: model names, errors, prompt limits, streams of deltas."""
+"""What completions and chat share: model names, errors, prompt limits, per-choice streams of deltas."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pydantic import BaseModel
 
 from jaxllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from jaxllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest
-from jaxllm.outputs import RequestOutput
+from jaxllm.outputs import CompletionOutput, RequestOutput
+from jaxllm.sampling_params import SamplingParams
 
 
 class APIError(Exception):
@@ -35,31 +36,51 @@ class ServedModel:
     name: str  # what clients put in "model"
     root: str  # the checkpoint it was loaded from
     max_model_len: int
+    max_num_seqs: int  # the n completions of a request run side by side, so n can be no larger
 
 
-@dataclass
+@dataclass(frozen=True)
 class Delta:
-    """The new text and token ids of one output since the previous one of the same request."""
+    """What one choice gained since the previous output of its request."""
 
-    index: int
+    index: int  # the choice: prompt_index * n + completion index
+    prompt_index: int  # which of the request's prompts
     text: str
-    num_tokens: int  # cumulative generated tokens
+    token_ids: list[int]  # the new tokens (their text may be held back: a possible stop string)
+    logprobs: list | None  # one {token id: Logprob} per new token, when logprobs were asked for
+    num_tokens: int  # cumulative generated tokens of this choice
     finish_reason: str | None
     stop_reason: int | str | None
+    prompt_logprobs: list | None  # the request's, for echo
 
 
 class DeltaTracker:
-    """Turns one request's cumulative outputs into deltas."""
+    """Turns one request's cumulative outputs (n completions each) into per-choice deltas."""
 
-    def __init__(self, index: int):
-        self.index = index
-        self._text_len = 0
+    def __init__(self, prompt_index: int, n: int):
+        self.prompt_index = prompt_index
+        self.first_index = prompt_index * n
+        self._text_len: dict[int, int] = {}  # completion index -> characters already handed out
+        self._num_tokens: dict[int, int] = {}
+        self._finished: set[int] = set()
 
-    def delta(self, output: RequestOutput) -> Delta:
-        completion = output.outputs[0]
-        text = completion.text[self._text_len:]
-        self._text_len = len(completion.text)
-        return Delta(self.index, text, len(completion.token_ids), completion.finish_reason, completion.stop_reason)
+    def deltas(self, output: RequestOutput) -> list[Delta]:
+        """The choices that changed: new text or tokens, or a finish not yet reported."""
+        return [d for c in output.outputs if (d := self._delta(c, output.prompt_logprobs)) is not None]
+
+    def _delta(self, completion: CompletionOutput, prompt_logprobs: list | None) -> Delta | None:
+        i = completion.index
+        text_len, num_tokens = self._text_len.get(i, 0), self._num_tokens.get(i, 0)
+        newly_finished = completion.finish_reason is not None and i not in self._finished
+        if len(completion.text) == text_len and len(completion.token_ids) == num_tokens and not newly_finished:
+            return None  # another completion of the request advanced
+        self._text_len[i], self._num_tokens[i] = len(completion.text), len(completion.token_ids)
+        if newly_finished:
+            self._finished.add(i)
+        logprobs = None if completion.logprobs is None else completion.logprobs[num_tokens:]
+        return Delta(self.first_index + i, self.prompt_index, completion.text[text_len:],
+                     completion.token_ids[num_tokens:], logprobs, len(completion.token_ids),
+                     completion.finish_reason, completion.stop_reason, prompt_logprobs)
 
 
 class OpenAIServing:
@@ -75,7 +96,7 @@ class OpenAIServing:
             raise APIError(f"The model `{model}` does not exist; this server serves `{self.served.name}`",
                            status=400, type="NotFoundError", param="model")
 
-    def sampling_params(self, request: SamplingRequest, prompt_ids: list[int]):
+    def sampling_params(self, request: SamplingRequest, prompt_ids: list[int]) -> SamplingParams:
         if len(prompt_ids) >= self.served.max_model_len:
             raise APIError(f"the prompt has {len(prompt_ids)} tokens; max_model_len={self.served.max_model_len} "
                            "leaves no room for a completion", param="prompt")
@@ -86,11 +107,8 @@ class OpenAIServing:
             params = request.to_sampling_params(self.served.max_model_len - len(prompt_ids))
         except ValueError as exc:
             raise APIError(str(exc)) from exc
-        # The engine may honour these before the responses can carry them: refuse rather than drop.
-        if params.n != 1:
-            raise APIError(f"n={params.n} is not supported yet by the server; only n=1", param="n")
-        if params.logprobs is not None:
-            raise APIError(f"logprobs={params.logprobs} is not supported yet by the server", param="logprobs")
+        if params.n > self.served.max_num_seqs:  # the scheduler would never admit it
+            raise APIError(f"n={params.n} must be <= max_num_seqs={self.served.max_num_seqs}", param="n")
         return params
 
     async def start(self, request_ids: list[str], prompts: list[list[int]], params) -> list[RequestStream]:
@@ -106,18 +124,20 @@ class OpenAIServing:
         return streams
 
 
-async def merged_deltas(engine: AsyncLLMEngine, streams: list[RequestStream]) -> AsyncIterator[Delta]:
-    """Deltas of several requests as they come; leaving early aborts every unfinished one."""
+async def merged_deltas(engine: AsyncLLMEngine, streams: list[RequestStream], n: int) -> AsyncIterator[Delta]:
+    """Per-choice deltas of several requests (one per prompt) as they come; leaving early aborts
+    every unfinished one."""
     if len(streams) == 1:  # the common case needs no tasks
-        tracker = DeltaTracker(0)
+        tracker = DeltaTracker(0, n)
         try:
             async for output in streams[0]:
-                yield tracker.delta(output)
+                for delta in tracker.deltas(output):
+                    yield delta
         finally:
             _abort_unfinished(engine, streams)
         return
     queue: asyncio.Queue = asyncio.Queue()
-    tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(streams)]
+    tasks = [asyncio.create_task(_pump(DeltaTracker(i, n), s, queue)) for i, s in enumerate(streams)]
     try:
         remaining = len(streams)
         while remaining:
@@ -134,15 +154,32 @@ async def merged_deltas(engine: AsyncLLMEngine, streams: list[RequestStream]) ->
         _abort_unfinished(engine, streams)
 
 
-async def _pump(index: int, stream: RequestStream, queue: asyncio.Queue) -> None:
-    tracker = DeltaTracker(index)
+async def _pump(tracker: DeltaTracker, stream: RequestStream, queue: asyncio.Queue) -> None:
     try:
         async for output in stream:
-            queue.put_nowait(tracker.delta(output))
+            for delta in tracker.deltas(output):
+                queue.put_nowait(delta)
     except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
         queue.put_nowait(exc)
         return
     queue.put_nowait(None)
+
+
+async def final_outputs(engine: AsyncLLMEngine, streams: list[RequestStream]) -> list[RequestOutput]:
+    """The last (finished) output of every request; leaving early aborts every unfinished one."""
+    try:
+        return [await _last_output(stream) for stream in streams]
+    finally:
+        _abort_unfinished(engine, streams)
+
+
+async def _last_output(stream: RequestStream) -> RequestOutput:
+    last = None
+    async for output in stream:  # the engine runs all requests meanwhile; their outputs queue up
+        last = output
+    if last is None:
+        raise RuntimeError(f"request {stream.request_id} was read twice")
+    return last
 
 
 def _abort_unfinished(engine: AsyncLLMEngine, streams: list[RequestStream]) -> None:
