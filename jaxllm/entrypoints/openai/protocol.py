@@ -1,7 +1,8 @@
 """Request and response bodies of the OpenAI API, with the extra sampling fields vLLM accepts.
 
 Requests only check types here; values are checked by ``SamplingParams`` so that the server and the
-offline API refuse the same things with the same message.
+offline API refuse the same things with the same message. The exception is chat's ``top_logprobs``,
+checked here so that the message names the field the client sent.
 """
 
 from __future__ import annotations

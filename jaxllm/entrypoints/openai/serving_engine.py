@@ -167,9 +167,13 @@ async def _pump(tracker: DeltaTracker, stream: RequestStream, queue: asyncio.Que
 
 async def final_outputs(engine: AsyncLLMEngine, streams: list[RequestStream]) -> list[RequestOutput]:
     """The last (finished) output of every request; leaving early aborts every unfinished one."""
+    # Every stream is drained as it fills: a queued output holds all its request's logprobs so far.
+    tasks = [asyncio.ensure_future(_last_output(stream)) for stream in streams]
     try:
-        return [await _last_output(stream) for stream in streams]
+        return list(await asyncio.gather(*tasks))
     finally:
+        for task in tasks:
+            task.cancel()
         _abort_unfinished(engine, streams)
 
 
