@@ -176,3 +176,21 @@ def test_prefix_cache_hits_show_in_outputs_and_stats(tokenizer):
     stats = engine.stats
     assert stats.prefix_cache_hits == second.num_cached_tokens
     assert stats.prefix_cache_hit_rate == pytest.approx(second.num_cached_tokens / (2 * num_prompt))
+
+
+def test_n_larger_than_max_num_seqs_is_rejected():
+    from jaxllm.config import CacheConfig, SchedulerConfig
+    from jaxllm.engine.llm_engine import LLMEngine
+    from jaxllm.sampling_params import SamplingParams
+
+    class NeverRuns:
+        num_compiles = 0
+
+        def execute(self, scheduled):
+            raise AssertionError("nothing may be scheduled")
+
+    engine = LLMEngine(None, NeverRuns(), SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64),
+                       CacheConfig(block_size=4), num_kv_blocks=32)
+    with pytest.raises(ValueError, match="n=5 exceeds max_num_seqs=4"):
+        engine.add_request("r", [1, 2, 3], SamplingParams(n=5))
+    assert not engine.has_unfinished_requests()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from jaxllm.config import CacheConfig, SchedulerConfig
@@ -52,6 +52,7 @@ class _Completion:
     detokenizer: IncrementalDetokenizer
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    logprob_dicts: list = field(default_factory=list)  # built once per token, not every step
 
 
 @dataclass
@@ -62,6 +63,7 @@ class _Tracked:
     prompt: str | None
     metrics: RequestMetrics
     completions: dict[int, _Completion]  # by completion index; children appear when forked
+    prompt_logprob_dicts: list = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -219,7 +221,7 @@ class LLMEngine:
             prompt_token_ids=list(request.prompt_token_ids),
             outputs=[self._completion_output(i, c, finished) for i, c in sorted(tracked.completions.items())],
             finished=finished,
-            prompt_logprobs=self._logprob_dicts(request.prompt_logprobs) if request.prompt_logprobs else None,
+            prompt_logprobs=list(self._extend(tracked.prompt_logprob_dicts, request.prompt_logprobs)) or None,
             metrics=tracked.metrics,
             num_cached_tokens=request.num_cached_tokens,
         )
@@ -231,14 +233,16 @@ class LLMEngine:
             text=c.detokenizer.output_text(c.finish_reason is not None),
             token_ids=list(c.request.output_token_ids),
             cumulative_logprob=sum(e.logprob for e in c.request.output_logprobs) if wants_logprobs else None,
-            logprobs=self._logprob_dicts(c.request.output_logprobs) if wants_logprobs else None,
+            logprobs=list(self._extend(c.logprob_dicts, c.request.output_logprobs)) if wants_logprobs else None,
             finish_reason=c.finish_reason,
             stop_reason=c.stop_reason,
         )
 
-    def _logprob_dicts(self, entries) -> list[dict[int, Logprob] | None]:
-        """vLLM's shape: per position, token id -> Logprob, always including the chosen token."""
-        return [None if e is None else self._logprob_dict(e) for e in entries]
+    def _extend(self, dicts: list, entries: list) -> list:
+        """vLLM's shape, per position: token id -> Logprob, always including the chosen token.
+        ``dicts`` caches the converted prefix of ``entries``; only new entries are decoded."""
+        dicts.extend(None if e is None else self._logprob_dict(e) for e in entries[len(dicts):])
+        return dicts
 
     def _logprob_dict(self, e) -> dict[int, Logprob]:
         out = {tid: Logprob(lp, rank, self._decode_one(tid)) for rank, (tid, lp) in enumerate(e.top, 1)}

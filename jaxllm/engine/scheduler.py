@@ -105,6 +105,8 @@ class Scheduler:
             raise ValueError(f"request_id={rid!r} is already in use")
         if request.num_prompt_tokens == 0:
             raise ValueError(f"request {rid!r}: the prompt is empty")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"request {rid!r}: n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         total = request.num_prompt_tokens + params.max_tokens
         if total > self.config.max_model_len:
             raise ValueError(
