@@ -98,7 +98,41 @@ _BACKENDS: dict[str, AttentionFn] = {"xla": xla_paged_attention}
 
 
 def register_attention_backend(name: str, fn: AttentionFn) -> None:
-    """Make ``fn`` selectable as ``attention_backend=name`` (signature of xla_paged_attention)."""
+    """Make ``fn`` selectable as ``attention_backend=name`` in ``LLM`` and ``EngineArgs``.
+
+    Register before the engine is created; a name already taken is replaced. The model calls
+    ``fn(q, kv, layer, md, sliding_window)`` positionally, once per layer, inside the jitted step
+    (layers run under ``lax.scan``), so ``fn`` must be traceable: no host syncs, no Python branching
+    on array values. Its signature and semantics are those of :func:`xla_paged_attention`.
+
+    Args:
+      name: the backend's name.
+      fn: the backend, called with
+        q: ``[T, N, H]`` queries of every token of the flat batch, RoPE already applied, in the
+          model's dtype. T is padded up to a bucket; N query heads, H head dim.
+        kv: the pool ``(k, v)``, each ``[L, num_blocks, block_size, K, H]``; K kv heads with
+          ``N % K == 0``, query head n reading kv head ``n // (N // K)``. This step's new K/V are
+          already written at ``md.slot_mapping`` (see :func:`write_kv`); ``fn`` only reads.
+        layer: int32 scalar, traced (the scan index): the layer of the pool to read.
+        md: :class:`AttentionMetadata`, a pytree of int32 arrays (S sequences, B blocks each,
+          both padded): ``positions [T]``, ``seq_ids [T]`` (each token's row of
+          ``block_tables``), ``block_tables [S, B]`` (physical block ids, 0 = the null block past
+          a sequence's end), ``cu_q_lens [S + 1]`` (sequence s owns tokens
+          ``cu_q_lens[s]:cu_q_lens[s + 1]``), ``kv_lens [S]`` (tokens in the pool after this
+          step), ``slot_mapping [T]`` (``block * block_size + offset`` of each new token).
+        sliding_window: a static Python int or None. When set, only keys at positions
+          ``> position - sliding_window`` are visible.
+      ``fn`` returns ``[T, N, H]`` in q's dtype: for token t of sequence ``s = seq_ids[t]``,
+      ``softmax(q_t . k / sqrt(H)) @ v`` over the keys of s at positions ``0..positions[t]``
+      (within the window), key position p living in block ``block_tables[s, p // block_size]`` at
+      offset ``p % block_size``. Slots a token cannot see may hold anything, NaN included, so
+      masked values must be excluded, not multiplied by zero. Rows of padding tokens (past
+      ``cu_q_lens[-1]``) are never sampled; they should be finite (zeros are fine), since they
+      flow on through the model and the next layer writes their K/V into the null block.
+
+    Raises:
+      ValueError: if ``fn`` is not callable.
+    """
     if not callable(fn):
         raise ValueError(f"attention backend {name!r} must be callable")
     _BACKENDS[name] = fn

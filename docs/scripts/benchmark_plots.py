@@ -1,0 +1,308 @@
+"""Plot the recorded benchmark results and write docs/benchmarks.md from them.
+
+    python docs/scripts/benchmark_plots.py          # PNGs in docs/images/, then docs/benchmarks.md
+    python docs/scripts/benchmark_plots.py --check  # exit 1 if benchmarks.md is out of date
+
+Reads the JSON files under benchmarks/results/ (written by the scripts in benchmarks/); a
+missing file is skipped, and its section says how to produce it. Nothing here is typed in by
+hand: every number and picture comes from those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGES = ROOT / "docs" / "images"
+OUTPUT = ROOT / "docs" / "benchmarks.md"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _missing(name: str, command: str) -> list[str]:
+    return [f"No `benchmarks/results/{name}` recorded yet. Produce it with `{command}`.", ""]
+
+
+# -- load time ---------------------------------------------------------------------------------
+
+def plot_load_time(r: dict, ax) -> None:
+    labels = ["GGUF convert", "first start:\nconvert + orbax save", "orbax reload"]
+    medians = [r["gguf_convert_median_s"], r["first_start_convert_and_save_s"], r["orbax_reload_median_s"]]
+    ax.bar(labels, medians, color=["#c44e52", "#dd8452", "#4c72b0"])
+    for i, runs in ((0, r["gguf_convert_s"]), (2, r["orbax_reload_s"])):
+        ax.plot([i] * len(runs), runs, "k.", label="each run" if i == 0 else None)
+    ax.set_ylabel("seconds")
+    ax.set_title(f"{r['model']} ({r['dtype']}), {r['machine']['cpu_count']} CPU cores")
+    ax.legend()
+
+
+def section_load_time(r: dict | None) -> list[str]:
+    lines = ["## Model load time", ""]
+    if r is None:
+        return lines + _missing("load_time_cpu.json", "python benchmarks/load_time.py")
+    return lines + [
+        "Converting the embedded SmolLM2 GGUF into a float32 parameter pytree, against reloading the "
+        "converted parameters with orbax (`LLM(..., download_dir=DIR)`), "
+        f"median of {r['repeats']} runs (`benchmarks/results/load_time_cpu.json`).",
+        "",
+        "| | seconds |",
+        "|---|---|",
+        f"| GGUF convert (median) | {r['gguf_convert_median_s']:.1f} |",
+        f"| first start: convert + orbax save | {r['first_start_convert_and_save_s']:.1f} |",
+        f"| orbax reload (median) | {r['orbax_reload_median_s']:.1f} |",
+        f"| speed-up of the reload | {r['speedup']:.1f}x |",
+        "",
+        f"Parameters: {r['param_bytes'] / 2**20:.0f} MiB; machine: {r['machine']['platform']}, "
+        f"{r['machine']['cpu_count']} cores.",
+        "",
+        "![load time](images/bench_load_time.png)",
+        "",
+    ]
+
+
+# -- serving -----------------------------------------------------------------------------------
+
+def plot_serving(r: dict, axes) -> None:
+    levels = r["levels"]
+    conc = [lv["concurrency"] for lv in levels]
+    axes[0].plot(conc, [lv["output_throughput_tok_s"] for lv in levels], "o-")
+    axes[0].set_ylabel("output tokens / s")
+    axes[0].set_title("throughput")
+    for metric, style in (("ttft", "o-"), ("tpot", "s-")):
+        for pct, alpha in (("p50_ms", 1.0), ("p90_ms", 0.45)):
+            axes[1].plot(conc, [lv[metric][pct] for lv in levels], style, alpha=alpha,
+                         label=f"{metric.upper()} {pct[:3]}")
+    axes[1].set_ylabel("milliseconds")
+    axes[1].set_title("latency")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(conc, [str(c) for c in conc])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylim(bottom=0)
+
+
+def section_serving(name: str, r: dict) -> list[str]:
+    stem = Path(name).stem
+    lines = [
+        f"### `{name}`",
+        "",
+        f"`benchmarks/serving.py` against `jaxllm serve` ({r.get('model') or 'the embedded SmolLM2-135M-Instruct'}), "
+        f"{r['num_requests']} streamed `/v1/completions` requests of {r['max_tokens']} tokens per concurrency "
+        f"level; host `{r.get('host')}` ({r.get('machine')}), recorded {r.get('time')}.",
+        "",
+        "| concurrency | completed | output tok/s | req/s | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) | E2E p50 (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for lv in r["levels"]:
+        lines.append(
+            f"| {lv['concurrency']} | {lv['completed']}/{lv['completed'] + lv['failed']} | "
+            f"{lv['output_throughput_tok_s']:.1f} | {lv['request_throughput_rps']:.2f} | "
+            f"{lv['ttft']['p50_ms']:.0f} / {lv['ttft']['p90_ms']:.0f} | "
+            f"{lv['tpot']['p50_ms']:.0f} / {lv['tpot']['p90_ms']:.0f} | {lv['e2e']['p50_ms'] / 1e3:.1f} |"
+        )
+    return lines + ["", f"![serving](images/bench_{stem}.png)", ""]
+
+
+# -- memory sharing ----------------------------------------------------------------------------
+
+def plot_memory_sharing(r: dict, ax) -> None:
+    rows = r["rows"]
+    labels = [f"{'n' if row['kind'] == 'parallel_sampling' else 'beam'}={row['width']}" for row in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [row["mean_blocks_without_sharing"] for row in rows], 0.4, label="without sharing",
+           color="#c44e52")
+    ax.bar([i + 0.2 for i in x], [row["mean_blocks_with_sharing"] for row in rows], 0.4, label="with sharing",
+           color="#4c72b0")
+    for i, row in enumerate(rows):
+        ax.text(i, row["mean_blocks_without_sharing"], f"-{row['memory_saving_pct']:.0f}%", ha="center",
+                va="bottom", fontsize=8)
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("KV blocks held (mean over steps)")
+    ax.set_title("parallel sampling (n) and beam search: blocks with and without sharing")
+    ax.legend()
+
+
+def section_memory_sharing(r: dict | None) -> list[str]:
+    lines = ["## Memory saved by sharing KV blocks", ""]
+    if r is None:
+        return lines + _missing("memory_sharing_cpu.json", "python benchmarks/memory_sharing.py")
+    lines += [
+        f"After the PagedAttention paper's section 6.3: {r['num_prompts']} prompts, {r['max_tokens']} tokens, "
+        f"block size {r['block_size']}, prefix caching off so that only forks share. Device `{r['device']}`, "
+        f"commit `{r.get('git_commit', '')[:10]}`, {r['timestamp']}.",
+        "",
+        "| decoding | width | mean blocks (shared) | mean blocks (no sharing) | saving |",
+        "|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        lines.append(f"| {row['kind']} | {row['width']} | {row['mean_blocks_with_sharing']:.1f} | "
+                     f"{row['mean_blocks_without_sharing']:.1f} | {row['memory_saving_pct']:.1f}% |")
+    return lines + ["", "![memory sharing](images/bench_memory_sharing.png)", ""]
+
+
+# -- offline throughput ------------------------------------------------------------------------
+
+def plot_throughput(r: dict, ax) -> None:
+    labels, values = ["jaxllm"], [r["jaxllm"]["output_tokens_per_s"]]
+    for bs, row in r.get("transformers", {}).get("per_batch_size", {}).items():
+        labels.append(f"transformers\nbatch {bs}")
+        values.append(row["output_tokens_per_s"])
+    ax.bar(labels, values, color=["#4c72b0"] + ["#999999"] * (len(values) - 1))
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"{r['workload']['num_prompts']} prompts, greedy, {r['environment']['jax_backend']}")
+
+
+def section_throughput(r: dict | None) -> list[str]:
+    lines = ["## Offline throughput", ""]
+    if r is None:
+        return lines + _missing("throughput_cpu.json", "python benchmarks/throughput.py")
+    w, ours, env = r["workload"], r["jaxllm"], r["environment"]
+    lines += [
+        f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}`: {w['num_prompts']} prompts of "
+        f"{w['prompt_len_range'][0]}-{w['prompt_len_range'][1]} tokens, {w['output_len_range'][0]}-"
+        f"{w['output_len_range'][1]} output tokens each, greedy, through `LLM.generate` and through "
+        f"transformers' `generate` in the same run ({env['platform']}, {env['cpu_count']} cores).",
+        "",
+        "| system | output tok/s | notes |",
+        "|---|---|---|",
+        f"| jaxllm | {ours['output_tokens_per_s']:.1f} | {ours['num_steps']} steps, KV waste "
+        f"{ours['kv_waste']:.1%}, {ours['new_compiles_during_run']} compiles during the run |",
+    ]
+    if "transformers" in r:
+        hf = r["transformers"]
+        for bs, row in hf["per_batch_size"].items():
+            lines.append(f"| transformers, static batch {bs} | {row['output_tokens_per_s']:.1f} | |")
+        lines += ["", f"Speed-up over transformers' best batch size: {r['speedup_vs_transformers']:.2f}x."]
+    return lines + ["", "![throughput](images/bench_throughput.png)", ""]
+
+
+# -- attention kernels -------------------------------------------------------------------------
+
+def plot_attention(r: dict, ax) -> None:
+    timed = [row for row in r["results"] if "ms" in row]
+    workloads = list(dict.fromkeys(row["workload"] for row in timed))
+    backends = list(dict.fromkeys(row["backend"] for row in timed))
+    width = 0.8 / max(1, len(backends))
+    for j, backend in enumerate(backends):
+        ms = {row["workload"]: row["ms"] for row in timed if row["backend"] == backend}
+        ax.bar([i + j * width for i in range(len(workloads))], [ms.get(w, 0) for w in workloads], width,
+               label=backend)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))], workloads, rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (median)")
+    ax.set_title(f"paged attention, {r['device']}, {r['dtype']}")
+    ax.legend(fontsize=8)
+
+
+def section_attention(name: str, r: dict) -> list[str]:
+    stem = Path(name).stem
+    note = " Interpreted Pallas kernels off GPU: these numbers only show every path runs." if r["platform"] != "gpu" \
+        else ""
+    lines = [f"### `{name}`", "", f"`benchmarks/attention.py` on {r['device']} ({r['platform']}), {r['dtype']}, "
+             f"jax {r['jax']}.{note}", "", "| workload | backend | ms | HBM GB/s | TFLOP/s |", "|---|---|---|---|---|"]
+    for row in r["results"]:
+        if "ms" in row:
+            lines.append(f"| {row['workload']} | {row['backend']} | {row['ms']:.3f} | {row['hbm_gb_s']:.1f} | "
+                         f"{row['tflop_s']:.2f} |")
+        else:
+            lines.append(f"| {row['workload']} | {row['backend']} | skipped: {row['skipped'][:60]} | | |")
+    return lines + ["", f"![attention](images/bench_{stem}.png)", ""]
+
+
+# -- assembly ----------------------------------------------------------------------------------
+
+def _globbed(pattern: str) -> list[tuple[str, dict]]:
+    return [(p.name, json.loads(p.read_text())) for p in sorted(RESULTS.glob(pattern))]
+
+
+def render() -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by docs/scripts/benchmark_plots.py from benchmarks/results/*.json; do not edit. -->",
+        "Every number and picture on this page comes from a JSON file under `benchmarks/results/`, written "
+        "by the script in `benchmarks/` named with it. Regenerate the page and its pictures with "
+        "`python docs/scripts/benchmark_plots.py`.",
+        "",
+        "All results so far were recorded on a 2-core CPU virtual machine under load from other jobs: "
+        "they show that the paths work and how the engine scales with batching, not what jaxllm does on "
+        "a GPU. GPU numbers (H100/H200) are pending.",
+        "",
+    ]
+    lines += section_load_time(_load("load_time_cpu.json"))
+    lines += section_throughput(_load("throughput_cpu.json"))
+    lines += ["## Online serving", ""]
+    serving = _globbed("serving_*.json")
+    lines += [x for name, r in serving for x in section_serving(name, r)] or _missing(
+        "serving_cpu.json", "python benchmarks/serving.py --url http://127.0.0.1:8000")
+    lines += section_memory_sharing(_load("memory_sharing_cpu.json"))
+    lines += ["## Attention backends", ""]
+    attention = _globbed("attention_*.json")
+    lines += [x for name, r in attention for x in section_attention(name, r)] or _missing(
+        "attention_gpu.json", "python benchmarks/attention.py")
+    return "\n".join(lines)
+
+
+def _figure(path: Path, draw: Callable, ncols: int = 1, size=(6.5, 3.6)) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=size)
+    draw(axes)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def plot_all(images: Path = IMAGES) -> list[Path]:
+    written = []
+
+    def emit(name: str, draw: Callable, **kwargs) -> None:
+        _figure(images / name, draw, **kwargs)
+        written.append(images / name)
+
+    if (r := _load("load_time_cpu.json")) is not None:
+        emit("bench_load_time.png", lambda ax: plot_load_time(r, ax))
+    if (r := _load("throughput_cpu.json")) is not None:
+        emit("bench_throughput.png", lambda ax: plot_throughput(r, ax))
+    for name, r in _globbed("serving_*.json"):
+        emit(f"bench_{Path(name).stem}.png", lambda axes, r=r: plot_serving(r, axes), ncols=2, size=(10, 3.6))
+    if (r := _load("memory_sharing_cpu.json")) is not None:
+        emit("bench_memory_sharing.png", lambda ax: plot_memory_sharing(r, ax), size=(8, 3.8))
+    for name, r in _globbed("attention_*.json"):
+        emit(f"bench_{Path(name).stem}.png", lambda ax, r=r: plot_attention(r, ax), size=(10, 4.5))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md is out of date")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not OUTPUT.exists() or OUTPUT.read_text() != text:
+            print(f"{OUTPUT} is out of date: run python docs/scripts/benchmark_plots.py", file=sys.stderr)
+            return 1
+        return 0
+    plot_all()
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Generate docs/configuration.md from the code: EngineArgs, SamplingParams and the CLI parsers.
+
+    python docs/scripts/configuration.py          # rewrite docs/configuration.md
+    python docs/scripts/configuration.py --check  # exit 1 if it is out of date (tests/test_docs.py)
+
+Types and defaults come from the dataclasses and argparse; only the help strings live here, and a
+field without one is an error, so a new argument cannot go undocumented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+OUTPUT = Path(__file__).resolve().parents[1] / "configuration.md"
+
+ENGINE_HELP = {
+    "model": "None or `SmolLM2-135M-Instruct`: the embedded model; else a HF checkpoint directory, a `.gguf` "
+             "file, or a repo id already in the local Hugging Face cache. `LLM` also takes a loaded `Model`.",
+    "dtype": "`auto`, `float32`, `bfloat16`, `float16`. `auto` is float32 on CPU and, on GPU, the "
+             "checkpoint's 16-bit type (bfloat16 for float32 and quantised checkpoints).",
+    "block_size": "Tokens per KV block (a power of two). Smaller blocks waste less of each sequence's last "
+                  "block and share prefixes at a finer grain; see notebooks/02_paged_kv_cache.ipynb.",
+    "max_model_len": "Longest prompt + output in tokens. None: the model's `max_position_embeddings`.",
+    "max_num_seqs": "Most sequences in one step. None: 256 on GPU, 64 on CPU.",
+    "max_num_batched_tokens": "Token budget of one step (prefill chunks + decode tokens). None: 8192 on GPU, "
+                              "512 on CPU (at least `max_num_seqs`). Prompts longer than this are chunked.",
+    "gpu_memory_utilization": "GPU only: share of device memory for weights, activation peak and KV pool; "
+                              "the pool gets what is left.",
+    "kv_cache_memory_bytes": "Explicit KV pool budget in bytes. None: the GPU share above, or 1 GiB on CPU.",
+    "num_kv_blocks": "Exact number of pool blocks, including the null block 0; overrides both budgets.",
+    "enable_prefix_caching": "Hash full blocks and reuse them across requests with equal prefixes.",
+    "attention_backend": "`auto` (`xla` on CPU, `pallas` on GPU), `xla` (plain jnp reference), `pallas` "
+                          "(interpreted on CPU), `triton` (GPU, jax-triton), `pallas_mgpu` (H100/H200), or a "
+                          "name given to `jaxllm.register_attention_backend`.",
+    "kv_cache_dtype": "Only `auto` (the model's dtype) for now.",
+    "swap_space": "GiB of host memory for swapped-out blocks when `preemption_mode=\"swap\"`.",
+    "preemption_mode": "`recompute`: a preempted request's blocks are freed and recomputed later; `swap`: "
+                       "they are copied to host memory and back (recompute when swap space is full).",
+    "seed": "Seed of the engine's sampling PRNG (requests without their own `seed`).",
+    "download_dir": "Directory where converted weights are cached with orbax; the second start skips "
+                    "conversion.",
+    "warmup": "Compile every (tokens, blocks) bucket at start-up so a running engine never compiles. "
+              "False compiles each shape when first met (one-shot jobs, notebooks).",
+    "compilation_cache_dir": "JAX persistent compilation cache; a second start loads compiled programs from "
+                             "disk. None: off (or whatever the user configured).",
+}
+
+SAMPLING_HELP = {
+    "n": "Completions per prompt; they share the prompt's KV blocks (copy-on-write).",
+    "best_of": "Not supported yet: must stay None.",
+    "presence_penalty": "In [-2, 2]: subtracted from the logits of tokens already generated.",
+    "frequency_penalty": "In [-2, 2]: subtracted once per earlier occurrence in the output.",
+    "repetition_penalty": "> 0: divides positive (multiplies negative) logits of tokens in prompt or output.",
+    "temperature": "0 is greedy; higher flattens the distribution.",
+    "top_p": "In (0, 1]: keep the smallest set of tokens whose probability reaches top_p.",
+    "top_k": "Keep the k most likely tokens; 0 or -1: off.",
+    "min_p": "In [0, 1]: drop tokens less likely than min_p times the most likely one.",
+    "seed": "Per-request seed: the same samples whatever else shares the batch.",
+    "stop": "Stop strings (matched on text); not included in the output unless `include_stop_str_in_output`.",
+    "stop_token_ids": "Token ids that end the request (the id is kept in `token_ids`).",
+    "bad_words": "Words never generated (each word alone and with a leading space, as vLLM).",
+    "include_stop_str_in_output": "Keep the matched stop string in the text.",
+    "ignore_eos": "Keep generating after the end-of-sequence token.",
+    "max_tokens": "Most tokens to generate.",
+    "min_tokens": "Hold back end-of-sequence and stop token ids until this many tokens are generated.",
+    "logprobs": "Return the top-k log-probabilities of each generated token (0: only the sampled one's), <= 20.",
+    "prompt_logprobs": "The same for each prompt token, <= 20.",
+    "detokenize": "Produce text (needed for stop strings).",
+    "skip_special_tokens": "Leave special tokens out of the text.",
+    "spaces_between_special_tokens": "Put spaces between special tokens in the text.",
+    "logit_bias": "Token id -> bias added to its logit, clamped to [-100, 100].",
+}
+
+
+# CLI flags whose argparse help is missing or says only the default.
+FLAG_HELP = {
+    "--host": "Interface to bind; the default is loopback only.",
+    "--port": "TCP port.",
+    "--max-tokens": "Tokens to generate per prompt (greedy).",
+    "--max-model-len": "Longest prompt + output in tokens.",
+    "--dtype": "As the engine argument `dtype`.",
+    "--log-level": "Logging level of the server process.",
+    "--no-chat": "Send the raw prompt, without the chat template (default: chat template on).",
+}
+
+
+def _type_name(annotation) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _dataclass_rows(cls, helps: dict[str, str], flag: bool) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+    missing = sorted({f.name for f in fields} - set(helps))
+    stale = sorted(set(helps) - {f.name for f in fields})
+    if missing or stale:
+        raise SystemExit(f"{cls.__name__}: add help for {missing}, drop help for {stale} in {__file__}")
+    rows = []
+    for f in fields:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = f"`{f.name}`" + (f" / `--{f.name.replace('_', '-')}`" if flag else "")
+        rows.append(f"| {name} | `{_cell(_type_name(hints[f.name]))}` | `{default!r}` | {_cell(helps[f.name])} |")
+    return rows
+
+
+def _parser_rows(parser: argparse.ArgumentParser, group_title: str | None) -> list[str]:
+    groups = parser._action_groups if group_title is None else [g for g in parser._action_groups
+                                                                  if g.title == group_title]
+    rows = []
+    for group in groups:
+        for action in group._group_actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            name = " / ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}` (positional)"
+            no_default = action.default is None or isinstance(action, argparse._StoreFalseAction)
+            default = "" if no_default else f"`{action.default!r}`"
+            text = FLAG_HELP.get(action.option_strings[0], action.help) if action.option_strings else action.help
+            if not text:
+                raise SystemExit(f"flag {name} has no help: add it to FLAG_HELP in {__file__}")
+            choices = f" One of {', '.join(map(str, action.choices))}." if action.choices else ""
+            rows.append(f"| {name} | {default} | {_cell(text + choices)} |")
+    return rows
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def render() -> str:
+    from jaxllm.engine_args import EngineArgs
+    from jaxllm.entrypoints.cli import build_parser
+    from jaxllm.sampling_params import SamplingParams
+
+    cli = build_parser()
+    head = "| argument | type | default | meaning |\n|---|---|---|---|"
+    flag_head = "| flag | default | meaning |\n|---|---|---|"
+    parts = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by docs/scripts/configuration.py from the code; do not edit by hand. -->",
+        "Regenerate with `python docs/scripts/configuration.py`; `tests/test_docs.py` fails when this "
+        "page is out of date.",
+        "",
+        "## Engine arguments",
+        "",
+        "`LLM(model, **kwargs)`, `EngineArgs(...)` and `jaxllm serve` take the same arguments (vLLM's names "
+        "and defaults). On the command line each is a `--kebab-case` flag; booleans also have `--no-...`.",
+        "",
+        head, *_dataclass_rows(EngineArgs, ENGINE_HELP, flag=True),
+        "",
+        "## Sampling parameters",
+        "",
+        "`SamplingParams(...)`, per request. Fields vLLM has and jaxllm does not implement are accepted only "
+        "at their neutral value; anything else raises `ValueError`.",
+        "",
+        head, *_dataclass_rows(SamplingParams, SAMPLING_HELP, flag=False),
+        "",
+        "## `jaxllm serve`: server flags",
+        "",
+        "Besides every engine argument above (`jaxllm serve --help` lists them all); the model may also be "
+        "given positionally, `jaxllm serve MODEL`.",
+        "",
+        flag_head, *_parser_rows(_subparser(cli, "serve"), "server"),
+        "",
+        "## `jaxllm generate`",
+        "",
+        "Greedy answers from the command line; skips warm-up (a one-shot job).",
+        "",
+        flag_head, *_parser_rows(_subparser(cli, "generate"), "options"),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file is out of date")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = OUTPUT.read_text() if OUTPUT.exists() else ""
+        if current != text:
+            print(f"{OUTPUT} is out of date: run python {Path(__file__).relative_to(Path.cwd())}", file=sys.stderr)
+            return 1
+        return 0
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
