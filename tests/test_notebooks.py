@@ -21,7 +21,8 @@ CELL_TIMEOUT_S = 600
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_paged_kv_cache.ipynb", "03_kernel_lab.ipynb"]
+    names = {p.name for p in NOTEBOOKS}
+    assert {"01_quickstart.ipynb", "02_paged_kv_cache.ipynb", "03_kernel_lab.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
