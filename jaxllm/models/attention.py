@@ -18,9 +18,6 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-# Bound on the [tokens, context, K, H] tile of keys the xla backend gathers at once.
-_XLA_GATHER_BUDGET_ELEMENTS = 1 << 24
-
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
@@ -56,42 +53,107 @@ def write_kv(kv: KVPool, layer: jax.Array, k: jax.Array, v: jax.Array, slot_mapp
     return k_pool, v_pool
 
 
-def _attend_one_token(q, k_pool, v_pool, layer, table, position, window):
-    # q [N, H]; table [B] block ids; k_pool/v_pool [L, NB, bs, K, H].
-    num_kv_heads, head_dim = k_pool.shape[-2:]
-    keys = k_pool[layer, table].reshape(-1, num_kv_heads, head_dim)  # [C, K, H]
-    values = v_pool[layer, table].reshape(-1, num_kv_heads, head_dim)
-    q = q.reshape(num_kv_heads, -1, head_dim)  # [K, G, H]
-    scores = jnp.einsum("kgh,ckh->kgc", q, keys, preferred_element_type=jnp.float32)
-    key_pos = jnp.arange(keys.shape[0])
-    visible = key_pos <= position
-    if window is not None:
-        visible &= key_pos > position - window
-    scores = jnp.where(visible, scores * head_dim**-0.5, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    # Unwritten slots may hold anything (tests fill them with NaN): 0 * NaN would leak through.
-    values = jnp.where(visible[:, None, None], values, 0)
-    out = jnp.einsum("kgc,ckh->kgh", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
-    return out.reshape(-1, head_dim).astype(q.dtype)
+def _largest_tile(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n (token buckets are powers of two)."""
+    tile = 1
+    while tile * 2 <= cap and n % (tile * 2) == 0:
+        tile *= 2
+    return tile
+
+
+def _partial_softmax(scores, visible):
+    """Unnormalised softmax pieces over the last axis of scores [R..., C], for merging.
+
+    Returns (max [R...], sum of exp [R...], exp weights [R..., C]); rows with no visible key
+    give (-inf, 0, zeros).
+    """
+    scores = jnp.where(visible, scores, -jnp.inf)
+    peak = jnp.max(scores, axis=-1)
+    weights = jnp.exp(scores - jnp.where(jnp.isfinite(peak), peak, 0.0)[..., None])
+    return peak, jnp.sum(weights, axis=-1), weights
+
+
+def _new_tokens_part(q, k_new, v_new, md: AttentionMetadata, window, scale):
+    # q [T, K, G, H] against this step's own keys k_new/v_new [T, K, H]: causal within a sequence.
+    # Query tiles bound the [tile, K, G, T] scores (large prefill buckets on GPU).
+    T = q.shape[0]
+    tile = _largest_tile(T, 256)
+    index = jnp.arange(T)
+
+    def one(args):
+        q_t, seq, pos, idx = args  # [tile, K, G, H], [tile], [tile], [tile]
+        scores = jnp.einsum("tkgh,skh->tkgs", q_t, k_new, preferred_element_type=jnp.float32) * scale
+        visible = (md.seq_ids[None, :] == seq[:, None]) & (index[None, :] <= idx[:, None])
+        if window is not None:
+            visible &= md.positions[None, :] > pos[:, None] - window
+        peak, total, weights = _partial_softmax(scores, visible[:, None, None, :])
+        out = jnp.einsum("tkgs,skh->tkgh", weights, v_new.astype(jnp.float32))
+        return peak, total, out
+
+    parts = jax.lax.map(one, tuple(x.reshape(T // tile, tile, *x.shape[1:]) for x in (q, md.seq_ids, md.positions, index)))
+    return tuple(x.reshape(T, *x.shape[2:]) for x in parts)
+
+
+def _cached_part(q, kv: KVPool, layer, md: AttentionMetadata, window, scale, step_start):
+    # q [T, K, G, H] against each sequence's K/V cached before this step (positions < step_start).
+    # Tiles of tokens with nothing cached (fresh prompt chunks) skip the gather entirely.
+    k_pool, v_pool = kv
+    T, K, G, H = q.shape
+    tile = _largest_tile(T, 16)
+    tables = md.block_tables[md.seq_ids]  # [T, B]
+
+    def compute(q_t, table, start, pos):
+        keys = k_pool[layer, table].reshape(tile, -1, K, H)  # [tile, C, K, H]
+        values = v_pool[layer, table].reshape(tile, -1, K, H).astype(jnp.float32)
+        scores = jnp.einsum("tkgh,tckh->tkgc", q_t, keys, preferred_element_type=jnp.float32) * scale
+        key_pos = jnp.arange(keys.shape[1])[None, :]
+        visible = key_pos < start[:, None]
+        if window is not None:
+            visible &= key_pos > pos[:, None] - window
+        peak, total, weights = _partial_softmax(scores, visible[:, None, None, :])
+        values = jnp.where(visible[:, :, None, None], values, 0.0)  # unwritten slots may hold NaN
+        return peak, total, jnp.einsum("tkgc,tckh->tkgh", weights, values)
+
+    def skip(q_t, table, start, pos):
+        return (jnp.full((tile, K, G), -jnp.inf), jnp.zeros((tile, K, G)), jnp.zeros((tile, K, G, H)))
+
+    def one(args):
+        return jax.lax.cond(jnp.any(args[2] > 0), compute, skip, *args)
+
+    inputs = (q, tables, step_start, md.positions)
+    parts = jax.lax.map(one, tuple(x.reshape(T // tile, tile, *x.shape[1:]) for x in inputs))
+    return tuple(x.reshape(T, *x.shape[2:]) for x in parts)
 
 
 def xla_paged_attention(q, kv: KVPool, layer, md: AttentionMetadata, sliding_window=None):
-    """Reference backend in plain jnp: each token gathers its sequence's blocks from the pool.
+    """Reference backend in plain jnp, in two parts merged by log-sum-exp.
 
-    Tokens are processed in tiles sized so the gathered keys stay under a fixed budget.
+    The step's own tokens attend to each other densely (causal within a sequence: a matmul, not
+    a gather), and to what their sequence had cached before the step through a per-token gather
+    of its blocks; token tiles with nothing cached skip the gather, so fresh prompt chunks in a
+    batch with long decodes do not pay for the decodes' context.
     """
     k_pool, v_pool = kv
-    num_tokens = q.shape[0]
-    context = md.block_tables.shape[1] * k_pool.shape[2]
-    per_token = context * k_pool.shape[3] * k_pool.shape[4]
-    tile = max(1, min(num_tokens, _XLA_GATHER_BUDGET_ELEMENTS // per_token))
-    tables = md.block_tables[md.seq_ids]  # [T, B]
-
-    def one(args):
-        q_t, table, position = args
-        return _attend_one_token(q_t, k_pool, v_pool, layer, table, position, sliding_window)
-
-    return jax.lax.map(one, (q, tables, md.positions), batch_size=tile)
+    T, N, H = q.shape
+    K = k_pool.shape[3]
+    qg = q.reshape(T, K, N // K, H)
+    scale = H**-0.5
+    block_size = k_pool.shape[2]
+    # The step's own K/V, read back through the block tables like every other key.
+    blocks = md.block_tables[md.seq_ids, md.positions // block_size]
+    offsets = md.positions % block_size
+    k_new, v_new = k_pool[layer, blocks, offsets], v_pool[layer, blocks, offsets]  # [T, K, H]
+    # Padding tokens (after the last sequence) may point at unwritten slots: a zero weight times a
+    # NaN value would still poison the matmul, so their values are zeroed.
+    real = jnp.arange(T) < md.cu_q_lens[-1]
+    v_new = jnp.where(real[:, None, None], v_new, 0)
+    step_start = md.positions - (jnp.arange(T) - md.cu_q_lens[md.seq_ids])
+    m_a, l_a, o_a = _new_tokens_part(qg, k_new, v_new, md, sliding_window, scale)
+    m_b, l_b, o_b = _cached_part(qg, kv, layer, md, sliding_window, scale, step_start)
+    peak = jnp.maximum(m_a, m_b)  # finite: every token sees itself
+    a, b = jnp.exp(m_a - peak), jnp.exp(m_b - peak)
+    out = (o_a * a[..., None] + o_b * b[..., None]) / (l_a * a + l_b * b)[..., None]
+    return out.reshape(T, N, H).astype(q.dtype)
 
 
 _BACKENDS: dict[str, AttentionFn] = {"xla": xla_paged_attention}
