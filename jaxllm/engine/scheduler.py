@@ -281,7 +281,14 @@ class Scheduler:
             num_new = min(request.num_tokens - held - computed.num_tokens, step.budget)
             allocation = self.kv.allocate_slots(request, num_new, computed)
             if allocation is None:
-                return  # first come first served: nobody overtakes the head of the queue
+                # First come first served: nobody overtakes the head of the queue. If nothing runs,
+                # no block will come back by itself: waiting forks give up their shared blocks.
+                holder = None if self.running or step.sequences else self._last_waiting_holder()
+                if holder is None:
+                    return
+                self.kv.free(holder)
+                holder.num_computed_tokens = 0  # recomputed from its tokens like a preempted request
+                continue
             self.waiting.popleft()
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = computed.num_tokens
@@ -289,6 +296,9 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             step.add(self._sequence(request, num_new), allocation)
+
+    def _last_waiting_holder(self) -> Request | None:
+        return next((r for r in reversed(self.waiting) if self.kv.block_ids(r.request_id)), None)
 
     def _has_room_for(self, request: Request) -> bool:
         # Children of parallel sampling count before they are forked, so forking never overflows.
