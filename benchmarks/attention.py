@@ -1,7 +1,7 @@
 """Paged-attention backends side by side: xla, pallas, triton, jax's own Pallas paged_attention, and a
 dense (unpaged) reference.
 
-Usage: python benchmarks/attention.py [--quick] [--dtype bfloat16] [--repeats 20] [--output PATH]
+Usage: python benchmarks/attention.py [--smoke] [--dtype bfloat16] [--repeats 20] [--output PATH]
 
 Sweeps decode batches (batch x context, one token per sequence) and prefill/mixed batches (some
 sequences prefilling a chunk, the rest decoding) over a NaN-free random pool with randomly permuted
@@ -18,6 +18,8 @@ import argparse
 import functools
 import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,9 +31,18 @@ from jaxllm.models.attention import get_attention_backend
 from pallas_kernels.testing import make_batch
 
 _RESULTS = Path(__file__).parent / "results"
+# heads: (query heads, kv heads) per GQA ratio 1, 4, 8 with Llama-3-8B's 8 kv heads (4 is Llama-3-8B).
 _GPU_SWEEP = dict(decode=[(b, c) for b in (1, 8, 32, 128) for c in (512, 2048, 8192)],
-                  mixed=[(4, 512, 60, 2048), (2, 2048, 126, 4096)], heads=(32, 8), head_dim=128, block_size=16)
-_QUICK_SWEEP = dict(decode=[(2, 48), (4, 100)], mixed=[(1, 20, 3, 40)], heads=(4, 2), head_dim=64, block_size=16)
+                  mixed=[(4, 512, 60, 2048), (2, 2048, 126, 4096)], heads=[(8, 8), (32, 8), (64, 8)],
+                  head_dim=128, block_size=16)
+_QUICK_SWEEP = dict(decode=[(2, 48), (4, 100)], mixed=[(1, 20, 3, 40)], heads=[(4, 2)], head_dim=64, block_size=16)
+# Peak HBM bandwidth (bytes/s) by device kind, for "% of peak" on decode.
+_PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.04e12}
+
+
+def _peak_bandwidth() -> float | None:
+    kind = getattr(jax.devices()[0], "device_kind", "")
+    return next((bw for name, bw in _PEAK_HBM.items() if name in kind), None)
 
 
 def _workloads(sweep):
@@ -110,9 +121,10 @@ def _time(fn, args, repeats: int) -> float:
 
 def run(sweep, dtype, repeats: int) -> list[dict]:
     on_gpu = jax.default_backend() == "gpu"
+    peak = _peak_bandwidth()
     rows = []
-    heads, kv_heads = sweep["heads"]
-    for name, q_lens, kv_lens in _workloads(sweep):
+    for (heads, kv_heads), (name, q_lens, kv_lens) in ((h, w) for h in sweep["heads"] for w in _workloads(sweep)):
+        name = f"{name} gqa={heads // kv_heads}"
         batch = make_batch(0, q_lens, kv_lens, block_size=sweep["block_size"], num_kv_heads=kv_heads,
                            group=heads // kv_heads, head_dim=sweep["head_dim"], dtype=dtype, num_layers=1, layer=0,
                            extra_tokens=0, nan=False)
@@ -124,6 +136,8 @@ def run(sweep, dtype, repeats: int) -> list[dict]:
             else:
                 seconds = _time(*call, repeats)
                 row.update(ms=seconds * 1e3, hbm_gb_s=nbytes / seconds / 1e9, tflop_s=flops / seconds / 1e12)
+                if peak is not None:
+                    row["pct_peak_hbm"] = 100.0 * nbytes / seconds / peak
             rows.append(row)
             print(json.dumps(row))
     return rows
@@ -131,7 +145,8 @@ def run(sweep, dtype, repeats: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU, interpreted kernels)")
+    parser.add_argument("--quick", "--smoke", dest="quick", action="store_true",
+                        help="tiny sizes (CPU, interpreted kernels): checks every path runs")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on GPU)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None)
@@ -141,8 +156,10 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 20)
     rows = run(_QUICK_SWEEP if args.quick or not on_gpu else _GPU_SWEEP, dtype, repeats)
     device = jax.devices()[0]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = dict(device=getattr(device, "device_kind", str(device)), platform=jax.default_backend(),
-                  jax=jax.__version__, host=platform.node(), dtype=str(dtype), quick=args.quick, results=rows)
+                  jax=jax.__version__, git_commit=commit, command=" ".join(sys.argv), host=platform.node(),
+                  dtype=str(dtype), quick=args.quick, repeats=repeats, results=rows)
     out = args.output or _RESULTS / f"attention_{jax.default_backend()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
