@@ -12,6 +12,8 @@ from dataclasses import dataclass
 ROPE_TYPES = ("default", "linear", "llama3")
 FAMILIES = ("llama", "gpt")
 PREEMPTION_MODES = ("recompute", "swap")
+# "auto": the model's dtype; "fp8" (e4m3) and "int8": quantised, with a scale per token and kv head.
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
@@ -112,7 +114,7 @@ class CacheConfig:
     kv_cache_memory_bytes: int | None = None
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # or "fp8" / "int8": about half the bytes of bf16, scales included
     swap_space: float = 4.0  # GiB of host memory for swapped-out blocks (preemption_mode="swap")
     # What preemption does to a request's KV: "recompute" frees it (recomputed on resume),
     # "swap" saves it to host memory and copies it back (recompute when swap space is full).
@@ -129,8 +131,8 @@ class CacheConfig:
         if self.num_kv_blocks is not None:
             if not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 2:
                 raise ValueError(f"num_kv_blocks={self.num_kv_blocks!r} must be an integer >= 2")
-        if self.kv_cache_dtype != "auto":
-            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; only 'auto'")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} must be one of {KV_CACHE_DTYPES}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space={self.swap_space} must be >= 0")
         if self.preemption_mode not in PREEMPTION_MODES:

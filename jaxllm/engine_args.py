@@ -41,7 +41,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # "fp8" or "int8": quantised pool, see jaxllm/models/kv_quant.py
     swap_space: float = 4.0  # GiB of host memory for preemption_mode="swap"
     preemption_mode: str = "recompute"  # or "swap": preempted requests' KV goes to host memory
     seed: int = 0

@@ -23,8 +23,10 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.ragged_paged_attention import (
     fold_layer,
+    load_pages,
     ragged_paged_attention_reference,
     validate_ragged_inputs,
+    validate_scales,
 )
 
 _M_INIT = -1e30
@@ -61,15 +63,15 @@ def _decode_kernel(
     kv_lens_ref,  # [S] int32
     k_ref,  # [L * num_blocks, block_size, H] (one kv head)
     v_ref,  # [L * num_blocks, block_size, H]
-    o_ref,  # [Gp, H] float32 unnormalised partial output of this split
-    m_ref,  # [Gp] float32 running max (log2 units)
-    l_ref,  # [Gp] float32 running sum
-    *,
+    *refs,  # quantised pool: k_scale_ref, v_scale_ref [L * num_blocks, block_size] float32; then:
+    # o_ref [Gp, H] float32 unnormalised partial output of this split,
+    # m_ref [Gp] float32 running max (log2 units), l_ref [Gp] float32 running sum
     pages_per_step: int,
     pages_per_split: int,
     sm_scale: float,
     window: int | None,
 ):
+    scale_refs, (o_ref, m_ref, l_ref) = refs[:-3], refs[-3:]
     seq, split = pl.program_id(0), pl.program_id(2)
     rows, head_dim = q_ref.shape
     block_k = pages_per_step * k_ref.shape[1]
@@ -85,16 +87,14 @@ def _decode_kernel(
     def body(step, carry):
         acc, m, l = carry
         pages = tables_ref[seq, pl.ds(step * pages_per_step, pages_per_step)]
-        k = k_ref[pages].reshape(block_k, head_dim)
-        v = v_ref[pages].reshape(block_k, head_dim)
         key_pos = step * block_k + jnp.arange(block_k)
+        k, k_scale, v = load_pages(k_ref, v_ref, scale_refs, pages, key_pos < kv_len, q.dtype)
         visible = (key_pos < kv_len) & (key_pos >= lo)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * (sm_scale * math.log2(math.e))
-        s = jnp.where(visible[None, :], s, -jnp.inf)
+        s = jnp.where(visible[None, :], s if k_scale is None else s * k_scale[None, :], -jnp.inf)
         m_next = jnp.maximum(m, s.max(axis=1))
         p = jnp.exp2(s - m_next[:, None])
         alpha = jnp.exp2(m - m_next)
-        v = jnp.where((key_pos < kv_len)[:, None], v, 0)  # unwritten slots may hold NaN
         acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return acc, m_next, l * alpha + p.sum(axis=1)
 
@@ -104,12 +104,14 @@ def _decode_kernel(
     o_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
 
-def _build_decode_call(q_shape, pool_shape, num_splits, pages_per_split, *, config, sm_scale, window, interpret):
+def _build_decode_call(q_shape, pool_shape, num_splits, pages_per_split, *, quantized, config, sm_scale, window,
+                       interpret):
     num_seqs, num_kv_heads, rows, head_dim = q_shape
     pages, page_size = pool_shape[:2]
     kernel = functools.partial(_decode_kernel, pages_per_step=config.pages_per_compute_block,
                                pages_per_split=pages_per_split, sm_scale=sm_scale, window=window)
     per_head_kv = pl.BlockSpec((pages, page_size, None, head_dim), lambda s, h, p: (0, 0, h, 0))
+    per_head_scale = pl.BlockSpec((pages, page_size, None), lambda s, h, p: (0, 0, h))
     partial_shape = (num_splits, num_seqs, num_kv_heads, rows)
     return pl.pallas_call(
         kernel,
@@ -117,7 +119,7 @@ def _build_decode_call(q_shape, pool_shape, num_splits, pages_per_split, *, conf
         in_specs=[
             pl.BlockSpec((None, None, rows, head_dim), lambda s, h, p: (s, h, 0, 0)),
             pl.no_block_spec, pl.no_block_spec,  # block tables, kv_lens: whole, indexed in the kernel
-            per_head_kv, per_head_kv,
+            per_head_kv, per_head_kv, *([per_head_scale] * 2 if quantized else []),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, rows, head_dim), lambda s, h, p: (p, s, h, 0, 0)),
@@ -150,6 +152,8 @@ def paged_decode_attention(
     block_tables: jax.Array,  # [S, B] int32
     kv_lens: jax.Array,  # [S] int32
     *,
+    k_scale: jax.Array | None = None,  # [L, num_blocks, block_size, K] float32
+    v_scale: jax.Array | None = None,  # [L, num_blocks, block_size, K] float32
     sliding_window: int | None = None,
     config: DecodeAttentionConfig = DecodeAttentionConfig(),
     interpret: bool = False,
@@ -159,6 +163,8 @@ def paged_decode_attention(
     Args:
       q: one query token per sequence.
       k_pool, v_pool: the whole pool, the new tokens' K/V already written.
+      k_scale, v_scale: for a quantised (fp8/int8) pool, the scale of each token and kv head:
+        keys are ``k_pool * k_scale[..., None]``; both or neither.
       layer: which layer of the pool to read.
       block_tables: physical block ids of each sequence.
       kv_lens: keys of each sequence, its new token included; a row with 0 gets zeros.
@@ -172,6 +178,7 @@ def paged_decode_attention(
     num_seqs, num_heads, head_dim = q.shape
     cu = jnp.arange(num_seqs + 1, dtype=jnp.int32)
     validate_ragged_inputs(q, k_pool, v_pool, block_tables, cu, kv_lens, kv_lens, sliding_window)
+    scales = validate_scales(k_pool, k_scale, v_scale)
     num_layers, num_blocks, page_size, num_kv_heads, _ = k_pool.shape
     group = num_heads // num_kv_heads
     rows = max(group, _MIN_DOT_ROWS)
@@ -180,9 +187,10 @@ def paged_decode_attention(
     num_splits, pages_per_split = config.splits(block_tables.shape[1])
     tables = fold_layer(block_tables, layer, num_blocks, num_splits * pages_per_split)
     pool_shape = (num_layers * num_blocks, page_size, num_kv_heads, head_dim)
-    call = _build_decode_call(q4.shape, pool_shape, num_splits, pages_per_split, config=config,
-                              sm_scale=head_dim**-0.5, window=sliding_window, interpret=interpret)
-    o, m, l = call(q4, tables, kv_lens, k_pool.reshape(pool_shape), v_pool.reshape(pool_shape))
+    call = _build_decode_call(q4.shape, pool_shape, num_splits, pages_per_split, quantized=bool(scales),
+                              config=config, sm_scale=head_dim**-0.5, window=sliding_window, interpret=interpret)
+    o, m, l = call(q4, tables, kv_lens, k_pool.reshape(pool_shape), v_pool.reshape(pool_shape),
+                   *(x.reshape(pool_shape[:3]) for x in scales))
     out = merge_splits(o, m, l)[:, :, :group]  # [S, K, G, H]
     return out.reshape(num_seqs, num_heads, head_dim).astype(q.dtype)
 

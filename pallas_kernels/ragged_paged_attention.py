@@ -27,6 +27,11 @@ pointers (``k_ref[page_ids]``) and keeping an online softmax (flash attention); 
 over the pages the tile's positions can see (causal upper bound, sliding-window lower bound).
 Output rows no tile covers (the batch's padding tokens) are zero. Compiled for a GPU, Triton needs
 power-of-two tile shapes, so head_dim must be a power of two there (interpret mode takes any).
+
+Quantised pools (fp8 e4m3 / int8 with a float32 scale per token and kv head, see
+jaxllm/models/kv_quant.py): the scales ``[L * num_blocks, block_size]`` of the program's kv head
+are gathered with the pages (``load_pages``): keys are cast to q's dtype and their scales multiply
+the float32 scores' columns; values are dequantised to q's dtype before the PV dot.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+
+from jaxllm.models.kv_quant import unpack
 
 # Finite start for the running max: a row that sees no key keeps l = 0 instead of exp(-inf + inf).
 _M_INIT = -1e30
@@ -76,14 +83,14 @@ def _ragged_kernel(
     q_ref,  # [T, G, H]
     k_ref,  # [L * num_blocks, block_size, H] (one kv head)
     v_ref,  # [L * num_blocks, block_size, H]
-    _zeros_ref,  # [T, G, H] aliased to o_ref
-    o_ref,  # [T, G, H]
-    *,
+    *refs,  # quantised pool: k_scale_ref, v_scale_ref [L * num_blocks, block_size] float32; then:
+    # _zeros_ref [T, G, H] aliased to o_ref, o_ref [T, G, H]
     block_q: int,
     pages_per_step: int,
     sm_scale: float,
     window: int | None,
 ):
+    scale_refs, o_ref = refs[:-2], refs[-1]
     group, head_dim = q_ref.shape[1:]
     page_size = k_ref.shape[1]
     block_k = pages_per_step * page_size
@@ -103,19 +110,17 @@ def _ragged_kernel(
     def body(step, carry):
         acc, m, l = carry
         pages = tables_ref[seq, pl.ds(step * pages_per_step, pages_per_step)]
-        k = k_ref[pages].reshape(block_k, head_dim)
-        v = v_ref[pages].reshape(block_k, head_dim)
         key_pos = step * block_k + jnp.arange(block_k)
         written = key_pos < kv_len
+        k, k_scale, v = load_pages(k_ref, v_ref, scale_refs, pages, written, q.dtype)
         visible = (key_pos[None, :] <= pos[:, None]) & written[None, :]
         if window is not None:
             visible &= key_pos[None, :] > pos[:, None] - window
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * (sm_scale * math.log2(math.e))
-        s = jnp.where(visible, s, -jnp.inf)
+        s = jnp.where(visible, s if k_scale is None else s * k_scale[None, :], -jnp.inf)
         m_next = jnp.maximum(m, s.max(axis=1))
         p = jnp.exp2(s - m_next[:, None])
         alpha = jnp.exp2(m - m_next)
-        v = jnp.where(written[:, None], v, 0)  # unwritten slots may hold NaN; 0 * NaN = NaN
         acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return acc, m_next, l * alpha + p.sum(axis=1)
 
@@ -126,6 +131,28 @@ def _ragged_kernel(
     out = (acc / jnp.where(l == 0, 1.0, l)[:, None]).astype(o_ref.dtype)
     store_ok = jnp.broadcast_to(row_ok[:, None, None], (block_q, group, head_dim))
     plt.store(o_ref.at[pl.ds(load_at, block_q)], out.reshape(block_q, group, head_dim), mask=store_ok)
+
+
+def load_pages(k_ref, v_ref, scale_refs, pages, written, dtype):
+    """Keys [block_k, H], their scales [block_k] (None for an unquantised pool), values [block_k, H].
+
+    A quantised pool's one-byte keys (fp8 as uint8 bits: bitcast first, see
+    jaxllm/models/kv_quant.py) are cast to ``dtype`` (exact: e4m3 and int8 fit bf16) and
+    their scales returned to multiply the float32 scores' columns. Values are dequantised here, in
+    float32 then ``dtype``: folding their scales into the probabilities instead could underflow
+    float16 (p * scale). Either costs ``block_k * H`` multiplies per page, small next to the
+    ``rows * block_k * H`` of each dot. Unwritten slots may hold NaN (values and scales alike) and
+    0 * NaN = NaN, so their values are zeroed after dequantising.
+    """
+    block_k, head_dim = written.shape[0], k_ref.shape[-1]
+    k = k_ref[pages].reshape(block_k, head_dim)
+    v = v_ref[pages].reshape(block_k, head_dim)
+    if not scale_refs:
+        return k, None, jnp.where(written[:, None], v, 0)
+    k_scale_ref, v_scale_ref = scale_refs
+    k = unpack(k).astype(dtype)
+    v = unpack(v).astype(jnp.float32) * v_scale_ref[pages].reshape(block_k)[:, None]
+    return k, k_scale_ref[pages].reshape(block_k), jnp.where(written[:, None], v, 0).astype(dtype)
 
 
 def query_tiles(cu_q_lens: jax.Array, num_tokens: int, block_q: int) -> jax.Array:
@@ -149,7 +176,7 @@ def query_tiles(cu_q_lens: jax.Array, num_tokens: int, block_q: int) -> jax.Arra
     return jnp.stack([seq, first, valid, load_at], axis=1).astype(jnp.int32)
 
 
-def _build_ragged_call(q_shape, pool_shape, num_tiles, dtype, *, config, sm_scale, window, interpret):
+def _build_ragged_call(q_shape, pool_shape, num_tiles, dtype, *, quantized, config, sm_scale, window, interpret):
     num_tokens, num_kv_heads, group, head_dim = q_shape
     pages, page_size = pool_shape[:2]
     block_q = config.block_q(group)
@@ -157,17 +184,19 @@ def _build_ragged_call(q_shape, pool_shape, num_tiles, dtype, *, config, sm_scal
                                sm_scale=sm_scale, window=window)
     per_head_q = pl.BlockSpec((num_tokens, None, group, head_dim), lambda i, h: (0, h, 0, 0))
     per_head_kv = pl.BlockSpec((pages, page_size, None, head_dim), lambda i, h: (0, 0, h, 0))
+    per_head_scale = pl.BlockSpec((pages, page_size, None), lambda i, h: (0, 0, h))
+    scale_specs = [per_head_scale] * 2 if quantized else []
     return pl.pallas_call(
         kernel,
         grid=(num_tiles, num_kv_heads),
         in_specs=[
             pl.BlockSpec((None, 4), lambda i, h: (i, 0)),
             *[pl.no_block_spec] * 3,  # block tables, kv_lens, positions: whole, indexed in the kernel
-            per_head_q, per_head_kv, per_head_kv, per_head_q,
+            per_head_q, per_head_kv, per_head_kv, *scale_specs, per_head_q,
         ],
         out_specs=per_head_q,
         out_shape=jax.ShapeDtypeStruct(q_shape, dtype),
-        input_output_aliases={7: 0},
+        input_output_aliases={7 + len(scale_specs): 0},
         compiler_params=plt.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="ragged_paged_attention",
@@ -185,6 +214,8 @@ def ragged_paged_attention(
     kv_lens: jax.Array,  # [S] int32
     positions: jax.Array,  # [T] int32
     *,
+    k_scale: jax.Array | None = None,  # [L, num_blocks, block_size, K] float32
+    v_scale: jax.Array | None = None,  # [L, num_blocks, block_size, K] float32
     sliding_window: int | None = None,
     config: RaggedAttentionConfig = RaggedAttentionConfig(),
     interpret: bool = False,
@@ -194,6 +225,8 @@ def ragged_paged_attention(
     Args:
       q: queries of every token, sequences back to back as ``cu_q_lens`` says.
       k_pool, v_pool: the whole pool; the new tokens' K/V must already be written.
+      k_scale, v_scale: for a quantised (fp8/int8) pool, the scale of each token and kv head:
+        keys are ``k_pool * k_scale[..., None]``; both or neither.
       layer: which layer of the pool to read.
       block_tables: physical block ids of each sequence's positions ``[i * block_size, ...)``.
       cu_q_lens: sequence s owns tokens ``cu_q_lens[s]:cu_q_lens[s + 1]``; tokens past
@@ -208,6 +241,7 @@ def ragged_paged_attention(
       ``[T, N, H]`` attention outputs in q's dtype.
     """
     validate_ragged_inputs(q, k_pool, v_pool, block_tables, cu_q_lens, kv_lens, positions, sliding_window)
+    scales = validate_scales(k_pool, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
     num_layers, num_blocks, page_size, num_kv_heads, _ = k_pool.shape
     group = num_heads // num_kv_heads
@@ -218,10 +252,10 @@ def ragged_paged_attention(
     tables = fold_layer(block_tables, layer, num_blocks, config.pages_per_compute_block)
     tiles = query_tiles(cu_q_lens, num_tokens + pad, block_q)
     pool_shape = (num_layers * num_blocks, page_size, num_kv_heads, head_dim)
-    call = _build_ragged_call(q4.shape, pool_shape, tiles.shape[0], q.dtype, config=config,
+    call = _build_ragged_call(q4.shape, pool_shape, tiles.shape[0], q.dtype, quantized=bool(scales), config=config,
                               sm_scale=head_dim**-0.5, window=sliding_window, interpret=interpret)
     out = call(tiles, tables, kv_lens, positions, q4, k_pool.reshape(pool_shape), v_pool.reshape(pool_shape),
-               jnp.zeros_like(q4))
+               *(x.reshape(pool_shape[:3]) for x in scales), jnp.zeros_like(q4))
     return out.reshape(num_tokens + pad, num_heads, head_dim)[:num_tokens]
 
 
@@ -256,6 +290,18 @@ def validate_ragged_inputs(q, k_pool, v_pool, block_tables, cu_q_lens, kv_lens, 
                          f"{num_seqs} sequences and {num_tokens} tokens")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"{sliding_window=} must be positive or None")
+
+
+def validate_scales(k_pool, k_scale, v_scale) -> tuple[jax.Array, ...]:
+    """Raise ValueError unless the scales are both None or both ``k_pool.shape[:4]`` floats;
+    return them as a tuple (empty for an unquantised pool)."""
+    if k_scale is None and v_scale is None:
+        return ()
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None or scale.shape != k_pool.shape[:4] or not jnp.issubdtype(scale.dtype, jnp.floating):
+            shape = None if scale is None else (scale.shape, scale.dtype)
+            raise ValueError(f"{name} must be a float array of shape {k_pool.shape[:4]}; got {shape}")
+    return k_scale, v_scale
 
 
 def ragged_paged_attention_reference(q, k_pool, v_pool, layer, block_tables, cu_q_lens, kv_lens, positions,

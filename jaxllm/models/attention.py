@@ -8,6 +8,9 @@ Every token attends causally over its own sequence: keys at positions ``<= posit
 ``> position - sliding_window`` when set). New tokens' K/V are written into the pool first, so a
 sequence's context (cached blocks, this step's earlier chunk tokens, itself) is read back from
 the pool the same way, whatever mix of prefill chunks and decode tokens the batch holds.
+
+With ``kv_cache_dtype`` "fp8" or "int8" the pool is a :class:`QuantizedKVPool` (values plus a
+float32 scale per token and kv head, see kv_quant.py): ``write_kv`` quantises, readers dequantise.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+
+from jaxllm.models.kv_quant import QuantizedKVPool, dequantize, quantize
 
 
 @jax.tree_util.register_dataclass
@@ -37,20 +42,34 @@ class AttentionMetadata:
     kv_lens: jax.Array  # [S] int32 tokens of each sequence in the pool after this step
 
 
-KVPool = tuple[jax.Array, jax.Array]  # k, v: [L, num_blocks, block_size, K, H]
+# The model dtype's (k, v), each [L, num_blocks, block_size, K, H], or fp8/int8 values with scales.
+KVPool = tuple[jax.Array, jax.Array] | QuantizedKVPool
 
 # A backend maps (q [T, N, H], kv pool, layer index, metadata, sliding_window) -> [T, N, H].
 AttentionFn = Callable[[jax.Array, KVPool, jax.Array, AttentionMetadata, "int | None"], jax.Array]
 
 
 def write_kv(kv: KVPool, layer: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> KVPool:
-    """Scatter the new tokens' k, v [T, K, H] into ``layer`` of the pool (in place under donation)."""
+    """Scatter the new tokens' k, v [T, K, H] into ``layer`` of the pool (in place under donation).
+
+    A quantised pool gets each token's values and its per-kv-head scales (see kv_quant.py).
+    """
+    block_size = kv[0].shape[2]
+    at = (layer, slot_mapping // block_size, slot_mapping % block_size)
+    if isinstance(kv, QuantizedKVPool):
+        (k_q, k_scale), (v_q, v_scale) = quantize(k, kv.k.dtype), quantize(v, kv.v.dtype)
+        return QuantizedKVPool(kv.k.at[at].set(k_q), kv.v.at[at].set(v_q),
+                               kv.k_scale.at[at].set(k_scale), kv.v_scale.at[at].set(v_scale))
     k_pool, v_pool = kv
-    block_size = k_pool.shape[2]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    k_pool = k_pool.at[layer, blocks, offsets].set(k.astype(k_pool.dtype))
-    v_pool = v_pool.at[layer, blocks, offsets].set(v.astype(v_pool.dtype))
-    return k_pool, v_pool
+    return k_pool.at[at].set(k.astype(k_pool.dtype)), v_pool.at[at].set(v.astype(v_pool.dtype))
+
+
+def read_kv(kv: KVPool, layer: jax.Array, index: tuple, dtype) -> tuple[jax.Array, jax.Array]:
+    """K and V at ``[layer, *index]`` of the pool: as stored, or dequantised to ``dtype``."""
+    at = (layer, *index)
+    if isinstance(kv, QuantizedKVPool):
+        return dequantize(kv.k[at], kv.k_scale[at], dtype), dequantize(kv.v[at], kv.v_scale[at], dtype)
+    return kv[0][at], kv[1][at]
 
 
 def _largest_tile(n: int, cap: int) -> int:
@@ -97,14 +116,14 @@ def _new_tokens_part(q, k_new, v_new, md: AttentionMetadata, window, scale):
 def _cached_part(q, kv: KVPool, layer, md: AttentionMetadata, window, scale, step_start):
     # q [T, K, G, H] against each sequence's K/V cached before this step (positions < step_start).
     # Tiles of tokens with nothing cached (fresh prompt chunks) skip the gather entirely.
-    k_pool, v_pool = kv
     T, K, G, H = q.shape
     tile = _largest_tile(T, 16)
     tables = md.block_tables[md.seq_ids]  # [T, B]
 
     def compute(q_t, table, start, pos):
-        keys = k_pool[layer, table].reshape(tile, -1, K, H)  # [tile, C, K, H]
-        values = v_pool[layer, table].reshape(tile, -1, K, H).astype(jnp.float32)
+        keys, values = read_kv(kv, layer, (table,), q.dtype)
+        keys = keys.reshape(tile, -1, K, H)  # [tile, C, K, H]
+        values = values.reshape(tile, -1, K, H).astype(jnp.float32)
         scores = jnp.einsum("tkgh,tckh->tkgc", q_t, keys, preferred_element_type=jnp.float32) * scale
         key_pos = jnp.arange(keys.shape[1])[None, :]
         visible = key_pos < start[:, None]
@@ -133,16 +152,13 @@ def xla_paged_attention(q, kv: KVPool, layer, md: AttentionMetadata, sliding_win
     of its blocks; token tiles with nothing cached skip the gather, so fresh prompt chunks in a
     batch with long decodes do not pay for the decodes' context.
     """
-    k_pool, v_pool = kv
     T, N, H = q.shape
-    K = k_pool.shape[3]
+    block_size, K = kv[0].shape[2:4]
     qg = q.reshape(T, K, N // K, H)
     scale = H**-0.5
-    block_size = k_pool.shape[2]
     # The step's own K/V, read back through the block tables like every other key.
     blocks = md.block_tables[md.seq_ids, md.positions // block_size]
-    offsets = md.positions % block_size
-    k_new, v_new = k_pool[layer, blocks, offsets], v_pool[layer, blocks, offsets]  # [T, K, H]
+    k_new, v_new = read_kv(kv, layer, (blocks, md.positions % block_size), q.dtype)  # [T, K, H]
     # Padding tokens (after the last sequence) may point at unwritten slots: a zero weight times a
     # NaN value would still poison the matmul, so their values are zeroed.
     real = jnp.arange(T) < md.cu_q_lens[-1]
@@ -174,7 +190,11 @@ def register_attention_backend(name: str, fn: AttentionFn) -> None:
           model's dtype. T is padded up to a bucket; N query heads, H head dim.
         kv: the pool ``(k, v)``, each ``[L, num_blocks, block_size, K, H]``; K kv heads with
           ``N % K == 0``, query head n reading kv head ``n // (N // K)``. This step's new K/V are
-          already written at ``md.slot_mapping`` (see :func:`write_kv`); ``fn`` only reads.
+          already written at ``md.slot_mapping`` (see :func:`write_kv`); ``fn`` only reads. With
+          ``kv_cache_dtype`` "fp8"/"int8" it is a :class:`QuantizedKVPool` instead: int8 or
+          uint8 (fp8 e4m3 bits) values with float32 scales ``[L, num_blocks, block_size, K]``
+          (:func:`read_kv` gathers and dequantises); a backend that does not handle it may raise
+          ValueError when traced, which the engine reports at start-up.
         layer: int32 scalar, traced (the scan index): the layer of the pool to read.
         md: :class:`AttentionMetadata`, a pytree of int32 arrays (S sequences, B blocks each,
           both padded): ``positions [T]``, ``seq_ids [T]`` (each token's row of

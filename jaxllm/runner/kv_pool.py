@@ -7,9 +7,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm.config import CacheConfig, ModelConfig
 from jaxllm.models.attention import KVPool
+from jaxllm.models.kv_quant import SCALE_DTYPE, QuantizedKVPool, is_quantized
 
 logger = logging.getLogger("jaxllm")
 
@@ -17,8 +19,10 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in fl
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
-    """K and V of one block across all layers."""
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    """K and V of one block across all layers, stored in ``dtype`` (fp8/int8 count their scales)."""
+    values = cfg.head_dim * np.dtype(dtype).itemsize
+    scales = SCALE_DTYPE.itemsize if is_quantized(dtype) else 0
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * (values + scales)
 
 
 def kv_budget_bytes(cache: CacheConfig, device: jax.Device, weights_bytes: int, activation_peak: int) -> int:
@@ -59,11 +63,17 @@ def log_capacity(num_blocks: int, block_size: int, max_model_len: int) -> int:
 
 
 def allocate(cfg: ModelConfig, num_blocks: int, block_size: int, dtype) -> KVPool:
+    """A zeroed pool stored in ``dtype``: ``(k, v)``, or a QuantizedKVPool for fp8/int8."""
     shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    if is_quantized(dtype):
+        scales = jnp.zeros(shape[:-1], SCALE_DTYPE)
+        return QuantizedKVPool(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), scales, jnp.zeros_like(scales))
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 def copy_blocks(kv: KVPool, src: jax.Array, dst: jax.Array) -> KVPool:
-    """Copy whole blocks src[i] -> dst[i] in every layer (copy-on-write); pad with 0 -> 0."""
-    k, v = kv
-    return k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])
+    """Copy whole blocks src[i] -> dst[i] in every layer (copy-on-write); pad with 0 -> 0.
+
+    Every array of the pool (values and scales) is ``[L, num_blocks, ...]``, so one rule fits all.
+    """
+    return jax.tree.map(lambda x: x.at[:, dst].set(x[:, src]), kv)

@@ -21,6 +21,7 @@ from jaxllm.config import CacheConfig, ModelConfig, SchedulerConfig
 from jaxllm.engine.messages import RunnerOutput, SamplingOptions, ScheduledSequence, SchedulerOutput
 from jaxllm.models import model_module
 from jaxllm.models.attention import AttentionFn, KVPool
+from jaxllm.models.kv_quant import kv_storage_dtype
 from jaxllm.runner import kv_pool
 from jaxllm.runner.batch import Buckets, StepBatch, build_batch, sample_rows
 from jaxllm.runner.logprobs import host_prompt_logprobs, host_sample_logprobs, logprobs_if, prompt_logprobs_if
@@ -56,6 +57,7 @@ class ModelRunner:
         self.cfg, self.cache = cfg, cache
         self.params = jax.device_put(params)
         self.dtype = jax.tree.leaves(self.params)[0].dtype
+        self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.dtype)  # fp8/int8 pools carry scales
         self.buckets = Buckets.make(
             sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size)
         )
@@ -65,9 +67,9 @@ class ModelRunner:
         self._compiled: dict[tuple[int, int], object] = {}
         self.num_compiles = 0
         self.num_blocks = self._size_pool(sched.max_model_len)
-        self.kv = kv_pool.allocate(cfg, self.num_blocks, cache.block_size, self.dtype)
-        self.num_swap_blocks = num_swap_slots(cache, cfg, self.dtype)
-        self._swap = HostSwapSpace(cfg, self.num_swap_blocks, cache.block_size, self.dtype) if self.num_swap_blocks else None
+        self.kv = kv_pool.allocate(cfg, self.num_blocks, cache.block_size, self.kv_dtype)
+        self.num_swap_blocks = num_swap_slots(cache, cfg, self.kv_dtype)
+        self._swap = HostSwapSpace(self.kv, self.num_swap_blocks) if self.num_swap_blocks else None
 
     # -- set-up --------------------------------------------------------------------------------
     def _size_pool(self, max_model_len: int) -> int:
@@ -75,14 +77,14 @@ class ModelRunner:
         weights = sum(x.nbytes for x in jax.tree.leaves(self.params))
         peak = self._activation_peak() if device.platform == "gpu" and self.cache.num_kv_blocks is None else 0
         budget = kv_pool.kv_budget_bytes(self.cache, device, weights, peak)
-        blocks = kv_pool.num_blocks_for(self.cache, self.cfg, self.dtype, budget)
+        blocks = kv_pool.num_blocks_for(self.cache, self.cfg, self.kv_dtype, budget)
         kv_pool.log_capacity(blocks, self.cache.block_size, max_model_len)
         return blocks
 
     def _activation_peak(self) -> int:
         """Scratch memory of the largest bucket, compiled against a 2-block pool."""
         T, B = self.buckets.token_buckets[-1], self.buckets.block_buckets[-1]
-        kv = jax.eval_shape(lambda: kv_pool.allocate(self.cfg, 2, self.cache.block_size, self.dtype))
+        kv = jax.eval_shape(lambda: kv_pool.allocate(self.cfg, 2, self.cache.block_size, self.kv_dtype))
         compiled = self._jit_step.lower(self.params, kv, self._dummy_batch(T, B)).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 

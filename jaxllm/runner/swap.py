@@ -18,30 +18,30 @@ SWAP_CHUNK = 16  # blocks per device <-> host transfer
 
 
 def num_swap_slots(cache: CacheConfig, cfg: ModelConfig, dtype) -> int:
-    """Blocks that fit in ``swap_space`` GiB; 0 unless ``preemption_mode="swap"``."""
+    """Blocks stored in ``dtype`` that fit in ``swap_space`` GiB; 0 unless ``preemption_mode="swap"``."""
     if cache.preemption_mode != "swap":
         return 0
     return int(cache.swap_space * (1 << 30)) // kv_pool.bytes_per_block(cfg, cache.block_size, dtype)
 
 
 def gather_blocks(kv: KVPool, block_ids: jax.Array) -> KVPool:
-    """block_ids [SWAP_CHUNK] -> K and V [layers, SWAP_CHUNK, block_size, kv heads, head dim]."""
-    k, v = kv
-    return k[:, block_ids], v[:, block_ids]
+    """block_ids [SWAP_CHUNK] -> the pool's arrays cut to those blocks: [L, SWAP_CHUNK, ...] each."""
+    return jax.tree.map(lambda x: x[:, block_ids], kv)
 
 
-def scatter_blocks(kv: KVPool, block_ids: jax.Array, k_blocks: jax.Array, v_blocks: jax.Array) -> KVPool:
-    """Write K and V blocks (shaped as ``gather_blocks`` returns) into ``block_ids`` of the pool."""
-    k, v = kv
-    return k.at[:, block_ids].set(k_blocks), v.at[:, block_ids].set(v_blocks)
+def scatter_blocks(kv: KVPool, block_ids: jax.Array, blocks: KVPool) -> KVPool:
+    """Write ``blocks`` (shaped as ``gather_blocks`` returns) into ``block_ids`` of the pool."""
+    return jax.tree.map(lambda x, b: x.at[:, block_ids].set(b), kv, blocks)
 
 
 class HostSwapSpace:
-    """``num_slots`` blocks of K and V in host memory (numpy; pages are touched only when used)."""
+    """``num_slots`` blocks of every pool array (K, V and, when quantised, their scales) in host
+    memory (numpy; pages are touched only when used)."""
 
-    def __init__(self, cfg: ModelConfig, num_slots: int, block_size: int, dtype):
-        shape = (cfg.num_layers, num_slots, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k, self.v = np.zeros(shape, dtype), np.zeros(shape, dtype)
+    def __init__(self, kv: KVPool, num_slots: int):
+        """``kv``: the device pool (or its ``jax.eval_shape``), whose arrays' layouts are copied."""
+        self._treedef = jax.tree.structure(kv)
+        self.blocks = [np.zeros((x.shape[0], num_slots, *x.shape[2:]), x.dtype) for x in jax.tree.leaves(kv)]
         self._gather = jax.jit(gather_blocks)
         self._scatter = jax.jit(scatter_blocks, donate_argnums=0)
 
@@ -54,19 +54,20 @@ class HostSwapSpace:
         """Copy device blocks into host slots: ``pairs`` of (device block id, host slot)."""
         pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
         for blocks, slots in _chunks(pairs[:, 0], pairs[:, 1]):
-            k, v = self._gather(kv, blocks)
-            n = len(slots)
-            self.k[:, slots], self.v[:, slots] = np.asarray(k)[:, :n], np.asarray(v)[:, :n]
+            gathered = jax.tree.leaves(self._gather(kv, blocks))
+            for host, device in zip(self.blocks, gathered, strict=True):
+                host[:, slots] = np.asarray(device)[:, : len(slots)]
 
     def swap_in(self, kv: KVPool, pairs) -> KVPool:
         """Copy host slots into device blocks: ``pairs`` of (host slot, device block id)."""
         pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
         for blocks, slots in _chunks(pairs[:, 1], pairs[:, 0]):
-            n = len(slots)
-            k = np.zeros((self.k.shape[0], SWAP_CHUNK, *self.k.shape[2:]), self.k.dtype)
-            v = np.zeros_like(k)
-            k[:, :n], v[:, :n] = self.k[:, slots], self.v[:, slots]
-            kv = self._scatter(kv, blocks, k, v)
+            chunk = []
+            for host in self.blocks:
+                padded = np.zeros((host.shape[0], SWAP_CHUNK, *host.shape[2:]), host.dtype)
+                padded[:, : len(slots)] = host[:, slots]
+                chunk.append(padded)
+            kv = self._scatter(kv, blocks, jax.tree.unflatten(self._treedef, chunk))
         return kv
 
 
