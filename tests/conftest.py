@@ -47,6 +47,23 @@ def smollm2_hf(smollm2_path):
     return model.eval()
 
 
+# Prompts whose greedy continuations several engine tests compare with transformers'.
+GREEDY_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "1, 2, 3, 4,",
+]
+GREEDY_MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="session")
+def smollm2_expected_greedy(smollm2_model, smollm2_hf) -> list[list[int]]:
+    """transformers' greedy continuations of GREEDY_PROMPTS (no eos stop), computed once."""
+    tok = smollm2_model.tokenizer
+    return [hf_greedy(smollm2_hf, tok.encode(p), GREEDY_MAX_TOKENS) for p in GREEDY_PROMPTS]
+
+
 def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy continuation of one prompt (no eos stop), as a list of ids."""
     import torch

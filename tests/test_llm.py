@@ -4,26 +4,19 @@ however the requests are batched, cached, preempted or chunked."""
 from __future__ import annotations
 
 import pytest
-from conftest import hf_greedy
+from conftest import GREEDY_MAX_TOKENS as MAX_TOKENS
+from conftest import GREEDY_PROMPTS as PROMPTS
 
 from jaxllm import LLM, SamplingParams
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
-    "1, 2, 3, 4,",
-]
-MAX_TOKENS = 24
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 # Small limits keep the compiled bucket set (and the suite) small.
 LIMITS = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64)
 
 
 @pytest.fixture(scope="module")
-def expected(smollm2_model, smollm2_hf):
-    tok = smollm2_model.tokenizer
-    return [hf_greedy(smollm2_hf, tok.encode(p), MAX_TOKENS) for p in PROMPTS]
+def expected(smollm2_expected_greedy):
+    return smollm2_expected_greedy
 
 
 @pytest.fixture(scope="module")

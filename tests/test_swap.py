@@ -10,6 +10,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import GREEDY_MAX_TOKENS, GREEDY_PROMPTS
 from test_scheduler import BS, VOCAB, PagedSimRunner, make_request, reference_output, run_all
 
 from jaxllm.config import CacheConfig, SchedulerConfig
@@ -176,28 +177,13 @@ def test_swapping_happens_in_the_random_workloads():
 
 # -- end to end on SmolLM2 -----------------------------------------------------------------------
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
-    "1, 2, 3, 4,",
-]
-MAX_TOKENS = 24
-GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=GREEDY_MAX_TOKENS, ignore_eos=True)
 LIMITS = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64)
-
-
-@pytest.fixture(scope="module")
-def expected(smollm2_model, smollm2_hf):
-    from conftest import hf_greedy
-
-    tok = smollm2_model.tokenizer
-    return [hf_greedy(smollm2_hf, tok.encode(p), MAX_TOKENS) for p in PROMPTS]
 
 
 # Plenty of swap space; and one slot, too few for the preempted request, which then recomputes.
 @pytest.mark.parametrize("swap_blocks", [1000, 1])
-def test_tiny_pool_swaps_and_matches_transformers(smollm2_model, expected, swap_blocks):
+def test_tiny_pool_swaps_and_matches_transformers(smollm2_model, smollm2_expected_greedy, swap_blocks):
     from jaxllm import LLM
     from jaxllm.runner.kv_pool import bytes_per_block
 
@@ -208,8 +194,8 @@ def test_tiny_pool_swaps_and_matches_transformers(smollm2_model, expected, swap_
     assert engine.runner.num_swap_blocks == swap_blocks
     compiles = engine.stats.num_compiles
     assert compiles == len(engine.runner.buckets.shapes()) + 3  # + block copy, swap out, swap in
-    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outputs] == expected
+    outputs = llm.generate(GREEDY_PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == smollm2_expected_greedy
     stats = engine.stats
     assert stats.num_preemptions > 0 and stats.num_compiles == compiles and stats.kv_blocks_used == 0
     assert stats.num_swaps == (stats.num_preemptions if swap_blocks == 1000 else 0)
