@@ -135,6 +135,21 @@ class TestDecodeGPU(_DecodeCases):
     interpret = False
 
 
+@pytest.mark.parametrize("block_size,window", [(8, None), (16, 9), (32, None), (64, 70)])
+def test_xla_backend_long_contexts_match_reference(block_size, window):
+    """The xla backend's cached part walks (token, 64-slot chunk) items, 16 per loop iteration:
+    contexts of several chunks, more items than one iteration holds, a multi-token continuation,
+    a fresh prompt and an empty row, over a pool of NaN in every unwritten slot."""
+    q_lens, kv_lens = [1, 1, 0, 6, 1, 9, 1], [200, 65, 0, 140, 1, 9, 130]
+    batch = make_batch(7, q_lens, kv_lens, block_size=block_size, num_kv_heads=2, group=4, head_dim=64)
+    ref = ragged_paged_attention_reference(*batch.kernel_args(), sliding_window=window)
+    out = jax.jit(xla_paged_attention, static_argnums=4)(
+        batch.q, (batch.k_pool, batch.v_pool), batch.layer, batch.metadata(), window)
+    n = batch.num_real_tokens
+    assert not np.isnan(np.asarray(out)[:n]).any()
+    np.testing.assert_allclose(np.asarray(out)[:n], np.asarray(ref)[:n], atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("mixed", [False, True])
 def test_pallas_backend_equals_xla_backend(mixed):
     """The engine-facing backend: decode batches take the split-K kernel, mixed ones the ragged one."""

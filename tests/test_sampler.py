@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.runner.sampler import MAX_BANNED_IDS, SamplingTensors, _filter, sample
+from jaxllm.runner.sampler import MAX_BANNED_IDS, SamplingTensors, _filter, argmax, sample
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
 
@@ -65,6 +65,24 @@ def test_greedy_rows_take_argmax_beside_sampled_rows():
     st = dataclasses.replace(st, temperature=jnp.array([0.0, 1.0, 0.0, 1.0]))
     out = np.asarray(sample(logits, st))
     assert out[0] == np.argmax(logits[0]) and out[2] == np.argmax(logits[2])
+
+
+@pytest.mark.parametrize("vocab", [100, 256, 49152, 50257])  # one tile, exact tiles, padded last tile
+def test_two_level_argmax_equals_argmax_with_ties(vocab):
+    x = np.array(jax.random.normal(jax.random.PRNGKey(vocab), (5, vocab)))
+    x[1, [7, vocab - 1]] = 10.0  # a tie: the first index wins
+    x[2, vocab - 1] = 10.0  # the maximum in the padded tail
+    x[3] = -np.inf  # nothing finite
+    x[4, [300 % vocab, 40 % vocab]] = 9.0
+    out = np.asarray(jax.jit(argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(out, np.argmax(x, axis=-1))
+    assert out[1] == 7 and out[2] == vocab - 1 and out[3] == 0
+
+
+def test_all_greedy_batch_equals_argmax_on_large_vocab():
+    logits = jax.random.normal(jax.random.PRNGKey(3), (64, 49152))
+    out = np.asarray(jax.jit(sample)(logits, _tensors(64, temperature=0.0)))
+    np.testing.assert_array_equal(out, np.argmax(np.asarray(logits), axis=-1))
 
 
 def test_sampling_frequencies_follow_filtered_distribution():

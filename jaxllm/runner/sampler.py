@@ -71,16 +71,42 @@ def _filter(logits, top_k, top_p, min_p):
     return jnp.where(keep, logits, -jnp.inf)
 
 
+def argmax(x: jax.Array, block: int = 256) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` (first index of the maximum), in two levels.
+
+    XLA:CPU lowers argmax to a variadic (value, index) reduction that runs ~20x slower than a
+    plain max over a 50k vocabulary (8 ms vs 0.4 ms for 64 rows); reducing blocks of ``block``
+    with max, then taking the argmax of the block maxima and of the winning block, is exact.
+    """
+    *lead, V = x.shape
+    if V <= block:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    pad = -V % block
+    if pad:
+        fill = jnp.full((*lead, pad), -jnp.inf, x.dtype)
+        x = jnp.concatenate([x, fill], axis=-1)
+    tiles = x.reshape(*lead, -1, block)
+    best_tile = jnp.argmax(jnp.max(tiles, axis=-1), axis=-1)
+    tile = jnp.take_along_axis(tiles, best_tile[..., None, None], axis=-2)[..., 0, :]
+    return (best_tile * block + jnp.argmax(tile, axis=-1)).astype(jnp.int32)
+
+
+def _draw(logits, st: SamplingTensors):
+    # Temperature, filters and a seeded categorical draw for every row: the Gumbel noise over
+    # [S, V] costs ~1 ms per row on the CPU, so batches of greedy rows skip this (see ``sample``).
+    scaled = logits / jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
+    needs_filter = jnp.any((st.temperature > 0) & ((st.top_k > 0) | (st.top_p < 1.0) | (st.min_p > 0.0)))
+    scaled = jax.lax.cond(needs_filter, _filter, lambda x, *_: x, scaled, st.top_k, st.top_p, st.min_p)
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(st.seeds, st.steps)
+    return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled).astype(jnp.int32)
+
+
 def sample(logits: jax.Array, st: SamplingTensors) -> jax.Array:
     """logits [S, V] float32 -> token ids [S] int32."""
     rows = jnp.arange(logits.shape[0])[:, None]
     if st.penalties is not None:
         logits = apply_penalties(logits, st.penalties)
     logits = logits.at[rows, st.banned].set(-jnp.inf, mode="drop")
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
-    needs_filter = jnp.any((st.top_k > 0) | (st.top_p < 1.0) | (st.min_p > 0.0))
-    scaled = jax.lax.cond(needs_filter, _filter, lambda x, *_: x, scaled, st.top_k, st.top_p, st.min_p)
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(st.seeds, st.steps)
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled).astype(jnp.int32)
+    greedy = argmax(logits)
+    drawn = jax.lax.cond(jnp.any(st.temperature > 0), _draw, lambda *_: greedy, logits, st)
     return jnp.where(st.temperature > 0, drawn, greedy)
