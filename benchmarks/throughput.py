@@ -1,11 +1,11 @@
 """Offline throughput: jaxllm's continuous batching vs transformers' static-batch ``generate``.
 
 Usage: python benchmarks/throughput.py [--num-prompts 64] [--seed 0] [--hf-batch-sizes 8,16,32,64]
-                                       [--skip-hf] [--quick] [--output PATH]
+                                       [--dtype float32|bfloat16] [--skip-hf] [--quick] [--output PATH]
 
 One seeded mixed-length workload (random non-special token ids, 16-200 prompt tokens, 16-128
-output tokens each, greedy, ignore_eos) runs through ``LLM.generate`` (float32) and through
-transformers on the same SmolLM2 weights, in the same process on the same machine. transformers
+output tokens each, greedy, ignore_eos) runs through ``LLM.generate`` and through transformers on
+the same SmolLM2 weights in the same dtype (``--dtype``, float32 by default), in the same process on the same machine. transformers
 gets static batches with left padding; each batch decodes max(output length in batch) tokens
 (min_new_tokens, so it cannot stop early) and only each request's own output tokens count. Both
 use every core: torch.set_num_threads(os.cpu_count()), XLA at its default; the 1-minute load
@@ -87,7 +87,8 @@ def run_jaxllm(model, workload: Workload) -> tuple[dict, list[list[int]]]:
     assert [len(t) for t in token_ids] == workload.output_lens, "jaxllm generated the wrong number of tokens"
     result = {
         "load_avg_1min_before_after": [before_load, os.getloadavg()[0]],
-        "engine_args": {**_ENGINE_LIMITS, "dtype": "float32", "block_size": llm.engine_args.block_size},
+        "engine_args": {**_ENGINE_LIMITS, "dtype": str(llm.llm_engine.runner.dtype),
+                        "block_size": llm.engine_args.block_size},
         "startup_with_compile_s": startup_s,
         "elapsed_s": elapsed,
         "output_tokens": workload.num_output_tokens,
@@ -107,11 +108,12 @@ def run_jaxllm(model, workload: Workload) -> tuple[dict, list[list[int]]]:
 # -- transformers ------------------------------------------------------------------------------
 
 
-def load_hf(gguf_path: Path):
+def load_hf(gguf_path: Path, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=getattr(torch, dtype))
     return model.eval()
 
 
@@ -149,8 +151,8 @@ def run_hf_static(model, workload: Workload, batch_size: int, pad_id: int) -> tu
     }, token_ids
 
 
-def run_hf(gguf_path: Path, workload: Workload, batch_sizes: list[int], pad_id: int) -> tuple[dict, dict]:
-    model = load_hf(gguf_path)
+def run_hf(gguf_path: Path, workload: Workload, batch_sizes: list[int], pad_id: int, dtype: str) -> tuple[dict, dict]:
+    model = load_hf(gguf_path, dtype)
     _hf_batch(model, [workload.prompts[0][:16]] * 2, 4, pad_id)  # warm-up
     per_batch, outputs = {}, {}
     for bs in batch_sizes:
@@ -159,6 +161,7 @@ def run_hf(gguf_path: Path, workload: Workload, batch_sizes: list[int], pad_id: 
     best = max(per_batch, key=lambda k: per_batch[k]["output_tokens_per_s"])
     summary = {
         "attn_implementation": model.config._attn_implementation,
+        "dtype": str(model.dtype),
         "per_batch_size": per_batch,
         "best_batch_size": int(best),
         "output_tokens_per_s": per_batch[best]["output_tokens_per_s"],
@@ -205,14 +208,17 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=None, help="default 64, or 16 with --quick")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-batch-sizes", default=None, help="comma separated; default 8,16,32,64 (8,16 quick)")
-    parser.add_argument("--skip-hf", action="store_true", help="measure jaxllm only")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and activations of both engines (KV cache: jaxllm's 'auto', the same dtype)")
+    parser.add_argument("--skip-hf", action="store_true", help="measure jaxllm only (no file unless --output)")
     parser.add_argument("--quick", action="store_true", help="a smoke check: 16 prompts, no file unless --output")
     parser.add_argument("--output", type=Path, default=None, help=f"JSON path; default {_DEFAULT_OUT}")
     args = parser.parse_args()
     args.num_prompts = args.num_prompts or (16 if args.quick else 64)
     sizes = args.hf_batch_sizes or ("8,16" if args.quick else "8,16,32,64")
     args.hf_batch_sizes = [int(s) for s in sizes.split(",")]
-    args.output = args.output or (None if args.quick else _DEFAULT_OUT)
+    default_out = _DEFAULT_OUT.with_stem(f"{_DEFAULT_OUT.stem}_{args.dtype}") if args.dtype != "float32" else _DEFAULT_OUT
+    args.output = args.output or (None if args.quick or args.skip_hf else default_out)
     return args
 
 
@@ -222,7 +228,7 @@ def main() -> None:
     args = _parse_args()
     torch.set_num_threads(os.cpu_count())
     gguf_path = converters.resolve_model(None)
-    model = jaxllm.load_model(str(gguf_path), dtype="float32")
+    model = jaxllm.load_model(str(gguf_path), dtype=args.dtype)
     tokenizer = model.tokenizer
     workload = make_workload(args.num_prompts, args.seed, len(tokenizer), set(tokenizer.all_special_ids))
     report = {"environment": _environment(), "model": gguf_path.name,
@@ -232,7 +238,7 @@ def main() -> None:
           f"({report['jaxllm']['elapsed_s']:.1f} s)", flush=True)
     if not args.skip_hf:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        report["transformers"], theirs = run_hf(gguf_path, workload, args.hf_batch_sizes, pad_id)
+        report["transformers"], theirs = run_hf(gguf_path, workload, args.hf_batch_sizes, pad_id, args.dtype)
         report["speedup_vs_transformers"] = (report["jaxllm"]["output_tokens_per_s"]
                                              / report["transformers"]["output_tokens_per_s"])
         report["greedy_agreement_with_best_hf_batch"] = _agreement(ours, theirs)

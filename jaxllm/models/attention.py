@@ -72,14 +72,6 @@ def read_kv(kv: KVPool, layer: jax.Array, index: tuple, dtype) -> tuple[jax.Arra
     return kv[0][at], kv[1][at]
 
 
-def _largest_tile(n: int, cap: int) -> int:
-    """The largest power of two <= cap that divides n (token buckets are powers of two)."""
-    tile = 1
-    while tile * 2 <= cap and n % (tile * 2) == 0:
-        tile *= 2
-    return tile
-
-
 def _partial_softmax(scores, visible):
     """Unnormalised softmax pieces over the last axis of scores [R..., C], for merging.
 
@@ -94,23 +86,21 @@ def _partial_softmax(scores, visible):
 
 def _new_tokens_part(q, k_new, v_new, md: AttentionMetadata, window, scale):
     # q [T, K, G, H] against this step's own keys k_new/v_new [T, K, H]: causal within a sequence.
-    # Query tiles bound the [tile, K, G, T] scores (large prefill buckets on GPU).
+    # Query tiles (at most 8, unrolled) see only the keys up to their last token, which skips the
+    # upper triangle: about half the [T, T] scores of a big prefill bucket.
     T = q.shape[0]
-    tile = _largest_tile(T, 256)
+    tile = max(min(T, 64), T // 8)
     index = jnp.arange(T)
-
-    def one(args):
-        q_t, seq, pos, idx = args  # [tile, K, G, H], [tile], [tile], [tile]
-        scores = jnp.einsum("tkgh,skh->tkgs", q_t, k_new, preferred_element_type=jnp.float32) * scale
-        visible = (md.seq_ids[None, :] == seq[:, None]) & (index[None, :] <= idx[:, None])
+    parts = []
+    for lo in range(0, T, tile):
+        hi = lo + tile
+        scores = jnp.einsum("tkgh,skh->tkgs", q[lo:hi], k_new[:hi], preferred_element_type=jnp.float32) * scale
+        visible = (md.seq_ids[None, :hi] == md.seq_ids[lo:hi, None]) & (index[None, :hi] <= index[lo:hi, None])
         if window is not None:
-            visible &= md.positions[None, :] > pos[:, None] - window
+            visible &= md.positions[None, :hi] > md.positions[lo:hi, None] - window
         peak, total, weights = _partial_softmax(scores, visible[:, None, None, :])
-        out = jnp.einsum("tkgs,skh->tkgh", weights, v_new.astype(jnp.float32))
-        return peak, total, out
-
-    parts = jax.lax.map(one, tuple(x.reshape(T // tile, tile, *x.shape[1:]) for x in (q, md.seq_ids, md.positions, index)))
-    return tuple(x.reshape(T, *x.shape[2:]) for x in parts)
+        parts.append((peak, total, jnp.einsum("tkgs,skh->tkgh", weights, v_new[:hi].astype(jnp.float32))))
+    return tuple(jnp.concatenate(x) for x in zip(*parts, strict=True))
 
 
 _CHUNK_SLOTS = 64  # key slots one work item of the cached part reads (whole blocks)
