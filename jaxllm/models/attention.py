@@ -166,10 +166,19 @@ def _cached_part(q, kv: KVPool, layer, md: AttentionMetadata, window, scale, ste
 def xla_paged_attention(q, kv: KVPool, layer, md: AttentionMetadata, sliding_window=None):
     """Reference backend in plain jnp, in two parts merged by log-sum-exp.
 
-    The step's own tokens attend to each other densely (causal within a sequence: a matmul, not
-    a gather), and to what their sequence had cached before the step through a per-token gather
-    of its blocks; token tiles with nothing cached skip the gather, so fresh prompt chunks in a
-    batch with long decodes do not pay for the decodes' context.
+    The step's own tokens attend to each other densely (causal within a sequence: matmuls over
+    query tiles, not a gather), and to what their sequence had cached before the step through a
+    loop over (token, 64-slot chunk) work items, so a step reads the cached context its tokens
+    really have: fresh prompt chunks and padding read nothing, and a decode at context 100 in a
+    32-block bucket reads 2 chunks, not 32 blocks.
+
+    On GPU the loop's data-dependent trip count costs a host round trip per iteration; the
+    kernel backends ("pallas", the default there) have no such loop.
+
+    Measured on the 2-core CPU against the previous per-token gather of the whole block bucket,
+    per layer on batches captured from ``benchmarks/throughput.py``: 64 decodes in a 16-block
+    bucket 2.0-2.7 ms (was 3.5-3.9), 3 decodes in a 32-block bucket 0.3-0.5 ms (was 1.9-2.6),
+    a 512-token prefill step 6.3-7.7 ms (was 13).
     """
     T, N, H = q.shape
     block_size, K = kv[0].shape[2:4]
