@@ -5,12 +5,13 @@ Usage: python benchmarks/throughput.py [--num-prompts 64] [--seed 0] [--hf-batch
 
 One seeded mixed-length workload (random non-special token ids, 16-200 prompt tokens, 16-128
 output tokens each, greedy, ignore_eos) runs through ``LLM.generate`` and through transformers on
-the same SmolLM2 weights in the same dtype (``--dtype``, float32 by default), in the same process on the same machine. transformers
-gets static batches with left padding; each batch decodes max(output length in batch) tokens
-(min_new_tokens, so it cannot stop early) and only each request's own output tokens count. Both
-use every core: torch.set_num_threads(os.cpu_count()), XLA at its default; the 1-minute load
-average before and after each timed phase is recorded, since a shared machine skews both. Prints a summary and
-writes JSON (``--quick``: 16 prompts, batch sizes 8 and 16, and no file unless ``--output``).
+the same SmolLM2 weights in the same dtype (``--dtype``, float32 by default), in the same
+process on the same machine. transformers gets static batches with left padding; each batch
+decodes max(output length in batch) tokens (min_new_tokens, so it cannot stop early) and only
+each request's own output tokens count. Both use every core: torch.set_num_threads(os.cpu_count()),
+XLA at its default; the 1-minute load average before and after each timed phase is recorded,
+since a shared machine skews both. Prints a summary and writes JSON (``--quick``: 16 prompts,
+batch sizes 8 and 16, and no file unless ``--output``; ``--skip-hf``: no file unless ``--output``).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def _cached_part(q, kv: KVPool, layer, md: AttentionMetadata, window, scale, ste
     # blocks, small enough to stay in cache while it is scored, then per-item softmax partials
     # land in a [T, J] table that is merged per token at the end.
     T, K, G, H = q.shape
-    S, B = md.block_tables.shape
+    B = md.block_tables.shape[1]
     block_size = kv[0].shape[2]
     per_chunk = max(1, min(B, _CHUNK_SLOTS // block_size))  # blocks per item
     J = -(-B // per_chunk)  # items a token may have
@@ -142,7 +142,7 @@ def _cached_part(q, kv: KVPool, layer, md: AttentionMetadata, window, scale, ste
         visible = (key_pos < step_start[tok][:, None]) & live[:, None]
         if window is not None:
             visible &= key_pos > md.positions[tok][:, None] - window
-        # Multiply-and-sum, not einsum: XLA:CPU runs these tiny batched products ~2x faster so.
+        # Multiply-and-sum over H: these [n, K] batches of tiny products are vector work, not matmuls.
         qf = q[tok].astype(jnp.float32) * scale  # [n, K, G, H]
         scores = jnp.moveaxis(jnp.sum(qf[:, None] * keys[:, :, :, None, :], axis=-1), 1, -1)  # [n, K, G, C]
         peak, total, weights = _partial_softmax(scores, visible[:, None, None, :])
@@ -173,12 +173,8 @@ def xla_paged_attention(q, kv: KVPool, layer, md: AttentionMetadata, sliding_win
     32-block bucket reads 2 chunks, not 32 blocks.
 
     On GPU the loop's data-dependent trip count costs a host round trip per iteration; the
-    kernel backends ("pallas", the default there) have no such loop.
-
-    Measured on the 2-core CPU against the previous per-token gather of the whole block bucket,
-    per layer on batches captured from ``benchmarks/throughput.py``: 64 decodes in a 16-block
-    bucket 2.0-2.7 ms (was 3.5-3.9), 3 decodes in a 32-block bucket 0.3-0.5 ms (was 1.9-2.6),
-    a 512-token prefill step 6.3-7.7 ms (was 13).
+    kernel backends ("pallas", the default there) have no such loop. ``benchmarks/step_profile.py``
+    measures this backend's share of each step bucket on the CPU.
     """
     T, N, H = q.shape
     block_size, K = kv[0].shape[2:4]

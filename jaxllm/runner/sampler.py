@@ -74,9 +74,10 @@ def _filter(logits, top_k, top_p, min_p):
 def argmax(x: jax.Array, block: int = 256) -> jax.Array:
     """``jnp.argmax(x, axis=-1)`` (first index of the maximum), in two levels.
 
-    XLA:CPU lowers argmax to a variadic (value, index) reduction that runs ~20x slower than a
-    plain max over a 50k vocabulary (8 ms vs 0.4 ms for 64 rows); reducing blocks of ``block``
-    with max, then taking the argmax of the block maxima and of the winning block, is exact.
+    XLA:CPU lowers argmax to a variadic (value, index) reduction, far slower than a plain max
+    over a 50k vocabulary (``benchmarks/step_profile.py`` times both); reducing blocks of
+    ``block`` with max, then taking the argmax of the block maxima and of the winning block, is
+    exact, ties included (the first winning tile, then its first maximum).
     """
     *lead, V = x.shape
     if V <= block:
@@ -93,7 +94,7 @@ def argmax(x: jax.Array, block: int = 256) -> jax.Array:
 
 def _draw(logits, st: SamplingTensors):
     # Temperature, filters and a seeded categorical draw for every row: the Gumbel noise over
-    # [S, V] costs ~1 ms per row on the CPU, so batches of greedy rows skip this (see ``sample``).
+    # [S, V] is the costliest part of sampling on the CPU, so all-greedy batches skip this.
     scaled = logits / jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
     needs_filter = jnp.any((st.temperature > 0) & ((st.top_k > 0) | (st.top_p < 1.0) | (st.min_p > 0.0)))
     scaled = jax.lax.cond(needs_filter, _filter, lambda x, *_: x, scaled, st.top_k, st.top_p, st.min_p)
