@@ -72,13 +72,14 @@ def _warm_up(llm: LLM, token_id: int) -> None:
         llm.generate([{"prompt_token_ids": [token_id] * 48}] * n, _greedy(1), use_tqdm=False)
 
 
-def run_jaxllm(model, workload: Workload) -> tuple[dict, list[list[int]]]:
+def run_jaxllm(model, workload: Workload, async_scheduling: bool = True) -> tuple[dict, list[list[int]]]:
     start = time.perf_counter()
-    llm = LLM(model, **_ENGINE_LIMITS)
+    llm = LLM(model, **_ENGINE_LIMITS, async_scheduling=async_scheduling)
     startup_s = time.perf_counter() - start
     _warm_up(llm, workload.prompts[0][0])
     engine = llm.llm_engine
     before, before_load = engine.stats, os.getloadavg()[0]
+    overlapped_before = engine.num_overlapped_steps
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
     start = time.perf_counter()
     outputs = llm.generate(prompts, [_greedy(n) for n in workload.output_lens], use_tqdm=False)
@@ -89,13 +90,14 @@ def run_jaxllm(model, workload: Workload) -> tuple[dict, list[list[int]]]:
     result = {
         "load_avg_1min_before_after": [before_load, os.getloadavg()[0]],
         "engine_args": {**_ENGINE_LIMITS, "dtype": str(llm.llm_engine.runner.dtype),
-                        "block_size": llm.engine_args.block_size},
+                        "block_size": llm.engine_args.block_size, "async_scheduling": async_scheduling},
         "startup_with_compile_s": startup_s,
         "elapsed_s": elapsed,
         "output_tokens": workload.num_output_tokens,
         "output_tokens_per_s": workload.num_output_tokens / elapsed,
         "total_tokens_per_s": (workload.num_output_tokens + sum(map(len, workload.prompts))) / elapsed,
         "num_steps": after.num_steps - before.num_steps,
+        "num_overlapped_steps": engine.num_overlapped_steps - overlapped_before,
         "kv_waste": after.kv_waste,
         "kv_blocks_total": after.kv_blocks_total,
         "num_preemptions": after.num_preemptions - before.num_preemptions,
@@ -211,6 +213,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--hf-batch-sizes", default=None, help="comma separated; default 8,16,32,64 (8,16 quick)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="weights and activations of both engines (KV cache: jaxllm's 'auto', the same dtype)")
+    parser.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                        help="jaxllm waits for each step's tokens before scheduling the next")
     parser.add_argument("--skip-hf", action="store_true", help="measure jaxllm only (no file unless --output)")
     parser.add_argument("--quick", action="store_true", help="a smoke check: 16 prompts, no file unless --output")
     parser.add_argument("--output", type=Path, default=None, help=f"JSON path; default {_DEFAULT_OUT}")
@@ -234,7 +238,7 @@ def main() -> None:
     workload = make_workload(args.num_prompts, args.seed, len(tokenizer), set(tokenizer.all_special_ids))
     report = {"environment": _environment(), "model": gguf_path.name,
               "workload": _describe(workload, args.seed)}
-    report["jaxllm"], ours = run_jaxllm(model, workload)
+    report["jaxllm"], ours = run_jaxllm(model, workload, args.async_scheduling)
     print(f"jaxllm: {report['jaxllm']['output_tokens_per_s']:.1f} output tok/s "
           f"({report['jaxllm']['elapsed_s']:.1f} s)", flush=True)
     if not args.skip_hf:

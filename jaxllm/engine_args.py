@@ -45,6 +45,8 @@ class EngineArgs:
     swap_space: float = 4.0  # GiB of host memory for preemption_mode="swap"
     preemption_mode: str = "recompute"  # or "swap": preempted requests' KV goes to host memory
     seed: int = 0
+    # Schedule step k+1 on the host while the device runs step k (outputs are the same).
+    async_scheduling: bool = True
     download_dir: str | None = None  # where converted weights are cached with orbax
     warmup: bool = True  # compile every bucket at start-up
     # JAX's persistent compilation cache: a second start loads compiled programs from disk.
@@ -105,4 +107,4 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None) -> LLM
     if ckpt.tokenizer is not None and ckpt.tokenizer.eos_token_id is not None:
         eos.add(ckpt.tokenizer.eos_token_id)
     return LLMEngine(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, tuple(sorted(eos)),
-                     num_swap_blocks=runner.num_swap_blocks)
+                     num_swap_blocks=runner.num_swap_blocks, async_scheduling=args.async_scheduling)

@@ -75,11 +75,12 @@ def draw(output: Path) -> None:
         "sampling options; preempted, finished, block copies, swaps", MESSAGE)
 
     # Device side.
-    box(ax, 9.6, 1.0, 6.0, 4.75, "ModelRunner.execute()", "", DEVICE, title_on_top=True)
+    box(ax, 9.6, 1.0, 6.0, 4.75, "ModelRunner.dispatch() / fetch()", "", DEVICE, title_on_top=True)
     box(ax, 9.9, 4.1, 5.4, 1.05, "build the batch (numpy)",
         "token_ids[T], positions[T], slot_mapping[T], block_tables[S, B],\n"
         "cu_q_lens, kv_lens, sampling arrays; T, B padded to warm-up buckets", "#fbd0a5", title_size=9)
-    box(ax, 9.9, 1.15, 5.4, 2.7, "jitted step(params, kv_pool, batch)",
+    box(ax, 9.9, 1.15, 5.4, 2.7, "jitted step(params, kv_pool, batch, prev_tokens)",
+        "decode inputs still on the device: from prev_tokens\n"
         "embed -> lax.scan over layers:\n"
         "  QKV, RoPE, write_kv at slot_mapping (in place)\n"
         "  attention backend over the paged pool:\n"
@@ -90,9 +91,9 @@ def draw(output: Path) -> None:
     box(ax, 12.9, 0.05, 2.7, 0.75, "KV pool (donated)",
         "k, v: [L, blocks, block_size, K, H]", "#f4b183", title_size=8)
 
-    box(ax, 0.6, 2.2, 7.6, 1.25, "Scheduler.update(SchedulerOutput, RunnerOutput)",
-        "append sampled tokens, check eos / stop ids / max_tokens / max_model_len,\n"
-        "register full blocks in the prefix cache, free finished requests' blocks")
+    box(ax, 0.6, 2.2, 7.6, 1.25, "Scheduler.advance() / resolve(RunnerOutput)",
+        "placeholder for each token in flight; then the sampled tokens: eos / stop ids /\n"
+        "max_tokens / max_model_len, prefix-cache registration, free finished requests")
     box(ax, 0.6, 0.35, 3.6, 1.3, "IncrementalDetokenizer", "text deltas, stop strings\n(a stop string finishes "
         "the request)")
     box(ax, 4.7, 0.35, 3.5, 1.3, "RequestOutput", "CompletionOutput(s): text, token_ids,\nlogprobs, finish_reason",
@@ -114,7 +115,7 @@ def draw(output: Path) -> None:
             bbox=dict(facecolor="white", edgecolor="none", pad=1.0))
     arrow(ax, (0.6, 2.8), (0.6, 5.2), "next\nstep()", rad=-0.6, label_at=0.5, offset=(-0.55, 0.0), color="#1f4e79")
 
-    ax.text(0.3, 10.75, "jaxllm: one engine step = schedule -> execute -> update", fontsize=13, fontweight="bold")
+    ax.text(0.3, 10.75, "jaxllm: one engine step = schedule -> dispatch -> resolve the step before -> advance", fontsize=13, fontweight="bold")
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=90, bbox_inches="tight")
     plt.close(fig)

@@ -41,6 +41,9 @@ ENGINE_HELP = {
     "preemption_mode": "`recompute`: a preempted request's blocks are freed and recomputed later; `swap`: "
                        "they are copied to host memory and back (recompute when swap space is full).",
     "seed": "Seed of the engine's sampling PRNG (requests without their own `seed`).",
+    "async_scheduling": "Schedule and dispatch step k+1 before waiting for step k's sampled tokens; decode inputs "
+    "are read on the device. Steps whose tokens the host needs first (penalties, `n > 1` forking, beam search) "
+    "run synchronously. Outputs are the same either way.",
     "download_dir": "Directory where converted weights are cached with orbax; the second start skips "
                     "conversion.",
     "warmup": "Compile every (tokens, blocks) bucket at start-up so a running engine never compiles. "

@@ -69,6 +69,14 @@ class SlotUsage:
     filled: int  # of those, slots whose K/V are in the pool
 
 
+@dataclass(frozen=True)
+class Holdings:
+    """Blocks and computed tokens of some requests at one moment (see ``KVCacheManager.holdings``)."""
+
+    shared: bool  # entries carry block ids (some block was shared) rather than block counts
+    entries: list  # (block ids or number of blocks, num_computed_tokens) per request
+
+
 class BlockPool:
     """Reference counts, content hashes and the LRU free queue of all blocks."""
 
@@ -201,14 +209,27 @@ class KVCacheManager:
 
     def slot_usage(self, requests: Iterable[Request]) -> SlotUsage:
         """Allocated and filled slots of the blocks ``requests`` hold; O(requests) unless shared."""
-        if self.pool.num_shared == 0:
-            held = sum(len(self._tables.get(r.request_id, ())) for r in requests)
-            return SlotUsage(held * self.block_size, sum(r.num_computed_tokens for r in requests))
+        return self.usage_of(self.holdings(requests))
+
+    def holdings(self, requests: Iterable[Request]) -> Holdings:
+        """What ``requests`` hold now, for :meth:`usage_of` later: (block ids or their count,
+        computed tokens) each; block ids only while some block is shared."""
+        shared = self.pool.num_shared > 0
+        tables = self._tables
+        if shared:
+            return Holdings(True, [(tuple(tables.get(r.request_id, ())), r.num_computed_tokens) for r in requests])
+        return Holdings(False, [(len(tables.get(r.request_id, ())), r.num_computed_tokens) for r in requests])
+
+    def usage_of(self, holdings: Holdings, keep: Iterable[bool] | None = None) -> SlotUsage:
+        """Slot usage of ``holdings`` (the entries where ``keep`` is true)."""
+        entries = holdings.entries if keep is None else [e for e, k in zip(holdings.entries, keep, strict=True) if k]
+        if not holdings.shared:
+            return SlotUsage(sum(n for n, _ in entries) * self.block_size, sum(c for _, c in entries))
         # A shared block is never written, so its holders agree on its content; take the fullest.
         filled: dict[int, int] = {}
-        for request in requests:
-            for i, block_id in enumerate(self._tables.get(request.request_id, ())):
-                fill = min(self.block_size, max(0, request.num_computed_tokens - i * self.block_size))
+        for block_ids, computed in entries:
+            for i, block_id in enumerate(block_ids):
+                fill = min(self.block_size, max(0, computed - i * self.block_size))
                 filled[block_id] = max(fill, filled.get(block_id, 0))
         return SlotUsage(len(filled) * self.block_size, sum(filled.values()))
 

@@ -17,7 +17,12 @@ from jaxllm.sampling_params import SamplingParams
 
 
 class Runner(Protocol):
-    """Anything that computes a scheduled step: the jitted model runner, or a fake in tests."""
+    """Anything that computes a scheduled step: the jitted model runner, or a fake in tests.
+
+    A runner that also has ``dispatch(scheduler_output, prev) -> handle`` and
+    ``fetch(handle) -> RunnerOutput`` (start a step without waiting; wait for it) lets the engine
+    schedule the next step while the device runs this one.
+    """
 
     num_compiles: int
 
@@ -82,6 +87,9 @@ class LLMEngine:
         num_kv_blocks: blocks in the runner's KV pool, including the null block 0.
         eos_token_ids: ids that end a request unless ``ignore_eos``.
         num_swap_blocks: host slots for swapped-out blocks (``preemption_mode="swap"``).
+        async_scheduling: schedule and dispatch step k+1 before waiting for step k's tokens
+            (when the runner can, and no request of step k needs its token on the host first);
+            its input tokens are read on the device. Outputs are the same either way.
     """
 
     def __init__(
@@ -93,6 +101,7 @@ class LLMEngine:
         num_kv_blocks: int,
         eos_token_ids: Iterable[int] = (),
         num_swap_blocks: int = 0,
+        async_scheduling: bool = True,
     ):
         self.tokenizer = tokenizer
         self.runner = runner
@@ -103,6 +112,9 @@ class LLMEngine:
         self._num_steps = 0
         self._num_prompt_tokens = 0
         self._num_generated_tokens = 0
+        self.async_scheduling = async_scheduling and hasattr(runner, "dispatch")
+        self._in_flight: tuple[SchedulerOutput, object] | None = None  # dispatched, not yet resolved
+        self.num_overlapped_steps = 0  # steps dispatched while the previous one was in flight
 
     def add_request(
         self,
@@ -163,15 +175,39 @@ class LLMEngine:
         return None, token_ids
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the cumulative output of every request that advanced or finished."""
+        """Run one step; returns the cumulative output of every request that advanced or finished.
+
+        With async scheduling a step's tokens are returned by the next call, which first
+        dispatches the following step, so the device never waits for the host in between.
+        """
+        in_flight, self._in_flight = self._in_flight, None
         if not self.scheduler.has_unfinished_requests():
-            return []
+            return []  # a step still in flight computed only for requests aborted since
         scheduled = self.scheduler.schedule()
-        ran = self.runner.execute(scheduled)
-        updates = self.scheduler.update(scheduled, ran)
+        if not self.async_scheduling:
+            updates = self.scheduler.update(scheduled, self.runner.execute(scheduled))
+            self._count_step(scheduled)
+            return [self._process(update) for update in updates]
+        handle = self.runner.dispatch(scheduled, None if in_flight is None else in_flight[1])
+        self.num_overlapped_steps += in_flight is not None and not scheduled.is_empty
+        outputs = [] if in_flight is None else self._resolve(*in_flight)
+        self.scheduler.advance(scheduled)
+        self._count_step(scheduled)
+        if scheduled.is_empty or not self.scheduler.can_overlap(scheduled):
+            outputs += self._resolve(scheduled, handle)
+        else:
+            self._in_flight = (scheduled, handle)
+        return list({o.request_id: o for o in outputs}.values())  # one request may advance twice
+
+    def _resolve(self, scheduled: SchedulerOutput, handle) -> list[RequestOutput]:
+        updates = self.scheduler.resolve(scheduled, self.runner.fetch(handle))
+        return [self._process(update) for update in updates]
+
+    def _count_step(self, scheduled: SchedulerOutput) -> None:
+        if scheduled.is_empty:
+            return
         self._num_steps += 1
         self._mark_scheduled(scheduled)
-        return [self._process(update) for update in updates]
 
     def _mark_scheduled(self, scheduled: SchedulerOutput) -> None:
         now = time.time()

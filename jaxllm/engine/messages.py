@@ -7,6 +7,7 @@ with a :class:`RunnerOutput`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,9 @@ class ScheduledSequence:
     fork_ids: tuple[str, ...] = ()
     # Prompt + output ids so far (read-only int32), only when ``sampling.needs_token_history``.
     token_history: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # The scheduler's own Request (host only): a step's results apply to the request it scheduled,
+    # not to a later one that reuses the id. The runner ignores it.
+    request: Any = field(default=None, compare=False, repr=False)
 
     @property
     def sample_ids(self) -> tuple[str, ...]:

@@ -8,6 +8,13 @@ back to the front of the queue, to be recomputed from prompt + outputs later. Wi
 ``preemption_mode="swap"`` its computed blocks are first saved to host memory instead and copied
 back into fresh blocks when it is next at the head of the queue and they fit; when the swap space
 is full it falls back to recompute.
+
+A step's effect is applied in two halves so the engine can schedule step k+1 while the device
+still runs step k: ``advance`` (right after dispatch) counts the step's tokens as computed and
+appends a ``PLACEHOLDER`` for each token it will sample; ``resolve`` (once the tokens are on the
+host) writes the real tokens over the placeholders and stops requests. A placeholder is only ever
+a request's last token, which is never hashed for the prefix cache; the runner feeds the device's
+copy of it to the next step. ``update`` is both halves at once.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from jaxllm.engine.messages import RunnerOutput, ScheduledSequence, SchedulerOut
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.swap_space import SwapSpace
 from jaxllm.engine.token_history import TokenHistories
+
+PLACEHOLDER = -1  # an output token a dispatched step samples, not yet copied to the host
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class Scheduler:
         self._retained: dict[str, Request] = {}  # finished, blocks kept for forking (beam search)
         self._kv_waste_sum = 0.0  # per-step waste ratios, summed over steps that held blocks
         self._kv_waste_steps = 0
+        self._step_holdings: deque = deque()  # (step, its running requests, their Holdings), advanced not resolved
         swapping = cache_config.preemption_mode == "swap"
         self.swap_space = SwapSpace(num_swap_blocks if swapping else 0)
         self.num_swaps = 0
@@ -125,15 +135,19 @@ class Scheduler:
         """End a request now (abort, stop string) and free its blocks; False if it was not live."""
         if not status.is_finished:
             raise ValueError(f"status={status} is not a finished status")
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return False
+        self._end(request, status, stop_reason)
+        return True
+
+    def _end(self, request: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
+        del self.requests[request.request_id]
         if request in self.running:
             self.running.remove(request)
-        elif request in self.waiting:
+        elif request in self.waiting:  # preempted while its last sample was still on the device
             self.waiting.remove(request)
         self._finish(request, status, stop_reason)
-        return True
 
     def _finish(self, request: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
         request.status = status
@@ -214,6 +228,9 @@ class Scheduler:
         while index < len(self.running) and step.budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
+            if num_new == 0:  # its last token is being sampled by the step in flight; it ends there
+                index += 1
+                continue
             allocation = self.kv.allocate_slots(request, num_new)
             while allocation is None:
                 victim = self._pick_victim(index)
@@ -324,6 +341,7 @@ class Scheduler:
             following_token_id=request.token_ids_in(stop, stop + 1)[0] if stop < request.num_tokens else None,
             fork_ids=self._fork_ids(request) if sample else (),
             token_history=self._histories.view(request) if sample and options.needs_token_history else None,
+            request=request,
         )
 
     @staticmethod
@@ -334,19 +352,51 @@ class Scheduler:
 
     def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestUpdate]:
         """Apply a finished step: advance computed tokens, append samples, stop, free finished."""
-        updates = []
+        self.advance(scheduler_output)
+        return self.resolve(scheduler_output, runner_output)
+
+    def advance(self, scheduler_output: SchedulerOutput) -> None:
+        """Count a dispatched step's tokens as computed; each token it samples, unless it is sure
+        to be the request's last (length), is held by a PLACEHOLDER so the next step decodes it."""
         for seq in scheduler_output.sequences:
-            request = self.requests.get(seq.request_id)
-            if request is None:  # aborted after it was scheduled
+            request = seq.request
+            if self.requests.get(seq.request_id) is not request:  # ended since it was scheduled
                 continue
             request.num_computed_tokens += len(seq.token_ids)
+            if seq.sample and not seq.fork_ids and not self._ends_by_length(request):
+                request.output_token_ids.append(PLACEHOLDER)
+        # What the pool holds while this step runs; resolve() turns it into the step's KV waste.
+        running = list(self.running)
+        self._step_holdings.append((scheduler_output, running, self.kv.holdings(running)))
+
+    def can_overlap(self, scheduler_output: SchedulerOutput) -> bool:
+        """Whether the next step may be scheduled before this one's sampled tokens are known:
+        not when they are needed on the host first (token histories for penalties, forking
+        parallel samples, beam search's retained requests)."""
+        for seq in scheduler_output.sequences:
+            if seq.sample and (seq.fork_ids or seq.sampling.needs_token_history or seq.request.retain_blocks):
+                return False
+        return True
+
+    def resolve(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestUpdate]:
+        """Apply an advanced step's results: the sampled tokens, forks, stops and frees."""
+        updates = []
+        for seq in scheduler_output.sequences:
+            request = seq.request
+            if self.requests.get(seq.request_id) is not request:  # aborted or stopped since
+                continue
             self._record_prompt_logprobs(request, runner_output)
             # Children fork before the parent's sample is appended: that may finish and free it.
             family = [request, *(self._fork(request, cid, i) for i, cid in enumerate(seq.fork_ids, 1))]
             if seq.sample:
                 updates += [self._append_sample(r, runner_output) for r in family]
-        self._record_kv_waste()
+        self._record_kv_waste(scheduler_output)
         return updates
+
+    def _ends_by_length(self, request: Request) -> bool:
+        """Whether the token being sampled now will end ``request`` by max_tokens or max_model_len."""
+        return (request.num_output_tokens + 1 >= request.sampling_params.max_tokens
+                or request.num_tokens + 1 >= self.config.max_model_len)
 
     def _fork(self, parent: Request, child_id: str, index: int) -> Request:
         """A parallel-sampling child sharing all of ``parent``'s blocks (copy on write later)."""
@@ -374,9 +424,15 @@ class Scheduler:
         if first == len(request.prompt_logprobs):  # a recompute after preemption adds nothing
             request.prompt_logprobs.extend(entries)
 
-    def _record_kv_waste(self) -> None:
-        # Only running requests hold blocks: waiting and preempted ones hold none.
-        usage = self.kv.slot_usage(self.running)
+    def _record_kv_waste(self, scheduler_output: SchedulerOutput) -> None:
+        """One waste sample per step: the blocks running requests held while it ran, less those
+        of requests it finished (they gave them back). Only running requests hold blocks."""
+        while self._step_holdings and self._step_holdings[0][0] is not scheduler_output:
+            self._step_holdings.popleft()  # a step dropped in flight, its requests all aborted
+        if not self._step_holdings:
+            return
+        _, running, holdings = self._step_holdings.popleft()
+        usage = self.kv.usage_of(holdings, [self.requests.get(r.request_id) is r for r in running])
         if usage.allocated:
             self._kv_waste_sum += (usage.allocated - usage.filled) / usage.allocated
             self._kv_waste_steps += 1
@@ -385,15 +441,17 @@ class Scheduler:
         token = runner_output.sampled.get(request.request_id)
         if token is None:
             raise ValueError(f"the runner returned no sampled token for request {request.request_id!r}")
-        request.output_token_ids.append(int(token))
+        outputs = request.output_token_ids
+        if outputs and outputs[-1] == PLACEHOLDER:
+            outputs[-1] = int(token)
+        else:
+            outputs.append(int(token))
         token_logprobs = runner_output.logprobs.get(request.request_id)
         if token_logprobs is not None:
             request.output_logprobs.append(token_logprobs)
         status, stop_reason = self._check_stop(request, int(token))
         if status is not None:
-            self.running.remove(request)
-            del self.requests[request.request_id]
-            self._finish(request, status, stop_reason)
+            self._end(request, status, stop_reason)
         return RequestUpdate(request.request_id, (int(token),), status is not None,
                              status.finish_reason if status else None, stop_reason, request)
 

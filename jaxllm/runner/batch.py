@@ -30,6 +30,9 @@ class StepBatch:
     want_logprobs: np.ndarray  # [] bool: some row asked for logprobs
     want_prompt_logprobs: np.ndarray  # [] bool: some sequence asked for prompt_logprobs
     next_token_ids: np.ndarray  # [T] int32 the token after each position when known, else -1
+    # [T] int32: for a position whose input is a token the previous step sampled and has not yet
+    # copied to the host (a scheduler PLACEHOLDER), that step's sampling row; else -1.
+    feed_rows: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -89,10 +92,13 @@ def build_batch(
     rng: np.random.Generator,
     vocab_size: int,
     shape: tuple[int, int] | None = None,
+    prev_rows: dict[str, int] | None = None,
 ) -> StepBatch:
     """Pad and flatten ``sched`` into numpy arrays; unseeded rows draw a seed from ``rng``.
 
     ``shape`` forces the (T, B) bucket (warm-up); by default the smallest that fits is used.
+    ``prev_rows`` maps sample ids of the previous step to their sampling rows: a negative token id
+    (a placeholder) is read on the device from that step's output instead.
     """
     seqs = sched.sequences
     rows = sample_rows(sched)
@@ -109,12 +115,18 @@ def build_batch(
     lens = np.zeros(S, np.int32)
     last_index = {}
     next_ids = np.full(T, -1, np.int32)
+    feed_rows = np.full(T, -1, np.int32)
     start = 0
     for i, (s, kv_len) in enumerate(zip(seqs, kv_lens, strict=True)):
         n = len(s.token_ids)
         pos = np.arange(s.start_pos, kv_len, dtype=np.int32)
         table = np.asarray(s.block_ids[: -(-kv_len // block_size)], np.int32)
         token_ids[start : start + n] = s.token_ids
+        if s.token_ids[-1] < 0:  # only ever the last token, sampled by the step still running
+            if prev_rows is None or s.request_id not in prev_rows:
+                raise ValueError(f"request {s.request_id!r}: a placeholder token without a previous step to read it from")
+            feed_rows[start + n - 1] = prev_rows[s.request_id]
+            token_ids[start + n - 1] = 0
         positions[start : start + n] = pos
         slots[start : start + n] = table[pos // block_size] * block_size + pos % block_size
         seq_ids[start : start + n] = i
@@ -135,6 +147,7 @@ def build_batch(
         want_logprobs=np.array(any(r.sequence.logprobs is not None for r in rows)),
         want_prompt_logprobs=np.array(any(s.prompt_logprobs is not None for s in seqs)),
         next_token_ids=next_ids,
+        feed_rows=feed_rows,
     )
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from jaxllm.models import model_module
 from jaxllm.models.attention import AttentionFn, KVPool
 from jaxllm.models.kv_quant import kv_storage_dtype
 from jaxllm.runner import kv_pool
-from jaxllm.runner.batch import Buckets, StepBatch, build_batch, sample_rows
+from jaxllm.runner.batch import Buckets, SampleRow, StepBatch, build_batch, sample_rows
 from jaxllm.runner.logprobs import host_prompt_logprobs, host_sample_logprobs, logprobs_if, prompt_logprobs_if
 from jaxllm.runner.sampler import sample
 from jaxllm.runner.swap import HostSwapSpace, num_swap_slots
@@ -33,15 +34,37 @@ logger = logging.getLogger("jaxllm")
 _COPY_SLOTS = 64  # block copies per call, padded with the null block copying onto itself
 
 
-def _step(params, kv: KVPool, batch: StepBatch, *, cfg: ModelConfig, attend: AttentionFn):
+def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, *, cfg: ModelConfig, attend: AttentionFn):
+    """One engine step. ``prev_tokens`` [max_num_seqs] are the previous step's sampled tokens, still
+    on the device: positions with ``feed_rows >= 0`` take their input from there. The sampled
+    tokens come back padded to the same fixed length, to feed the next step."""
     model = model_module(cfg)
-    hidden, kv = model.forward(params, cfg, kv, batch.token_ids, batch.md, attend)
+    token_ids = jnp.where(batch.feed_rows >= 0, prev_tokens[jnp.maximum(batch.feed_rows, 0)], batch.token_ids)
+    hidden, kv = model.forward(params, cfg, kv, token_ids, batch.md, attend)
     logits = model.logits(params, cfg, hidden[batch.logits_indices])
     tokens = sample(logits, batch.sampling)
     sample_lp = logprobs_if(batch.want_logprobs, logits, tokens)
     logits_fn = functools.partial(model.logits, params, cfg)
     prompt_lp = prompt_logprobs_if(batch.want_prompt_logprobs, logits_fn, hidden, batch.next_token_ids)
-    return (tokens, sample_lp, prompt_lp), kv
+    padded = jnp.zeros(prev_tokens.shape, tokens.dtype).at[: tokens.shape[0]].set(tokens)
+    return (padded, sample_lp, prompt_lp), kv
+
+
+@dataclass
+class InFlightStep:
+    """A dispatched step whose results are still on the device (see ``ModelRunner.dispatch``)."""
+
+    sched: SchedulerOutput
+    rows: list[SampleRow] = field(default_factory=list)
+    tokens: jax.Array | None = None  # [max_num_seqs] sampled token of each row, padded
+    sample_lp: object = None
+    prompt_lp: object = None
+    want_logprobs: bool = False
+    want_prompt_logprobs: bool = False
+
+    @property
+    def row_of(self) -> dict[str, int]:
+        return {r.sample_id: i for i, r in enumerate(self.rows)}
 
 
 class ModelRunner:
@@ -62,6 +85,7 @@ class ModelRunner:
             sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size)
         )
         self._rng = np.random.default_rng(seed)
+        self._no_tokens = jnp.zeros(self.buckets.max_num_seqs, jnp.int32)  # no previous step to feed
         self._jit_step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend), donate_argnums=1)
         self._jit_copy = jax.jit(kv_pool.copy_blocks, donate_argnums=0)
         self._compiled: dict[tuple[int, int], object] = {}
@@ -85,7 +109,7 @@ class ModelRunner:
         """Scratch memory of the largest bucket, compiled against a 2-block pool."""
         T, B = self.buckets.token_buckets[-1], self.buckets.block_buckets[-1]
         kv = jax.eval_shape(lambda: kv_pool.allocate(self.cfg, 2, self.cache.block_size, self.kv_dtype))
-        compiled = self._jit_step.lower(self.params, kv, self._dummy_batch(T, B)).compile()
+        compiled = self._jit_step.lower(self.params, kv, self._dummy_batch(T, B), self._no_tokens).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     def _dummy_batch(self, T: int, B: int) -> StepBatch:
@@ -111,7 +135,7 @@ class ModelRunner:
         logger.info("warm-up: %d programs compiled in %.1f s", self.num_compiles, time.perf_counter() - start)
 
     def _lower(self, T: int, B: int):
-        return self._jit_step.lower(self.params, self.kv, self._dummy_batch(T, B))
+        return self._jit_step.lower(self.params, self.kv, self._dummy_batch(T, B), self._no_tokens)
 
     def _executable(self, T: int, B: int):
         if (T, B) not in self._compiled:
@@ -121,6 +145,12 @@ class ModelRunner:
 
     # -- the step ----------------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step and wait for its tokens."""
+        return self.fetch(self.dispatch(sched))
+
+    def dispatch(self, sched: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
+        """Start a step on the device and return without waiting for it. Placeholder tokens in
+        ``sched`` are the tokens ``prev`` (the step dispatched just before) samples."""
         # Swap-outs first: their blocks may be the targets of this step's copies and swap-ins.
         if sched.swap_out:
             self._swap.swap_out(self.kv, sched.swap_out)
@@ -129,16 +159,27 @@ class ModelRunner:
         if sched.swap_in:
             self.kv = self._swap.swap_in(self.kv, sched.swap_in)
         if sched.is_empty:
-            return RunnerOutput()
-        batch = build_batch(sched, self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size)
+            return InFlightStep(sched)
+        prev_rows = prev.row_of if prev is not None and prev.tokens is not None else None
+        batch = build_batch(sched, self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size,
+                            prev_rows=prev_rows)
         T, B = batch.token_ids.shape[0], batch.md.block_tables.shape[1]
-        (tokens, sample_lp, prompt_lp), self.kv = self._executable(T, B)(self.params, self.kv, batch)
-        ids = np.asarray(tokens)  # the step's device -> host transfer (logprobs only when asked)
-        rows = sample_rows(sched)
+        prev_tokens = self._no_tokens if prev_rows is None else prev.tokens
+        (tokens, sample_lp, prompt_lp), self.kv = self._executable(T, B)(self.params, self.kv, batch, prev_tokens)
+        return InFlightStep(sched, sample_rows(sched), tokens, sample_lp, prompt_lp,
+                            bool(batch.want_logprobs), bool(batch.want_prompt_logprobs))
+
+    def fetch(self, step: InFlightStep) -> RunnerOutput:
+        """Wait for a dispatched step; its sampled tokens are the only device -> host copy
+        (logprobs only when asked)."""
+        if step.tokens is None:
+            return RunnerOutput()
+        ids = np.asarray(step.tokens)
+        rows = step.rows
         return RunnerOutput(
             sampled={r.sample_id: int(ids[i]) for i, r in enumerate(rows)},
-            logprobs=host_sample_logprobs(rows, sample_lp, ids) if batch.want_logprobs else {},
-            prompt_logprobs=host_prompt_logprobs(sched, prompt_lp) if batch.want_prompt_logprobs else {},
+            logprobs=host_sample_logprobs(rows, step.sample_lp, ids) if step.want_logprobs else {},
+            prompt_logprobs=host_prompt_logprobs(step.sched, step.prompt_lp) if step.want_prompt_logprobs else {},
         )
 
     def _copy_blocks(self, copies) -> None:
