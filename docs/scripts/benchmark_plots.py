@@ -185,6 +185,26 @@ def section_throughput(r: dict | None) -> list[str]:
     return lines + ["", "![throughput](images/bench_throughput.png)", ""]
 
 
+def section_async_scheduling(name: str, r: dict) -> list[str]:
+    env, m, w = r["environment"], r["model"], r["workload"]
+    steps = r["steps"]["async"]
+    lines = [
+        f"### `{name}`", "",
+        f"`{r['command']}` at commit `{env['git_commit'][:10]}` on {env['device']} ({env['cpu_count']} cores): "
+        f"random-weight Llama of shape `{m['shape']}` ({m['num_layers']} layers, width {m['hidden_size']}, "
+        f"{m['dtype']}), {w['num_requests']} requests, {w['output_tokens']} output tokens, greedy. Runs "
+        f"alternate between the modes; {steps['num_overlapped_steps']} of {steps['num_steps']} steps were "
+        f"dispatched while the previous one was still running; same tokens in both modes: {r['same_tokens']}.",
+        "",
+        "| async_scheduling | elapsed per run (s) | output tok/s (median) |",
+        "|---|---|---|",
+    ]
+    for mode, key in (("True", "async"), ("False", "sync")):
+        runs = ", ".join(f"{t:.3f}" for t in r["elapsed_s"][key])
+        lines.append(f"| {mode} | {runs} | {r['output_tokens_per_s_median'][key]:.1f} |")
+    return lines + ["", f"Median speed-up: {r['speedup_median']:.2f}x.", ""]
+
+
 # -- attention kernels -------------------------------------------------------------------------
 
 def plot_attention(r: dict, ax) -> None:
@@ -241,6 +261,9 @@ def render() -> str:
     ]
     lines += section_load_time(_load("load_time_cpu.json"))
     lines += section_throughput(_load("throughput_cpu.json"))
+    lines += ["## Async scheduling", ""]
+    lines += [x for name, r in _globbed("async_scheduling_*.json") for x in section_async_scheduling(name, r)] or \
+        _missing("async_scheduling_cpu_small.json", "python benchmarks/async_scheduling.py")
     lines += ["## Online serving", ""]
     serving = _globbed("serving_*.json")
     lines += [x for name, r in serving for x in section_serving(name, r)] or _missing(
