@@ -90,6 +90,7 @@ def drain(engine, check=None, on_step=None, max_steps=5000) -> dict:
             return final
         for output in engine.step():
             assert output.request_id not in final, "output after finish"
+            assert all(t >= 0 for c in output.outputs for t in c.token_ids), "a placeholder reached the user"
             if output.finished:
                 final[output.request_id] = output
         if check:
@@ -153,12 +154,15 @@ def test_abort_and_reused_id_while_a_step_is_in_flight():
     assert engine.stats.kv_blocks_used == 0
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False])
 @pytest.mark.parametrize("options", [dict(repetition_penalty=1.3), dict(n=2)])
-def test_requests_needing_their_tokens_on_the_host_run_synchronously(options):
-    engine = make_engine()
+def test_requests_needing_their_tokens_on_the_host_run_synchronously(options, async_scheduling):
+    engine = make_engine(async_scheduling=async_scheduling)
     engine.add_request("p", [4, 4, 2], SamplingParams(max_tokens=5, ignore_eos=True, **options))
     engine.add_request("q", [7, 1], SamplingParams(max_tokens=12, ignore_eos=True))
     final = drain(engine, check=check_accounting)
+    if not async_scheduling:
+        assert engine.num_overlapped_steps == 0 and not engine.runner.fed_ids
     assert final["q"].outputs[0].token_ids == reference_output([7, 1], SamplingParams(max_tokens=12, ignore_eos=True))
     if "n" in options:
         params = SamplingParams(max_tokens=5, ignore_eos=True)
@@ -166,9 +170,9 @@ def test_requests_needing_their_tokens_on_the_host_run_synchronously(options):
         # Forking happens on the host when the prompt is done: that step is fetched before the
         # next is scheduled; later decode steps of the children overlap again.
         kinds = [kind for kind, _ in engine.runner.events]
-        assert kinds[:2] == ["dispatch", "fetch"] and engine.num_overlapped_steps > 0
+        assert kinds[:2] == ["dispatch", "fetch"] and (engine.num_overlapped_steps > 0) is async_scheduling
     else:
-        assert "p" not in engine.runner.fed_ids and "q" in engine.runner.fed_ids
+        assert "p" not in engine.runner.fed_ids and ("q" in engine.runner.fed_ids) is async_scheduling
 
 
 @pytest.mark.parametrize("seed", range(8))
