@@ -111,6 +111,7 @@ def test_next_step_is_dispatched_before_the_previous_is_fetched():
     kinds = [kind for kind, _ in engine.runner.events]
     assert kinds == ["dispatch"] + ["dispatch", "fetch"] * 5 + ["fetch"]
     assert engine.num_overlapped_steps == 5 and engine.runner.num_fed == 5
+    assert (engine.stats.num_overlapped_steps, engine.stats.num_steps) == (5, 6)
     final = engine.step()
     assert final == [] and not engine.has_unfinished_requests()
     assert engine.stats.kv_blocks_used == 0

@@ -130,7 +130,8 @@ def test_health_models_and_metrics_need_no_key(server):
     metrics = httpx.get(f"{server['url']}/metrics").text
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_hit_rate",
                  "prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_bucket",
-                 "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_bucket"):
+                 "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_bucket", "engine_steps_total",
+                 "overlapped_steps_total"):
         assert f"jaxllm:{name}" in metrics
 
 

@@ -47,6 +47,7 @@ class EngineStats:
     num_swaps: int = 0  # preemptions that swapped the request's KV to host memory
     kv_blocks_shared: int = 0  # blocks held by more than one request (prefix, n > 1, beams)
     kv_blocks_saved: int = 0  # blocks the requests would need without sharing, minus those held
+    num_overlapped_steps: int = 0  # steps dispatched while the previous one still ran (async scheduling)
 
 
 @dataclass
@@ -324,4 +325,5 @@ class LLMEngine:
             num_swaps=s.num_swaps,
             kv_blocks_shared=s.kv_blocks_shared,
             kv_blocks_saved=s.kv_blocks_saved,
+            num_overlapped_steps=self.num_overlapped_steps,
         )

@@ -39,6 +39,9 @@ class _StatsCollector(Collector):
         yield self._counter("prompt_tokens", "Prompt tokens of all requests.", s.num_prompt_tokens)
         yield self._counter("generation_tokens", "Generated tokens.", s.num_generated_tokens)
         yield self._counter("num_preemptions", "Preemptions of running requests.", s.num_preemptions)
+        yield self._counter("engine_steps", "Engine steps run.", s.num_steps)
+        yield self._counter("overlapped_steps", "Steps dispatched while the previous step still ran (async "
+                            "scheduling).", s.num_overlapped_steps)
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         metric = GaugeMetricFamily(f"jaxllm:{name}", doc, labels=["model_name"])
