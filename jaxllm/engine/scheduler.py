@@ -363,7 +363,7 @@ class Scheduler:
             if self.requests.get(seq.request_id) is not request:  # ended since it was scheduled
                 continue
             request.num_computed_tokens += len(seq.token_ids)
-            if seq.sample and not seq.fork_ids and not self._ends_by_length(request):
+            if seq.sample and not seq.fork_ids and not self._at_length_limit(request, pending=1):
                 request.output_token_ids.append(PLACEHOLDER)
         # What the pool holds while this step runs; resolve() turns it into the step's KV waste.
         running = list(self.running)
@@ -393,10 +393,10 @@ class Scheduler:
         self._record_kv_waste(scheduler_output)
         return updates
 
-    def _ends_by_length(self, request: Request) -> bool:
-        """Whether the token being sampled now will end ``request`` by max_tokens or max_model_len."""
-        return (request.num_output_tokens + 1 >= request.sampling_params.max_tokens
-                or request.num_tokens + 1 >= self.config.max_model_len)
+    def _at_length_limit(self, request: Request, pending: int = 0) -> bool:
+        """Whether ``request`` is at max_tokens or max_model_len once ``pending`` more tokens are in."""
+        return (request.num_output_tokens + pending >= request.sampling_params.max_tokens
+                or request.num_tokens + pending >= self.config.max_model_len)
 
     def _fork(self, parent: Request, child_id: str, index: int) -> Request:
         """A parallel-sampling child sharing all of ``parent``'s blocks (copy on write later)."""
@@ -462,7 +462,7 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED, token
             if not params.ignore_eos and token in self.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED, None
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+        if self._at_length_limit(request):
             return RequestStatus.FINISHED_LENGTH_CAPPED, None
         return None, None
 
