@@ -13,6 +13,7 @@ import numpy as np
 from jaxllm.config import ModelConfig
 from jaxllm.models import model_module
 from jaxllm.models.attention import AttentionMetadata, get_attention_backend
+from jaxllm.models.kv_quant import kv_storage_dtype
 from jaxllm.runner import kv_pool
 
 _DTYPES = {
@@ -40,7 +41,8 @@ def _forward_logits(params, token_ids, *, cfg: ModelConfig, block_size: int):
     # token_ids [T] -> logits [T, V] over a fresh pool holding just this sequence.
     T = token_ids.shape[0]
     num_blocks = -(-T // block_size) + 1
-    kv = kv_pool.allocate(cfg, num_blocks, block_size, jax.tree.leaves(params)[0].dtype)
+    pool_dtype = kv_storage_dtype("auto", params["embed"].dtype, jax.devices()[0].platform)
+    kv = kv_pool.allocate(cfg, num_blocks, block_size, pool_dtype)
     positions = jnp.arange(T, dtype=jnp.int32)
     table = jnp.arange(1, num_blocks, dtype=jnp.int32)[None, :]  # block 0 stays the null block
     md = AttentionMetadata(

@@ -140,9 +140,9 @@ def test_copy_and_swap_move_scales_with_values():
 
 
 def test_kv_cache_dtype_names():
-    assert kv_storage_dtype("auto", jnp.bfloat16) == jnp.bfloat16
-    assert kv_storage_dtype("fp8", jnp.float32) == jnp.uint8 and unpack(jnp.uint8(0x7E)) == 448  # e4m3 max
-    assert kv_storage_dtype("int8", jnp.bfloat16) == jnp.int8
+    assert kv_storage_dtype("auto", jnp.bfloat16, "gpu") == jnp.bfloat16
+    assert kv_storage_dtype("fp8", jnp.float32, "gpu") == jnp.uint8 and unpack(jnp.uint8(0x7E)) == 448  # e4m3 max
+    assert kv_storage_dtype("int8", jnp.bfloat16, "gpu") == jnp.int8
     with pytest.raises(ValueError, match="kv_cache_dtype='fp16' must be one of"):
         CacheConfig(kv_cache_dtype="fp16")
 

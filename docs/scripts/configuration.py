@@ -36,7 +36,7 @@ ENGINE_HELP = {
     "attention_backend": "`auto` (`xla` on CPU, `pallas` on GPU), `xla` (plain jnp reference), `pallas` "
                           "(interpreted on CPU), `triton` (GPU, jax-triton), `pallas_mgpu` (H100/H200), or a "
                           "name given to `jaxllm.register_attention_backend`.",
-    "kv_cache_dtype": "`auto` (the model's dtype), `fp8` (e4m3) or `int8`: quantised K/V with a float32 scale per token and kv head, about half of bf16's memory.",
+    "kv_cache_dtype": "`auto` (the model's dtype; on CPU a bfloat16/float16 model's pool is float32, which holds its K/V exactly: XLA:CPU has no 16-bit float scatter), `fp8` (e4m3) or `int8`: quantised K/V with a float32 scale per token and kv head, about half of bf16's memory.",
     "swap_space": "GiB of host memory for swapped-out blocks when `preemption_mode=\"swap\"`.",
     "preemption_mode": "`recompute`: a preempted request's blocks are freed and recomputed later; `swap`: "
                        "they are copied to host memory and back (recompute when swap space is full).",

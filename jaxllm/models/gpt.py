@@ -11,20 +11,20 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import AttentionFn, AttentionMetadata, KVPool, write_kv
-from jaxllm.models.layers import activation, layer_norm
+from jaxllm.models.layers import activation, einsum, layer_norm, matmul, output_head, scan_layers
 
 
 def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMetadata, attend: AttentionFn):
-    q = jnp.einsum("td,dnh->tnh", x, lp["wq"]) + lp["bq"]
-    k = jnp.einsum("td,dnh->tnh", x, lp["wk"]) + lp["bk"]
-    v = jnp.einsum("td,dnh->tnh", x, lp["wv"]) + lp["bv"]
+    q = einsum("td,dnh->tnh", x, lp["wq"]) + lp["bq"]
+    k = einsum("td,dnh->tnh", x, lp["wk"]) + lp["bk"]
+    v = einsum("td,dnh->tnh", x, lp["wv"]) + lp["bv"]
     kv = write_kv(kv, layer, k, v, md.slot_mapping)
     out = attend(q, kv, layer, md, None)
-    return jnp.einsum("tnh,nhd->td", out, lp["wo"]) + lp["bo"], kv
+    return einsum("tnh,nhd->td", out, lp["wo"]) + lp["bo"], kv
 
 
 def _mlp(cfg: ModelConfig, lp: dict, x):
-    return activation(cfg.hidden_act)(x @ lp["w_up"] + lp["b_up"]) @ lp["w_down"] + lp["b_down"]
+    return matmul(activation(cfg.hidden_act)(matmul(x, lp["w_up"]) + lp["b_up"]), lp["w_down"]) + lp["b_down"]
 
 
 def _norm(cfg: ModelConfig, lp: dict, name: str, x):
@@ -35,7 +35,7 @@ def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: Attention
     """Run the decoder over the flat batch token_ids [T]; returns (hidden [T, D], kv pool)."""
     x = params["embed"][token_ids]
     if "project_in" in params:
-        x = x @ params["project_in"]
+        x = matmul(x, params["project_in"])
     x = x + params["pos_embed"][md.positions + cfg.position_offset]
 
     def layer(carry, scanned):
@@ -51,15 +51,14 @@ def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: Attention
             x = x + h if cfg.pre_norm else _norm(cfg, lp, "mlp_norm", x + h)
         return (x, kv), None
 
-    (x, kv), _ = jax.lax.scan(layer, (x, kv), (params["layers"], jnp.arange(cfg.num_layers)))
+    (x, kv), _ = scan_layers(layer, (x, kv), params["layers"], params["embed"].dtype)
     if cfg.final_norm:
         x = layer_norm(x, params["final_norm"], params["final_norm_bias"], cfg.norm_eps)
     if "project_out" in params:
-        x = x @ params["project_out"]
+        x = matmul(x, params["project_out"])
     return x, kv
 
 
 def logits(params: dict, cfg: ModelConfig, hidden):
     """hidden [S, D or E] -> float32 logits [S, V]."""
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+    return jnp.dot(hidden, output_head(params, cfg.tie_word_embeddings), preferred_element_type=jnp.float32)

@@ -48,10 +48,18 @@ class QuantizedKVPool(NamedTuple):
     v_scale: jax.Array  # [L, num_blocks, block_size, K] float32
 
 
-def kv_storage_dtype(kv_cache_dtype: str, model_dtype) -> np.dtype:
-    """The dtype pool values are stored in: the model's for "auto", uint8 for fp8, int8 for int8."""
+def kv_storage_dtype(kv_cache_dtype: str, model_dtype, platform: str) -> np.dtype:
+    """The dtype pool values are stored in: the model's for "auto", uint8 for fp8, int8 for int8.
+
+    On CPU a 16-bit float model's "auto" pool is float32: XLA:CPU has no bfloat16/float16
+    scatter either (the same widening as fp8's, below: every layer's write into a bf16 pool
+    converted the whole pool to float32 and back, ~0.5 s per step for a 256 MB pool). The K/V
+    written are still the model's 16-bit values, which float32 holds exactly, so attention sees
+    the same numbers; the pool takes twice the bytes (the CPU budget is host memory).
+    """
     if kv_cache_dtype == "auto":
-        return np.dtype(model_dtype)
+        dtype = np.dtype(model_dtype)
+        return np.dtype(np.float32) if platform == "cpu" and dtype.itemsize == 2 else dtype
     return _FORMATS[kv_cache_dtype][0]
 
 

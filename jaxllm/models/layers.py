@@ -18,6 +18,18 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (x32.astype(x.dtype) * scale).astype(x.dtype)
 
 
+def einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``jnp.einsum`` accumulated in float32 and returned in ``x``'s dtype (what a bfloat16 matmul
+    does anyway). Asked for float32 explicitly, XLA:CPU takes its fast bfloat16 dot; with a
+    bfloat16 result it took a path ~2x slower at 512 rows."""
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` as :func:`einsum` computes it."""
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -70,3 +82,52 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+
+def _is_half(a) -> bool:
+    return a.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def pack_params(params: dict, tie_word_embeddings: bool, platform: str) -> dict:
+    """``params`` laid out for XLA's 16-bit float paths; float32 models are returned unchanged.
+
+    - Per-layer weights in bfloat16/float16 are stored as their uint16 bits. Scanned as floats,
+      XLA:CPU rewrites each layer's slice as a float32 slice plus a convert and hoists the
+      widening out of the loop: every step converted the whole weight stack to float32 and back
+      (a bfloat16 decode step cost ~4x a float32 one). :func:`scan_layers` views them again.
+    - On CPU a tied 16-bit embedding gets a transposed copy as ``lm_head`` [D, V]: XLA:CPU's
+      bfloat16 dot wants the contracted axis first, and against ``embed.T`` it widened the whole
+      embedding to float32 every step (20 ms for SmolLM2's 49152 x 576). Costs V x D more bytes.
+
+    Pack once, outside ``jit``: a bitcast or transpose inside a jitted step is a copy.
+    """
+    layers = jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if _is_half(a) else a,
+                          params["layers"])
+    packed = {**params, "layers": layers}
+    if platform == "cpu" and tie_word_embeddings and _is_half(params["embed"]) and "lm_head" not in params:
+        packed["lm_head"] = jnp.asarray(params["embed"]).T.copy()
+    return packed
+
+
+def output_head(params: dict, tie_word_embeddings: bool) -> jax.Array:
+    """The [D, V] matrix of the logits: ``lm_head`` when there is one (see :func:`pack_params`)."""
+    return params["lm_head"] if "lm_head" in params or not tie_word_embeddings else params["embed"].T
+
+
+def scan_layers(body, carry, layers: dict, dtype):
+    """``lax.scan`` of ``body(carry, (layer_params_i, i))`` over the stacked per-layer weights.
+
+    uint16 leaves are :func:`pack_params`' bits of the model's 16-bit ``dtype`` and are viewed
+    as floats again inside the loop, one layer's slice at a time; 16-bit float leaves not packed
+    beforehand are packed here (a copy of the stack per call).
+    """
+    layers = pack_params({"layers": layers}, False, "")["layers"]  # a copy inside jit, far cheaper than widening
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+
+    def step(c, scanned):
+        lp, index = scanned
+        lp = jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 else a, lp)
+        return body(c, (lp, index))
+
+    return jax.lax.scan(step, carry, (layers, jnp.arange(num_layers)))

@@ -12,14 +12,23 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import AttentionFn, AttentionMetadata, KVPool, write_kv
-from jaxllm.models.layers import activation, apply_rope, rms_norm, rope_inv_freq
+from jaxllm.models.layers import (
+    activation,
+    apply_rope,
+    einsum,
+    matmul,
+    output_head,
+    rms_norm,
+    rope_inv_freq,
+    scan_layers,
+)
 
 
 def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMetadata, attend: AttentionFn):
     # x [T, D] -> ([T, D], kv)
-    q = jnp.einsum("td,dnh->tnh", x, lp["wq"])
-    k = jnp.einsum("td,dkh->tkh", x, lp["wk"])
-    v = jnp.einsum("td,dkh->tkh", x, lp["wv"])
+    q = einsum("td,dnh->tnh", x, lp["wq"])
+    k = einsum("td,dkh->tkh", x, lp["wk"])
+    v = einsum("td,dkh->tkh", x, lp["wv"])
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
@@ -29,18 +38,18 @@ def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMe
     q, k = apply_rope(q, md.positions, inv_freq), apply_rope(k, md.positions, inv_freq)
     kv = write_kv(kv, layer, k, v, md.slot_mapping)
     out = attend(q, kv, layer, md, cfg.sliding_window)
-    out = jnp.einsum("tnh,nhd->td", out, lp["wo"])
+    out = einsum("tnh,nhd->td", out, lp["wo"])
     if cfg.o_bias:
         out = out + lp["bo"]
     return out, kv
 
 
 def _mlp(cfg: ModelConfig, lp: dict, x):
-    gate = x @ lp["w_gate"]
-    up = x @ lp["w_up"]
+    gate = matmul(x, lp["w_gate"])
+    up = matmul(x, lp["w_up"])
     if cfg.mlp_bias:
         gate, up = gate + lp["b_gate"], up + lp["b_up"]
-    out = (activation(cfg.hidden_act)(gate) * up) @ lp["w_down"]
+    out = matmul(activation(cfg.hidden_act)(gate) * up, lp["w_down"])
     return out + lp["b_down"] if cfg.mlp_bias else out
 
 
@@ -58,12 +67,10 @@ def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: Attention
             x = x + _mlp(cfg, lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps))
         return (x, kv), None
 
-    layers = (params["layers"], jnp.arange(cfg.num_layers))
-    (x, kv), _ = jax.lax.scan(layer, (x, kv), layers)
+    (x, kv), _ = scan_layers(layer, (x, kv), params["layers"], params["embed"].dtype)
     return rms_norm(x, params["final_norm"], cfg.norm_eps), kv
 
 
 def logits(params: dict, cfg: ModelConfig, hidden):
     """hidden [S, D] -> float32 logits [S, V]."""
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+    return jnp.dot(hidden, output_head(params, cfg.tie_word_embeddings), preferred_element_type=jnp.float32)

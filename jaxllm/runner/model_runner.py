@@ -23,6 +23,7 @@ from jaxllm.engine.messages import RunnerOutput, SamplingOptions, ScheduledSeque
 from jaxllm.models import model_module
 from jaxllm.models.attention import AttentionFn, KVPool
 from jaxllm.models.kv_quant import kv_storage_dtype
+from jaxllm.models.layers import pack_params
 from jaxllm.runner import kv_pool
 from jaxllm.runner.batch import Buckets, SampleRow, StepBatch, build_batch, sample_rows
 from jaxllm.runner.logprobs import host_prompt_logprobs, host_sample_logprobs, logprobs_if, prompt_logprobs_if
@@ -78,9 +79,10 @@ class ModelRunner:
         seed: int = 0,
     ):
         self.cfg, self.cache = cfg, cache
-        self.params = jax.device_put(params)
-        self.dtype = jax.tree.leaves(self.params)[0].dtype
-        self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.dtype)  # fp8/int8 pools carry scales
+        self.dtype = np.dtype(params["embed"].dtype)
+        platform = jax.devices()[0].platform
+        self.params = jax.device_put(pack_params(params, cfg.tie_word_embeddings, platform))  # see there
+        self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.dtype, platform)  # fp8/int8 carry scales
         self.buckets = Buckets.make(
             sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size)
         )
