@@ -161,16 +161,15 @@ def plot_throughput(r: dict, ax) -> None:
     ax.set_title(f"{r['workload']['num_prompts']} prompts, greedy, {r['environment']['jax_backend']}")
 
 
-def section_throughput(r: dict | None) -> list[str]:
-    lines = ["## Offline throughput", ""]
-    if r is None:
-        return lines + _missing("throughput_cpu.json", "python benchmarks/throughput.py")
+def section_throughput(name: str, r: dict) -> list[str]:
     w, ours, env = r["workload"], r["jaxllm"], r["environment"]
-    lines += [
+    dtype = ours["engine_args"]["dtype"]
+    lines = [
+        f"### `{name}`: {dtype}", "",
         f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}`: {w['num_prompts']} prompts of "
         f"{w['prompt_len_range'][0]}-{w['prompt_len_range'][1]} tokens, {w['output_len_range'][0]}-"
         f"{w['output_len_range'][1]} output tokens each, greedy, through `LLM.generate` and through "
-        f"transformers' `generate` in the same run ({env['platform']}, {env['cpu_count']} cores).",
+        f"transformers' `generate` in the same run, both in {dtype} ({env['platform']}, {env['cpu_count']} cores).",
         "",
         "| system | output tok/s | notes |",
         "|---|---|---|",
@@ -182,7 +181,25 @@ def section_throughput(r: dict | None) -> list[str]:
         for bs, row in hf["per_batch_size"].items():
             lines.append(f"| transformers, static batch {bs} | {row['output_tokens_per_s']:.1f} | |")
         lines += ["", f"Speed-up over transformers' best batch size: {r['speedup_vs_transformers']:.2f}x."]
-    return lines + ["", "![throughput](images/bench_throughput.png)", ""]
+    if name == "throughput_cpu.json":
+        lines += ["", "![throughput](images/bench_throughput.png)"]
+    return lines + [""]
+
+
+def section_sampler(name: str, r: dict) -> list[str]:
+    env = r["environment"]
+    lines = [
+        f"### `{name}`", "",
+        f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}` ({env['jax_backend']}, "
+        f"{env['cpu_count']} cores): one jitted `sample` over {r['rows']} rows x {r['vocab']} float32 logits, "
+        f"every row alike; minimum of {r['reps']} runs.",
+        "",
+        "| | ms |",
+        "|---|---|",
+    ]
+    lines += [f"| `sample`, {case} | {min(times):.2f} |" for case, times in r["sample_ms"].items()]
+    lines += [f"| draw only: {case} | {min(times):.2f} |" for case, times in r["draw_ms"].items()]
+    return lines + [""]
 
 
 def section_async_scheduling(name: str, r: dict) -> list[str]:
@@ -260,7 +277,12 @@ def render() -> str:
         "",
     ]
     lines += section_load_time(_load("load_time_cpu.json"))
-    lines += section_throughput(_load("throughput_cpu.json"))
+    lines += ["## Offline throughput", ""]
+    lines += [x for name, r in _globbed("throughput_*.json") for x in section_throughput(name, r)] or \
+        _missing("throughput_cpu.json", "python benchmarks/throughput.py")
+    lines += ["## Sampler", ""]
+    lines += [x for name, r in _globbed("sampler_*.json") for x in section_sampler(name, r)] or \
+        _missing("sampler_cpu.json", "python benchmarks/sampler.py")
     lines += ["## Async scheduling", ""]
     lines += [x for name, r in _globbed("async_scheduling_*.json") for x in section_async_scheduling(name, r)] or \
         _missing("async_scheduling_cpu_small.json", "python benchmarks/async_scheduling.py")
