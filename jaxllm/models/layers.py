@@ -84,9 +84,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-
 def _is_half(a) -> bool:
     return a.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def _as_bits(layers: dict) -> dict:
+    # 16-bit float leaves -> their uint16 bits; everything else unchanged.
+    return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if _is_half(a) else a, layers)
 
 
 def pack_params(params: dict, tie_word_embeddings: bool, platform: str) -> dict:
@@ -102,9 +106,7 @@ def pack_params(params: dict, tie_word_embeddings: bool, platform: str) -> dict:
 
     Pack once, outside ``jit``: a bitcast or transpose inside a jitted step is a copy.
     """
-    layers = jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if _is_half(a) else a,
-                          params["layers"])
-    packed = {**params, "layers": layers}
+    packed = {**params, "layers": _as_bits(params["layers"])}
     if platform == "cpu" and tie_word_embeddings and _is_half(params["embed"]) and "lm_head" not in params:
         packed["lm_head"] = jnp.asarray(params["embed"]).T.copy()
     return packed
@@ -122,7 +124,7 @@ def scan_layers(body, carry, layers: dict, dtype):
     as floats again inside the loop, one layer's slice at a time; 16-bit float leaves not packed
     beforehand are packed here (a copy of the stack per call).
     """
-    layers = pack_params({"layers": layers}, False, "")["layers"]  # a copy inside jit, far cheaper than widening
+    layers = _as_bits(layers)  # unpacked 16-bit weights: a copy inside jit, far cheaper than widening
     num_layers = jax.tree.leaves(layers)[0].shape[0]
 
     def step(c, scanned):

@@ -100,8 +100,8 @@ def _last_positive(x: jax.Array) -> jax.Array:
 def categorical(keys: jax.Array, logits: jax.Array, block: int = 256) -> jax.Array:
     """One draw per row from ``softmax(logits)`` [S, V] by inverse CDF, with one uniform per row.
 
-    ``jax.random.categorical`` adds Gumbel noise to all S x V logits: generating it was ~80 ms
-    of a 64-row step over a 49152 vocabulary on this CPU. Here a row's uniform picks a tile of
+    ``jax.random.categorical`` adds Gumbel noise to all S x V logits: ~40x the time of this
+    draw for 64 rows over a 49152 vocabulary on this CPU (``benchmarks/sampler.py``). Here a row's uniform picks a tile of
     ``block`` tokens by the tiles' cumulative mass, then a token inside it by the tile's own
     cumulative sum; -inf logits have zero mass and are never drawn (float rounding at the top
     end falls back to the last token with mass).
@@ -124,7 +124,7 @@ def categorical(keys: jax.Array, logits: jax.Array, block: int = 256) -> jax.Arr
 
 def _draw(logits, st: SamplingTensors):
     # Temperature, filters and a seeded categorical draw for every row (all-greedy batches skip
-    # this: the softmax over [S, V] is the costliest part left).
+    # this). When any row filters, the filters' bisections are the costliest part.
     scaled = logits / jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
     needs_filter = jnp.any((st.temperature > 0) & ((st.top_k > 0) | (st.top_p < 1.0) | (st.min_p > 0.0)))
     scaled = jax.lax.cond(needs_filter, _filter, lambda x, *_: x, scaled, st.top_k, st.top_p, st.min_p)
