@@ -202,6 +202,23 @@ def section_sampler(name: str, r: dict) -> list[str]:
     return lines + [""]
 
 
+def section_dtype_step(name: str, r: dict) -> list[str]:
+    env = r["environment"]
+    dtypes = list(r["step_ms"])
+    lines = [
+        f"### `{name}`", "",
+        f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}` ({env['cpu_count']} cores): one "
+        f"compiled greedy engine step of SmolLM2 per dtype, minimum of {r['reps']} runs, dtypes alternating. "
+        "KV pool dtype: " + ", ".join(f"{d} -> {p}" for d, p in r["kv_pool_dtype"].items()) + ".",
+    ]
+    if "note" in r:
+        lines += ["", r["note"] + "."]
+    lines += ["", "| batch | " + " | ".join(f"{d} (ms)" for d in dtypes) + " |", "|---" * (len(dtypes) + 1) + "|"]
+    for case in r["cases"]:
+        lines.append(f"| {case} | " + " | ".join(f"{min(r['step_ms'][d][case]):.1f}" for d in dtypes) + " |")
+    return lines + [""]
+
+
 def section_async_scheduling(name: str, r: dict) -> list[str]:
     env, m, w = r["environment"], r["model"], r["workload"]
     steps = r["steps"]["async"]
@@ -280,6 +297,9 @@ def render() -> str:
     lines += ["## Offline throughput", ""]
     lines += [x for name, r in _globbed("throughput_*.json") for x in section_throughput(name, r)] or \
         _missing("throughput_cpu.json", "python benchmarks/throughput.py")
+    lines += ["## One step per dtype", ""]
+    lines += [x for name, r in _globbed("dtype_step_*.json") for x in section_dtype_step(name, r)] or \
+        _missing("dtype_step_cpu.json", "python benchmarks/dtype_step.py")
     lines += ["## Sampler", ""]
     lines += [x for name, r in _globbed("sampler_*.json") for x in section_sampler(name, r)] or \
         _missing("sampler_cpu.json", "python benchmarks/sampler.py")
