@@ -49,6 +49,16 @@ def test_filters_keep_exact_sets(kwargs, kept):
     assert _kept(**kwargs) == kept
 
 
+def test_each_filter_applies_to_its_own_rows_only():
+    # One batch: a top-k row, a top-p row, a min-p row and an unfiltered row. A filter whose
+    # bisection runs for one row must leave the other rows as they would be alone.
+    logits = jnp.tile(jnp.log(jnp.asarray(PROBS)), (4, 1))
+    out = _filter(logits, jnp.array([1, 0, 0, 0]), jnp.array([1.0, 0.7, 1.0, 1.0], jnp.float32),
+                  jnp.array([0.0, 0.0, 0.7, 0.0], jnp.float32))
+    kept = [np.flatnonzero(np.isfinite(row)).tolist() for row in np.asarray(out)]
+    assert kept == [[0], [0, 1], [0], [0, 1, 2, 3]]
+
+
 def test_top_k_on_large_vocab_keeps_exactly_k():
     # Distinct values (random normals tie at float32 in 50k draws), spread like real logits.
     rng = np.random.default_rng(0)

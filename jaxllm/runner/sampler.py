@@ -59,14 +59,25 @@ def _bisect_threshold(logits, keep_above):
 def _filter(logits, top_k, top_p, min_p):
     # logits [S, V] (already divided by temperature); dropped entries become -inf.
     # Order as in vLLM: top-k, then top-p on the renormalised survivors, then min-p.
-    k = jnp.where(top_k > 0, top_k, logits.shape[-1])[:, None]
-    lo_k = _bisect_threshold(logits, lambda t: jnp.sum(logits > t[:, None], axis=-1) < k[:, 0])
+    # Each bisection (32 passes over [S, V]) runs only when some row of the batch uses its filter;
+    # a row without it keeps everything either way, so skipping changes no result.
+    def top_k_threshold():
+        k = jnp.where(top_k > 0, top_k, logits.shape[-1])
+        return _bisect_threshold(logits, lambda t: jnp.sum(logits > t[:, None], axis=-1) < k)
+
+    none_below = jnp.full((logits.shape[0], 1), -jnp.inf, logits.dtype)
+    lo_k = jax.lax.cond(jnp.any(top_k > 0), top_k_threshold, lambda: none_below)
     logits = jnp.where(logits > lo_k, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
-    # A token stays while the mass strictly above it is below top_p.
-    mass_above = lambda t: jnp.sum(jnp.where(logits > t[:, None], probs, 0.0), axis=-1)  # noqa: E731
-    lo_p = _bisect_threshold(jnp.where(jnp.isfinite(logits), logits, lo_k), lambda t: mass_above(t) < top_p)
-    keep = (logits > lo_p) | (top_p[:, None] >= 1.0)
+
+    def top_p_keep():
+        # A token stays while the mass strictly above it is below top_p.
+        mass_above = lambda t: jnp.sum(jnp.where(logits > t[:, None], probs, 0.0), axis=-1)  # noqa: E731
+        lo_p = _bisect_threshold(jnp.where(jnp.isfinite(logits), logits, lo_k), lambda t: mass_above(t) < top_p)
+        return logits > lo_p
+
+    keep = jax.lax.cond(jnp.any(top_p < 1.0), top_p_keep, lambda: jnp.ones(logits.shape, bool))
+    keep |= top_p[:, None] >= 1.0
     keep &= probs >= min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
     return jnp.where(keep, logits, -jnp.inf)
 
