@@ -1,8 +1,8 @@
 """Where an engine step's time goes on this machine: matmul rates, the sampler, attention's share.
 
-Usage: python benchmarks/step_profile.py [--output PATH]
+Usage: python benchmarks/step_profile.py [--output PATH] [--only-breakdown]
 
-Three measurements, each the minimum of several runs in one process:
+Four measurements, the first three the minimum of several runs in one process:
 1. Matmul GFLOP/s of ``jnp.dot`` and ``torch.matmul`` (float32, and bfloat16 with float32
    accumulation) on SmolLM2's layer shapes at 16, 64 and 512 rows: the ceiling any engine on
    this CPU works under.
@@ -11,6 +11,10 @@ Three measurements, each the minimum of several runs in one process:
 3. The throughput benchmark's workload (``benchmarks/throughput.py``: 64 prompts, greedy,
    ignore_eos) through ``LLM.generate`` twice, with the xla attention backend and with a no-op
    backend (returns q): time per (tokens, blocks) bucket. The difference is attention's share.
+4. A profiler trace of one compiled step per bucket of that workload (its last batch of the
+   bucket, replayed): each moment of the step's wall time is shared among the XLA ops running
+   on the threads at that moment, and the ops are grouped by the named scope and JAX op that
+   produced them (see ``_CATEGORIES``). ``--only-breakdown`` runs just this part.
 JSON goes to benchmarks/results/step_profile_cpu.json unless ``--output``.
 """
 
@@ -18,9 +22,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
+import gzip
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,29 +124,130 @@ def step_times(model, workload, backend: str) -> dict:
     return {"elapsed_s": elapsed, "execute_s": sum(x[3] for x in log), "buckets": dict(buckets)}
 
 
+# (name, test on the HLO op's metadata op_name), first match wins. The layers run in a scan
+# ("while/body"); llama.py and gpt.py name their scopes "attention" and "mlp".
+_CATEGORIES = (
+    ("attention: cached-context loop", lambda op: "attention/while" in op),
+    ("attention: q/k/v/o projections", lambda op: "attention/" in op and "dot_general" in op
+     and re.search(r"/(td,|tnh,nhd->td)", op) is not None),
+    ("attention: this step's tokens, merge, RoPE, KV write", lambda op: "attention/" in op),
+    ("mlp matmuls", lambda op: "mlp/" in op and "dot_general" in op),
+    ("mlp element-wise", lambda op: "mlp/" in op),
+    ("per-layer weight slices (scan)", lambda op: "while/body" in op and "dynamic_slice" in op),
+    ("layer loop: norms, residuals, other", lambda op: "while/body" in op),
+    ("logits matmul", lambda op: "dot_general" in op),
+    ("sampler, embedding, batch set-up", lambda op: True),
+)
+
+
+def _categorise(op_name: str) -> str:
+    return next(name for name, test in _CATEGORIES if test(op_name))
+
+
+def _wall_shares(events: list[dict], op_names: dict[str, str]) -> tuple[float, dict[str, float]]:
+    """Split a step's wall time (us) among categories: at every instant, each thread's innermost
+    running op gets an equal share of that instant; idle instants go to "idle"."""
+    edges = sorted([(e["ts"], 1, i) for i, e in enumerate(events)] + [(e["ts"] + e["dur"], 0, i) for i, e in
+                   enumerate(events)])
+    stacks: dict[int, list[int]] = collections.defaultdict(list)
+    shares: collections.Counter = collections.Counter()
+    last = edges[0][0]
+    for t, opening, i in edges:
+        running = [stack[-1] for stack in stacks.values() if stack]
+        for j in running:
+            shares[_categorise(op_names.get(events[j]["name"], ""))] += (t - last) / len(running)
+        if not running:
+            shares["idle"] += t - last
+        last = t
+        stack = stacks[events[i]["tid"]]
+        stack.append(i) if opening else stack.remove(i)
+    return edges[-1][0] - edges[0][0], dict(shares)
+
+
+def step_breakdown(model, workload) -> dict:
+    """Wall-time shares of one step per bucket (measurement 4 of the module docstring)."""
+    llm = LLM(model, **throughput._ENGINE_LIMITS, attention_backend="xla")
+    throughput._warm_up(llm, workload.prompts[0][0])
+    runner, last_batch = llm.llm_engine.runner, {}
+    build = model_runner.build_batch
+
+    def logged_build(*args, **kwargs):
+        batch = build(*args, **kwargs)
+        last_batch[(batch.token_ids.shape[0], batch.md.block_tables.shape[1])] = (args[0].num_tokens, batch)
+        return batch
+
+    model_runner.build_batch = logged_build
+    try:
+        llm.generate([{"prompt_token_ids": p} for p in workload.prompts],
+                     [throughput._greedy(n) for n in workload.output_lens], use_tqdm=False)
+    finally:
+        model_runner.build_batch = build
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    out = {}
+    for (T, B), (tokens, batch) in sorted(last_batch.items()):
+        executable = runner._executable(T, B)
+        op_names = dict(re.findall(r'^\s*%?([\w.\-]+) = .*?op_name="([^"]*)"', executable.as_text(), re.M))
+
+        def run(executable=executable, batch=batch):
+            result, runner.kv = executable(runner.params, runner.kv, batch, runner._no_tokens)
+            jax.block_until_ready(result)
+
+        run()
+        step_s = min(_timed(run) for _ in range(5))
+        with tempfile.TemporaryDirectory() as log_dir:
+            with jax.profiler.trace(log_dir, create_perfetto_trace=True, profiler_options=options):
+                run()
+            trace = json.load(gzip.open(glob.glob(f"{log_dir}/**/*.trace.json.gz", recursive=True)[0]))
+        events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "hlo_op" in (e.get("args") or {})]
+        traced_us, shares = _wall_shares(events, op_names)
+        out[f"{T}x{B}"] = {"tokens": tokens, "step_ms": 1e3 * step_s, "traced_ms": traced_us / 1e3,
+                           "share": {k: v / traced_us for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}}
+    return out
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=_DEFAULT_OUT)
+    parser.add_argument("--only-breakdown", action="store_true", help="measurement 4 alone")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    report = {"environment": throughput._environment(), "matmul": matmul_rates()}
+    gguf_path = converters.resolve_model(None)
+    model = jaxllm.load_model(str(gguf_path), dtype="float32")
+    tok = model.tokenizer
+    workload = throughput.make_workload(64, 0, len(tok), set(tok.all_special_ids))
+    report = {"environment": throughput._environment()}
+    report["breakdown"] = step_breakdown(model, workload)
+    for bucket, row in report["breakdown"].items():
+        top = ", ".join(f"{k} {v:.0%}" for k, v in list(row["share"].items())[:4])
+        print(f"step {bucket} ({row['tokens']} tokens) {row['step_ms']:.1f} ms: {top}")
+    if args.only_breakdown:
+        _write(args.output, report)
+        return
+    report["matmul"] = matmul_rates()
     for row in report["matmul"]:
         print(f"matmul {row['shape']} {row['dtype']:8s} jax {row['jax_gflops']:5.0f} torch {row['torch_gflops']:5.0f} GFLOP/s")
     report["sampler"] = sampler_times()
     print("sampler", {k: round(v, 2) for k, v in report["sampler"].items()})
     register_attention_backend("noop", lambda q, kv, layer, md, window: q)
-    gguf_path = converters.resolve_model(None)
-    model = jaxllm.load_model(str(gguf_path), dtype="float32")
-    tok = model.tokenizer
-    workload = throughput.make_workload(64, 0, len(tok), set(tok.all_special_ids))
     report["steps"] = {backend: step_times(model, workload, backend) for backend in ("xla", "noop")}
     for backend, result in report["steps"].items():
         print(f"{backend}: {result['elapsed_s']:.1f} s", {k: round(v["mean_ms"]) for k, v in sorted(result["buckets"].items())})
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    _write(args.output, report)
+
+
+def _write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

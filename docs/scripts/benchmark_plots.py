@@ -219,6 +219,58 @@ def section_dtype_step(name: str, r: dict) -> list[str]:
     return lines + [""]
 
 
+def section_roofline(r: dict | None) -> list[str]:
+    if r is None:
+        return _missing("roofline_cpu.json", "python benchmarks/roofline.py")
+    env, w, roofs, floor = r["environment"], r["work"], r["roofs"], r["floor"]
+    lines = [
+        "### `roofline_cpu.json`", "",
+        f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}` ({env['cpu_count']} cores): the "
+        f"throughput workload needs at least {w['dense_flops'] / 1e12:.2f} TFLOP of matmuls, "
+        f"{w['attention_flops'] / 1e12:.2f} TFLOP of attention and {w['bytes'] / 1e9:.1f} GB of reads "
+        f"(weights once per step over {w['min_steps']} steps, K/V once per decode token). At the best "
+        f"float32 matmul rate measured in the run, {roofs['compute_roof_flops_per_s'] / 1e9:.0f} GFLOP/s, and "
+        f"{roofs['memory_roof_bytes_per_s'] / 1e9:.1f} GB/s of reads, no engine can finish it in less than "
+        f"**{floor['floor_s']:.2f} s** (compute {floor['compute_s']:.2f} s, memory {floor['memory_s']:.2f} s).",
+        "",
+        "| | seconds | |",
+        "|---|---|---|",
+        f"| floor | {floor['floor_s']:.2f} | |",
+        f"| jaxllm | {r['jaxllm']['elapsed_s']:.2f} | {r['jaxllm']['elapsed_s'] / floor['floor_s']:.2f}x the floor |",
+    ]
+    if "ratios" in r:
+        hf, ratios = r["transformers"], r["ratios"]
+        row = hf["per_batch_size"][str(hf["best_batch_size"])]
+        lines += [
+            f"| transformers, static batch {hf['best_batch_size']} | {row['elapsed_s']:.2f} | |",
+            "",
+            f"Measured ratio {ratios['measured_jaxllm_vs_transformers']:.2f}x; an engine at the floor would reach "
+            f"{ratios['ceiling_at_the_floor']:.2f}x, so 5x needs "
+            f"{ratios['floor_fraction_needed_for_5x']:.0%} of this machine's roofline.",
+        ]
+    return lines + [""]
+
+
+def section_step_breakdown(r: dict | None) -> list[str]:
+    if r is None or "breakdown" not in r:
+        return _missing("step_profile_cpu.json", "python benchmarks/step_profile.py")
+    env, rows = r["environment"], r["breakdown"]
+    categories = list(dict.fromkeys(k for row in rows.values() for k in row["share"]))
+    lines = [
+        "### `step_profile_cpu.json`", "",
+        f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}` ({env['cpu_count']} cores): the "
+        "throughput workload's last step of each (tokens x blocks) bucket, replayed under the profiler; "
+        "each instant of the step's wall time is shared among the ops running on the threads then.",
+        "",
+        "| share of wall time | " + " | ".join(f"{b} ({row['tokens']} tok, {row['step_ms']:.0f} ms)"
+                                          for b, row in rows.items()) + " |",
+        "|---" * (len(rows) + 1) + "|",
+    ]
+    for c in categories:
+        lines.append(f"| {c} | " + " | ".join(f"{row['share'].get(c, 0.0):.0%}" for row in rows.values()) + " |")
+    return lines + [""]
+
+
 def section_async_scheduling(name: str, r: dict) -> list[str]:
     env, m, w = r["environment"], r["model"], r["workload"]
     steps = r["steps"]["async"]
@@ -297,6 +349,9 @@ def render() -> str:
     lines += ["## Offline throughput", ""]
     lines += [x for name, r in _globbed("throughput_*.json") for x in section_throughput(name, r)] or \
         _missing("throughput_cpu.json", "python benchmarks/throughput.py")
+    lines += ["## How far from this machine's limits", ""]
+    lines += section_roofline(_load("roofline_cpu.json"))
+    lines += section_step_breakdown(_load("step_profile_cpu.json"))
     lines += ["## One step per dtype", ""]
     lines += [x for name, r in _globbed("dtype_step_*.json") for x in section_dtype_step(name, r)] or \
         _missing("dtype_step_cpu.json", "python benchmarks/dtype_step.py")
