@@ -10,7 +10,7 @@ Four measurements, the first three the minimum of several runs in one process:
    the sampler's two-level ``argmax`` and the whole ``sample`` of an all-greedy batch.
 3. The throughput benchmark's workload (``benchmarks/throughput.py``: 64 prompts, greedy,
    ignore_eos) through ``LLM.generate`` twice, with the xla attention backend and with a no-op
-   backend (returns q): time per (tokens, blocks) bucket. The difference is attention's share.
+   backend (returns q), steps synchronous: time per (tokens, blocks) bucket. The difference is attention's share.
 4. A profiler trace of one compiled step per bucket of that workload (its last batch of the
    bucket, replayed): each moment of the step's wall time is shared among the XLA ops running
    on the threads at that moment, and the ops are grouped by the named scope and JAX op that
@@ -89,7 +89,8 @@ def sampler_times(rows: int = 64, vocab: int = 49152) -> dict:
 
 
 def step_times(model, workload, backend: str) -> dict:
-    llm = LLM(model, **throughput._ENGINE_LIMITS, attention_backend=backend)
+    # Synchronous steps: the engine then calls runner.execute, timed here whole.
+    llm = LLM(model, **throughput._ENGINE_LIMITS, attention_backend=backend, async_scheduling=False)
     throughput._warm_up(llm, workload.prompts[0][0])
     runner, log = llm.llm_engine.runner, []
     build, execute = model_runner.build_batch, runner.execute
