@@ -268,6 +268,10 @@ def section_step_breakdown(r: dict | None) -> list[str]:
     ]
     for c in categories:
         lines.append(f"| {c} | " + " | ".join(f"{row['share'].get(c, 0.0):.0%}" for row in rows.values()) + " |")
+    if "steps" in r:
+        xla, noop = r["steps"]["xla"]["elapsed_s"], r["steps"]["noop"]["elapsed_s"]
+        lines += ["", f"The same run times the whole workload with synchronous steps: {xla:.1f} s with the `xla` "
+                  f"attention backend, {noop:.1f} s with a no-op backend that skips attention (returns q)."]
     return lines + [""]
 
 
