@@ -2,17 +2,19 @@
 
 Usage: python benchmarks/step_profile.py [--output PATH] [--only-breakdown]
 
-Four measurements, the first three the minimum of several runs in one process:
+Four measurements in one process (run 4 first, then 1-3):
 1. Matmul GFLOP/s of ``jnp.dot`` and ``torch.matmul`` (float32, and bfloat16 with float32
-   accumulation) on SmolLM2's layer shapes at 16, 64 and 512 rows: the ceiling any engine on
-   this CPU works under.
+   accumulation) on SmolLM2's layer shapes at 16, 64 and 512 rows, the minimum of 10 runs: the
+   ceiling any engine on this CPU works under.
 2. Greedy sampling of 64 rows over SmolLM2's 49152-token vocabulary: ``jnp.argmax`` against
-   the sampler's two-level ``argmax`` and the whole ``sample`` of an all-greedy batch.
+   the sampler's two-level ``argmax`` and the whole ``sample`` of an all-greedy batch (minimum
+   of 10 runs).
 3. The throughput benchmark's workload (``benchmarks/throughput.py``: 64 prompts, greedy,
    ignore_eos) through ``LLM.generate`` twice, with the xla attention backend and with a no-op
-   backend (returns q), steps synchronous: time per (tokens, blocks) bucket. The difference is attention's share.
+   backend (returns q), steps synchronous, one run each: time per (tokens, blocks) bucket. The
+   difference is attention's share.
 4. A profiler trace of one compiled step per bucket of that workload (its last batch of the
-   bucket, replayed): each moment of the step's wall time is shared among the XLA ops running
+   bucket, replayed; its step time the minimum of 5 runs): each moment of the step's wall time is shared among the XLA ops running
    on the threads at that moment, and the ops are grouped by the named scope and JAX op that
    produced them (see ``_CATEGORIES``). ``--only-breakdown`` runs just this part.
 JSON goes to benchmarks/results/step_profile_cpu.json unless ``--output``.
