@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -36,8 +35,6 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).parent))
 import throughput  # noqa: E402  (the workload, both engines' runs, the environment record)
 
-import converters  # noqa: E402
-import jaxllm  # noqa: E402
 from jaxllm.config import ModelConfig  # noqa: E402
 
 _DEFAULT_OUT = Path(__file__).parent / "results" / "roofline_cpu.json"
@@ -72,25 +69,15 @@ def work(cfg: ModelConfig, workload: throughput.Workload) -> dict:
     }
 
 
-def _best_time(fn, *args, repeats: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def roofs(cfg: ModelConfig) -> dict:
     D, F = cfg.hidden_size, cfg.intermediate_size
     dot = jax.jit(lambda a, b: a @ b)
     rates = {}
     for m, k, n in ((64, D, F), (512, D, F), (512, F, D), (64, D, cfg.vocab_size)):
-        t = _best_time(dot, jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32))
+        t = throughput.min_time(dot, jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32))
         rates[f"{m}x{k}x{n}"] = 2 * m * k * n / t
     big = jnp.ones(100_000_000, jnp.float32)
-    read = big.nbytes / _best_time(jax.jit(jnp.sum), big)
+    read = big.nbytes / throughput.min_time(jax.jit(jnp.sum), big)
     return {"matmul_flops_per_s": rates, "compute_roof_flops_per_s": max(rates.values()),
             "memory_roof_bytes_per_s": read}
 
@@ -104,10 +91,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    gguf_path = converters.resolve_model(None)
-    model = jaxllm.load_model(str(gguf_path), dtype="float32")
+    gguf_path, model, workload = throughput.load_model_and_workload()
     tok = model.tokenizer
-    workload = throughput.make_workload(64, 0, len(tok), set(tok.all_special_ids))
     need, roof = work(model.config, workload), roofs(model.config)
     compute_s = (need["dense_flops"] + need["attention_flops"]) / roof["compute_roof_flops_per_s"]
     memory_s = need["bytes"] / roof["memory_roof_bytes_per_s"]

@@ -40,8 +40,6 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).parent))
 import throughput  # noqa: E402  (the workload and engine limits, shared)
 
-import converters  # noqa: E402
-import jaxllm  # noqa: E402
 from jaxllm import LLM  # noqa: E402
 from jaxllm.models.attention import register_attention_backend  # noqa: E402
 from jaxllm.runner import model_runner  # noqa: E402
@@ -49,16 +47,6 @@ from jaxllm.runner.sampler import MAX_BANNED_IDS, SamplingTensors, argmax, sampl
 
 _DEFAULT_OUT = Path(__file__).parent / "results" / "step_profile_cpu.json"
 _SHAPES = [(16, 576, 1536), (64, 576, 1536), (512, 576, 1536), (512, 1536, 576), (64, 576, 49152)]
-
-
-def _min_time(fn, *args, repeats: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def matmul_rates() -> list[dict]:
@@ -69,9 +57,9 @@ def matmul_rates() -> list[dict]:
         flops = 2 * m * k * n
         for jdt, tdt in ((jnp.float32, torch.float32), (jnp.bfloat16, torch.bfloat16)):
             dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-            t_jax = _min_time(dot, jnp.ones((m, k), jdt), jnp.ones((k, n), jdt))
+            t_jax = throughput.min_time(dot, jnp.ones((m, k), jdt), jnp.ones((k, n), jdt))
             a, b = torch.ones(m, k, dtype=tdt), torch.ones(k, n, dtype=tdt)
-            t_torch = _min_time(lambda a, b: torch.matmul(a, b), a, b)
+            t_torch = throughput.min_time(lambda a, b: torch.matmul(a, b), a, b)
             rows.append({"shape": [m, k, n], "dtype": jnp.dtype(jdt).name,
                          "jax_gflops": flops / t_jax / 1e9, "torch_gflops": flops / t_torch / 1e9})
     return rows
@@ -84,9 +72,9 @@ def sampler_times(rows: int = 64, vocab: int = 49152) -> dict:
                              jnp.zeros(rows, jnp.int32), jnp.full((rows, MAX_BANNED_IDS), vocab, jnp.int32))
     return {
         "rows": rows, "vocab": vocab,
-        "jnp_argmax_ms": 1e3 * _min_time(jax.jit(lambda x: jnp.argmax(x, axis=-1)), logits),
-        "two_level_argmax_ms": 1e3 * _min_time(jax.jit(argmax), logits),
-        "greedy_sample_ms": 1e3 * _min_time(jax.jit(sample), logits, greedy),
+        "jnp_argmax_ms": 1e3 * throughput.min_time(jax.jit(lambda x: jnp.argmax(x, axis=-1)), logits),
+        "two_level_argmax_ms": 1e3 * throughput.min_time(jax.jit(argmax), logits),
+        "greedy_sample_ms": 1e3 * throughput.min_time(jax.jit(sample), logits, greedy),
     }
 
 
@@ -196,8 +184,7 @@ def step_breakdown(model, workload) -> dict:
             result, runner.kv = executable(runner.params, runner.kv, batch, runner._no_tokens)
             jax.block_until_ready(result)
 
-        run()
-        step_s = min(_timed(run) for _ in range(5))
+        step_s = throughput.min_time(run, repeats=5)
         with tempfile.TemporaryDirectory() as log_dir:
             with jax.profiler.trace(log_dir, create_perfetto_trace=True, profiler_options=options):
                 run()
@@ -209,12 +196,6 @@ def step_breakdown(model, workload) -> dict:
     return out
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=_DEFAULT_OUT)
@@ -223,10 +204,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    gguf_path = converters.resolve_model(None)
-    model = jaxllm.load_model(str(gguf_path), dtype="float32")
-    tok = model.tokenizer
-    workload = throughput.make_workload(64, 0, len(tok), set(tok.all_special_ids))
+    _, model, workload = throughput.load_model_and_workload()
     report = {"environment": throughput._environment()}
     report["breakdown"] = step_breakdown(model, workload)
     for bucket, row in report["breakdown"].items():

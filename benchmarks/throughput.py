@@ -49,6 +49,28 @@ class Workload:
         return sum(self.output_lens)
 
 
+def load_model_and_workload(dtype: str = "float32", num_prompts: int = 64, seed: int = 0):
+    """(GGUF path, the embedded SmolLM2 in ``dtype``, the seeded workload over its tokenizer):
+    what every benchmark built on this one measures."""
+    gguf_path = converters.resolve_model(None)
+    model = jaxllm.load_model(str(gguf_path), dtype=dtype)
+    tok = model.tokenizer
+    return gguf_path, model, make_workload(num_prompts, seed, len(tok), set(tok.all_special_ids))
+
+
+def min_time(fn, *args, repeats: int = 10) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn(*args)``, after one untimed call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def make_workload(num_prompts: int, seed: int, vocab_size: int, special_ids: set[int]) -> Workload:
     rng = np.random.default_rng(seed)
     allowed = np.array([i for i in range(vocab_size) if i not in special_ids])
@@ -232,10 +254,8 @@ def main() -> None:
 
     args = _parse_args()
     torch.set_num_threads(os.cpu_count())
-    gguf_path = converters.resolve_model(None)
-    model = jaxllm.load_model(str(gguf_path), dtype=args.dtype)
+    gguf_path, model, workload = load_model_and_workload(args.dtype, args.num_prompts, args.seed)
     tokenizer = model.tokenizer
-    workload = make_workload(args.num_prompts, args.seed, len(tokenizer), set(tokenizer.all_special_ids))
     report = {"environment": _environment(), "model": gguf_path.name,
               "workload": _describe(workload, args.seed)}
     report["jaxllm"], ours = run_jaxllm(model, workload, args.async_scheduling)
