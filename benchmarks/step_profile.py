@@ -118,6 +118,7 @@ def step_times(model, workload, backend: str) -> dict:
 # (name, test on the HLO op's metadata op_name), first match wins. The layers run in a scan
 # ("while/body"); llama.py and gpt.py name their scopes "attention" and "mlp".
 _CATEGORIES = (
+    ("attention: cpu kernel (custom call)", lambda op: "attention/" in op and "ffi_call" in op),
     ("attention: cached-context loop", lambda op: "attention/while" in op),
     ("attention: q/k/v/o projections", lambda op: "attention/" in op and "dot_general" in op
      and re.search(r"/(td,|tnh,nhd->td)", op) is not None),
@@ -155,9 +156,9 @@ def _wall_shares(events: list[dict], op_names: dict[str, str]) -> tuple[float, d
     return edges[-1][0] - edges[0][0], dict(shares)
 
 
-def step_breakdown(model, workload) -> dict:
+def step_breakdown(model, workload, backend: str) -> dict:
     """Wall-time shares of one step per bucket (measurement 4 of the module docstring)."""
-    llm = LLM(model, **throughput._ENGINE_LIMITS, attention_backend="xla")
+    llm = LLM(model, **throughput._ENGINE_LIMITS, attention_backend=backend)
     throughput._warm_up(llm, workload.prompts[0][0])
     runner, last_batch = llm.llm_engine.runner, {}
     build = model_runner.build_batch
@@ -200,13 +201,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=_DEFAULT_OUT)
     parser.add_argument("--only-breakdown", action="store_true", help="measurement 4 alone")
+    parser.add_argument("--breakdown-backend", default="auto", help="attention backend of measurement 4 (default auto)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(os.cpu_count())
     _, model, workload = throughput.load_model_and_workload()
     report = {"environment": throughput._environment()}
-    report["breakdown"] = step_breakdown(model, workload)
+    report["breakdown_backend"] = args.breakdown_backend
+    report["breakdown"] = step_breakdown(model, workload, args.breakdown_backend)
     for bucket, row in report["breakdown"].items():
         top = ", ".join(f"{k} {v:.0%}" for k, v in list(row["share"].items())[:4])
         print(f"step {bucket} ({row['tokens']} tokens) {row['step_ms']:.1f} ms: {top}")

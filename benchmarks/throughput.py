@@ -1,7 +1,8 @@
 """Offline throughput: jaxllm's continuous batching vs transformers' static-batch ``generate``.
 
 Usage: python benchmarks/throughput.py [--num-prompts 64] [--seed 0] [--hf-batch-sizes 8,16,32,64]
-                                       [--dtype float32|bfloat16] [--skip-hf] [--quick] [--output PATH]
+                                       [--dtype float32|bfloat16] [--attention-backends auto,xla]
+                                       [--skip-hf] [--quick] [--output PATH]
 
 One seeded mixed-length workload (random non-special token ids, 16-200 prompt tokens, 16-128
 output tokens each, greedy, ignore_eos) runs through ``LLM.generate`` and through transformers on
@@ -10,7 +11,9 @@ process on the same machine. transformers gets static batches with left padding;
 decodes max(output length in batch) tokens (min_new_tokens, so it cannot stop early) and only
 each request's own output tokens count. Both use every core: torch.set_num_threads(os.cpu_count()),
 XLA at its default; the 1-minute load average before and after each timed phase is recorded,
-since a shared machine skews both. Prints a summary and writes JSON (``--quick``: 16 prompts,
+since a shared machine skews both. ``--attention-backends`` runs jaxllm once per listed backend
+(default "auto"), in the listed order: the first is the headline, the others are side-by-side
+comparisons in the same process (``jaxllm_by_backend`` in the JSON). Prints a summary and writes JSON (``--quick``: 16 prompts,
 batch sizes 8 and 16, and no file unless ``--output``; ``--skip-hf``: no file unless ``--output``).
 """
 
@@ -33,6 +36,7 @@ import numpy as np
 import converters
 import jaxllm
 from jaxllm import LLM, SamplingParams
+from jaxllm.models.attention import get_attention_backend
 
 _DEFAULT_OUT = Path(__file__).parent / "results" / "throughput_cpu.json"
 _ENGINE_LIMITS = {"max_model_len": 512, "max_num_seqs": 64, "max_num_batched_tokens": 512}
@@ -94,9 +98,10 @@ def _warm_up(llm: LLM, token_id: int) -> None:
         llm.generate([{"prompt_token_ids": [token_id] * 48}] * n, _greedy(1), use_tqdm=False)
 
 
-def run_jaxllm(model, workload: Workload, async_scheduling: bool = True) -> tuple[dict, list[list[int]]]:
+def run_jaxllm(model, workload: Workload, async_scheduling: bool = True,
+               attention_backend: str = "auto") -> tuple[dict, list[list[int]]]:
     start = time.perf_counter()
-    llm = LLM(model, **_ENGINE_LIMITS, async_scheduling=async_scheduling)
+    llm = LLM(model, **_ENGINE_LIMITS, async_scheduling=async_scheduling, attention_backend=attention_backend)
     startup_s = time.perf_counter() - start
     _warm_up(llm, workload.prompts[0][0])
     engine = llm.llm_engine
@@ -112,7 +117,9 @@ def run_jaxllm(model, workload: Workload, async_scheduling: bool = True) -> tupl
     result = {
         "load_avg_1min_before_after": [before_load, os.getloadavg()[0]],
         "engine_args": {**_ENGINE_LIMITS, "dtype": str(llm.llm_engine.runner.dtype),
-                        "block_size": llm.engine_args.block_size, "async_scheduling": async_scheduling},
+                        "block_size": llm.engine_args.block_size, "async_scheduling": async_scheduling,
+                        "attention_backend": attention_backend,
+                        "attention_fn": get_attention_backend(attention_backend).__name__},
         "startup_with_compile_s": startup_s,
         "elapsed_s": elapsed,
         "output_tokens": workload.num_output_tokens,
@@ -237,11 +244,14 @@ def _parse_args() -> argparse.Namespace:
                         help="weights and activations of both engines (KV cache: jaxllm's 'auto', the same dtype)")
     parser.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                         help="jaxllm waits for each step's tokens before scheduling the next")
+    parser.add_argument("--attention-backends", default="auto",
+                        help="comma separated jaxllm attention backends; the first is the headline (default auto)")
     parser.add_argument("--skip-hf", action="store_true", help="measure jaxllm only (no file unless --output)")
     parser.add_argument("--quick", action="store_true", help="a smoke check: 16 prompts, no file unless --output")
     parser.add_argument("--output", type=Path, default=None, help=f"JSON path; default {_DEFAULT_OUT}")
     args = parser.parse_args()
     args.num_prompts = args.num_prompts or (16 if args.quick else 64)
+    args.attention_backends = args.attention_backends.split(",")
     sizes = args.hf_batch_sizes or ("8,16" if args.quick else "8,16,32,64")
     args.hf_batch_sizes = [int(s) for s in sizes.split(",")]
     default_out = _DEFAULT_OUT.with_stem(f"{_DEFAULT_OUT.stem}_{args.dtype}") if args.dtype != "float32" else _DEFAULT_OUT
@@ -258,9 +268,16 @@ def main() -> None:
     tokenizer = model.tokenizer
     report = {"environment": _environment(), "model": gguf_path.name,
               "workload": _describe(workload, args.seed)}
-    report["jaxllm"], ours = run_jaxllm(model, workload, args.async_scheduling)
-    print(f"jaxllm: {report['jaxllm']['output_tokens_per_s']:.1f} output tok/s "
-          f"({report['jaxllm']['elapsed_s']:.1f} s)", flush=True)
+    runs = {}
+    for backend in args.attention_backends:
+        runs[backend] = run_jaxllm(model, workload, args.async_scheduling, backend)
+        print(f"jaxllm ({backend} attention): {runs[backend][0]['output_tokens_per_s']:.1f} output tok/s "
+              f"({runs[backend][0]['elapsed_s']:.1f} s)", flush=True)
+    report["jaxllm"], ours = runs[args.attention_backends[0]]
+    if len(runs) > 1:
+        report["jaxllm_by_backend"] = {b: r for b, (r, _) in runs.items()}
+        report["greedy_agreement_between_backends"] = {
+            b: _agreement(ours, ids) for b, (_, ids) in list(runs.items())[1:]}
     if not args.skip_hf:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         report["transformers"], theirs = run_hf(gguf_path, workload, args.hf_batch_sizes, pad_id, args.dtype)

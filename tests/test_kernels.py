@@ -163,9 +163,11 @@ def test_pallas_backend_equals_xla_backend(mixed):
 
 
 def test_backend_names():
-    assert {"xla", "pallas", "triton", "pallas_mgpu", "auto"} <= set(available_backends())
+    assert {"xla", "pallas", "triton", "pallas_mgpu", "cpu", "auto"} <= set(available_backends())
     if jax.default_backend() == "cpu":
-        assert get_attention_backend("auto") is xla_paged_attention
+        from pallas_kernels.cpu_attention import cpu_paged_attention
+
+        assert get_attention_backend("auto") is cpu_paged_attention  # the C++ kernel builds here
         with pytest.raises(ValueError, match="attention_backend='triton' is not usable here: .*"):
             get_attention_backend("triton")
     with pytest.raises(ValueError, match="not available"):

@@ -84,7 +84,7 @@ def draw(output: Path) -> None:
         "embed -> lax.scan over layers:\n"
         "  QKV, RoPE, write_kv at slot_mapping (in place)\n"
         "  attention backend over the paged pool:\n"
-        "  xla | pallas | triton | pallas_mgpu | registered\n"
+        "  cpu | xla | pallas | triton | pallas_mgpu | registered\n"
         "  MLP\n"
         "logits of each sequence's last token ->\n"
         "sampler: temperature, top-k/p, min-p, penalties, PRNG keys", "#fbd0a5", title_size=9)

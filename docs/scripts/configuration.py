@@ -33,9 +33,11 @@ ENGINE_HELP = {
     "kv_cache_memory_bytes": "Explicit KV pool budget in bytes. None: the GPU share above, or 1 GiB on CPU.",
     "num_kv_blocks": "Exact number of pool blocks, including the null block 0; overrides both budgets.",
     "enable_prefix_caching": "Hash full blocks and reuse them across requests with equal prefixes.",
-    "attention_backend": "`auto` (`xla` on CPU, `pallas` on GPU), `xla` (plain jnp reference), `pallas` "
-                          "(interpreted on CPU), `triton` (GPU, jax-triton), `pallas_mgpu` (H100/H200), or a "
-                          "name given to `jaxllm.register_attention_backend`.",
+    "attention_backend": "`auto` (`cpu` on CPU, or `xla` where no C++ compiler can build it; `pallas` on GPU), "
+                          "`cpu` (C++ kernel through XLA's FFI, compiled on first use and cached in "
+                          "`~/.cache/jaxllm`), `xla` (plain jnp reference), `pallas` (interpreted on CPU), "
+                          "`triton` (GPU, jax-triton), `pallas_mgpu` (H100/H200), or a name given to "
+                          "`jaxllm.register_attention_backend`.",
     "kv_cache_dtype": "`auto` (the model's dtype; on CPU a bfloat16/float16 model's pool is float32, which holds its K/V exactly: XLA:CPU has no 16-bit float scatter), `fp8` (e4m3) or `int8`: quantised K/V with a float32 scale per token and kv head, about half of bf16's memory.",
     "swap_space": "GiB of host memory for swapped-out blocks when `preemption_mode=\"swap\"`.",
     "preemption_mode": "`recompute`: a preempted request's blocks are freed and recomputed later; `swap`: "

@@ -236,6 +236,11 @@ def register_attention_backend(name: str, fn: AttentionFn) -> None:
       ``cu_q_lens[-1]``) are never sampled; they should be finite (zeros are fine), since they
       flow on through the model and the next layer writes their K/V into the null block.
 
+      A backend whose cost does not grow with the block table's padded width B (it reads each
+      sequence's blocks only up to its own position) may set ``fn.one_block_bucket = True``: the
+      runner then always passes the full width and compiles one program per token bucket
+      instead of one per (tokens, power-of-two width) pair.
+
     Raises:
       ValueError: if ``fn`` is not callable.
     """
@@ -250,6 +255,7 @@ _KERNEL_BACKENDS = {
     "pallas": ("pallas_kernels.backends", "pallas_paged_attention"),
     "pallas_mgpu": ("pallas_kernels.backends", "mosaic_paged_attention"),
     "triton": ("pallas_kernels.backends", "triton_paged_attention"),
+    "cpu": ("pallas_kernels.cpu_attention", "cpu_paged_attention"),
 }
 
 
@@ -257,28 +263,52 @@ def available_backends() -> tuple[str, ...]:
     return (*_BACKENDS, *(n for n in _KERNEL_BACKENDS if n not in _BACKENDS), "auto")
 
 
+def _unavailable_reason(name: str) -> str | None:
+    if name == "triton":
+        from pallas_kernels.triton_paged_attention import triton_unavailable_reason
+
+        return triton_unavailable_reason()
+    if name == "cpu":
+        if jax.default_backend() != "cpu":
+            return f"it runs on the CPU only, not on {jax.default_backend()!r}"
+        from pallas_kernels.cpu_attention import cpu_attention_unavailable_reason
+
+        return cpu_attention_unavailable_reason()
+    return None
+
+
+def _cpu_auto_backend() -> str:
+    """"cpu" (the C++ kernel) where it builds, else "xla", with a warning saying why."""
+    reason = _unavailable_reason("cpu")
+    if reason is None:
+        return "cpu"
+    import logging
+
+    logging.getLogger(__name__).warning("attention_backend='auto' uses 'xla': the 'cpu' kernel is unavailable: %s", reason)
+    return "xla"
+
+
 def get_attention_backend(name: str) -> AttentionFn:
     """Resolve a backend name.
 
-    "xla" is the plain-jnp reference; "pallas" the Pallas kernels (interpreted on CPU); "triton" a
-    raw Triton kernel through jax-triton (NVIDIA GPU only); "pallas_mgpu" the Hopper kernel on
-    Pallas Mosaic GPU (H100/H200 only). "auto" is "xla" on CPU, where interpreted kernels are
-    slow, and "pallas" on GPU: chosen by reasoning (a fused paged kernel reads each page once, the
+    "xla" is the plain-jnp reference; "cpu" a C++ kernel through XLA's FFI (CPU only, built with
+    the system compiler on first use: pallas_kernels/cpu_attention.py); "pallas" the Pallas
+    kernels (interpreted on CPU); "triton" a raw Triton kernel through jax-triton (NVIDIA GPU
+    only); "pallas_mgpu" the Hopper kernel on Pallas Mosaic GPU (H100/H200 only). "auto" is "cpu"
+    on CPU (measured: benchmarks/throughput.py --attention-backends auto,xla), or "xla" with a
+    warning where the kernel cannot be built, and "pallas" on GPU: chosen by reasoning (a fused paged kernel reads each page once, the
     xla backend materialises gathered context), not yet by a measurement, since no GPU was
     available when this was written; benchmarks/attention.py is the sweep that should decide it.
     """
     if name == "auto":
-        name = "pallas" if jax.default_backend() == "gpu" else "xla"
+        name = "pallas" if jax.default_backend() == "gpu" else _cpu_auto_backend()
     if name not in _BACKENDS and name in _KERNEL_BACKENDS:
         import importlib
 
         module, attribute = _KERNEL_BACKENDS[name]
-        if name == "triton":
-            from pallas_kernels.triton_paged_attention import triton_unavailable_reason
-
-            reason = triton_unavailable_reason()
-            if reason is not None:
-                raise ValueError(f"attention_backend='triton' is not usable here: {reason}")
+        reason = _unavailable_reason(name)
+        if reason is not None:
+            raise ValueError(f"attention_backend={name!r} is not usable here: {reason}")
         register_attention_backend(name, getattr(importlib.import_module(module), attribute))
     if name not in _BACKENDS:
         raise ValueError(f"attention_backend={name!r} is not available; available: {available_backends()}")

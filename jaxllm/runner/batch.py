@@ -65,9 +65,16 @@ class Buckets:
     max_num_seqs: int
 
     @classmethod
-    def make(cls, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int) -> Buckets:
+    def make(cls, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
+             one_block_bucket: bool = False) -> Buckets:
+        """Powers of two from 16 tokens and 4 blocks up to the limits. ``one_block_bucket``: every
+        step gets the full block-table width (for attention backends whose cost does not grow with
+        it), so there is one compiled program per token bucket."""
         tokens = _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)
-        blocks = _powers_of_two(min(4, max_blocks_per_seq), max_blocks_per_seq)
+        if one_block_bucket:
+            blocks = (max_blocks_per_seq,)
+        else:
+            blocks = _powers_of_two(min(4, max_blocks_per_seq), max_blocks_per_seq)
         return cls(tokens, blocks, max_num_seqs)
 
     def num_seqs(self, num_tokens_bucket: int) -> int:

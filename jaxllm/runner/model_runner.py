@@ -84,7 +84,8 @@ class ModelRunner:
         self.params = jax.device_put(pack_params(params, cfg.tie_word_embeddings, platform))  # see there
         self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.dtype, platform)  # fp8/int8 carry scales
         self.buckets = Buckets.make(
-            sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size)
+            sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size),
+            one_block_bucket=getattr(attend, "one_block_bucket", False),
         )
         self._rng = np.random.default_rng(seed)
         self._no_tokens = jnp.zeros(self.buckets.max_num_seqs, jnp.int32)  # no previous step to feed

@@ -1,0 +1,364 @@
+// Paged attention on the CPU: the engine's "cpu" attention backend, an XLA FFI custom call.
+//
+// Why a C++ kernel: under XLA:CPU the xla backend gathers each token's cached blocks into a
+// buffer and scores them in elementwise multiply-reduce fusions, which run an order of magnitude
+// below this machine's vector rate (benchmarks/step_profile.py). This kernel reads the pool in
+// place, block by block, with an online softmax, the way the Pallas kernels do on GPU.
+//
+// Semantics are those of jaxllm.models.attention.xla_paged_attention: token t of sequence s
+// (cu_q_lens[s] <= t < cu_q_lens[s + 1]) attends to the keys of s at positions 0..positions[t]
+// (and > positions[t] - sliding_window when sliding_window > 0); key position p lives in block
+// block_tables[s, p / block_size] at offset p % block_size of `layer`. This step's K/V are already
+// in the pool. Rows of padding tokens (t >= cu_q_lens[S]) are zeros.
+//
+// Work is split into units of (sequence, tile of up to kTileTokens of its tokens, kv head). A unit
+// keeps the tile's query rows (tokens x the kv head's G query heads) in a scratch buffer and
+// streams the union of its tokens' key ranges once: each block's keys are scored for every row
+// whose range covers them, then folded into that row's running max, sum and output. Units are
+// handed out through an atomic counter to the calling thread and to tasks on XLA's intra-op pool.
+//
+// Pools: float32 or bfloat16 values; or int8 / uint8 (float8_e4m3fn bits) values with a float32
+// scale per (layer, block, slot, kv head), multiplied into the scores and the value weights.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTileTokens = 8;    // tokens of one sequence per unit (prefill chunks)
+constexpr float kNoScore = -3.0e38f;  // a finite "minus infinity": the running max before any key
+
+// e^x for x <= 0, Cephes' single-precision polynomial (about 1 ulp); branch-free so that loops
+// over a block's keys vectorise. Arguments below -87 give e^-87 (~1.6e-38), not 0: a weight that
+// small vanishes against the row's own key, whose weight is 1.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const float y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
+                     4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r +
+                  r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return y * two_n;
+}
+
+// float8_e4m3fn bit patterns -> float: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinity,
+// S.1111.111 is NaN.
+struct Fp8Table {
+  float value[256];
+  Fp8Table() {
+    for (int b = 0; b < 256; ++b) {
+      const int exponent = (b >> 3) & 15, mantissa = b & 7;
+      float magnitude;
+      if (exponent == 15 && mantissa == 7) {
+        magnitude = NAN;
+      } else if (exponent == 0) {
+        magnitude = std::ldexp(mantissa / 8.0f, -6);
+      } else {
+        magnitude = std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
+      }
+      value[b] = (b & 128) ? -magnitude : magnitude;
+    }
+  }
+};
+const Fp8Table kFp8;
+
+struct Bf16 {
+  uint16_t bits;
+};
+
+inline float to_float(float x) { return x; }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+inline float to_float(uint8_t x) { return kFp8.value[x]; }
+inline float to_float(Bf16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+struct Problem {
+  const float* q;  // [T, N, H]
+  const void* k;   // [L, NB, BS, K, H]
+  const void* v;
+  const float* k_scale;  // [L, NB, BS, K] or null
+  const float* v_scale;
+  const int32_t* positions;     // [T]
+  const int32_t* block_tables;  // [S, B]
+  const int32_t* cu_q_lens;     // [S + 1]
+  float* out;                   // [T, N, H]
+  int64_t T, N, H, K, G, L, NB, BS, S, B;
+  int64_t layer, window;
+  float scale;
+};
+
+struct Unit {
+  int64_t seq, first, last, head;  // tokens first..last-1 of the flat batch, one kv head
+  int64_t cost;                    // rows x keys the unit reads, to hand out the long ones first
+};
+
+// One unit: rows r = (token - first) * G + g for query head head * G + g. kHeadDim is H when it
+// is one of the common sizes (the loops over H unroll into whole vectors), else 0 and p.H is used.
+template <typename V, int64_t kHeadDim>
+bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
+  const int64_t H = kHeadDim > 0 ? kHeadDim : p.H;
+  const int64_t G = p.G, K = p.K, BS = p.BS;
+  const int64_t rows = (u.last - u.first) * G;
+  scratch.resize(rows * (2 * H + 2) + G * BS);
+  float* qs = scratch.data();     // scaled queries [rows, H]
+  float* acc = qs + rows * H;     // unnormalised outputs [rows, H]
+  float* peak = acc + rows * H;   // running max score of each row
+  float* total = peak + rows;     // running sum of weights of each row
+  float* weights = total + rows;  // one token's scores, then weights, in one block [G, BS]
+  int64_t lo[kTileTokens];        // first visible key of each token
+
+  int64_t key_lo = INT64_MAX, key_hi = -1;
+  for (int64_t t = u.first; t < u.last; ++t) {
+    const int64_t pos = p.positions[t];
+    lo[t - u.first] = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+    key_lo = std::min(key_lo, lo[t - u.first]);
+    key_hi = std::max(key_hi, pos);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = (t - u.first) * G + g;
+      const float* src = p.q + (t * p.N + u.head * G + g) * H;
+      for (int64_t h = 0; h < H; ++h) qs[r * H + h] = src[h] * p.scale;
+      std::fill(acc + r * H, acc + (r + 1) * H, 0.0f);
+      peak[r] = kNoScore;
+      total[r] = 0.0f;
+    }
+  }
+  if (key_hi < 0 || key_hi / BS >= p.B) return false;
+
+  const V* k_pool = static_cast<const V*>(p.k);
+  const V* v_pool = static_cast<const V*>(p.v);
+  const int32_t* table = p.block_tables + u.seq * p.B;
+  const int64_t slot_stride = K * H;  // pool elements from one slot's kv head to the next slot's
+  for (int64_t b = key_lo / BS; b <= key_hi / BS; ++b) {
+    const int64_t phys = table[b];
+    if (phys < 0 || phys >= p.NB) return false;
+    const int64_t at0 = (p.layer * p.NB + phys) * BS * K + u.head;  // (slot, head) index of key 0
+    const V* k_block = k_pool + at0 * H;
+    const V* v_block = v_pool + at0 * H;
+    const int64_t key0 = b * BS;
+    for (int64_t t = u.first; t < u.last; ++t) {
+      const int64_t ja = std::max(lo[t - u.first], key0) - key0;
+      const int64_t jb = std::min<int64_t>(p.positions[t], key0 + BS - 1) - key0;
+      if (ja > jb) continue;
+      const int64_t r0 = (t - u.first) * G;
+      // Scores of the token's G rows: each key row is loaded once for all of them.
+      for (int64_t j = ja; j <= jb; ++j) {
+        const V* kr = k_block + j * slot_stride;
+        const float key_scale = p.k_scale != nullptr ? p.k_scale[at0 + j * K] : 1.0f;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qr = qs + (r0 + g) * H;
+          float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t h = 0; h < H; ++h) s += qr[h] * to_float(kr[h]);
+          weights[g * BS + j] = s * key_scale;
+        }
+      }
+      // Online softmax per row: rescale what the row holds when its max rises.
+      for (int64_t g = 0; g < G; ++g) {
+        float* w = weights + g * BS;
+        float block_max = kNoScore;
+        for (int64_t j = ja; j <= jb; ++j) block_max = std::max(block_max, w[j]);
+        const int64_t r = r0 + g;
+        const float new_peak = std::max(peak[r], block_max);
+        const float rescale = exp_nonpositive(peak[r] - new_peak);
+        float block_total = 0.0f;
+#pragma omp simd reduction(+ : block_total)
+        for (int64_t j = ja; j <= jb; ++j) {
+          w[j] = exp_nonpositive(w[j] - new_peak);
+          block_total += w[j];
+        }
+        peak[r] = new_peak;
+        total[r] = total[r] * rescale + block_total;
+        if (rescale != 1.0f) {
+          float* ar = acc + r * H;
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h) ar[h] *= rescale;
+        }
+      }
+      // Values: each value row is loaded once and added into the G rows.
+      for (int64_t j = ja; j <= jb; ++j) {
+        const V* vr = v_block + j * slot_stride;
+        const float value_scale = p.v_scale != nullptr ? p.v_scale[at0 + j * K] : 1.0f;
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = weights[g * BS + j] * value_scale;
+          float* ar = acc + (r0 + g) * H;
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h) ar[h] += w * to_float(vr[h]);
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = u.first + r / G, g = r % G;
+    float* dst = p.out + (t * p.N + u.head * G + g) * H;
+    const float inv = 1.0f / total[r];  // every row saw its own key: total >= 1
+    for (int64_t h = 0; h < H; ++h) dst[h] = acc[r * H + h] * inv;
+  }
+  return true;
+}
+
+using UnitFn = bool (*)(const Problem&, const Unit&, std::vector<float>&);
+
+template <typename V>
+UnitFn ForHeadDim(int64_t head_dim) {
+  switch (head_dim) {
+    case 64: return RunUnit<V, 64>;
+    case 128: return RunUnit<V, 128>;
+    default: return RunUnit<V, 0>;
+  }
+}
+
+// Shared by the calling thread and the pool tasks; owned jointly, so that a task the pool starts
+// after the call has returned finds no work left and touches nothing else.
+struct Work {
+  Problem problem;
+  std::vector<Unit> units;
+  UnitFn run;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::atomic<bool> failed{false};
+
+  void Drain() {
+    std::vector<float> scratch;
+    const int64_t n = static_cast<int64_t>(units.size());
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+      if (!run(problem, units[i], scratch)) failed.store(true);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                          ffi::AnyBuffer v, ffi::Buffer<ffi::F32> k_scale,
+                          ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> layer,
+                          ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> block_tables,
+                          ffi::Buffer<ffi::S32> cu_q_lens, int64_t sliding_window, float scale,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  const auto td = block_tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 5 || td.size() != 2) {
+    return ffi::Error::InvalidArgument("cpu paged attention: q must be [T, N, H], the pools "
+                                       "[L, blocks, block_size, K, H], block_tables [S, B]");
+  }
+  if (k.element_type() != v.element_type() || k.dimensions().size() != v.dimensions().size()) {
+    return ffi::Error::InvalidArgument("cpu paged attention: k and v pools differ in dtype or rank");
+  }
+  Problem p{};
+  p.T = qd[0];
+  p.N = qd[1];
+  p.H = qd[2];
+  p.L = kd[0];
+  p.NB = kd[1];
+  p.BS = kd[2];
+  p.K = kd[3];
+  p.S = td[0];
+  p.B = td[1];
+  if (kd[4] != p.H || p.K <= 0 || p.N % p.K != 0) {
+    return ffi::Error::InvalidArgument("cpu paged attention: pool head dim or kv heads do not match q");
+  }
+  if (positions.element_count() != static_cast<size_t>(p.T) ||
+      cu_q_lens.element_count() != static_cast<size_t>(p.S + 1)) {
+    return ffi::Error::InvalidArgument("cpu paged attention: positions must be [T], cu_q_lens [S + 1]");
+  }
+  p.G = p.N / p.K;
+  p.layer = layer.typed_data()[0];
+  if (p.layer < 0 || p.layer >= p.L) {
+    return ffi::Error::InvalidArgument("cpu paged attention: layer out of range");
+  }
+  p.window = sliding_window;
+  p.scale = scale;
+  p.q = q.typed_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.positions = positions.typed_data();
+  p.block_tables = block_tables.typed_data();
+  p.cu_q_lens = cu_q_lens.typed_data();
+  p.out = out->typed_data();
+
+  UnitFn run = nullptr;
+  bool scaled = false;
+  switch (k.element_type()) {
+    case ffi::DataType::F32: run = ForHeadDim<float>(p.H); break;
+    case ffi::DataType::BF16: run = ForHeadDim<Bf16>(p.H); break;
+    case ffi::DataType::S8: run = ForHeadDim<int8_t>(p.H); scaled = true; break;
+    case ffi::DataType::U8: run = ForHeadDim<uint8_t>(p.H); scaled = true; break;
+    default:
+      return ffi::Error::InvalidArgument("cpu paged attention: pool dtype must be float32, bfloat16, "
+                                         "int8 or uint8 (fp8 bits)");
+  }
+  if (scaled) {
+    const size_t slots = static_cast<size_t>(p.L * p.NB * p.BS * p.K);
+    if (k_scale.element_count() != slots || v_scale.element_count() != slots) {
+      return ffi::Error::InvalidArgument("cpu paged attention: int8/fp8 pools need scales "
+                                         "[L, blocks, block_size, K]");
+    }
+    p.k_scale = k_scale.typed_data();
+    p.v_scale = v_scale.typed_data();
+  }
+
+  auto work = std::make_shared<Work>();
+  work->problem = p;
+  work->run = run;
+  const int32_t* cu = p.cu_q_lens;
+  const int64_t real = std::clamp<int64_t>(cu[p.S], 0, p.T);
+  for (int64_t s = 0; s < p.S; ++s) {
+    const int64_t begin = std::max<int64_t>(cu[s], 0), end = std::min<int64_t>(cu[s + 1], real);
+    for (int64_t first = begin; first < end; first += kTileTokens) {
+      const int64_t last = std::min(first + kTileTokens, end);
+      const int64_t keys = p.positions[last - 1] + 1;
+      for (int64_t head = 0; head < p.K; ++head) {
+        work->units.push_back(Unit{s, first, last, head, (last - first) * keys});
+      }
+    }
+  }
+  std::stable_sort(work->units.begin(), work->units.end(),
+                   [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
+  std::fill(p.out + real * p.N * p.H, p.out + p.T * p.N * p.H, 0.0f);
+
+  const int64_t n = static_cast<int64_t>(work->units.size());
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Drain(); });
+  work->Drain();
+  while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  if (work->failed.load()) {
+    return ffi::Error::InvalidArgument("cpu paged attention: a position or block id is outside "
+                                       "its block table or the pool");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmCpuPagedAttention, PagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::AnyBuffer>()         // k pool
+                                  .Arg<ffi::AnyBuffer>()         // v pool
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k scales (empty if unscaled)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v scales
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // block_tables
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cu_q_lens
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
