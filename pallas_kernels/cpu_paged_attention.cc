@@ -11,11 +11,16 @@
 // block_tables[s, p / block_size] at offset p % block_size of `layer`. This step's K/V are already
 // in the pool. Rows of padding tokens (t >= cu_q_lens[S]) are zeros.
 //
-// Work is split into units of (sequence, tile of up to kTileTokens of its tokens, kv head). A unit
-// keeps the tile's query rows (tokens x the kv head's G query heads) in a scratch buffer and
-// streams the union of its tokens' key ranges once: each block's keys are scored for every row
-// whose range covers them, then folded into that row's running max, sum and output. Units are
-// handed out through an atomic counter to the calling thread and to tasks on XLA's intra-op pool.
+// Work is split into units of (sequence, tile of up to kTileTokens of its tokens, kv heads: all of
+// them, so a block's slot rows are read whole, or one each when there are too few tiles to keep
+// the threads busy). A unit keeps the tile's query rows in a scratch buffer and streams the union
+// of its tokens' key ranges once: each block's keys are scored for every row whose range covers
+// them, then folded into that row's running max, sum and output. Units are handed out, longest
+// first, through an atomic counter to the calling thread and to tasks on XLA's intra-op pool.
+//
+// Decode steps are bound by reading the pool (the K/V of every cached token, every layer, from
+// blocks anywhere in memory), not by the arithmetic: the same call runs several times faster when
+// its blocks are already in cache.
 //
 // Pools: float32 or bfloat16 values; or int8 / uint8 (float8_e4m3fn bits) values with a float32
 // scale per (layer, block, slot, kv head), multiplied into the scores and the value weights.
@@ -28,6 +33,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -36,7 +42,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTileTokens = 8;    // tokens of one sequence per unit (prefill chunks)
+constexpr int64_t kTileTokens = 8;  // tokens of one sequence per unit (prefill chunks)
+constexpr int64_t kUnitsPerThread = 4;  // fewer (sequence, tile) pairs per thread: split kv heads
 constexpr float kNoScore = -3.0e38f;  // a finite "minus infinity": the running max before any key
 
 // e^x for x <= 0, Cephes' single-precision polynomial (about 1 ulp); branch-free so that loops
@@ -90,6 +97,31 @@ inline float to_float(Bf16 x) {
   return f;
 }
 
+// 16 floats: one AVX-512 register (two AVX2 ones); GCC lowers the arithmetic to what the target has.
+typedef float Vec16 __attribute__((vector_size(64)));
+
+template <typename V>
+inline Vec16 Load16(const V* x) {
+  Vec16 out;
+  if constexpr (std::is_same_v<V, float>) {
+    std::memcpy(&out, x, sizeof out);
+  } else {
+    for (int l = 0; l < 16; ++l) out[l] = to_float(x[l]);
+  }
+  return out;
+}
+
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef float Vec4 __attribute__((vector_size(16)));
+
+// Sum of the lanes as a tree (halves added pairwise), not a chain of 15 dependent adds.
+inline float Sum16(Vec16 x) {
+  const Vec8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 struct Problem {
   const float* q;  // [T, N, H]
   const void* k;   // [L, NB, BS, K, H]
@@ -106,17 +138,20 @@ struct Problem {
 };
 
 struct Unit {
-  int64_t seq, first, last, head;  // tokens first..last-1 of the flat batch, one kv head
-  int64_t cost;                    // rows x keys the unit reads, to hand out the long ones first
+  int64_t seq, first, last;     // tokens first..last-1 of the flat batch
+  int64_t head_begin, head_end;  // kv heads
+  int64_t cost;                  // tokens x keys x heads the unit reads, to hand out the long ones first
 };
 
-// One unit: rows r = (token - first) * G + g for query head head * G + g. kHeadDim is H when it
+// One unit: rows r = ((token - first) * heads + head - head_begin) * G + g for query head
+// head * G + g of kv heads head_begin..head_end-1. kHeadDim is H when it
 // is one of the common sizes (the loops over H unroll into whole vectors), else 0 and p.H is used.
 template <typename V, int64_t kHeadDim>
 bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
   const int64_t H = kHeadDim > 0 ? kHeadDim : p.H;
   const int64_t G = p.G, K = p.K, BS = p.BS;
-  const int64_t rows = (u.last - u.first) * G;
+  const int64_t heads = u.head_end - u.head_begin;
+  const int64_t rows = (u.last - u.first) * heads * G;
   scratch.resize(rows * (2 * H + 2) + G * BS);
   float* qs = scratch.data();     // scaled queries [rows, H]
   float* acc = qs + rows * H;     // unnormalised outputs [rows, H]
@@ -131,15 +166,13 @@ bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
     lo[t - u.first] = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
     key_lo = std::min(key_lo, lo[t - u.first]);
     key_hi = std::max(key_hi, pos);
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t r = (t - u.first) * G + g;
-      const float* src = p.q + (t * p.N + u.head * G + g) * H;
-      for (int64_t h = 0; h < H; ++h) qs[r * H + h] = src[h] * p.scale;
-      std::fill(acc + r * H, acc + (r + 1) * H, 0.0f);
-      peak[r] = kNoScore;
-      total[r] = 0.0f;
-    }
+    const int64_t r0 = (t - u.first) * heads * G;
+    const float* src = p.q + (t * p.N + u.head_begin * G) * H;  // the unit's heads are adjacent
+    for (int64_t i = 0; i < heads * G * H; ++i) qs[r0 * H + i] = src[i] * p.scale;
   }
+  std::fill(acc, acc + rows * H, 0.0f);
+  std::fill(peak, peak + rows, kNoScore);
+  std::fill(total, total + rows, 0.0f);
   if (key_hi < 0 || key_hi / BS >= p.B) return false;
 
   const V* k_pool = static_cast<const V*>(p.k);
@@ -149,65 +182,100 @@ bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
   for (int64_t b = key_lo / BS; b <= key_hi / BS; ++b) {
     const int64_t phys = table[b];
     if (phys < 0 || phys >= p.NB) return false;
-    const int64_t at0 = (p.layer * p.NB + phys) * BS * K + u.head;  // (slot, head) index of key 0
-    const V* k_block = k_pool + at0 * H;
-    const V* v_block = v_pool + at0 * H;
     const int64_t key0 = b * BS;
     for (int64_t t = u.first; t < u.last; ++t) {
       const int64_t ja = std::max(lo[t - u.first], key0) - key0;
       const int64_t jb = std::min<int64_t>(p.positions[t], key0 + BS - 1) - key0;
       if (ja > jb) continue;
-      const int64_t r0 = (t - u.first) * G;
-      // Scores of the token's G rows: each key row is loaded once for all of them.
-      for (int64_t j = ja; j <= jb; ++j) {
-        const V* kr = k_block + j * slot_stride;
-        const float key_scale = p.k_scale != nullptr ? p.k_scale[at0 + j * K] : 1.0f;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qr = qs + (r0 + g) * H;
-          float s = 0.0f;
+      for (int64_t head = u.head_begin; head < u.head_end; ++head) {
+        const int64_t at0 = (p.layer * p.NB + phys) * BS * K + head;  // (slot, head) index of key 0
+        const V* k_block = k_pool + at0 * H;
+        const V* v_block = v_pool + at0 * H;
+        const int64_t r0 = ((t - u.first) * heads + head - u.head_begin) * G;
+        // Scores. With a compile-time head dim, one row at a time with its query in registers;
+        // otherwise key by key for all G rows.
+        if constexpr (kHeadDim > 0) {
+          constexpr int64_t kVecs = kHeadDim / 16;
+          for (int64_t g = 0; g < G; ++g) {
+            Vec16 q_row[kVecs];
+            for (int64_t i = 0; i < kVecs; ++i) q_row[i] = Load16(qs + (r0 + g) * H + 16 * i);
+            float* w = weights + g * BS;
+            for (int64_t j = ja; j <= jb; ++j) {
+              const V* kr = k_block + j * slot_stride;
+              Vec16 sum = q_row[0] * Load16(kr);
+              for (int64_t i = 1; i < kVecs; ++i) sum += q_row[i] * Load16(kr + 16 * i);
+              w[j] = p.k_scale != nullptr ? Sum16(sum) * p.k_scale[at0 + j * K] : Sum16(sum);
+            }
+          }
+        } else {
+          for (int64_t j = ja; j <= jb; ++j) {
+            const V* kr = k_block + j * slot_stride;
+            const float key_scale = p.k_scale != nullptr ? p.k_scale[at0 + j * K] : 1.0f;
+            for (int64_t g = 0; g < G; ++g) {
+              const float* qr = qs + (r0 + g) * H;
+              float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t h = 0; h < H; ++h) s += qr[h] * to_float(kr[h]);
-          weights[g * BS + j] = s * key_scale;
+              for (int64_t h = 0; h < H; ++h) s += qr[h] * to_float(kr[h]);
+              weights[g * BS + j] = s * key_scale;
+            }
+          }
         }
-      }
-      // Online softmax per row: rescale what the row holds when its max rises.
-      for (int64_t g = 0; g < G; ++g) {
-        float* w = weights + g * BS;
-        float block_max = kNoScore;
-        for (int64_t j = ja; j <= jb; ++j) block_max = std::max(block_max, w[j]);
-        const int64_t r = r0 + g;
-        const float new_peak = std::max(peak[r], block_max);
-        const float rescale = exp_nonpositive(peak[r] - new_peak);
-        float block_total = 0.0f;
-#pragma omp simd reduction(+ : block_total)
-        for (int64_t j = ja; j <= jb; ++j) {
-          w[j] = exp_nonpositive(w[j] - new_peak);
-          block_total += w[j];
-        }
-        peak[r] = new_peak;
-        total[r] = total[r] * rescale + block_total;
-        if (rescale != 1.0f) {
-          float* ar = acc + r * H;
-#pragma omp simd
-          for (int64_t h = 0; h < H; ++h) ar[h] *= rescale;
-        }
-      }
-      // Values: each value row is loaded once and added into the G rows.
-      for (int64_t j = ja; j <= jb; ++j) {
-        const V* vr = v_block + j * slot_stride;
-        const float value_scale = p.v_scale != nullptr ? p.v_scale[at0 + j * K] : 1.0f;
+        // Online softmax per row: rescale what the row holds when its max rises.
         for (int64_t g = 0; g < G; ++g) {
-          const float w = weights[g * BS + j] * value_scale;
-          float* ar = acc + (r0 + g) * H;
+          float* w = weights + g * BS;
+          float block_max = kNoScore;
+          for (int64_t j = ja; j <= jb; ++j) block_max = std::max(block_max, w[j]);
+          const int64_t r = r0 + g;
+          const float new_peak = std::max(peak[r], block_max);
+          const float rescale = exp_nonpositive(peak[r] - new_peak);
+          float block_total = 0.0f;
+#pragma omp simd reduction(+ : block_total)
+          for (int64_t j = ja; j <= jb; ++j) {
+            w[j] = exp_nonpositive(w[j] - new_peak);
+            block_total += w[j];
+          }
+          peak[r] = new_peak;
+          total[r] = total[r] * rescale + block_total;
+          if (rescale != 1.0f) {
+            float* ar = acc + r * H;
 #pragma omp simd
-          for (int64_t h = 0; h < H; ++h) ar[h] += w * to_float(vr[h]);
+            for (int64_t h = 0; h < H; ++h) ar[h] *= rescale;
+          }
+        }
+        // Values. With a compile-time head dim, one row at a time with its accumulator in
+        // registers; otherwise value row by value row into all G rows.
+        if constexpr (kHeadDim > 0) {
+          constexpr int64_t kVecs = kHeadDim / 16;
+          for (int64_t g = 0; g < G; ++g) {
+            float* ar = acc + (r0 + g) * H;
+            Vec16 a[kVecs];
+            for (int64_t i = 0; i < kVecs; ++i) a[i] = Load16(ar + 16 * i);
+            const float* w = weights + g * BS;
+            for (int64_t j = ja; j <= jb; ++j) {
+              const V* vr = v_block + j * slot_stride;
+              const float wj = p.v_scale != nullptr ? w[j] * p.v_scale[at0 + j * K] : w[j];
+              for (int64_t i = 0; i < kVecs; ++i) a[i] += wj * Load16(vr + 16 * i);
+            }
+            std::memcpy(ar, a, sizeof a);
+          }
+        } else {
+          for (int64_t j = ja; j <= jb; ++j) {
+            const V* vr = v_block + j * slot_stride;
+            const float value_scale = p.v_scale != nullptr ? p.v_scale[at0 + j * K] : 1.0f;
+            for (int64_t g = 0; g < G; ++g) {
+              const float w = weights[g * BS + j] * value_scale;
+              float* ar = acc + (r0 + g) * H;
+#pragma omp simd
+              for (int64_t h = 0; h < H; ++h) ar[h] += w * to_float(vr[h]);
+            }
+          }
         }
       }
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = u.first + r / G, g = r % G;
-    float* dst = p.out + (t * p.N + u.head * G + g) * H;
+    const int64_t t = u.first + r / (heads * G);
+    float* dst = p.out + (t * p.N + u.head_begin * G + r % (heads * G)) * H;
     const float inv = 1.0f / total[r];  // every row saw its own key: total >= 1
     for (int64_t h = 0; h < H; ++h) dst[h] = acc[r * H + h] * inv;
   }
@@ -319,13 +387,23 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   work->run = run;
   const int32_t* cu = p.cu_q_lens;
   const int64_t real = std::clamp<int64_t>(cu[p.S], 0, p.T);
+  // A unit reads every kv head of its blocks (whole slot rows: the fewest bytes per key), unless
+  // there are too few units to keep the threads busy (a few long decodes): then one head each.
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  int64_t tiles = 0;
+  for (int64_t s = 0; s < p.S; ++s) {
+    const int64_t len = std::min<int64_t>(cu[s + 1], real) - std::max<int64_t>(cu[s], 0);
+    tiles += len > 0 ? (len + kTileTokens - 1) / kTileTokens : 0;
+  }
+  const int64_t unit_heads = tiles < kUnitsPerThread * threads ? 1 : p.K;
   for (int64_t s = 0; s < p.S; ++s) {
     const int64_t begin = std::max<int64_t>(cu[s], 0), end = std::min<int64_t>(cu[s + 1], real);
     for (int64_t first = begin; first < end; first += kTileTokens) {
       const int64_t last = std::min(first + kTileTokens, end);
       const int64_t keys = p.positions[last - 1] + 1;
-      for (int64_t head = 0; head < p.K; ++head) {
-        work->units.push_back(Unit{s, first, last, head, (last - first) * keys});
+      for (int64_t head = 0; head < p.K; head += unit_heads) {
+        const int64_t head_end = std::min(head + unit_heads, p.K);
+        work->units.push_back(Unit{s, first, last, head, head_end, (last - first) * keys * (head_end - head)});
       }
     }
   }
@@ -334,7 +412,7 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   std::fill(p.out + real * p.N * p.H, p.out + p.T * p.N * p.H, 0.0f);
 
   const int64_t n = static_cast<int64_t>(work->units.size());
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  const int64_t helpers = std::min<int64_t>(threads, n) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Drain(); });
   work->Drain();
   while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();

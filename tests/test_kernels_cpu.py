@@ -61,6 +61,18 @@ def test_long_prefill_chunks_equal_xla_backend():
     _check(batch, None, out, xla_paged_attention(batch.q, kv, batch.layer, md, None))
 
 
+@pytest.mark.parametrize("num_seqs", [2, 70])
+def test_few_and_many_decodes_equal_xla_backend(num_seqs):
+    # Few (sequence, tile) units: each kv head is its own unit; many (more than 4 per thread on up
+    # to 16 threads): a unit reads all kv heads of its blocks.
+    rng = np.random.default_rng(num_seqs)
+    kv_lens = [int(n) for n in rng.integers(1, 120, num_seqs)]
+    batch = make_batch(5, [1] * num_seqs, kv_lens, block_size=16, num_kv_heads=3, group=3, head_dim=64)
+    kv, md = (batch.k_pool, batch.v_pool), batch.metadata()
+    out = _kernel(batch.q, kv, batch.layer, md, 50)
+    _check(batch, 50, out, xla_paged_attention(batch.q, kv, batch.layer, md, 50))
+
+
 def test_bfloat16_q_and_pools():
     batch = make_batch(2, [1, 7, 1], [40, 7, 16], block_size=16, num_kv_heads=2, group=2, head_dim=64,
                        dtype=jnp.bfloat16)
