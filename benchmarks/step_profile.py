@@ -1,6 +1,6 @@
 """Where an engine step's time goes on this machine: matmul rates, the sampler, attention's share.
 
-Usage: python benchmarks/step_profile.py [--output PATH] [--only-breakdown]
+Usage: python benchmarks/step_profile.py [--output PATH] [--only-breakdown] [--breakdown-backend auto]
 
 Four measurements in one process (run 4 first, then 1-3):
 1. Matmul GFLOP/s of ``jnp.dot`` and ``torch.matmul`` (float32, and bfloat16 with float32
@@ -10,11 +10,11 @@ Four measurements in one process (run 4 first, then 1-3):
    the sampler's two-level ``argmax`` and the whole ``sample`` of an all-greedy batch (minimum
    of 10 runs).
 3. The throughput benchmark's workload (``benchmarks/throughput.py``: 64 prompts, greedy,
-   ignore_eos) through ``LLM.generate`` twice, with the xla attention backend and with a no-op
-   backend (returns q), steps synchronous, one run each: time per (tokens, blocks) bucket. The
-   difference is attention's share.
-4. A profiler trace of one compiled step per bucket of that workload (its last batch of the
-   bucket, replayed; its step time the minimum of 5 runs): each moment of the step's wall time is shared among the XLA ops running
+   ignore_eos) through ``LLM.generate`` three times, with the cpu (C++ kernel) and xla attention
+   backends and with a no-op backend (returns q), steps synchronous, one run each: time per
+   (tokens, blocks) bucket. The differences are attention's share.
+4. A profiler trace of one compiled step per bucket of that workload (attention backend
+   ``--breakdown-backend``, default auto; its last batch of the bucket, replayed; its step time the minimum of 5 runs): each moment of the step's wall time is shared among the XLA ops running
    on the threads at that moment, and the ops are grouped by the named scope and JAX op that
    produced them (see ``_CATEGORIES``). ``--only-breakdown`` runs just this part.
 JSON goes to benchmarks/results/step_profile_cpu.json unless ``--output``.
@@ -222,7 +222,7 @@ def main() -> None:
     report["sampler"] = sampler_times()
     print("sampler", {k: round(v, 2) for k, v in report["sampler"].items()})
     register_attention_backend("noop", lambda q, kv, layer, md, window: q)
-    report["steps"] = {backend: step_times(model, workload, backend) for backend in ("xla", "noop")}
+    report["steps"] = {backend: step_times(model, workload, backend) for backend in ("cpu", "xla", "noop")}
     for backend, result in report["steps"].items():
         print(f"{backend}: {result['elapsed_s']:.1f} s", {k: round(v["mean_ms"]) for k, v in sorted(result["buckets"].items())})
     _write(args.output, report)

@@ -173,14 +173,24 @@ def section_throughput(name: str, r: dict) -> list[str]:
         "",
         "| system | output tok/s | notes |",
         "|---|---|---|",
-        f"| jaxllm | {ours['output_tokens_per_s']:.1f} | {ours['num_steps']} steps, KV waste "
-        f"{ours['kv_waste']:.1%}, {ours['new_compiles_during_run']} compiles during the run |",
     ]
+    for backend, run in r.get("jaxllm_by_backend", {None: ours}).items():
+        attention = run["engine_args"].get("attention_fn")
+        label = "jaxllm" if backend is None else f"jaxllm, `attention_backend={backend!r}` (`{attention}`)"
+        lines.append(f"| {label} | {run['output_tokens_per_s']:.1f} | {run['num_steps']} steps, KV waste "
+                     f"{run['kv_waste']:.1%}, {run['compiles_after_warmup']} programs compiled at start-up, "
+                     f"{run['new_compiles_during_run']} during the run |")
     if "transformers" in r:
         hf = r["transformers"]
         for bs, row in hf["per_batch_size"].items():
             lines.append(f"| transformers, static batch {bs} | {row['output_tokens_per_s']:.1f} | |")
-        lines += ["", f"Speed-up over transformers' best batch size: {r['speedup_vs_transformers']:.2f}x."]
+        lines += ["", f"Speed-up over transformers' best batch size: {r['speedup_vs_transformers']:.2f}x"
+                  + (" (the first jaxllm row)." if "jaxllm_by_backend" in r else ".")]
+        for backend, run in list(r.get("jaxllm_by_backend", {}).items())[1:]:
+            ratio = run["output_tokens_per_s"] / hf["output_tokens_per_s"]
+            same = r["greedy_agreement_between_backends"][backend]["identical_outputs"]
+            lines.append(f"With `{backend}` attention: {ratio:.2f}x; its greedy outputs equal the first row's "
+                         f"for {same} of {w['num_prompts']} requests.")
     if name == "throughput_cpu.json":
         lines += ["", "![throughput](images/bench_throughput.png)"]
     return lines + [""]
@@ -259,8 +269,9 @@ def section_step_breakdown(r: dict | None) -> list[str]:
     lines = [
         "### `step_profile_cpu.json`", "",
         f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}` ({env['cpu_count']} cores): the "
-        "throughput workload's last step of each (tokens x blocks) bucket, replayed under the profiler; "
-        "each instant of the step's wall time is shared among the ops running on the threads then.",
+        f"throughput workload's last step of each (tokens x blocks) bucket with `{r.get('breakdown_backend', 'xla')}` "
+        "attention, replayed under the profiler; each instant of the step's wall time is shared among the ops "
+        "running on the threads then.",
         "",
         "| share of wall time | " + " | ".join(f"{b} ({row['tokens']} tok, {row['step_ms']:.0f} ms)"
                                           for b, row in rows.items()) + " |",
@@ -269,9 +280,10 @@ def section_step_breakdown(r: dict | None) -> list[str]:
     for c in categories:
         lines.append(f"| {c} | " + " | ".join(f"{row['share'].get(c, 0.0):.0%}" for row in rows.values()) + " |")
     if "steps" in r:
-        xla, noop = r["steps"]["xla"]["elapsed_s"], r["steps"]["noop"]["elapsed_s"]
-        lines += ["", f"The same run times the whole workload with synchronous steps: {xla:.1f} s with the `xla` "
-                  f"attention backend, {noop:.1f} s with a no-op backend that skips attention (returns q)."]
+        times = {b: run["elapsed_s"] for b, run in r["steps"].items()}
+        named = ", ".join(f"{t:.1f} s with the `{b}` attention backend" for b, t in times.items() if b != "noop")
+        lines += ["", f"The same run times the whole workload with synchronous steps: {named}, "
+                  f"{times['noop']:.1f} s with a no-op backend that skips attention (returns q)."]
     return lines + [""]
 
 
