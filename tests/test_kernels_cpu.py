@@ -180,17 +180,19 @@ def test_tiny_llama_cpu_equals_xla(tmp_path, kv_cache_dtype):
 
 
 def test_one_block_bucket_compiles_one_program_per_token_bucket(tmp_path):
-    assert Buckets.make(512, 64, 32, one_block_bucket=True) == Buckets((16, 32, 64, 128, 256, 512), (32,), 64)
+    assert Buckets.make(512, 64, 32, one_block_bucket=True) == Buckets(
+        (8, 16, 24, 32, 40, 48, 56, 64, 128, 256, 512), (32,), 64)
+    assert Buckets.make(512, 64, 32).token_buckets == (16, 32, 64, 128, 256, 512)
     assert Buckets.make(512, 64, 32).block_buckets == (4, 8, 16, 32)
     model = jaxllm.load_model(str(make_tiny_checkpoint("llama", tmp_path)), dtype="float32")
     limits = dict(LIMITS, max_model_len=128, max_num_batched_tokens=32)
     llm = LLM(model, attention_backend="cpu", **limits)
     runner = llm.llm_engine.runner
-    assert runner.buckets.token_buckets == (16, 32) and runner.buckets.block_buckets == (8,)
-    assert llm.llm_engine.stats.num_compiles == 2 + 1  # + the block copy
+    assert runner.buckets.token_buckets == (8, 16, 24, 32) and runner.buckets.block_buckets == (8,)
+    assert llm.llm_engine.stats.num_compiles == 4 + 1  # + the block copy
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-    assert llm.llm_engine.stats.num_compiles == 3
+    assert llm.llm_engine.stats.num_compiles == 5
     xla = LLM(model, attention_backend="xla", **limits)
     assert xla.llm_engine.runner.buckets.block_buckets == (4, 8)
     expected = xla.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)

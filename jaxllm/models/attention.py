@@ -239,7 +239,8 @@ def register_attention_backend(name: str, fn: AttentionFn) -> None:
       A backend whose cost does not grow with the block table's padded width B (it reads each
       sequence's blocks only up to its own position) may set ``fn.one_block_bucket = True``: the
       runner then always passes the full width and compiles one program per token bucket
-      instead of one per (tokens, power-of-two width) pair.
+      instead of one per (tokens, power-of-two width) pair, with finer token buckets below 64
+      (multiples of 8: see ``Buckets.make``).
 
     Raises:
       ValueError: if ``fn`` is not callable.

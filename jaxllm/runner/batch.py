@@ -67,12 +67,17 @@ class Buckets:
     @classmethod
     def make(cls, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
              one_block_bucket: bool = False) -> Buckets:
-        """Powers of two from 16 tokens and 4 blocks up to the limits. ``one_block_bucket``: every
-        step gets the full block-table width (for attention backends whose cost does not grow with
-        it), so there is one compiled program per token bucket."""
+        """Powers of two from 16 tokens and 4 blocks up to the limits.
+
+        ``one_block_bucket``: every step gets the full block-table width (for attention backends
+        whose cost does not grow with it), so each token bucket is one compiled program, and the
+        token buckets below 64 are the multiples of 8 (as vLLM's CUDA-graph sizes): decode steps,
+        one token per sequence, then pad to at most 7 rows of matmul work.
+        """
         tokens = _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)
         if one_block_bucket:
             blocks = (max_blocks_per_seq,)
+            tokens = tuple(sorted({*tokens, *range(8, min(64, max_num_batched_tokens), 8)}))
         else:
             blocks = _powers_of_two(min(4, max_blocks_per_seq), max_blocks_per_seq)
         return cls(tokens, blocks, max_num_seqs)
