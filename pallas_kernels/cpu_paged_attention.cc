@@ -31,7 +31,6 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -42,9 +41,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTileTokens = 8;  // tokens of one sequence per unit (prefill chunks)
+constexpr int64_t kTileTokens = 8;      // tokens of one sequence per unit (prefill chunks)
 constexpr int64_t kUnitsPerThread = 4;  // fewer (sequence, tile) pairs per thread: split kv heads
-constexpr float kNoScore = -3.0e38f;  // a finite "minus infinity": the running max before any key
+constexpr float kNoScore = -3.0e38f;    // a finite "minus infinity": a row's max before any key
 
 // e^x for x <= 0, Cephes' single-precision polynomial (about 1 ulp); branch-free so that loops
 // over a block's keys vectorise. Arguments below -87 give e^-87 (~1.6e-38), not 0: a weight that
@@ -144,8 +143,8 @@ struct Unit {
 };
 
 // One unit: rows r = ((token - first) * heads + head - head_begin) * G + g for query head
-// head * G + g of kv heads head_begin..head_end-1. kHeadDim is H when it
-// is one of the common sizes (the loops over H unroll into whole vectors), else 0 and p.H is used.
+// head * G + g of kv heads head_begin..head_end-1. kHeadDim is H when it is one of the common
+// sizes (the loops over H unroll into whole vector registers), else 0 and p.H is used.
 template <typename V, int64_t kHeadDim>
 bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
   const int64_t H = kHeadDim > 0 ? kHeadDim : p.H;
@@ -163,6 +162,7 @@ bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
   int64_t key_lo = INT64_MAX, key_hi = -1;
   for (int64_t t = u.first; t < u.last; ++t) {
     const int64_t pos = p.positions[t];
+    if (pos < 0) return false;
     lo[t - u.first] = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
     key_lo = std::min(key_lo, lo[t - u.first]);
     key_hi = std::max(key_hi, pos);
@@ -173,7 +173,7 @@ bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
   std::fill(acc, acc + rows * H, 0.0f);
   std::fill(peak, peak + rows, kNoScore);
   std::fill(total, total + rows, 0.0f);
-  if (key_hi < 0 || key_hi / BS >= p.B) return false;
+  if (key_hi / BS >= p.B) return false;
 
   const V* k_pool = static_cast<const V*>(p.k);
   const V* v_pool = static_cast<const V*>(p.v);

@@ -117,11 +117,16 @@ def test_every_fp8_byte_decodes_like_jax():
     np.testing.assert_array_equal(out[:, 0, 0], expected)  # one key: the output is its value row
 
 
-def test_block_id_outside_the_pool_is_an_error():
+@pytest.mark.parametrize("bad", ["block id", "position past the table", "negative position"])
+def test_bad_metadata_is_an_error_not_a_wild_read(bad):
     batch = make_batch(4, [1], [20], block_size=16, num_kv_heads=2, group=2, head_dim=64)
     md = batch.metadata()
-    bad = AttentionMetadata(md.positions, md.slot_mapping, md.seq_ids, md.block_tables.at[0, 1].set(10_000),
-                            md.cu_q_lens, md.kv_lens)
+    tables, positions = md.block_tables, md.positions
+    if bad == "block id":
+        tables = tables.at[0, 1].set(10_000)
+    else:
+        positions = positions.at[0].set(-1 if bad == "negative position" else 16 * tables.shape[1])
+    bad = AttentionMetadata(positions, md.slot_mapping, md.seq_ids, tables, md.cu_q_lens, md.kv_lens)
     with pytest.raises(Exception, match="outside its block table or the pool"):
         jax.block_until_ready(_kernel(batch.q, (batch.k_pool, batch.v_pool), batch.layer, bad, None))
 
