@@ -83,11 +83,15 @@ def _register() -> None:
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.JaxllmCpuPagedAttention), platform="cpu")
 
 
+@functools.cache
 def cpu_attention_unavailable_reason() -> str | None:
-    """None when the kernel is built and registered here, else why not (no compiler, build error)."""
+    """None when the kernel is built and registered here, else why not (not on the CPU, no
+    compiler, build error). Asked once per process: a failing build is not retried per engine."""
+    if jax.default_backend() != "cpu":
+        return f"it runs on the CPU only, not on {jax.default_backend()!r}"
     try:
         _register()
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, AttributeError) as e:
         return str(e)
     return None
 
@@ -101,8 +105,6 @@ def cpu_paged_attention(q, kv: KVPool, layer, md: AttentionMetadata, sliding_win
     Raises:
       ValueError: when traced for a non-CPU device, or when the kernel cannot be built here.
     """
-    if jax.default_backend() != "cpu":
-        raise ValueError(f"attention_backend='cpu' runs on the CPU only, not on {jax.default_backend()!r}")
     reason = cpu_attention_unavailable_reason()
     if reason is not None:
         raise ValueError(f"attention_backend='cpu' is not usable here: {reason}")

@@ -142,13 +142,94 @@ struct Unit {
   int64_t cost;                  // tokens x keys x heads the unit reads, to hand out the long ones first
 };
 
+// One token's G query rows (one kv head) against keys ja..jb of one block: scores, the online
+// softmax update of each row's running max, sum and output. k_block/v_block point at key 0's row
+// of the kv head, ``at`` is key 0's (slot, head) index into the scales. kHeadDim is H when it is
+// one of the common sizes (rows live in whole vector registers), else 0 and p.H is used.
+template <typename V, int64_t kHeadDim>
+inline void AttendBlock(const Problem& p, const V* k_block, const V* v_block, int64_t at, int64_t ja,
+                        int64_t jb, const float* qs, float* acc, float* peak, float* total, float* weights) {
+  const int64_t H = kHeadDim > 0 ? kHeadDim : p.H;
+  const int64_t G = p.G, BS = p.BS, K = p.K, slot_stride = K * H;
+  // Scores: with a compile-time head dim one row at a time, its query in registers; otherwise
+  // key by key for all G rows.
+  if constexpr (kHeadDim > 0) {
+    constexpr int64_t kVecs = kHeadDim / 16;
+    for (int64_t g = 0; g < G; ++g) {
+      Vec16 q_row[kVecs];
+      for (int64_t i = 0; i < kVecs; ++i) q_row[i] = Load16(qs + g * H + 16 * i);
+      for (int64_t j = ja; j <= jb; ++j) {
+        const V* kr = k_block + j * slot_stride;
+        Vec16 sum = q_row[0] * Load16(kr);
+        for (int64_t i = 1; i < kVecs; ++i) sum += q_row[i] * Load16(kr + 16 * i);
+        weights[g * BS + j] = p.k_scale != nullptr ? Sum16(sum) * p.k_scale[at + j * K] : Sum16(sum);
+      }
+    }
+  } else {
+    for (int64_t j = ja; j <= jb; ++j) {
+      const V* kr = k_block + j * slot_stride;
+      const float key_scale = p.k_scale != nullptr ? p.k_scale[at + j * K] : 1.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t h = 0; h < H; ++h) s += qs[g * H + h] * to_float(kr[h]);
+        weights[g * BS + j] = s * key_scale;
+      }
+    }
+  }
+  // Online softmax per row: rescale what the row holds when its max rises.
+  for (int64_t g = 0; g < G; ++g) {
+    float* w = weights + g * BS;
+    float block_max = kNoScore;
+    for (int64_t j = ja; j <= jb; ++j) block_max = std::max(block_max, w[j]);
+    const float new_peak = std::max(peak[g], block_max);
+    const float rescale = exp_nonpositive(peak[g] - new_peak);
+    float block_total = 0.0f;
+#pragma omp simd reduction(+ : block_total)
+    for (int64_t j = ja; j <= jb; ++j) {
+      w[j] = exp_nonpositive(w[j] - new_peak);
+      block_total += w[j];
+    }
+    peak[g] = new_peak;
+    total[g] = total[g] * rescale + block_total;
+    if (rescale != 1.0f) {
+#pragma omp simd
+      for (int64_t h = 0; h < H; ++h) acc[g * H + h] *= rescale;
+    }
+  }
+  // Values: with a compile-time head dim one row at a time, its accumulator in registers;
+  // otherwise value row by value row into all G rows.
+  if constexpr (kHeadDim > 0) {
+    constexpr int64_t kVecs = kHeadDim / 16;
+    for (int64_t g = 0; g < G; ++g) {
+      Vec16 a[kVecs];
+      for (int64_t i = 0; i < kVecs; ++i) a[i] = Load16(acc + g * H + 16 * i);
+      const float* w = weights + g * BS;
+      for (int64_t j = ja; j <= jb; ++j) {
+        const V* vr = v_block + j * slot_stride;
+        const float wj = p.v_scale != nullptr ? w[j] * p.v_scale[at + j * K] : w[j];
+        for (int64_t i = 0; i < kVecs; ++i) a[i] += wj * Load16(vr + 16 * i);
+      }
+      std::memcpy(acc + g * H, a, sizeof a);
+    }
+  } else {
+    for (int64_t j = ja; j <= jb; ++j) {
+      const V* vr = v_block + j * slot_stride;
+      const float value_scale = p.v_scale != nullptr ? p.v_scale[at + j * K] : 1.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        const float w = weights[g * BS + j] * value_scale;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) acc[g * H + h] += w * to_float(vr[h]);
+      }
+    }
+  }
+}
+
 // One unit: rows r = ((token - first) * heads + head - head_begin) * G + g for query head
-// head * G + g of kv heads head_begin..head_end-1. kHeadDim is H when it is one of the common
-// sizes (the loops over H unroll into whole vector registers), else 0 and p.H is used.
+// head * G + g of kv heads head_begin..head_end-1, which is the order of q's and out's rows.
 template <typename V, int64_t kHeadDim>
 bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
-  const int64_t H = kHeadDim > 0 ? kHeadDim : p.H;
-  const int64_t G = p.G, K = p.K, BS = p.BS;
+  const int64_t H = p.H, G = p.G, K = p.K, BS = p.BS;
   const int64_t heads = u.head_end - u.head_begin;
   const int64_t rows = (u.last - u.first) * heads * G;
   scratch.resize(rows * (2 * H + 2) + G * BS);
@@ -156,7 +237,7 @@ bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
   float* acc = qs + rows * H;     // unnormalised outputs [rows, H]
   float* peak = acc + rows * H;   // running max score of each row
   float* total = peak + rows;     // running sum of weights of each row
-  float* weights = total + rows;  // one token's scores, then weights, in one block [G, BS]
+  float* weights = total + rows;  // one (token, kv head)'s scores, then weights, in a block [G, BS]
   int64_t lo[kTileTokens];        // first visible key of each token
 
   int64_t key_lo = INT64_MAX, key_hi = -1;
@@ -178,7 +259,6 @@ bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
   const V* k_pool = static_cast<const V*>(p.k);
   const V* v_pool = static_cast<const V*>(p.v);
   const int32_t* table = p.block_tables + u.seq * p.B;
-  const int64_t slot_stride = K * H;  // pool elements from one slot's kv head to the next slot's
   for (int64_t b = key_lo / BS; b <= key_hi / BS; ++b) {
     const int64_t phys = table[b];
     if (phys < 0 || phys >= p.NB) return false;
@@ -188,88 +268,10 @@ bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
       const int64_t jb = std::min<int64_t>(p.positions[t], key0 + BS - 1) - key0;
       if (ja > jb) continue;
       for (int64_t head = u.head_begin; head < u.head_end; ++head) {
-        const int64_t at0 = (p.layer * p.NB + phys) * BS * K + head;  // (slot, head) index of key 0
-        const V* k_block = k_pool + at0 * H;
-        const V* v_block = v_pool + at0 * H;
+        const int64_t at = (p.layer * p.NB + phys) * BS * K + head;  // (slot, head) index of key 0
         const int64_t r0 = ((t - u.first) * heads + head - u.head_begin) * G;
-        // Scores. With a compile-time head dim, one row at a time with its query in registers;
-        // otherwise key by key for all G rows.
-        if constexpr (kHeadDim > 0) {
-          constexpr int64_t kVecs = kHeadDim / 16;
-          for (int64_t g = 0; g < G; ++g) {
-            Vec16 q_row[kVecs];
-            for (int64_t i = 0; i < kVecs; ++i) q_row[i] = Load16(qs + (r0 + g) * H + 16 * i);
-            float* w = weights + g * BS;
-            for (int64_t j = ja; j <= jb; ++j) {
-              const V* kr = k_block + j * slot_stride;
-              Vec16 sum = q_row[0] * Load16(kr);
-              for (int64_t i = 1; i < kVecs; ++i) sum += q_row[i] * Load16(kr + 16 * i);
-              w[j] = p.k_scale != nullptr ? Sum16(sum) * p.k_scale[at0 + j * K] : Sum16(sum);
-            }
-          }
-        } else {
-          for (int64_t j = ja; j <= jb; ++j) {
-            const V* kr = k_block + j * slot_stride;
-            const float key_scale = p.k_scale != nullptr ? p.k_scale[at0 + j * K] : 1.0f;
-            for (int64_t g = 0; g < G; ++g) {
-              const float* qr = qs + (r0 + g) * H;
-              float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-              for (int64_t h = 0; h < H; ++h) s += qr[h] * to_float(kr[h]);
-              weights[g * BS + j] = s * key_scale;
-            }
-          }
-        }
-        // Online softmax per row: rescale what the row holds when its max rises.
-        for (int64_t g = 0; g < G; ++g) {
-          float* w = weights + g * BS;
-          float block_max = kNoScore;
-          for (int64_t j = ja; j <= jb; ++j) block_max = std::max(block_max, w[j]);
-          const int64_t r = r0 + g;
-          const float new_peak = std::max(peak[r], block_max);
-          const float rescale = exp_nonpositive(peak[r] - new_peak);
-          float block_total = 0.0f;
-#pragma omp simd reduction(+ : block_total)
-          for (int64_t j = ja; j <= jb; ++j) {
-            w[j] = exp_nonpositive(w[j] - new_peak);
-            block_total += w[j];
-          }
-          peak[r] = new_peak;
-          total[r] = total[r] * rescale + block_total;
-          if (rescale != 1.0f) {
-            float* ar = acc + r * H;
-#pragma omp simd
-            for (int64_t h = 0; h < H; ++h) ar[h] *= rescale;
-          }
-        }
-        // Values. With a compile-time head dim, one row at a time with its accumulator in
-        // registers; otherwise value row by value row into all G rows.
-        if constexpr (kHeadDim > 0) {
-          constexpr int64_t kVecs = kHeadDim / 16;
-          for (int64_t g = 0; g < G; ++g) {
-            float* ar = acc + (r0 + g) * H;
-            Vec16 a[kVecs];
-            for (int64_t i = 0; i < kVecs; ++i) a[i] = Load16(ar + 16 * i);
-            const float* w = weights + g * BS;
-            for (int64_t j = ja; j <= jb; ++j) {
-              const V* vr = v_block + j * slot_stride;
-              const float wj = p.v_scale != nullptr ? w[j] * p.v_scale[at0 + j * K] : w[j];
-              for (int64_t i = 0; i < kVecs; ++i) a[i] += wj * Load16(vr + 16 * i);
-            }
-            std::memcpy(ar, a, sizeof a);
-          }
-        } else {
-          for (int64_t j = ja; j <= jb; ++j) {
-            const V* vr = v_block + j * slot_stride;
-            const float value_scale = p.v_scale != nullptr ? p.v_scale[at0 + j * K] : 1.0f;
-            for (int64_t g = 0; g < G; ++g) {
-              const float w = weights[g * BS + j] * value_scale;
-              float* ar = acc + (r0 + g) * H;
-#pragma omp simd
-              for (int64_t h = 0; h < H; ++h) ar[h] += w * to_float(vr[h]);
-            }
-          }
-        }
+        AttendBlock<V, kHeadDim>(p, k_pool + at * H, v_pool + at * H, at, ja, jb, qs + r0 * H, acc + r0 * H,
+                                 peak + r0, total + r0, weights);
       }
     }
   }
@@ -326,8 +328,9 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
     return ffi::Error::InvalidArgument("cpu paged attention: q must be [T, N, H], the pools "
                                        "[L, blocks, block_size, K, H], block_tables [S, B]");
   }
-  if (k.element_type() != v.element_type() || k.dimensions().size() != v.dimensions().size()) {
-    return ffi::Error::InvalidArgument("cpu paged attention: k and v pools differ in dtype or rank");
+  const auto vd = v.dimensions();
+  if (k.element_type() != v.element_type() || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end())) {
+    return ffi::Error::InvalidArgument("cpu paged attention: k and v pools differ in dtype or shape");
   }
   Problem p{};
   p.T = qd[0];

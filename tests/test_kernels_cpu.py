@@ -153,6 +153,23 @@ def test_build_without_compiler_says_so(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failing_build_is_asked_once_per_process(monkeypatch):
+    calls = []
+
+    def failing_build():
+        calls.append(1)
+        raise RuntimeError("compiling cpu_paged_attention.cc failed")
+
+    monkeypatch.setattr(cpu_attention, "_register", failing_build)
+    cpu_attention.cpu_attention_unavailable_reason.cache_clear()
+    try:
+        for _ in range(3):
+            assert cpu_attention.cpu_attention_unavailable_reason() == "compiling cpu_paged_attention.cc failed"
+        assert len(calls) == 1  # engines created later do not run the compiler again
+    finally:
+        cpu_attention.cpu_attention_unavailable_reason.cache_clear()
+
+
 def test_build_is_cached_by_source(monkeypatch, tmp_path):
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
     cpu_attention._library.cache_clear()

@@ -15,6 +15,7 @@ float32 scale per token and kv head, see kv_quant.py): ``write_kv`` quantises, r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.kv_quant import QuantizedKVPool, dequantize, quantize
+
+logger = logging.getLogger(__name__)
 
 
 @jax.tree_util.register_dataclass
@@ -270,8 +273,6 @@ def _unavailable_reason(name: str) -> str | None:
 
         return triton_unavailable_reason()
     if name == "cpu":
-        if jax.default_backend() != "cpu":
-            return f"it runs on the CPU only, not on {jax.default_backend()!r}"
         from pallas_kernels.cpu_attention import cpu_attention_unavailable_reason
 
         return cpu_attention_unavailable_reason()
@@ -283,9 +284,7 @@ def _cpu_auto_backend() -> str:
     reason = _unavailable_reason("cpu")
     if reason is None:
         return "cpu"
-    import logging
-
-    logging.getLogger(__name__).warning("attention_backend='auto' uses 'xla': the 'cpu' kernel is unavailable: %s", reason)
+    logger.warning("attention_backend='auto' uses 'xla': the 'cpu' kernel is unavailable: %s", reason)
     return "xla"
 
 
@@ -295,11 +294,13 @@ def get_attention_backend(name: str) -> AttentionFn:
     "xla" is the plain-jnp reference; "cpu" a C++ kernel through XLA's FFI (CPU only, built with
     the system compiler on first use: pallas_kernels/cpu_attention.py); "pallas" the Pallas
     kernels (interpreted on CPU); "triton" a raw Triton kernel through jax-triton (NVIDIA GPU
-    only); "pallas_mgpu" the Hopper kernel on Pallas Mosaic GPU (H100/H200 only). "auto" is "cpu"
-    on CPU (measured: benchmarks/throughput.py --attention-backends auto,xla), or "xla" with a
-    warning where the kernel cannot be built, and "pallas" on GPU: chosen by reasoning (a fused paged kernel reads each page once, the
-    xla backend materialises gathered context), not yet by a measurement, since no GPU was
-    available when this was written; benchmarks/attention.py is the sweep that should decide it.
+    only); "pallas_mgpu" the Hopper kernel on Pallas Mosaic GPU (H100/H200 only).
+
+    "auto" is "cpu" on CPU (measured: benchmarks/throughput.py --attention-backends auto,xla), or
+    "xla" with a warning where the kernel cannot be built. On GPU it is "pallas", chosen by
+    reasoning (a fused paged kernel reads each page once, the xla backend materialises gathered
+    context), not yet by a measurement, since no GPU was available when this was written;
+    benchmarks/attention.py is the sweep that should decide it.
     """
     if name == "auto":
         name = "pallas" if jax.default_backend() == "gpu" else _cpu_auto_backend()
