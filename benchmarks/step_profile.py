@@ -117,17 +117,22 @@ def step_times(model, workload, backend: str) -> dict:
 
 # (name, test on the HLO op's metadata op_name), first match wins. The layers run in a scan
 # ("while/body"); llama.py and gpt.py name their scopes "attention" and "mlp".
+# A packed weight's matmul (the "cpu" backend's C++ kernel) runs under the scope "packed_matmul".
+def _is_matmul(op: str) -> bool:
+    return "dot_general" in op or "packed_matmul/" in op
+
+
 _CATEGORIES = (
+    ("attention: q/k/v/o projections", lambda op: "attention/" in op and (
+        "packed_matmul/" in op or ("dot_general" in op and re.search(r"/(td,|tnh,nhd->td)", op) is not None))),
     ("attention: cpu kernel (custom call)", lambda op: "attention/" in op and "ffi_call" in op),
     ("attention: cached-context loop", lambda op: "attention/while" in op),
-    ("attention: q/k/v/o projections", lambda op: "attention/" in op and "dot_general" in op
-     and re.search(r"/(td,|tnh,nhd->td)", op) is not None),
     ("attention: this step's tokens, merge, RoPE, KV write", lambda op: "attention/" in op),
-    ("mlp matmuls", lambda op: "mlp/" in op and "dot_general" in op),
+    ("mlp matmuls", lambda op: "mlp/" in op and _is_matmul(op)),
     ("mlp element-wise", lambda op: "mlp/" in op),
     ("per-layer weight slices (scan)", lambda op: "while/body" in op and "dynamic_slice" in op),
     ("layer loop: norms, residuals, other", lambda op: "while/body" in op),
-    ("logits matmul", lambda op: "dot_general" in op),
+    ("logits matmul", _is_matmul),
     ("sampler, embedding, batch set-up", lambda op: True),
 )
 

@@ -21,7 +21,7 @@ from jaxllm.models import attention
 from jaxllm.models.attention import AttentionMetadata, get_attention_backend, xla_paged_attention
 from jaxllm.models.kv_quant import QuantizedKVPool, quantize
 from jaxllm.runner.batch import Buckets
-from pallas_kernels import cpu_attention
+from pallas_kernels import cpu_kernels
 from pallas_kernels.cpu_attention import cpu_paged_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.testing import make_batch
@@ -132,7 +132,7 @@ def test_bad_metadata_is_an_error_not_a_wild_read(bad):
 
 
 def test_auto_is_cpu_here_and_falls_back_to_xla_without_a_compiler(monkeypatch, caplog):
-    assert cpu_attention.cpu_attention_unavailable_reason() is None
+    assert cpu_kernels.cpu_kernels_unavailable_reason() is None
     assert get_attention_backend("auto") is cpu_paged_attention
     assert get_attention_backend("cpu") is cpu_paged_attention
 
@@ -144,12 +144,12 @@ def test_auto_is_cpu_here_and_falls_back_to_xla_without_a_compiler(monkeypatch, 
 def test_build_without_compiler_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
-    cpu_attention._library.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="no C\\+\\+ compiler: 'no-such-compiler-xyz' is not on PATH"):
-            cpu_attention._library()
+            cpu_kernels._library()
     finally:
-        cpu_attention._library.cache_clear()
+        cpu_kernels._library.cache_clear()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -160,27 +160,27 @@ def test_a_failing_build_is_asked_once_per_process(monkeypatch):
         calls.append(1)
         raise RuntimeError("compiling cpu_paged_attention.cc failed")
 
-    monkeypatch.setattr(cpu_attention, "_register", failing_build)
-    cpu_attention.cpu_attention_unavailable_reason.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "_register", failing_build)
+    cpu_kernels.cpu_kernels_unavailable_reason.cache_clear()
     try:
         for _ in range(3):
-            assert cpu_attention.cpu_attention_unavailable_reason() == "compiling cpu_paged_attention.cc failed"
+            assert cpu_kernels.cpu_kernels_unavailable_reason() == "compiling cpu_paged_attention.cc failed"
         assert len(calls) == 1  # engines created later do not run the compiler again
     finally:
-        cpu_attention.cpu_attention_unavailable_reason.cache_clear()
+        cpu_kernels.cpu_kernels_unavailable_reason.cache_clear()
 
 
 def test_build_is_cached_by_source(monkeypatch, tmp_path):
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
-    cpu_attention._library.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
-        path = cpu_attention._library()
-        assert path.parent == tmp_path and path.name.startswith("libjaxllm_cpu_attention_")
+        path = cpu_kernels._library()
+        assert path.parent == tmp_path and path.name.startswith("libjaxllm_cpu_kernels_")
         mtime = path.stat().st_mtime_ns
-        cpu_attention._library.cache_clear()
-        assert cpu_attention._library() == path and path.stat().st_mtime_ns == mtime  # found, not rebuilt
+        cpu_kernels._library.cache_clear()
+        assert cpu_kernels._library() == path and path.stat().st_mtime_ns == mtime  # found, not rebuilt
     finally:
-        cpu_attention._library.cache_clear()
+        cpu_kernels._library.cache_clear()
 
 
 LIMITS = dict(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, block_size=16)

@@ -243,7 +243,9 @@ def register_attention_backend(name: str, fn: AttentionFn) -> None:
       sequence's blocks only up to its own position) may set ``fn.one_block_bucket = True``: the
       runner then always passes the full width and compiles one program per token bucket
       instead of one per (tokens, power-of-two width) pair, with finer token buckets below 64
-      (multiples of 8: see ``Buckets.make``).
+      (multiples of 8: see ``Buckets.make``). A CPU backend may set ``fn.cpu_matmul = True``:
+      the runner then packs a float32 model's matmul weights for the C++ CPU matmul kernel
+      (``pallas_kernels/cpu_matmul.py``; see ``jaxllm.models.layers.pack_params``).
 
     Raises:
       ValueError: if ``fn`` is not callable.
@@ -273,9 +275,9 @@ def _unavailable_reason(name: str) -> str | None:
 
         return triton_unavailable_reason()
     if name == "cpu":
-        from pallas_kernels.cpu_attention import cpu_attention_unavailable_reason
+        from pallas_kernels.cpu_kernels import cpu_kernels_unavailable_reason
 
-        return cpu_attention_unavailable_reason()
+        return cpu_kernels_unavailable_reason()
     return None
 
 

@@ -7,11 +7,10 @@ Same contract as ``llama.forward``. OPT-350m's variants are config flags: post-n
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import AttentionFn, AttentionMetadata, KVPool, write_kv
-from jaxllm.models.layers import activation, einsum, layer_norm, matmul, output_head, scan_layers
+from jaxllm.models.layers import activation, einsum, head_logits, layer_norm, matmul, output_head, scan_layers
 
 
 def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMetadata, attend: AttentionFn):
@@ -61,4 +60,4 @@ def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: Attention
 
 def logits(params: dict, cfg: ModelConfig, hidden):
     """hidden [S, D or E] -> float32 logits [S, V]."""
-    return jnp.dot(hidden, output_head(params, cfg.tie_word_embeddings), preferred_element_type=jnp.float32)
+    return head_logits(hidden, output_head(params, cfg.tie_word_embeddings))

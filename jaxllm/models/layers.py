@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig, RopeScaling
+from pallas_kernels.cpu_matmul import PackedMatrix, pack, packed_einsum, packed_matmul
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -18,16 +19,28 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (x32.astype(x.dtype) * scale).astype(x.dtype)
 
 
-def einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+def einsum(spec: str, x: jax.Array, w: jax.Array | PackedMatrix) -> jax.Array:
     """``jnp.einsum`` accumulated in float32 and returned in ``x``'s dtype (what a bfloat16 matmul
     does anyway). Asked for float32 explicitly, XLA:CPU takes its fast bfloat16 dot; with a
-    bfloat16 result it took a path ~2x slower at 512 rows."""
+    bfloat16 result it took a path ~2x slower at 512 rows. A weight :func:`pack_params` packed
+    goes through the C++ CPU kernel."""
+    if isinstance(w, PackedMatrix):
+        return packed_einsum(spec, x, w)
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+def matmul(x: jax.Array, w: jax.Array | PackedMatrix) -> jax.Array:
     """``x @ w`` as :func:`einsum` computes it."""
+    if isinstance(w, PackedMatrix):
+        return packed_matmul(x, w)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def head_logits(hidden: jax.Array, head: jax.Array | PackedMatrix) -> jax.Array:
+    """hidden [S, D] @ the output head (:func:`output_head`) -> float32 logits [S, V]."""
+    if isinstance(head, PackedMatrix):
+        return packed_matmul(hidden.astype(jnp.float32), head)
+    return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
@@ -93,8 +106,12 @@ def _as_bits(layers: dict) -> dict:
     return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if _is_half(a) else a, layers)
 
 
-def pack_params(params: dict, tie_word_embeddings: bool, platform: str) -> dict:
-    """``params`` laid out for XLA's 16-bit float paths; float32 models are returned unchanged.
+# Per-layer matmul weights of both families and how many leading axes each contracts.
+_MATMUL_INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
+
+
+def pack_params(params: dict, tie_word_embeddings: bool, platform: str, cpu_matmul: bool = False) -> dict:
+    """``params`` laid out for the step: XLA's 16-bit float paths, or the C++ CPU matmul kernel.
 
     - Per-layer weights in bfloat16/float16 are stored as their uint16 bits. Scanned as floats,
       XLA:CPU rewrites each layer's slice as a float32 slice plus a convert and hoists the
@@ -104,8 +121,20 @@ def pack_params(params: dict, tie_word_embeddings: bool, platform: str) -> dict:
       bfloat16 dot wants the contracted axis first, and against ``embed.T`` it widened the whole
       embedding to float32 every step (20 ms for SmolLM2's 49152 x 576). Costs V x D more bytes.
 
+    - With ``cpu_matmul`` (the "cpu" attention backend asks for it), on CPU, a float32 model's
+      per-layer matmul weights and its output head become :class:`PackedMatrix` panels for
+      ``pallas_kernels/cpu_matmul.cc`` (a tied embedding gets a packed transposed copy as
+      ``lm_head``, V x D more bytes). :func:`einsum`, :func:`matmul` and :func:`head_logits` send
+      them to the kernel; :func:`scan_layers` hands the loop the whole stack and the layer index.
+      Otherwise float32 models are returned unchanged.
+
     Pack once, outside ``jit``: a bitcast or transpose inside a jitted step is a copy.
     """
+    if cpu_matmul and platform == "cpu" and params["embed"].dtype == jnp.float32:
+        layers = {name: pack(w, _MATMUL_INPUT_AXES[name], stacked=True) if name in _MATMUL_INPUT_AXES else w
+                  for name, w in params["layers"].items()}
+        head = params["lm_head"] if "lm_head" in params else jnp.asarray(params["embed"]).T
+        return {**params, "layers": layers, "lm_head": pack(head, 1)}
     packed = {**params, "layers": _as_bits(params["layers"])}
     if platform == "cpu" and tie_word_embeddings and _is_half(params["embed"]) and "lm_head" not in params:
         packed["lm_head"] = jnp.asarray(params["embed"]).T.copy()
@@ -113,7 +142,8 @@ def pack_params(params: dict, tie_word_embeddings: bool, platform: str) -> dict:
 
 
 def output_head(params: dict, tie_word_embeddings: bool) -> jax.Array:
-    """The [D, V] matrix of the logits: ``lm_head`` when there is one (see :func:`pack_params`)."""
+    """The [D, V] matrix of the logits (packed or not): ``lm_head`` when there is one (see
+    :func:`pack_params`)."""
     return params["lm_head"] if "lm_head" in params or not tie_word_embeddings else params["embed"].T
 
 
@@ -122,14 +152,17 @@ def scan_layers(body, carry, layers: dict, dtype):
 
     uint16 leaves are :func:`pack_params`' bits of the model's 16-bit ``dtype`` and are viewed
     as floats again inside the loop, one layer's slice at a time; 16-bit float leaves not packed
-    beforehand are packed here (a copy of the stack per call).
+    beforehand are packed here (a copy of the stack per call). :class:`PackedMatrix` stacks are
+    not sliced: the body gets the whole stack read at the loop index (``at_layer``).
     """
-    layers = _as_bits(layers)  # unpacked 16-bit weights: a copy inside jit, far cheaper than widening
-    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    stacks = {name: w for name, w in layers.items() if isinstance(w, PackedMatrix)}
+    layers = _as_bits({name: w for name, w in layers.items() if name not in stacks})
+    num_layers = jax.tree.leaves((layers, stacks))[0].shape[0]
 
     def step(c, scanned):
         lp, index = scanned
         lp = jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 else a, lp)
+        lp.update({name: w.at_layer(index) for name, w in stacks.items()})
         return body(c, (lp, index))
 
     return jax.lax.scan(step, carry, (layers, jnp.arange(num_layers)))

@@ -8,7 +8,6 @@ write is an in-place update of the donated pool.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import AttentionFn, AttentionMetadata, KVPool, write_kv
@@ -16,6 +15,7 @@ from jaxllm.models.layers import (
     activation,
     apply_rope,
     einsum,
+    head_logits,
     matmul,
     output_head,
     rms_norm,
@@ -73,4 +73,4 @@ def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: Attention
 
 def logits(params: dict, cfg: ModelConfig, hidden):
     """hidden [S, D] -> float32 logits [S, V]."""
-    return jnp.dot(hidden, output_head(params, cfg.tie_word_embeddings), preferred_element_type=jnp.float32)
+    return head_logits(hidden, output_head(params, cfg.tie_word_embeddings))

@@ -81,7 +81,8 @@ class ModelRunner:
         self.cfg, self.cache = cfg, cache
         self.dtype = np.dtype(params["embed"].dtype)
         platform = jax.devices()[0].platform
-        self.params = jax.device_put(pack_params(params, cfg.tie_word_embeddings, platform))  # see there
+        self.params = jax.device_put(pack_params(  # see there
+            params, cfg.tie_word_embeddings, platform, cpu_matmul=getattr(attend, "cpu_matmul", False)))
         self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.dtype, platform)  # fp8/int8 carry scales
         self.buckets = Buckets.make(
             sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size),

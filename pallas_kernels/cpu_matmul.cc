@@ -1,0 +1,165 @@
+// Float32 matmul for the CPU, called from JAX through XLA's FFI: out [M, N] = x [M, K] @ W.
+//
+// W comes packed (pallas_kernels/cpu_matmul.py packs it once, outside jit): the [K, N] matrix cut
+// into 64-column panels, each panel stored as its own contiguous [K, 64] block, the last one
+// zero-padded: [P, K, 64], or [L, P, K, 64] for a model's stacked layers with the layer chosen by
+// an index operand, so a scanned layer reads its weights in place (XLA:CPU copies a dynamic slice
+// of the stack before every dot).
+//
+// Why not XLA's dot: at the row counts of decode steps (1-64 rows) it streams W with a stride of
+// N floats between rows and re-packs it on every call; a packed panel is one sequential stream,
+// and the 6 x 64 register tile below does 24 FMAs per four panel loads. A unit of work is one
+// panel for a chunk of rows (all rows when they are few, else 48), so a unit's panel and rows sit
+// in L2 while it runs; units go to the calling thread and to tasks on XLA's intra-op pool through
+// an atomic counter, as in cpu_paged_attention.cc.
+//
+// Sums over k run in order, one accumulator per output: results differ from XLA's dot by float32
+// rounding only.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 64;  // columns per panel: 4 vectors of 16 floats
+constexpr int kRows = 6;        // rows per register tile: 6 x 4 accumulators of the 32 registers
+constexpr int64_t kMaxChunkRows = 48;
+constexpr int64_t kUnitsPerThread = 4;
+
+typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
+
+// out[r, :cols] = x[r, :] @ panel for R rows; x rows are K apart, out rows ldo apart.
+template <int R>
+void Tile(const float* x, int64_t K, const float* panel, float* out, int64_t ldo, int64_t cols) {
+  Vec16 acc[R][4];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < 4; ++v) acc[r][v] = Vec16{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec16* row = reinterpret_cast<const Vec16*>(panel + k * kPanel);
+    const Vec16 w0 = row[0], w1 = row[1], w2 = row[2], w3 = row[3];
+    for (int r = 0; r < R; ++r) {
+      const float xs = x[r * K + k];
+      acc[r][0] += xs * w0;
+      acc[r][1] += xs * w1;
+      acc[r][2] += xs * w2;
+      acc[r][3] += xs * w3;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* o = out + r * ldo;
+    if (cols == kPanel) {
+      for (int v = 0; v < 4; ++v) *reinterpret_cast<Vec16*>(o + 16 * v) = acc[r][v];
+    } else {
+      float full[kPanel];
+      for (int v = 0; v < 4; ++v) *reinterpret_cast<Vec16*>(full + 16 * v) = acc[r][v];
+      std::memcpy(o, full, cols * sizeof(float));
+    }
+  }
+}
+
+// Rows [0, rows) of x against one panel, kRows at a time, then the remainder.
+void Rows(const float* x, int64_t rows, int64_t K, const float* panel, float* out, int64_t ldo,
+          int64_t cols) {
+  int64_t m = 0;
+  for (; m + kRows <= rows; m += kRows) Tile<kRows>(x + m * K, K, panel, out + m * ldo, ldo, cols);
+  const float* xm = x + m * K;
+  float* om = out + m * ldo;
+  switch (rows - m) {
+    case 1: Tile<1>(xm, K, panel, om, ldo, cols); break;
+    case 2: Tile<2>(xm, K, panel, om, ldo, cols); break;
+    case 3: Tile<3>(xm, K, panel, om, ldo, cols); break;
+    case 4: Tile<4>(xm, K, panel, om, ldo, cols); break;
+    case 5: Tile<5>(xm, K, panel, om, ldo, cols); break;
+    default: break;
+  }
+}
+
+// Shared by the calling thread and the pool tasks (see cpu_paged_attention.cc's Work).
+struct Work {
+  const float* x;
+  const float* w;
+  float* out;
+  int64_t M, K, N, panels, chunk_rows, chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  int64_t units() const { return panels * chunks; }
+
+  void Drain() {
+    const int64_t n = units();
+    for (int64_t u = next.fetch_add(1); u < n; u = next.fetch_add(1)) {
+      const int64_t p = u / chunks, first = (u % chunks) * chunk_rows;
+      const int64_t rows = std::min(chunk_rows, M - first);
+      const int64_t cols = std::min(kPanel, N - p * kPanel);
+      Rows(x + first * K, rows, K, w + p * K * kPanel, out + first * N + p * kPanel, N, cols);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const auto od = out->dimensions();
+  if (xd.size() != 2 || od.size() != 2 || (wd.size() != 3 && wd.size() != 4) ||
+      wd[wd.size() - 1] != kPanel) {
+    return ffi::Error::InvalidArgument("cpu matmul: x must be [M, K], the weights [P, K, 64] or "
+                                       "[L, P, K, 64], the result [M, N]");
+  }
+  const int64_t M = xd[0], K = xd[1], N = od[1];
+  const int64_t P = wd[wd.size() - 3], num_layers = wd.size() == 4 ? wd[0] : 1;
+  if (wd[wd.size() - 2] != K || od[0] != M || N <= (P - 1) * kPanel || N > P * kPanel) {
+    return ffi::Error::InvalidArgument("cpu matmul: x's K, the packed weights' K and panels, and "
+                                       "the result's [M, N] do not agree");
+  }
+  const int64_t l = layer.element_count() ? layer.typed_data()[0] : 0;
+  if (l < 0 || l >= num_layers) {
+    return ffi::Error::InvalidArgument("cpu matmul: layer index outside the stacked weights");
+  }
+  if (M == 0) return ffi::Error::Success();
+
+  auto work = std::make_shared<Work>();
+  work->x = x.typed_data();
+  work->w = w.typed_data() + l * P * K * kPanel;
+  work->out = out->typed_data();
+  work->M = M;
+  work->K = K;
+  work->N = N;
+  work->panels = P;
+  // Whole row range per panel when there are panels enough to keep the threads busy; else halve
+  // the chunks (in multiples of the tile's rows) until there are.
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  int64_t chunk = std::min(M, kMaxChunkRows);
+  while (chunk > kRows && P * ((M + chunk - 1) / chunk) < kUnitsPerThread * threads) {
+    chunk = std::max<int64_t>(kRows, (chunk / 2 + kRows - 1) / kRows * kRows);
+  }
+  work->chunk_rows = chunk;
+  work->chunks = (M + chunk - 1) / chunk;
+
+  const int64_t n = work->units();
+  const int64_t helpers = std::min<int64_t>(threads, n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Drain(); });
+  work->Drain();
+  while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmCpuMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // packed weights
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer index (scalar)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [M, N]

@@ -1,0 +1,111 @@
+"""Float32 matmuls on the CPU over packed weights: a C++ kernel called through XLA's FFI.
+
+A weight is packed once, outside ``jit`` (:func:`pack`), into 64-column panels
+(``cpu_matmul.cc`` says why); :class:`PackedMatrix` carries the panels and the weight's original
+input and output axes, and :func:`packed_einsum` / :func:`packed_matmul` compute what
+``jnp.einsum`` / ``x @ w`` computed on the unpacked weight, to float32 rounding. A stacked weight
+(a leading layer axis) is read in place at ``layer``: ``jaxllm.models.layers.scan_layers`` hands
+the loop body the whole stack and the loop index instead of a sliced copy.
+
+The engine packs a float32 model's matmul weights when its attention backend asks for it
+(``cpu_matmul = True`` on the "cpu" backend): see ``jaxllm.models.layers.pack_params``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.cpu_kernels import MATMUL_TARGET, cpu_kernels_unavailable_reason
+
+PANEL = 64
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedMatrix:
+    """A float32 weight ``[*stack, *in_shape, *out_shape]`` as panels ``[*stack, P, K, 64]``.
+
+    K = prod(in_shape), P = ceil(prod(out_shape) / 64), the last panel zero-padded. ``stack`` is
+    () or (L,); for a stacked weight ``layer`` (an int32 scalar) picks the matrix to use.
+    """
+
+    data: jax.Array
+    layer: jax.Array | None = None
+    in_shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    out_shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+
+    @property
+    def stacked(self) -> bool:
+        return self.data.ndim == 4
+
+    def at_layer(self, layer) -> PackedMatrix:
+        """The stack read at ``layer`` (traced or not): no copy, the kernel indexes it."""
+        if not self.stacked:
+            raise ValueError("at_layer: this PackedMatrix has no layer axis")
+        return dataclasses.replace(self, layer=jnp.asarray(layer, jnp.int32))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The unpacked weight's shape."""
+        return (*self.data.shape[:-3], *self.in_shape, *self.out_shape)
+
+
+def pack(w, in_ndim: int, stacked: bool = False) -> PackedMatrix:
+    """Pack float32 ``w`` of shape ``[*stack, *in, *out]`` (``len(in) == in_ndim``; ``stack`` is
+    one leading layer axis when ``stacked``). Call outside ``jit``: it copies the weight."""
+    w = jnp.asarray(w)
+    if w.dtype != jnp.float32:
+        raise ValueError(f"pack: the cpu matmul kernel takes float32 weights, not {w.dtype}")
+    lead = w.shape[:1] if stacked else ()
+    in_shape, out_shape = w.shape[len(lead):len(lead) + in_ndim], w.shape[len(lead) + in_ndim:]
+    if not in_shape or not out_shape:
+        raise ValueError(f"pack: a weight of shape {w.shape} has no input or no output axis (in_ndim={in_ndim})")
+    K, N = math.prod(in_shape), math.prod(out_shape)
+    P = -(-N // PANEL)
+    m = jnp.pad(w.reshape(*lead, K, N), [(0, 0)] * (len(lead) + 1) + [(0, P * PANEL - N)])
+    panels = jnp.moveaxis(m.reshape(*lead, K, P, PANEL), -3, -2)
+    return PackedMatrix(panels.copy(), None, tuple(in_shape), tuple(out_shape))
+
+
+def unpack(pm: PackedMatrix) -> jax.Array:
+    """The weight :func:`pack` was given (for tests and inspection)."""
+    lead = pm.data.shape[:-3]
+    K, N = math.prod(pm.in_shape), math.prod(pm.out_shape)
+    m = jnp.moveaxis(pm.data, -3, -2).reshape(*lead, K, -1)[..., :N]
+    return m.reshape(pm.shape)
+
+
+def packed_matmul(x: jax.Array, pm: PackedMatrix) -> jax.Array:
+    """``x [..., *in_shape] -> [..., *out_shape]`` through the kernel, in x's dtype (computed in
+    float32). Raises ValueError when the kernel is not usable here or the shapes disagree."""
+    reason = cpu_kernels_unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"the cpu matmul kernel is not usable here: {reason}")
+    c = len(pm.in_shape)
+    if tuple(x.shape[x.ndim - c:]) != pm.in_shape:
+        raise ValueError(f"packed matmul: x's trailing axes {x.shape} do not match the weight's input axes {pm.in_shape}")
+    if pm.stacked and pm.layer is None:
+        raise ValueError("packed matmul: a stacked weight needs a layer (PackedMatrix.at_layer)")
+    lead = x.shape[: x.ndim - c]
+    K, N = math.prod(pm.in_shape), math.prod(pm.out_shape)
+    layer = pm.layer if pm.layer is not None else jnp.zeros((), jnp.int32)
+    call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((math.prod(lead), N), jnp.float32))
+    with jax.named_scope("packed_matmul"):  # profiles tell it from the attention kernel's call
+        out = call(x.reshape(-1, K).astype(jnp.float32), pm.data, layer)
+    return out.reshape(*lead, *pm.out_shape).astype(x.dtype)
+
+
+def packed_einsum(spec: str, x: jax.Array, pm: PackedMatrix) -> jax.Array:
+    """``jnp.einsum(spec, x, w)`` for the einsums a packed weight can serve: x's trailing axes
+    contracted with w's input axes in order, the result x's leading axes then w's output axes
+    (``"td,dnh->tnh"``, ``"tnh,nhd->td"``). Anything else raises ValueError."""
+    inputs, out = spec.replace(" ", "").split("->")
+    xs, ws = inputs.split(",")
+    c = len(pm.in_shape)
+    if len(ws) != c + len(pm.out_shape) or xs[len(xs) - c:] != ws[:c] or out != xs[: len(xs) - c] + ws[c:]:
+        raise ValueError(f"packed einsum: {spec!r} is not x's trailing axes against the weight's {c} input axes")
+    return packed_matmul(x, pm)

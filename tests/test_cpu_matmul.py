@@ -1,0 +1,176 @@
+"""The C++ CPU matmul over packed weights (pallas_kernels/cpu_matmul.{cc,py}) and the model path
+through it (``pack_params(..., cpu_matmul=True)``, ``scan_layers`` reading stacks in place).
+
+References are float64 numpy products of the same float32 inputs; the kernel sums k in order in
+float32, so the tolerance is float32 accumulation over K terms of O(1) products.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_models import make_tiny_checkpoint
+
+import jaxllm
+from jaxllm import LLM, SamplingParams
+from jaxllm.models import model_module
+from jaxllm.models.attention import xla_paged_attention
+from jaxllm.models.layers import head_logits, output_head, pack_params
+from jaxllm.runner import kv_pool
+from pallas_kernels.cpu_attention import cpu_paged_attention
+from pallas_kernels.cpu_matmul import PackedMatrix, pack, packed_einsum, packed_matmul, unpack
+from pallas_kernels.testing import make_batch
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernels run on the CPU only")
+
+_matmul = jax.jit(packed_matmul)
+
+
+def _reference(x, w):
+    return np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+
+
+# M: one row, a partial tile, whole tiles, chunked rows (> 48) with a remainder; N: under one
+# vector, a partial panel, several panels; K: short and SmolLM2's width.
+@pytest.mark.parametrize("M", [1, 5, 6, 13, 48, 50, 131])
+@pytest.mark.parametrize("K,N", [(8, 10), (576, 70), (37, 200), (64, 256)])
+def test_matches_reference(M, K, N):
+    rng = np.random.default_rng(M * 1000 + K + N)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    out = np.asarray(_matmul(jnp.asarray(x), pack(w, 1)))
+    assert out.shape == (M, N)
+    np.testing.assert_allclose(out, _reference(x, w), rtol=1e-5, atol=1e-5 * np.sqrt(K))
+
+
+def test_stacked_weights_are_read_at_the_layer():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 24, 40)).astype(np.float32)
+    x = rng.standard_normal((7, 24)).astype(np.float32)
+    pw = pack(w, 1, stacked=True)
+    assert pw.data.shape == (3, 1, 24, 64) and pw.shape == (3, 24, 40)
+    for layer in range(3):
+        out = np.asarray(_matmul(jnp.asarray(x), pw.at_layer(layer)))
+        np.testing.assert_allclose(out, _reference(x, w[layer]), rtol=1e-5, atol=1e-5)
+
+    # Inside lax.scan the body gets the whole stack and the loop index.
+    def body(carry, i):
+        return carry, packed_matmul(jnp.asarray(x), pw.at_layer(i))
+
+    _, outs = jax.jit(lambda: jax.lax.scan(body, 0, jnp.arange(3)))()
+    np.testing.assert_allclose(np.asarray(outs), np.einsum("mk,lkn->lmn", x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_head_axes_and_einsums():
+    # wq [D, N, H] against "td,dnh->tnh" and wo [N, H, D] against "tnh,nhd->td", stacked.
+    rng = np.random.default_rng(1)
+    wq = rng.standard_normal((2, 16, 3, 8)).astype(np.float32)
+    wo = rng.standard_normal((2, 3, 8, 16)).astype(np.float32)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    pq, po = pack(wq, 1, stacked=True), pack(wo, 2, stacked=True)
+    np.testing.assert_array_equal(np.asarray(unpack(pq)), wq)
+    np.testing.assert_array_equal(np.asarray(unpack(po)), wo)
+    q = packed_einsum("td,dnh->tnh", jnp.asarray(x), pq.at_layer(1))
+    np.testing.assert_allclose(np.asarray(q), np.einsum("td,dnh->tnh", x, wq[1]), rtol=1e-5, atol=1e-5)
+    out = packed_einsum("tnh,nhd->td", q, po.at_layer(1))
+    np.testing.assert_allclose(np.asarray(out), np.einsum("tnh,nhd->td", np.asarray(q), wo[1]), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="not x's trailing axes"):
+        packed_einsum("td,dnh->thn", jnp.asarray(x), pq.at_layer(0))
+
+
+def test_bad_input_raises():
+    w = pack(np.ones((2, 8, 16), np.float32), 1, stacked=True)
+    with pytest.raises(ValueError, match="float32 weights, not bfloat16"):
+        pack(jnp.ones((8, 16), jnp.bfloat16), 1)
+    with pytest.raises(ValueError, match="no input or no output axis"):
+        pack(np.ones((8,), np.float32), 1)
+    with pytest.raises(ValueError, match="do not match the weight's input axes"):
+        packed_matmul(jnp.ones((4, 9)), w.at_layer(0))
+    with pytest.raises(ValueError, match="needs a layer"):
+        packed_matmul(jnp.ones((4, 8)), w)
+    with pytest.raises(ValueError, match="has no layer axis"):
+        pack(np.ones((8, 16), np.float32), 1).at_layer(0)
+    with pytest.raises(Exception, match="layer index outside the stacked weights"):
+        jax.block_until_ready(_matmul(jnp.ones((4, 8)), w.at_layer(2)))
+
+
+def _tiny(tmp_path, family="llama", dtype="float32"):
+    return jaxllm.load_model(str(make_tiny_checkpoint(family, tmp_path)), dtype=dtype)
+
+
+@pytest.mark.parametrize("family", ["llama", "smollm2"])
+def test_pack_params_packs_float32_matmul_weights_and_the_head(tmp_path, family):
+    model = _tiny(tmp_path, family)
+    params, tied = model.params, model.config.tie_word_embeddings
+    assert tied == (family == "smollm2")
+    packed = pack_params(params, tied, "cpu", cpu_matmul=True)
+    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+        assert isinstance(packed["layers"][name], PackedMatrix), name
+        np.testing.assert_array_equal(np.asarray(unpack(packed["layers"][name])), np.asarray(params["layers"][name]))
+    assert not isinstance(packed["layers"]["attn_norm"], PackedMatrix)
+    head = output_head(packed, tied)
+    assert isinstance(head, PackedMatrix)
+    np.testing.assert_array_equal(np.asarray(unpack(head)), np.asarray(output_head(params, tied)))
+    # Not asked, another platform, or 16-bit weights: unchanged layout.
+    assert pack_params(params, tied, "cpu")["layers"]["wq"] is params["layers"]["wq"]
+    assert pack_params(params, tied, "gpu", cpu_matmul=True)["layers"]["wq"] is params["layers"]["wq"]
+    half = _tiny(tmp_path / "bf16", family, dtype="bfloat16").params
+    assert not isinstance(pack_params(half, tied, "cpu", cpu_matmul=True)["layers"]["wq"], PackedMatrix)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt350m"])
+def test_forward_and_logits_match_unpacked(tmp_path, family):
+    # The whole model on packed weights against the same weights through XLA's dots.
+    model = _tiny(tmp_path, family)
+    cfg, params = model.config, model.params
+    module = model_module(cfg)
+    batch = make_batch(8, [5, 1, 9], [5, 8, 12], block_size=16, num_kv_heads=cfg.num_kv_heads,
+                       group=cfg.num_heads // cfg.num_kv_heads, head_dim=cfg.head_dim)
+    md = batch.metadata()
+    forward = jax.jit(functools.partial(module.forward, cfg=cfg, attend=xla_paged_attention))
+    token_ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, md.positions.shape[0]), jnp.int32)
+    outs = []
+    for packed in (False, True):
+        p = pack_params(params, cfg.tie_word_embeddings, "cpu", cpu_matmul=packed)
+        kv = kv_pool.allocate(cfg, batch.k_pool.shape[1], 16, jnp.float32)
+        hidden, _ = forward(p, kv=kv, token_ids=token_ids, md=md)
+        outs.append(np.asarray(head_logits(hidden, output_head(p, cfg.tie_word_embeddings))))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def _weight_slices(hlo: str) -> list[str]:
+    # Result shapes of the dynamic slices with 2+ axes: a layer's matrix cut from a stack (the
+    # norms' slices are vectors).
+    shapes = re.findall(r"= f32\[([\d,]+)\]\S* dynamic-slice\(", hlo)
+    return [shape for shape in shapes if len([d for d in shape.split(",") if d != "1"]) >= 2]
+
+
+def test_engine_step_reads_packed_weights_in_place(tmp_path):
+    # The cpu backend's engine packs the weights: its compiled step calls the matmul kernel for
+    # every projection and the head, and slices no weight stack.
+    model = _tiny(tmp_path)
+    llm = LLM(model, attention_backend="cpu", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16)
+    runner = llm.llm_engine.runner
+    assert isinstance(runner.params["layers"]["w_up"], PackedMatrix)
+    hlo = runner._lower(16, runner.buckets.block_buckets[0]).compile().as_text()
+    # q, k, v, o, gate, up, down in the loop; the head for sampling and for prompt logprobs.
+    assert hlo.count('custom_call_target="jaxllm_cpu_matmul"') == 9
+    assert _weight_slices(hlo) == []
+    xla = LLM(model, attention_backend="xla", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16)
+    assert not isinstance(xla.llm_engine.runner.params["layers"]["w_up"], PackedMatrix)
+    xla_runner = xla.llm_engine.runner
+    assert len(_weight_slices(xla_runner._lower(16, xla_runner.buckets.block_buckets[0]).compile().as_text())) >= 7
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 9, 23, 4, 77]}, {"prompt_token_ids": [8, 44]}]
+    assert ([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            == [o.outputs[0].token_ids for o in xla.generate(prompts, params, use_tqdm=False)])
+
+
+def test_cpu_backend_asks_for_packed_matmuls():
+    assert cpu_paged_attention.cpu_matmul is True
+    assert getattr(xla_paged_attention, "cpu_matmul", False) is False
