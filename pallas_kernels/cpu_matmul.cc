@@ -13,6 +13,13 @@
 // in L2 while it runs; units go to the calling thread and to tasks on XLA's intra-op pool through
 // an atomic counter, as in cpu_paged_attention.cc.
 //
+// Reading W from memory is the other cost: a decode step streams every weight once, and a row
+// tile waiting on it computes nothing. With 3+ row tiles (13+ rows, up to 64) the panel is taken
+// 64 rows (16 KB) at a time, every row tile using the block while it is in L1, and those tiles
+// prefetch the next block, or the first block of the panel this thread likely takes next, spread
+// over their k loops (measured on SmolLM2's 30 layers: 7-17% faster at 16-64 rows; fewer rows
+// stream one pass, which the hardware prefetcher does best; more rows are compute-bound).
+//
 // Sums over k run in order, one accumulator per output: results differ from XLA's dot by float32
 // rounding only.
 
@@ -33,21 +40,28 @@ constexpr int64_t kPanel = 64;  // columns per panel: 4 vectors of 16 floats
 constexpr int kRows = 6;        // rows per register tile: 6 x 4 accumulators of the 32 registers
 constexpr int64_t kMaxChunkRows = 48;
 constexpr int64_t kUnitsPerThread = 4;
+constexpr int64_t kBlockK = 64;  // panel rows per pass: 16 KB, kept in L1 while every row tile uses them
+constexpr int64_t kMinPrefetchTiles = 3;
 
 typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
 
-// out[r, :cols] = x[r, :] @ panel for R rows; x rows are K apart, out rows ldo apart.
+// c[r, :] (+)= x[r, :kn] @ block for R rows: block is kn rows of a panel, c an [R, 64] tile (set
+// on the first block, added to after), x rows ldx apart. Meanwhile `lines` cache lines from
+// `prefetch` are requested, spread over the k loop: the block the row tiles will need next.
 template <int R>
-void Tile(const float* x, int64_t K, const float* panel, float* out, int64_t ldo, int64_t cols) {
+void Tile(const float* x, int64_t ldx, int64_t kn, const float* block, float* c, bool first,
+          const char* prefetch, int64_t lines) {
   Vec16 acc[R][4];
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < 4; ++v) acc[r][v] = Vec16{};
+    for (int v = 0; v < 4; ++v) acc[r][v] = first ? Vec16{} : *reinterpret_cast<const Vec16*>(c + r * kPanel + 16 * v);
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const Vec16* row = reinterpret_cast<const Vec16*>(panel + k * kPanel);
+  const int64_t per_k = (lines + kn - 1) / kn;
+  for (int64_t k = 0; k < kn; ++k) {
+    for (int64_t i = k * per_k; i < std::min(lines, (k + 1) * per_k); ++i) __builtin_prefetch(prefetch + 64 * i, 0, 3);
+    const Vec16* row = reinterpret_cast<const Vec16*>(block + k * kPanel);
     const Vec16 w0 = row[0], w1 = row[1], w2 = row[2], w3 = row[3];
     for (int r = 0; r < R; ++r) {
-      const float xs = x[r * K + k];
+      const float xs = x[r * ldx + k];
       acc[r][0] += xs * w0;
       acc[r][1] += xs * w1;
       acc[r][2] += xs * w2;
@@ -55,32 +69,45 @@ void Tile(const float* x, int64_t K, const float* panel, float* out, int64_t ldo
     }
   }
   for (int r = 0; r < R; ++r) {
-    float* o = out + r * ldo;
-    if (cols == kPanel) {
-      for (int v = 0; v < 4; ++v) *reinterpret_cast<Vec16*>(o + 16 * v) = acc[r][v];
-    } else {
-      float full[kPanel];
-      for (int v = 0; v < 4; ++v) *reinterpret_cast<Vec16*>(full + 16 * v) = acc[r][v];
-      std::memcpy(o, full, cols * sizeof(float));
-    }
+    for (int v = 0; v < 4; ++v) *reinterpret_cast<Vec16*>(c + r * kPanel + 16 * v) = acc[r][v];
   }
 }
 
-// Rows [0, rows) of x against one panel, kRows at a time, then the remainder.
-void Rows(const float* x, int64_t rows, int64_t K, const float* panel, float* out, int64_t ldo,
-          int64_t cols) {
-  int64_t m = 0;
-  for (; m + kRows <= rows; m += kRows) Tile<kRows>(x + m * K, K, panel, out + m * ldo, ldo, cols);
-  const float* xm = x + m * K;
-  float* om = out + m * ldo;
-  switch (rows - m) {
-    case 1: Tile<1>(xm, K, panel, om, ldo, cols); break;
-    case 2: Tile<2>(xm, K, panel, om, ldo, cols); break;
-    case 3: Tile<3>(xm, K, panel, om, ldo, cols); break;
-    case 4: Tile<4>(xm, K, panel, om, ldo, cols); break;
-    case 5: Tile<5>(xm, K, panel, om, ldo, cols); break;
-    default: break;
+// Rows [0, rows) of x (rows <= kMaxChunkRows) against one panel, into out[:, :cols]. The panel is
+// taken kBlockK rows at a time, each block used by every row tile while in L1, and while they
+// run they prefetch the next block (of this panel, or `next` panel's first) from memory.
+void Rows(const float* x, int64_t rows, int64_t K, const float* panel, const float* next, float* out,
+          int64_t ldo, int64_t cols, int64_t block_k) {
+  alignas(64) float c[kMaxChunkRows * kPanel];
+  const int64_t tiles = (rows + kRows - 1) / kRows;
+  if (tiles < kMinPrefetchTiles) {  // few rows: bound by streaming the panel, one pass is best
+    next = nullptr;
+    block_k = K;
   }
+  for (int64_t kb = 0; kb < K; kb += block_k) {
+    const int64_t kn = std::min(block_k, K - kb);
+    const bool inside = kb + block_k < K;
+    const float* ahead = inside ? panel + (kb + block_k) * kPanel : next;
+    const int64_t ahead_rows = inside ? std::min(block_k, K - kb - block_k) : (next ? std::min(block_k, K) : 0);
+    const int64_t lines = ahead_rows * kPanel * sizeof(float) / 64, per_tile = (lines + tiles - 1) / tiles;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t m = t * kRows, n = std::min<int64_t>(kRows, rows - m);
+      const char* pf = reinterpret_cast<const char*>(ahead) + 64 * t * per_tile;
+      const int64_t pf_lines = std::max<int64_t>(0, std::min(per_tile, lines - t * per_tile));
+      const float* xm = x + m * K + kb;
+      const float* block = panel + kb * kPanel;
+      float* cm = c + m * kPanel;
+      switch (n) {
+        case 6: Tile<6>(xm, K, kn, block, cm, kb == 0, pf, pf_lines); break;
+        case 5: Tile<5>(xm, K, kn, block, cm, kb == 0, pf, pf_lines); break;
+        case 4: Tile<4>(xm, K, kn, block, cm, kb == 0, pf, pf_lines); break;
+        case 3: Tile<3>(xm, K, kn, block, cm, kb == 0, pf, pf_lines); break;
+        case 2: Tile<2>(xm, K, kn, block, cm, kb == 0, pf, pf_lines); break;
+        default: Tile<1>(xm, K, kn, block, cm, kb == 0, pf, pf_lines); break;
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * ldo, c + r * kPanel, cols * sizeof(float));
 }
 
 // Shared by the calling thread and the pool tasks (see cpu_paged_attention.cc's Work).
@@ -88,7 +115,7 @@ struct Work {
   const float* x;
   const float* w;
   float* out;
-  int64_t M, K, N, panels, chunk_rows, chunks;
+  int64_t M, K, N, panels, chunk_rows, chunks, threads;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
@@ -100,7 +127,12 @@ struct Work {
       const int64_t p = u / chunks, first = (u % chunks) * chunk_rows;
       const int64_t rows = std::min(chunk_rows, M - first);
       const int64_t cols = std::min(kPanel, N - p * kPanel);
-      Rows(x + first * K, rows, K, w + p * K * kPanel, out + first * N + p * kPanel, N, cols);
+      // The unit this thread most likely takes next (threads take turns at the counter): its
+      // panel is prefetched, unless it is this one.
+      const int64_t guess = u + threads, next_panel = guess / chunks;
+      const float* next = guess < n && next_panel != p ? w + next_panel * K * kPanel : nullptr;
+      Rows(x + first * K, rows, K, w + p * K * kPanel, next, out + first * N + p * kPanel, N, cols,
+           M <= 64 ? kBlockK : K);
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -144,6 +176,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     chunk = std::max<int64_t>(kRows, (chunk / 2 + kRows - 1) / kRows * kRows);
   }
   work->chunk_rows = chunk;
+  work->threads = threads;
   work->chunks = (M + chunk - 1) / chunk;
 
   const int64_t n = work->units();
