@@ -139,7 +139,8 @@ struct Work {
 };
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                  ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+                  ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> real_rows,
+                  ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   const auto od = out->dimensions();
@@ -158,26 +159,29 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   if (l < 0 || l >= num_layers) {
     return ffi::Error::InvalidArgument("cpu matmul: layer index outside the stacked weights");
   }
-  if (M == 0) return ffi::Error::Success();
+  // Rows past `real_rows` are the flat batch's padding: zeros, not computed.
+  const int64_t real = real_rows.element_count() ? std::clamp<int64_t>(real_rows.typed_data()[0], 0, M) : M;
+  std::fill(out->typed_data() + real * N, out->typed_data() + M * N, 0.0f);
+  if (real == 0) return ffi::Error::Success();
 
   auto work = std::make_shared<Work>();
   work->x = x.typed_data();
   work->w = w.typed_data() + l * P * K * kPanel;
   work->out = out->typed_data();
-  work->M = M;
+  work->M = real;
   work->K = K;
   work->N = N;
   work->panels = P;
   // Whole row range per panel when there are panels enough to keep the threads busy; else halve
   // the chunks (in multiples of the tile's rows) until there are.
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  int64_t chunk = std::min(M, kMaxChunkRows);
-  while (chunk > kRows && P * ((M + chunk - 1) / chunk) < kUnitsPerThread * threads) {
+  int64_t chunk = std::min(real, kMaxChunkRows);
+  while (chunk > kRows && P * ((real + chunk - 1) / chunk) < kUnitsPerThread * threads) {
     chunk = std::max<int64_t>(kRows, (chunk / 2 + kRows - 1) / kRows * kRows);
   }
   work->chunk_rows = chunk;
   work->threads = threads;
-  work->chunks = (M + chunk - 1) / chunk;
+  work->chunks = (real + chunk - 1) / chunk;
 
   const int64_t n = work->units();
   const int64_t helpers = std::min<int64_t>(threads, n) - 1;
@@ -195,4 +199,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmCpuMatmul, Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // packed weights
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer index (scalar)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // real rows (scalar)
                                   .Ret<ffi::Buffer<ffi::F32>>());  // [M, N]

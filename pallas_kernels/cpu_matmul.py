@@ -79,9 +79,11 @@ def unpack(pm: PackedMatrix) -> jax.Array:
     return m.reshape(pm.shape)
 
 
-def packed_matmul(x: jax.Array, pm: PackedMatrix) -> jax.Array:
+def packed_matmul(x: jax.Array, pm: PackedMatrix, rows=None) -> jax.Array:
     """``x [..., *in_shape] -> [..., *out_shape]`` through the kernel, in x's dtype (computed in
-    float32). Raises ValueError when the kernel is not usable here or the shapes disagree."""
+    float32). ``rows`` (an int or int32 scalar, traced or not): only the first ``rows`` rows of x
+    (its leading axes flattened) are real, the rest padding: their results are zeros, not
+    computed. Raises ValueError when the kernel is not usable here or the shapes disagree."""
     reason = cpu_kernels_unavailable_reason()
     if reason is not None:
         raise ValueError(f"the cpu matmul kernel is not usable here: {reason}")
@@ -93,19 +95,22 @@ def packed_matmul(x: jax.Array, pm: PackedMatrix) -> jax.Array:
     lead = x.shape[: x.ndim - c]
     K, N = math.prod(pm.in_shape), math.prod(pm.out_shape)
     layer = pm.layer if pm.layer is not None else jnp.zeros((), jnp.int32)
-    call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((math.prod(lead), N), jnp.float32))
+    M = math.prod(lead)
+    real = jnp.asarray(M if rows is None else rows, jnp.int32).reshape(())
+    call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32))
     with jax.named_scope("packed_matmul"):  # profiles tell it from the attention kernel's call
-        out = call(x.reshape(-1, K).astype(jnp.float32), pm.data, layer)
+        out = call(x.reshape(-1, K).astype(jnp.float32), pm.data, layer, real)
     return out.reshape(*lead, *pm.out_shape).astype(x.dtype)
 
 
-def packed_einsum(spec: str, x: jax.Array, pm: PackedMatrix) -> jax.Array:
+def packed_einsum(spec: str, x: jax.Array, pm: PackedMatrix, rows=None) -> jax.Array:
     """``jnp.einsum(spec, x, w)`` for the einsums a packed weight can serve: x's trailing axes
     contracted with w's input axes in order, the result x's leading axes then w's output axes
-    (``"td,dnh->tnh"``, ``"tnh,nhd->td"``). Anything else raises ValueError."""
+    (``"td,dnh->tnh"``, ``"tnh,nhd->td"``). Anything else raises ValueError. ``rows``: as in
+    :func:`packed_matmul`."""
     inputs, out = spec.replace(" ", "").split("->")
     xs, ws = inputs.split(",")
     c = len(pm.in_shape)
     if len(ws) != c + len(pm.out_shape) or xs[len(xs) - c:] != ws[:c] or out != xs[: len(xs) - c] + ws[c:]:
         raise ValueError(f"packed einsum: {spec!r} is not x's trailing axes against the weight's {c} input axes")
-    return packed_matmul(x, pm)
+    return packed_matmul(x, pm, rows)

@@ -1,5 +1,5 @@
 """Model families as pure functions: ``forward(params, cfg, kv, token_ids, md, attend)`` and
-``logits(params, cfg, hidden)``."""
+``logits(params, cfg, hidden, rows=None)``."""
 
 from __future__ import annotations
 

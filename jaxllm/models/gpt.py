@@ -14,16 +14,18 @@ from jaxllm.models.layers import activation, einsum, head_logits, layer_norm, ma
 
 
 def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMetadata, attend: AttentionFn):
-    q = einsum("td,dnh->tnh", x, lp["wq"]) + lp["bq"]
-    k = einsum("td,dnh->tnh", x, lp["wk"]) + lp["bk"]
-    v = einsum("td,dnh->tnh", x, lp["wv"]) + lp["bv"]
+    rows = md.cu_q_lens[-1]  # tokens past it are padding
+    q = einsum("td,dnh->tnh", x, lp["wq"], rows) + lp["bq"]
+    k = einsum("td,dnh->tnh", x, lp["wk"], rows) + lp["bk"]
+    v = einsum("td,dnh->tnh", x, lp["wv"], rows) + lp["bv"]
     kv = write_kv(kv, layer, k, v, md.slot_mapping)
     out = attend(q, kv, layer, md, None)
-    return einsum("tnh,nhd->td", out, lp["wo"]) + lp["bo"], kv
+    return einsum("tnh,nhd->td", out, lp["wo"], rows) + lp["bo"], kv
 
 
-def _mlp(cfg: ModelConfig, lp: dict, x):
-    return matmul(activation(cfg.hidden_act)(matmul(x, lp["w_up"]) + lp["b_up"]), lp["w_down"]) + lp["b_down"]
+def _mlp(cfg: ModelConfig, lp: dict, x, rows):
+    h = activation(cfg.hidden_act)(matmul(x, lp["w_up"], rows) + lp["b_up"])
+    return matmul(h, lp["w_down"], rows) + lp["b_down"]
 
 
 def _norm(cfg: ModelConfig, lp: dict, name: str, x):
@@ -46,7 +48,7 @@ def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: Attention
             x = x + h if cfg.pre_norm else _norm(cfg, lp, "attn_norm", x + h)
         with jax.named_scope("mlp"):
             h = _norm(cfg, lp, "mlp_norm", x) if cfg.pre_norm else x
-            h = _mlp(cfg, lp, h)
+            h = _mlp(cfg, lp, h, md.cu_q_lens[-1])
             x = x + h if cfg.pre_norm else _norm(cfg, lp, "mlp_norm", x + h)
         return (x, kv), None
 
@@ -58,6 +60,7 @@ def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: Attention
     return x, kv
 
 
-def logits(params: dict, cfg: ModelConfig, hidden):
-    """hidden [S, D or E] -> float32 logits [S, V]."""
-    return head_logits(hidden, output_head(params, cfg.tie_word_embeddings))
+def logits(params: dict, cfg: ModelConfig, hidden, rows=None):
+    """hidden [S, D or E] -> float32 logits [S, V]; with ``rows``, rows past it are padding (see
+    ``layers.head_logits``)."""
+    return head_logits(hidden, output_head(params, cfg.tie_word_embeddings), rows)

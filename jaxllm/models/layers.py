@@ -19,27 +19,29 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (x32.astype(x.dtype) * scale).astype(x.dtype)
 
 
-def einsum(spec: str, x: jax.Array, w: jax.Array | PackedMatrix) -> jax.Array:
+def einsum(spec: str, x: jax.Array, w: jax.Array | PackedMatrix, rows=None) -> jax.Array:
     """``jnp.einsum`` accumulated in float32 and returned in ``x``'s dtype (what a bfloat16 matmul
     does anyway). Asked for float32 explicitly, XLA:CPU takes its fast bfloat16 dot; with a
     bfloat16 result it took a path ~2x slower at 512 rows. A weight :func:`pack_params` packed
-    goes through the C++ CPU kernel."""
+    goes through the C++ CPU kernel, which computes only the first ``rows`` tokens (the flat
+    batch's real ones; padding rows come back as zeros); XLA's dot computes every row."""
     if isinstance(w, PackedMatrix):
-        return packed_einsum(spec, x, w)
+        return packed_einsum(spec, x, w, rows)
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def matmul(x: jax.Array, w: jax.Array | PackedMatrix) -> jax.Array:
+def matmul(x: jax.Array, w: jax.Array | PackedMatrix, rows=None) -> jax.Array:
     """``x @ w`` as :func:`einsum` computes it."""
     if isinstance(w, PackedMatrix):
-        return packed_matmul(x, w)
+        return packed_matmul(x, w, rows)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def head_logits(hidden: jax.Array, head: jax.Array | PackedMatrix) -> jax.Array:
-    """hidden [S, D] @ the output head (:func:`output_head`) -> float32 logits [S, V]."""
+def head_logits(hidden: jax.Array, head: jax.Array | PackedMatrix, rows=None) -> jax.Array:
+    """hidden [S, D] @ the output head (:func:`output_head`) -> float32 logits [S, V]. A packed
+    head computes the first ``rows`` rows only (zeros after), as in :func:`einsum`."""
     if isinstance(head, PackedMatrix):
-        return packed_matmul(hidden.astype(jnp.float32), head)
+        return packed_matmul(hidden.astype(jnp.float32), head, rows)
     return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
 
 

@@ -25,10 +25,11 @@ from jaxllm.models.layers import (
 
 
 def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMetadata, attend: AttentionFn):
-    # x [T, D] -> ([T, D], kv)
-    q = einsum("td,dnh->tnh", x, lp["wq"])
-    k = einsum("td,dkh->tkh", x, lp["wk"])
-    v = einsum("td,dkh->tkh", x, lp["wv"])
+    # x [T, D] -> ([T, D], kv); tokens past cu_q_lens[-1] are padding
+    rows = md.cu_q_lens[-1]
+    q = einsum("td,dnh->tnh", x, lp["wq"], rows)
+    k = einsum("td,dkh->tkh", x, lp["wk"], rows)
+    v = einsum("td,dkh->tkh", x, lp["wv"], rows)
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
@@ -38,18 +39,18 @@ def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMe
     q, k = apply_rope(q, md.positions, inv_freq), apply_rope(k, md.positions, inv_freq)
     kv = write_kv(kv, layer, k, v, md.slot_mapping)
     out = attend(q, kv, layer, md, cfg.sliding_window)
-    out = einsum("tnh,nhd->td", out, lp["wo"])
+    out = einsum("tnh,nhd->td", out, lp["wo"], rows)
     if cfg.o_bias:
         out = out + lp["bo"]
     return out, kv
 
 
-def _mlp(cfg: ModelConfig, lp: dict, x):
-    gate = matmul(x, lp["w_gate"])
-    up = matmul(x, lp["w_up"])
+def _mlp(cfg: ModelConfig, lp: dict, x, rows):
+    gate = matmul(x, lp["w_gate"], rows)
+    up = matmul(x, lp["w_up"], rows)
     if cfg.mlp_bias:
         gate, up = gate + lp["b_gate"], up + lp["b_up"]
-    out = matmul(activation(cfg.hidden_act)(gate) * up, lp["w_down"])
+    out = matmul(activation(cfg.hidden_act)(gate) * up, lp["w_down"], rows)
     return out + lp["b_down"] if cfg.mlp_bias else out
 
 
@@ -64,13 +65,14 @@ def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: Attention
             h, kv = _attention(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), kv, index, md, attend)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + _mlp(cfg, lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps))
+            x = x + _mlp(cfg, lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps), md.cu_q_lens[-1])
         return (x, kv), None
 
     (x, kv), _ = scan_layers(layer, (x, kv), params["layers"], params["embed"].dtype)
     return rms_norm(x, params["final_norm"], cfg.norm_eps), kv
 
 
-def logits(params: dict, cfg: ModelConfig, hidden):
-    """hidden [S, D] -> float32 logits [S, V]."""
-    return head_logits(hidden, output_head(params, cfg.tie_word_embeddings))
+def logits(params: dict, cfg: ModelConfig, hidden, rows=None):
+    """hidden [S, D] -> float32 logits [S, V]; with ``rows``, rows past it are padding (see
+    ``layers.head_logits``)."""
+    return head_logits(hidden, output_head(params, cfg.tie_word_embeddings), rows)

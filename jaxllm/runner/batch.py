@@ -33,6 +33,7 @@ class StepBatch:
     # [T] int32: for a position whose input is a token the previous step sampled and has not yet
     # copied to the host (a scheduler PLACEHOLDER), that step's sampling row; else -1.
     feed_rows: np.ndarray
+    num_rows: np.ndarray  # [] int32 sampling rows in use; the rest of the S rows are padding
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ def build_batch(
         want_prompt_logprobs=np.array(any(s.prompt_logprobs is not None for s in seqs)),
         next_token_ids=next_ids,
         feed_rows=feed_rows,
+        num_rows=np.array(len(rows), np.int32),
     )
 
 

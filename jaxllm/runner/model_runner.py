@@ -42,7 +42,7 @@ def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, *, cfg: ModelConfig
     model = model_module(cfg)
     token_ids = jnp.where(batch.feed_rows >= 0, prev_tokens[jnp.maximum(batch.feed_rows, 0)], batch.token_ids)
     hidden, kv = model.forward(params, cfg, kv, token_ids, batch.md, attend)
-    logits = model.logits(params, cfg, hidden[batch.logits_indices])
+    logits = model.logits(params, cfg, hidden[batch.logits_indices], batch.num_rows)
     tokens = sample(logits, batch.sampling)
     sample_lp = logprobs_if(batch.want_logprobs, logits, tokens)
     logits_fn = functools.partial(model.logits, params, cfg)
