@@ -9,7 +9,7 @@
 // Why not XLA's dot: at the row counts of decode steps (1-64 rows) it streams W with a stride of
 // N floats between rows and re-packs it on every call; a packed panel is one sequential stream,
 // and the 6 x 64 register tile below does 24 FMAs per four panel loads. A unit of work is one
-// panel for a chunk of rows (all rows when they are few, else 48), so a unit's panel and rows sit
+// panel for a chunk of rows (all rows up to 64, else 64 at a time), so a unit's panel and rows sit
 // in L2 while it runs; units go to the calling thread and to tasks on XLA's intra-op pool through
 // an atomic counter, as in cpu_paged_attention.cc.
 //
@@ -38,7 +38,7 @@ namespace {
 
 constexpr int64_t kPanel = 64;  // columns per panel: 4 vectors of 16 floats
 constexpr int kRows = 6;        // rows per register tile: 6 x 4 accumulators of the 32 registers
-constexpr int64_t kMaxChunkRows = 48;
+constexpr int64_t kMaxChunkRows = 64;
 constexpr int64_t kUnitsPerThread = 4;
 constexpr int64_t kBlockK = 64;  // panel rows per pass: 16 KB, kept in L1 while every row tile uses them
 constexpr int64_t kMinPrefetchTiles = 3;
