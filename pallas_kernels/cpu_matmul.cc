@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -73,12 +74,11 @@ void Tile(const float* x, int64_t ldx, int64_t kn, const float* block, float* c,
   }
 }
 
-// Rows [0, rows) of x (rows <= kMaxChunkRows) against one panel, into out[:, :cols]. The panel is
-// taken kBlockK rows at a time, each block used by every row tile while in L1, and while they
-// run they prefetch the next block (of this panel, or `next` panel's first) from memory.
-void Rows(const float* x, int64_t rows, int64_t K, const float* panel, const float* next, float* out,
-          int64_t ldo, int64_t cols, int64_t block_k) {
-  alignas(64) float c[kMaxChunkRows * kPanel];
+// c [rows, 64] = x[:rows] @ panel (rows <= kMaxChunkRows). The panel is taken block_k rows at a
+// time, each block used by every row tile while in L1, and while they run they prefetch the next
+// block (of this panel, or `next`'s first) from memory.
+void Product(const float* x, int64_t rows, int64_t K, const float* panel, const float* next, int64_t block_k,
+             float* c) {
   const int64_t tiles = (rows + kRows - 1) / kRows;
   if (tiles < kMinPrefetchTiles) {  // few rows: bound by streaming the panel, one pass is best
     next = nullptr;
@@ -107,7 +107,33 @@ void Rows(const float* x, int64_t rows, int64_t K, const float* panel, const flo
       }
     }
   }
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * ldo, c + r * kPanel, cols * sizeof(float));
+}
+
+typedef int32_t Vec16i __attribute__((vector_size(64)));
+
+// e^x for x <= 0, 16 lanes: Cephes' single-precision polynomial (about 1 ulp), as the scalar
+// exp_nonpositive of cpu_paged_attention.cc.
+inline Vec16 ExpNonpositive(Vec16 x) {
+  const Vec16 floor_arg = Vec16{} - 87.0f;
+  x = x < floor_arg ? floor_arg : x;
+  const Vec16 t = x * 1.44269504088896341f + 0.5f;
+  Vec16 n = __builtin_convertvector(__builtin_convertvector(t, Vec16i), Vec16);  // toward zero
+  n = n > t ? n - 1.0f : n;                                                       // floor
+  const Vec16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const Vec16 y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
+                     4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r +
+                  r + 1.0f;
+  const Vec16i bits = (__builtin_convertvector(n, Vec16i) + 127) << 23;
+  Vec16 two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return y * two_n;
+}
+
+// silu(g) * u, the sigmoid taken from e^-|g| so that nothing overflows.
+inline Vec16 SiluTimes(Vec16 g, Vec16 u) {
+  const Vec16 zero = Vec16{}, one = zero + 1.0f;
+  const Vec16 t = ExpNonpositive(g < zero ? g : -g);
+  return g * ((g >= zero ? one : t) / (one + t)) * u;
 }
 
 // Shared by the calling thread and the pool tasks (see cpu_paged_attention.cc's Work).
@@ -116,6 +142,7 @@ struct Work {
   const float* w;
   float* out;
   int64_t M, K, N, panels, chunk_rows, chunks, threads;
+  bool gated;  // packed panels come in (gate, up) pairs; out = silu(x @ gate) * (x @ up)
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
@@ -126,20 +153,37 @@ struct Work {
     for (int64_t u = next.fetch_add(1); u < n; u = next.fetch_add(1)) {
       const int64_t p = u / chunks, first = (u % chunks) * chunk_rows;
       const int64_t rows = std::min(chunk_rows, M - first);
-      const int64_t cols = std::min(kPanel, N - p * kPanel);
+      const int64_t cols = std::min(kPanel, N - p * kPanel), width = gated ? 2 : 1;
       // The unit this thread most likely takes next (threads take turns at the counter): its
       // panel is prefetched, unless it is this one.
       const int64_t guess = u + threads, next_panel = guess / chunks;
-      const float* next = guess < n && next_panel != p ? w + next_panel * K * kPanel : nullptr;
-      Rows(x + first * K, rows, K, w + p * K * kPanel, next, out + first * N + p * kPanel, N, cols,
-           M <= 64 ? kBlockK : K);
+      const float* next = guess < n && next_panel != p ? w + next_panel * width * K * kPanel : nullptr;
+      const float* panel = w + p * width * K * kPanel;
+      const int64_t block_k = M <= 64 ? kBlockK : K;
+      const float* xs = x + first * K;
+      float* o = out + first * N + p * kPanel;
+      alignas(64) float c[kMaxChunkRows * kPanel];
+      if (!gated) {
+        Product(xs, rows, K, panel, next, block_k, c);
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * N, c + r * kPanel, cols * sizeof(float));
+      } else {
+        alignas(64) float up[kMaxChunkRows * kPanel];
+        Product(xs, rows, K, panel, panel + K * kPanel, block_k, c);
+        Product(xs, rows, K, panel + K * kPanel, next, block_k, up);
+        for (int64_t r = 0; r < rows; ++r) {
+          Vec16* cr = reinterpret_cast<Vec16*>(c + r * kPanel);
+          const Vec16* ur = reinterpret_cast<const Vec16*>(up + r * kPanel);
+          for (int v = 0; v < 4; ++v) cr[v] = SiluTimes(cr[v], ur[v]);
+          std::memcpy(o + r * N, c + r * kPanel, cols * sizeof(float));
+        }
+      }
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                  ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> real_rows,
+                  ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> real_rows, bool gated,
                   ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
@@ -150,8 +194,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
                                        "[L, P, K, 64], the result [M, N]");
   }
   const int64_t M = xd[0], K = xd[1], N = od[1];
-  const int64_t P = wd[wd.size() - 3], num_layers = wd.size() == 4 ? wd[0] : 1;
-  if (wd[wd.size() - 2] != K || od[0] != M || N <= (P - 1) * kPanel || N > P * kPanel) {
+  const int64_t packed = wd[wd.size() - 3], num_layers = wd.size() == 4 ? wd[0] : 1;
+  const int64_t P = gated ? packed / 2 : packed;  // output panels
+  if ((gated && packed % 2 != 0) || wd[wd.size() - 2] != K || od[0] != M || N <= (P - 1) * kPanel ||
+      N > P * kPanel) {
     return ffi::Error::InvalidArgument("cpu matmul: x's K, the packed weights' K and panels, and "
                                        "the result's [M, N] do not agree");
   }
@@ -166,7 +212,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
 
   auto work = std::make_shared<Work>();
   work->x = x.typed_data();
-  work->w = w.typed_data() + l * P * K * kPanel;
+  work->w = w.typed_data() + l * packed * K * kPanel;
+  work->gated = gated;
   work->out = out->typed_data();
   work->M = real;
   work->K = K;
@@ -200,4 +247,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmCpuMatmul, Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // packed weights
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer index (scalar)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // real rows (scalar)
+                                  .Attr<bool>("gated")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // [M, N]

@@ -23,7 +23,7 @@ from jaxllm.models.attention import xla_paged_attention
 from jaxllm.models.layers import head_logits, output_head, pack_params
 from jaxllm.runner import kv_pool
 from pallas_kernels.cpu_attention import cpu_paged_attention
-from pallas_kernels.cpu_matmul import PackedMatrix, pack, packed_einsum, packed_matmul, unpack
+from pallas_kernels.cpu_matmul import PackedMatrix, pack, pack_gated, packed_einsum, packed_matmul, unpack
 from pallas_kernels.testing import make_batch
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernels run on the CPU only")
@@ -37,7 +37,7 @@ def _reference(x, w):
 
 # M: one row, a partial tile, whole tiles, chunked rows (> 48) with a remainder; N: under one
 # vector, a partial panel, several panels; K: short and SmolLM2's width.
-@pytest.mark.parametrize("M", [1, 5, 6, 13, 48, 50, 131])
+@pytest.mark.parametrize("M", [1, 5, 6, 13, 50, 64, 65, 131])
 @pytest.mark.parametrize("K,N", [(8, 10), (576, 70), (37, 200), (64, 256)])
 def test_matches_reference(M, K, N):
     rng = np.random.default_rng(M * 1000 + K + N)
@@ -56,6 +56,32 @@ def test_padding_rows_are_zeros_not_computed(rows):
     out = np.asarray(jax.jit(packed_matmul)(jnp.asarray(x), pack(w, 1), jnp.int32(rows)))
     np.testing.assert_allclose(out[:rows], _reference(x[:rows], w), rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(out[rows:], 0)
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+@pytest.mark.parametrize("M,rows", [(3, 3), (20, 20), (70, 61)])
+def test_gated_weights_give_silu_gate_times_up(M, rows):
+    rng = np.random.default_rng(M)
+    x = rng.standard_normal((M, 24)).astype(np.float32)
+    gate = (10 * rng.standard_normal((2, 24, 100))).astype(np.float32)  # |x @ gate| up to ~200
+    up = rng.standard_normal((2, 24, 100)).astype(np.float32)
+    pw = pack_gated(gate, up, stacked=True)
+    assert pw.gated and pw.data.shape == (2, 4, 24, 64) and pw.shape == (2, 24, 100)
+    g, u = unpack(pw)
+    np.testing.assert_array_equal(np.asarray(g), gate)
+    np.testing.assert_array_equal(np.asarray(u), up)
+    out = np.asarray(jax.jit(packed_matmul)(jnp.asarray(x), pw.at_layer(1), jnp.int32(rows)))
+    xg, xu = _reference(x, gate[1]), _reference(x, up[1])
+    assert np.abs(xg).max() > 80  # the sigmoid's far tails are exercised
+    np.testing.assert_allclose(out[:rows], (_silu(xg) * xu)[:rows], rtol=2e-5, atol=2e-4)
+    np.testing.assert_array_equal(out[rows:], 0)
+    with pytest.raises(ValueError, match="gated weight is used through packed_matmul"):
+        packed_einsum("td,df->tf", jnp.asarray(x), pw.at_layer(0))
+    with pytest.raises(ValueError, match="differ in shape"):
+        pack_gated(gate, up[:, :, :50], stacked=True)
 
 
 def test_stacked_weights_are_read_at_the_layer():
@@ -118,10 +144,17 @@ def test_pack_params_packs_float32_matmul_weights_and_the_head(tmp_path, family)
     model = _tiny(tmp_path, family)
     params, tied = model.params, model.config.tie_word_embeddings
     assert tied == (family == "smollm2")
-    packed = pack_params(params, tied, "cpu", cpu_matmul=True)
-    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+    packed = pack_params(params, tied, "cpu", cpu_matmul=True, hidden_act=model.config.hidden_act)
+    for name in ("wq", "wk", "wv", "wo", "w_down"):
         assert isinstance(packed["layers"][name], PackedMatrix), name
         np.testing.assert_array_equal(np.asarray(unpack(packed["layers"][name])), np.asarray(params["layers"][name]))
+    # SwiGLU: gate and up become one gated weight.
+    assert "w_gate" not in packed["layers"] and "w_up" not in packed["layers"]
+    gate, up = unpack(packed["layers"]["w_gate_up"])
+    np.testing.assert_array_equal(np.asarray(gate), np.asarray(params["layers"]["w_gate"]))
+    np.testing.assert_array_equal(np.asarray(up), np.asarray(params["layers"]["w_up"]))
+    other = pack_params(params, tied, "cpu", cpu_matmul=True, hidden_act="gelu")
+    assert isinstance(other["layers"]["w_gate"], PackedMatrix) and "w_gate_up" not in other["layers"]
     assert not isinstance(packed["layers"]["attn_norm"], PackedMatrix)
     head = output_head(packed, tied)
     assert isinstance(head, PackedMatrix)
@@ -146,7 +179,7 @@ def test_forward_and_logits_match_unpacked(tmp_path, family):
     token_ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, md.positions.shape[0]), jnp.int32)
     outs = []
     for packed in (False, True):
-        p = pack_params(params, cfg.tie_word_embeddings, "cpu", cpu_matmul=packed)
+        p = pack_params(params, cfg.tie_word_embeddings, "cpu", cpu_matmul=packed, hidden_act=cfg.hidden_act)
         kv = kv_pool.allocate(cfg, batch.k_pool.shape[1], 16, jnp.float32)
         hidden, _ = forward(p, kv=kv, token_ids=token_ids, md=md)
         outs.append(np.asarray(head_logits(hidden, output_head(p, cfg.tie_word_embeddings))))
@@ -168,15 +201,16 @@ def test_engine_step_reads_packed_weights_in_place(tmp_path):
     model = _tiny(tmp_path)
     llm = LLM(model, attention_backend="cpu", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16)
     runner = llm.llm_engine.runner
-    assert isinstance(runner.params["layers"]["w_up"], PackedMatrix)
+    assert isinstance(runner.params["layers"]["w_gate_up"], PackedMatrix)
     hlo = runner._lower(16, runner.buckets.block_buckets[0]).compile().as_text()
-    # q, k, v, o, gate, up, down in the loop; the head for sampling and for prompt logprobs.
-    assert hlo.count('custom_call_target="jaxllm_cpu_matmul"') == 9
+    # q, k, v, o, gate with up, down in the loop; the head for sampling and for prompt logprobs.
+    assert hlo.count('custom_call_target="jaxllm_cpu_matmul"') == 8
     assert _weight_slices(hlo) == []
     xla = LLM(model, attention_backend="xla", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16)
     assert not isinstance(xla.llm_engine.runner.params["layers"]["w_up"], PackedMatrix)
     xla_runner = xla.llm_engine.runner
     assert len(_weight_slices(xla_runner._lower(16, xla_runner.buckets.block_buckets[0]).compile().as_text())) >= 7
+    assert "w_gate_up" not in xla_runner.params["layers"]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompts = [{"prompt_token_ids": [5, 9, 23, 4, 77]}, {"prompt_token_ids": [8, 44]}]
     assert ([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

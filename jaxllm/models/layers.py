@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig, RopeScaling
-from pallas_kernels.cpu_matmul import PackedMatrix, pack, packed_einsum, packed_matmul
+from pallas_kernels.cpu_matmul import PackedMatrix, pack, pack_gated, packed_einsum, packed_matmul
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -31,7 +31,8 @@ def einsum(spec: str, x: jax.Array, w: jax.Array | PackedMatrix, rows=None) -> j
 
 
 def matmul(x: jax.Array, w: jax.Array | PackedMatrix, rows=None) -> jax.Array:
-    """``x @ w`` as :func:`einsum` computes it."""
+    """``x @ w`` as :func:`einsum` computes it; for :func:`pack_params`' gated ``w_gate_up``,
+    ``silu(x @ w_gate) * (x @ w_up)``."""
     if isinstance(w, PackedMatrix):
         return packed_matmul(x, w, rows)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -112,7 +113,8 @@ def _as_bits(layers: dict) -> dict:
 _MATMUL_INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 
 
-def pack_params(params: dict, tie_word_embeddings: bool, platform: str, cpu_matmul: bool = False) -> dict:
+def pack_params(params: dict, tie_word_embeddings: bool, platform: str, cpu_matmul: bool = False,
+                hidden_act: str | None = None) -> dict:
     """``params`` laid out for the step: XLA's 16-bit float paths, or the C++ CPU matmul kernel.
 
     - Per-layer weights in bfloat16/float16 are stored as their uint16 bits. Scanned as floats,
@@ -128,6 +130,8 @@ def pack_params(params: dict, tie_word_embeddings: bool, platform: str, cpu_matm
       ``pallas_kernels/cpu_matmul.cc`` (a tied embedding gets a packed transposed copy as
       ``lm_head``, V x D more bytes). :func:`einsum`, :func:`matmul` and :func:`head_logits` send
       them to the kernel; :func:`scan_layers` hands the loop the whole stack and the layer index.
+      A SwiGLU MLP (``hidden_act`` "silu", gate and up without biases) gets ``w_gate_up`` instead
+      of ``w_gate`` and ``w_up``: one call computes ``silu(x @ w_gate) * (x @ w_up)``.
       Otherwise float32 models are returned unchanged.
 
     Pack once, outside ``jit``: a bitcast or transpose inside a jitted step is a copy.
@@ -135,6 +139,10 @@ def pack_params(params: dict, tie_word_embeddings: bool, platform: str, cpu_matm
     if cpu_matmul and platform == "cpu" and params["embed"].dtype == jnp.float32:
         layers = {name: pack(w, _MATMUL_INPUT_AXES[name], stacked=True) if name in _MATMUL_INPUT_AXES else w
                   for name, w in params["layers"].items()}
+        raw = params["layers"]
+        if hidden_act == "silu" and "w_gate" in raw and "b_gate" not in raw and "b_up" not in raw:
+            del layers["w_gate"], layers["w_up"]
+            layers["w_gate_up"] = pack_gated(raw["w_gate"], raw["w_up"], stacked=True)
         head = params["lm_head"] if "lm_head" in params else jnp.asarray(params["embed"]).T
         return {**params, "layers": layers, "lm_head": pack(head, 1)}
     packed = {**params, "layers": _as_bits(params["layers"])}

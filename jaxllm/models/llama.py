@@ -46,11 +46,15 @@ def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMe
 
 
 def _mlp(cfg: ModelConfig, lp: dict, x, rows):
-    gate = matmul(x, lp["w_gate"], rows)
-    up = matmul(x, lp["w_up"], rows)
-    if cfg.mlp_bias:
-        gate, up = gate + lp["b_gate"], up + lp["b_up"]
-    out = matmul(activation(cfg.hidden_act)(gate) * up, lp["w_down"], rows)
+    if "w_gate_up" in lp:  # pack_params fused gate, activation and up for the cpu matmul kernel
+        h = matmul(x, lp["w_gate_up"], rows)
+    else:
+        gate = matmul(x, lp["w_gate"], rows)
+        up = matmul(x, lp["w_up"], rows)
+        if cfg.mlp_bias:
+            gate, up = gate + lp["b_gate"], up + lp["b_up"]
+        h = activation(cfg.hidden_act)(gate) * up
+    out = matmul(h, lp["w_down"], rows)
     return out + lp["b_down"] if cfg.mlp_bias else out
 
 

@@ -82,7 +82,8 @@ class ModelRunner:
         self.dtype = np.dtype(params["embed"].dtype)
         platform = jax.devices()[0].platform
         self.params = jax.device_put(pack_params(  # see there
-            params, cfg.tie_word_embeddings, platform, cpu_matmul=getattr(attend, "cpu_matmul", False)))
+            params, cfg.tie_word_embeddings, platform, cpu_matmul=getattr(attend, "cpu_matmul", False),
+            hidden_act=cfg.hidden_act))
         self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.dtype, platform)  # fp8/int8 carry scales
         self.buckets = Buckets.make(
             sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size),
