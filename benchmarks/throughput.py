@@ -35,7 +35,7 @@ import numpy as np
 
 import converters
 import jaxllm
-from jaxllm import LLM, SamplingParams
+from jaxllm import LLM, SamplingParams, host_malloc
 from jaxllm.models.attention import get_attention_backend
 
 _DEFAULT_OUT = Path(__file__).parent / "results" / "throughput_cpu.json"
@@ -223,6 +223,8 @@ def _environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "xla_threads": f"XLA default (all {os.cpu_count()} cores); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         "cpu_count": os.cpu_count(),
+        # glibc malloc kept for XLA's per-step temporaries (jaxllm/host_malloc.py), for both engines
+        "host_malloc_tuned": host_malloc.tuned(),
         "platform": platform.platform(),
         "processor": platform.processor(),
     }

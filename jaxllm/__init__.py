@@ -7,7 +7,13 @@ Names are imported on first use, so the host-side ``jaxllm.engine`` never pulls 
 
 import importlib
 
+from jaxllm import host_malloc
+
 __version__ = "0.1.0"
+
+# Before JAX starts its threads: XLA:CPU's per-step temporaries then reuse freed pages instead of
+# faulting in fresh ones every step (see jaxllm/host_malloc.py; JAXLLM_MALLOC_TUNING=0 disables).
+host_malloc.tune()
 
 _EXPORTS = {
     "LLM": "jaxllm.llm",
