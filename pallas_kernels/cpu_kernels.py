@@ -2,7 +2,7 @@
 
 Two sources next to this file, compiled into one library: ``cpu_paged_attention.cc`` (the
 "cpu" attention backend, see ``cpu_attention.py``) and ``cpu_matmul.cc`` (float32 matmuls over
-packed weights, see ``cpu_matmul.py``).
+packed weights, see ``cpu_matmul.py``), with the vector helpers of ``cpu_simd.h``.
 
 The library is compiled on first use with the system C++ compiler (``$CXX`` or ``g++``, ``-O3
 -march=native``) against the FFI headers jaxlib ships, and cached under ``$JAXLLM_CACHE_DIR``
@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_paged_attention.cc", "cpu_matmul.cc"))
+_HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 ATTENTION_TARGET = "jaxllm_cpu_paged_attention"
 MATMUL_TARGET = "jaxllm_cpu_matmul"
@@ -56,7 +57,7 @@ def _library() -> Path:
     import jaxlib
 
     key = hashlib.sha256()
-    for part in (*(s.read_bytes() for s in _SOURCES), " ".join(_FLAGS).encode(), version.encode(),
+    for part in (*(s.read_bytes() for s in (*_SOURCES, *_HEADERS)), " ".join(_FLAGS).encode(), version.encode(),
                  jaxlib.__version__.encode(), _cpu_flags().encode(), platform.machine().encode()):
         key.update(part)
     path = _cache_dir() / f"libjaxllm_cpu_kernels_{key.hexdigest()[:16]}.so"

@@ -31,6 +31,7 @@
 #include <memory>
 #include <thread>
 
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -44,7 +45,8 @@ constexpr int64_t kUnitsPerThread = 4;
 constexpr int64_t kBlockK = 64;  // panel rows per pass: 16 KB, kept in L1 while every row tile uses them
 constexpr int64_t kMinPrefetchTiles = 3;
 
-typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
+using jaxllm_cpu::ExpNonpositive;
+using jaxllm_cpu::Vec16;
 
 // c[r, :] (+)= x[r, :kn] @ block for R rows: block is kn rows of a panel, c an [R, 64] tile (set
 // on the first block, added to after), x rows ldx apart. Meanwhile `lines` cache lines from
@@ -107,26 +109,6 @@ void Product(const float* x, int64_t rows, int64_t K, const float* panel, const 
       }
     }
   }
-}
-
-typedef int32_t Vec16i __attribute__((vector_size(64)));
-
-// e^x for x <= 0, 16 lanes: Cephes' single-precision polynomial (about 1 ulp), as the scalar
-// exp_nonpositive of cpu_paged_attention.cc.
-inline Vec16 ExpNonpositive(Vec16 x) {
-  const Vec16 floor_arg = Vec16{} - 87.0f;
-  x = x < floor_arg ? floor_arg : x;
-  const Vec16 t = x * 1.44269504088896341f + 0.5f;
-  Vec16 n = __builtin_convertvector(__builtin_convertvector(t, Vec16i), Vec16);  // toward zero
-  n = n > t ? n - 1.0f : n;                                                       // floor
-  const Vec16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  const Vec16 y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-                     4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r +
-                  r + 1.0f;
-  const Vec16i bits = (__builtin_convertvector(n, Vec16i) + 127) << 23;
-  Vec16 two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return y * two_n;
 }
 
 // silu(g) * u, the sigmoid taken from e^-|g| so that nothing overflows.

@@ -35,31 +35,20 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using jaxllm_cpu::ExpNonpositive;
+using jaxllm_cpu::Vec16;
+using jaxllm_cpu::Vec16i;
+
 constexpr int64_t kTileTokens = 8;      // tokens of one sequence per unit (prefill chunks)
 constexpr int64_t kUnitsPerThread = 4;  // fewer (sequence, tile) pairs per thread: split kv heads
 constexpr float kNoScore = -3.0e38f;    // a finite "minus infinity": a row's max before any key
-
-// e^x for x <= 0, Cephes' single-precision polynomial (about 1 ulp); branch-free so that loops
-// over a block's keys vectorise. Arguments below -87 give e^-87 (~1.6e-38), not 0: a weight that
-// small vanishes against the row's own key, whose weight is 1.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  const float y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-                     4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r +
-                  r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return y * two_n;
-}
 
 // float8_e4m3fn bit patterns -> float: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinity,
 // S.1111.111 is NaN.
@@ -96,8 +85,6 @@ inline float to_float(Bf16 x) {
   return f;
 }
 
-// 16 floats: one AVX-512 register (two AVX2 ones); GCC lowers the arithmetic to what the target has.
-typedef float Vec16 __attribute__((vector_size(64)));
 
 template <typename V>
 inline Vec16 Load16(const V* x) {
@@ -119,6 +106,16 @@ inline float Sum16(Vec16 x) {
                  __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
   const Vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// Max of the lanes, as a tree.
+inline float Max16(Vec16 x) {
+  const Vec8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+  const Vec8 b = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec8 m8 = a > b ? a : b;
+  const Vec4 c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  const Vec4 m4 = c > d ? c : d;
+  return std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
 }
 
 struct Problem {
@@ -177,19 +174,32 @@ inline void AttendBlock(const Problem& p, const V* k_block, const V* v_block, in
       }
     }
   }
-  // Online softmax per row: rescale what the row holds when its max rises.
+  // Online softmax per row, 16 scores at a time (lanes outside ja..jb masked): rescale what the
+  // row holds when its max rises. `weights` has 16 floats of slack past its last row.
+  const Vec16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const Vec16 no_score = Vec16{} + kNoScore, zero = Vec16{};
+  const int64_t c0 = ja - ja % 16;
   for (int64_t g = 0; g < G; ++g) {
     float* w = weights + g * BS;
-    float block_max = kNoScore;
-    for (int64_t j = ja; j <= jb; ++j) block_max = std::max(block_max, w[j]);
-    const float new_peak = std::max(peak[g], block_max);
-    const float rescale = exp_nonpositive(peak[g] - new_peak);
-    float block_total = 0.0f;
-#pragma omp simd reduction(+ : block_total)
-    for (int64_t j = ja; j <= jb; ++j) {
-      w[j] = exp_nonpositive(w[j] - new_peak);
-      block_total += w[j];
+    Vec16 maxes = no_score;
+    for (int64_t c = c0; c <= jb; c += 16) {
+      const Vec16i key = lane + static_cast<int32_t>(c);
+      const Vec16i live = (key >= static_cast<int32_t>(ja)) & (key <= static_cast<int32_t>(jb));
+      const Vec16 s = jaxllm_cpu::Load16(w + c);
+      maxes = live ? (s > maxes ? s : maxes) : maxes;
     }
+    const float new_peak = std::max(peak[g], Max16(maxes));
+    const float rescale = ExpNonpositive(peak[g] - new_peak);
+    Vec16 totals = zero;
+    for (int64_t c = c0; c <= jb; c += 16) {
+      const Vec16i key = lane + static_cast<int32_t>(c);
+      const Vec16i live = (key >= static_cast<int32_t>(ja)) & (key <= static_cast<int32_t>(jb));
+      const Vec16 s = jaxllm_cpu::Load16(w + c);
+      const Vec16 e = live ? ExpNonpositive(s - new_peak) : zero;
+      totals += e;
+      jaxllm_cpu::Store16(w + c, live ? e : s);
+    }
+    const float block_total = Sum16(totals);
     peak[g] = new_peak;
     total[g] = total[g] * rescale + block_total;
     if (rescale != 1.0f) {
@@ -249,7 +259,7 @@ bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
   const int64_t H = p.H, G = p.G, K = p.K, BS = p.BS;
   const int64_t heads = u.head_end - u.head_begin;
   const int64_t rows = (u.last - u.first) * heads * G;
-  scratch.resize(rows * (2 * H + 2) + G * BS);
+  scratch.resize(rows * (2 * H + 2) + G * BS + 16);
   float* qs = scratch.data();     // scaled queries [rows, H]
   float* acc = qs + rows * H;     // unnormalised outputs [rows, H]
   float* peak = acc + rows * H;   // running max score of each row
