@@ -183,7 +183,8 @@ def run_hf_static(model, workload: Workload, batch_size: int, pad_id: int) -> tu
     }, token_ids
 
 
-def run_hf(gguf_path: Path, workload: Workload, batch_sizes: list[int], pad_id: int, dtype: str) -> tuple[dict, dict]:
+def run_hf(gguf_path: Path, workload: Workload, batch_sizes: list[int], pad_id: int, dtype: str,
+           repeats: int = 1) -> tuple[dict, dict]:
     model = load_hf(gguf_path, dtype)
     _hf_batch(model, [workload.prompts[0][:16]] * 2, 4, pad_id)  # warm-up
     per_batch, outputs = {}, {}
@@ -191,6 +192,11 @@ def run_hf(gguf_path: Path, workload: Workload, batch_sizes: list[int], pad_id: 
         per_batch[str(bs)], outputs[bs] = run_hf_static(model, workload, bs, pad_id)
         print(f"transformers batch {bs:3d}: {per_batch[str(bs)]['output_tokens_per_s']:8.1f} output tok/s", flush=True)
     best = max(per_batch, key=lambda k: per_batch[k]["output_tokens_per_s"])
+    if repeats > 1:  # the best batch size again, as jaxllm's headline run is repeated
+        more = [run_hf_static(model, workload, int(best), pad_id) for _ in range(repeats - 1)]
+        per_batch[best], outputs[int(best)] = _fastest([(per_batch[best], outputs[int(best)]), *more])
+        print(f"transformers batch {best:>3}: {per_batch[best]['output_tokens_per_s']:8.1f} output tok/s, "
+              f"fastest of {repeats}", flush=True)
     summary = {
         "attn_implementation": model.config._attn_implementation,
         "dtype": str(model.dtype),
@@ -199,6 +205,13 @@ def run_hf(gguf_path: Path, workload: Workload, batch_sizes: list[int], pad_id: 
         "output_tokens_per_s": per_batch[best]["output_tokens_per_s"],
     }
     return summary, outputs[int(best)]
+
+
+def _fastest(runs: list[tuple[dict, object]]) -> tuple[dict, object]:
+    """The run with the shortest elapsed time, its result listing every run's (``elapsed_s_runs``):
+    on a shared machine the fastest run is the one least disturbed."""
+    result, outputs = min(runs, key=lambda run: run[0]["elapsed_s"])
+    return {**result, "elapsed_s_runs": [run[0]["elapsed_s"] for run in runs]}, outputs
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -248,6 +261,9 @@ def _parse_args() -> argparse.Namespace:
                         help="jaxllm waits for each step's tokens before scheduling the next")
     parser.add_argument("--attention-backends", default="auto",
                         help="comma separated jaxllm attention backends; the first is the headline (default auto)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of jaxllm (headline backend) and of transformers' best batch size; each "
+                             "engine's fastest counts, every run's time is recorded (default 1)")
     parser.add_argument("--skip-hf", action="store_true", help="measure jaxllm only (no file unless --output)")
     parser.add_argument("--quick", action="store_true", help="a smoke check: 16 prompts, no file unless --output")
     parser.add_argument("--output", type=Path, default=None, help=f"JSON path; default {_DEFAULT_OUT}")
@@ -272,7 +288,8 @@ def main() -> None:
               "workload": _describe(workload, args.seed)}
     runs = {}
     for backend in args.attention_backends:
-        runs[backend] = run_jaxllm(model, workload, args.async_scheduling, backend)
+        repeats = args.repeats if backend == args.attention_backends[0] else 1
+        runs[backend] = _fastest([run_jaxllm(model, workload, args.async_scheduling, backend) for _ in range(repeats)])
         print(f"jaxllm ({backend} attention): {runs[backend][0]['output_tokens_per_s']:.1f} output tok/s "
               f"({runs[backend][0]['elapsed_s']:.1f} s)", flush=True)
     report["jaxllm"], ours = runs[args.attention_backends[0]]
@@ -282,7 +299,8 @@ def main() -> None:
             b: _agreement(ours, ids) for b, (_, ids) in list(runs.items())[1:]}
     if not args.skip_hf:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        report["transformers"], theirs = run_hf(gguf_path, workload, args.hf_batch_sizes, pad_id, args.dtype)
+        report["transformers"], theirs = run_hf(gguf_path, workload, args.hf_batch_sizes, pad_id, args.dtype,
+                                                args.repeats)
         report["speedup_vs_transformers"] = (report["jaxllm"]["output_tokens_per_s"]
                                              / report["transformers"]["output_tokens_per_s"])
         report["greedy_agreement_with_best_hf_batch"] = _agreement(ours, theirs)

@@ -71,3 +71,11 @@ def test_wall_shares_split_each_instant_among_running_ops():
     assert step_profile._categorise("jit(_step)/while/body/closed_call/attention/tkgh,skh->tkgs/dot_general") == \
         "attention: this step's tokens, merge, RoPE, KV write"
     assert step_profile._categorise("jit(_step)/cond/argmax") == "sampler, embedding, batch set-up"
+
+
+def test_throughput_counts_the_fastest_of_repeated_runs():
+    throughput = _load("throughput")
+    runs = [({"elapsed_s": 10.0, "tag": "a"}, "ids-a"), ({"elapsed_s": 9.0, "tag": "b"}, "ids-b"),
+            ({"elapsed_s": 9.5, "tag": "c"}, "ids-c")]
+    result, outputs = throughput._fastest(runs)
+    assert result == {"elapsed_s": 9.0, "tag": "b", "elapsed_s_runs": [10.0, 9.0, 9.5]} and outputs == "ids-b"
