@@ -34,8 +34,9 @@ ENGINE_HELP = {
     "num_kv_blocks": "Exact number of pool blocks, including the null block 0; overrides both budgets.",
     "enable_prefix_caching": "Hash full blocks and reuse them across requests with equal prefixes.",
     "attention_backend": "`auto` (`cpu` on CPU, or `xla` where no C++ compiler can build it; `pallas` on GPU), "
-                          "`cpu` (C++ kernel through XLA's FFI, compiled on first use and cached in "
-                          "`~/.cache/jaxllm`), `xla` (plain jnp reference), `pallas` (interpreted on CPU), "
+                          "`cpu` (C++ kernels through XLA's FFI, compiled on first use and cached in "
+                          "`~/.cache/jaxllm`: paged attention, and float32 matmuls over weights packed at "
+                          "start-up), `xla` (plain jnp and XLA's dots: the reference), `pallas` (interpreted on CPU), "
                           "`triton` (GPU, jax-triton), `pallas_mgpu` (H100/H200), or a name given to "
                           "`jaxllm.register_attention_backend`.",
     "kv_cache_dtype": "`auto` (the model's dtype; on CPU a bfloat16/float16 model's pool is float32, which holds its K/V exactly: XLA:CPU has no 16-bit float scatter), `fp8` (e4m3) or `int8`: quantised K/V with a float32 scale per token and kv head, about half of bf16's memory.",
@@ -91,6 +92,16 @@ FLAG_HELP = {
     "--log-level": "Logging level of the server process.",
     "--no-chat": "Send the raw prompt, without the chat template (default: chat template on).",
 }
+
+
+ENVIRONMENT = (
+    ("JAXLLM_CACHE_DIR", "`~/.cache/jaxllm`", "Where the C++ CPU kernels' library is built and cached "
+     "(`pallas_kernels/cpu_kernels.py`)."),
+    ("CXX", "`g++`", "The C++ compiler that builds the CPU kernels."),
+    ("JAXLLM_MALLOC_TUNING", "`1`", "`0` leaves glibc malloc as it is. Otherwise importing jaxllm on a CPU host "
+     "sets one malloc arena, no mmap per block and no trimming, so XLA:CPU's per-step temporaries reuse "
+     "pages (`jaxllm/host_malloc.py`); it takes effect only if jaxllm is imported before JAX runs anything."),
+)
 
 
 def _type_name(annotation) -> str:
@@ -183,6 +194,12 @@ def render() -> str:
         "Greedy answers from the command line; skips warm-up (a one-shot job).",
         "",
         flag_head, *_parser_rows(_subparser(cli, "generate"), "options"),
+        "",
+        "## Environment variables",
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+        *(f"| `{name}` | {default} | {_cell(meaning)} |" for name, default, meaning in ENVIRONMENT),
         "",
     ]
     return "\n".join(parts)
