@@ -10,9 +10,10 @@ Four measurements in one process (run 4 first, then 1-3):
    the sampler's two-level ``argmax`` and the whole ``sample`` of an all-greedy batch (minimum
    of 10 runs).
 3. The throughput benchmark's workload (``benchmarks/throughput.py``: 64 prompts, greedy,
-   ignore_eos) through ``LLM.generate`` three times, with the cpu (C++ kernel) and xla attention
-   backends and with a no-op backend (returns q), steps synchronous, one run each: time per
-   (tokens, blocks) bucket. The differences are attention's share.
+   ignore_eos) through ``LLM.generate`` three times, with the cpu backend (C++ attention and
+   matmul kernels), the xla backend and a no-op backend (returns q; XLA's dots, as xla), steps
+   synchronous, one run each: time per (tokens, blocks) bucket. xla minus no-op is the xla
+   backend's attention; cpu minus no-op also holds the matmul kernel's gain.
 4. A profiler trace of one compiled step per bucket of that workload (attention backend
    ``--breakdown-backend``, default auto; its last batch of the bucket, replayed; its step time the minimum of 5 runs): each moment of the step's wall time is shared among the XLA ops running
    on the threads at that moment, and the ops are grouped by the named scope and JAX op that

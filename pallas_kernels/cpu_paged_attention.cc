@@ -185,7 +185,7 @@ inline void AttendBlock(const Problem& p, const V* k_block, const V* v_block, in
     for (int64_t c = c0; c <= jb; c += 16) {
       const Vec16i key = lane + static_cast<int32_t>(c);
       const Vec16i live = (key >= static_cast<int32_t>(ja)) & (key <= static_cast<int32_t>(jb));
-      const Vec16 s = jaxllm_cpu::Load16(w + c);
+      const Vec16 s = Load16(w + c);
       maxes = live ? (s > maxes ? s : maxes) : maxes;
     }
     const float new_peak = std::max(peak[g], Max16(maxes));
@@ -194,7 +194,7 @@ inline void AttendBlock(const Problem& p, const V* k_block, const V* v_block, in
     for (int64_t c = c0; c <= jb; c += 16) {
       const Vec16i key = lane + static_cast<int32_t>(c);
       const Vec16i live = (key >= static_cast<int32_t>(ja)) & (key <= static_cast<int32_t>(jb));
-      const Vec16 s = jaxllm_cpu::Load16(w + c);
+      const Vec16 s = Load16(w + c);
       const Vec16 e = live ? ExpNonpositive(s - new_peak) : zero;
       totals += e;
       jaxllm_cpu::Store16(w + c, live ? e : s);

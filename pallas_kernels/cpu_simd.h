@@ -1,7 +1,7 @@
 // Vector helpers shared by the C++ CPU kernels (cpu_paged_attention.cc, cpu_matmul.cc).
 //
 // 16 floats are one AVX-512 register (two AVX2 ones); GCC's vector extensions lower the
-// arithmetic to what the target has. Loads and stores through Vec16 need only float alignment.
+// arithmetic to what the target has. Vec16 needs only float alignment.
 
 #ifndef JAXLLM_CPU_SIMD_H_
 #define JAXLLM_CPU_SIMD_H_
@@ -45,12 +45,6 @@ inline Vec16 ExpNonpositive(Vec16 x) {
   Vec16 two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
   return y * two_n;
-}
-
-inline Vec16 Load16(const float* x) {
-  Vec16 out;
-  std::memcpy(&out, x, sizeof out);
-  return out;
 }
 
 inline void Store16(float* x, Vec16 v) { std::memcpy(x, &v, sizeof v); }

@@ -137,11 +137,11 @@ def pack_params(params: dict, tie_word_embeddings: bool, platform: str, cpu_matm
     Pack once, outside ``jit``: a bitcast or transpose inside a jitted step is a copy.
     """
     if cpu_matmul and platform == "cpu" and params["embed"].dtype == jnp.float32:
-        layers = {name: pack(w, _MATMUL_INPUT_AXES[name], stacked=True) if name in _MATMUL_INPUT_AXES else w
-                  for name, w in params["layers"].items()}
         raw = params["layers"]
-        if hidden_act == "silu" and "w_gate" in raw and "b_gate" not in raw and "b_up" not in raw:
-            del layers["w_gate"], layers["w_up"]
+        gated = hidden_act == "silu" and "w_gate" in raw and "b_gate" not in raw and "b_up" not in raw
+        layers = {name: pack(w, _MATMUL_INPUT_AXES[name], stacked=True) if name in _MATMUL_INPUT_AXES else w
+                  for name, w in raw.items() if not (gated and name in ("w_gate", "w_up"))}
+        if gated:
             layers["w_gate_up"] = pack_gated(raw["w_gate"], raw["w_up"], stacked=True)
         head = params["lm_head"] if "lm_head" in params else jnp.asarray(params["embed"]).T
         return {**params, "layers": layers, "lm_head": pack(head, 1)}
