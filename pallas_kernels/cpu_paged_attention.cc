@@ -88,13 +88,13 @@ inline float to_float(Bf16 x) {
 
 template <typename V>
 inline Vec16 Load16(const V* x) {
-  Vec16 out;
   if constexpr (std::is_same_v<V, float>) {
-    std::memcpy(&out, x, sizeof out);
+    return jaxllm_cpu::Load16(x);
   } else {
+    Vec16 out;
     for (int l = 0; l < 16; ++l) out[l] = to_float(x[l]);
+    return out;
   }
-  return out;
 }
 
 typedef float Vec8 __attribute__((vector_size(32)));
@@ -220,7 +220,7 @@ inline void AttendBlock(const Problem& p, const V* k_block, const V* v_block, in
         const float wj = p.v_scale != nullptr ? w[j] * p.v_scale[at + j * K] : w[j];
         for (int64_t i = 0; i < kVecs; ++i) a[i] += wj * Load16(vr + 16 * i);
       }
-      std::memcpy(acc + g * H, a, sizeof a);
+      for (int64_t i = 0; i < kVecs; ++i) jaxllm_cpu::Store16(acc + g * H + 16 * i, a[i]);
     }
   } else {
     for (int64_t j = ja; j <= jb; ++j) {
