@@ -217,6 +217,25 @@ def _fastest(runs: list[tuple[dict, object]]) -> tuple[dict, object]:
 # -- report ------------------------------------------------------------------------------------
 
 
+def _cpu_identity() -> dict:
+    """The host CPU as /proc/cpuinfo names it: sessions land on different machines, and numbers taken on one
+    do not carry to another (the same commit ran 1.8x slower on a 2.6 GHz part than on the one before)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "stepping", "cpu MHz", "flags") and key not in fields:
+                fields[key] = value.strip()
+    except OSError:
+        return {"model_name": platform.processor()}
+    flags = set(fields.get("flags", "").split())
+    return {"model_name": fields.get("model name"),
+            "family_model_stepping": [fields.get(k) for k in ("cpu family", "model", "stepping")],
+            "mhz": float(fields["cpu MHz"]) if "cpu MHz" in fields else None,
+            "isa": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"})}
+
+
 def _environment() -> dict:
     import jax
     import torch
@@ -239,7 +258,7 @@ def _environment() -> dict:
         # glibc malloc kept for XLA's per-step temporaries (jaxllm/host_malloc.py), for both engines
         "host_malloc_tuned": host_malloc.tuned(),
         "platform": platform.platform(),
-        "processor": platform.processor(),
+        "cpu": _cpu_identity(),
     }
 
 
