@@ -14,11 +14,13 @@
 // an atomic counter, as in cpu_paged_attention.cc.
 //
 // Reading W from memory is the other cost: a decode step streams every weight once, and a row
-// tile waiting on it computes nothing. With 3+ row tiles (13+ rows, up to 64) the panel is taken
-// 64 rows (16 KB) at a time, every row tile using the block while it is in L1, and those tiles
-// prefetch the next block, or the first block of the panel this thread likely takes next, spread
-// over their k loops (measured on SmolLM2's 30 layers: 7-17% faster at 16-64 rows; fewer rows
-// stream one pass, which the hardware prefetcher does best; more rows are compute-bound).
+// tile waiting on it computes nothing. Up to 64 rows the panel is taken 64 rows (16 KB) at a time,
+// every row tile using the block while it is in L1, and the tiles prefetch the next block, or the
+// first block of the panel this thread likely takes next, into L2, spread over their k loops.
+// Measured on SmolLM2's 30 MLP layers with the weights coming from memory: 7-17% faster at 16-64
+// rows than one pass per tile; on a later 2.6 GHz host also at 6-12 rows (one pass was 20-30%
+// slower there), and prefetching into L2 rather than L1 (which the next block would crowd) took
+// another 5-15% off at 6-25 rows.
 //
 // Sums over k run in order, one accumulator per output: results differ from XLA's dot by float32
 // rounding only.
@@ -43,7 +45,6 @@ constexpr int kRows = 6;        // rows per register tile: 6 x 4 accumulators of
 constexpr int64_t kMaxChunkRows = 64;
 constexpr int64_t kUnitsPerThread = 4;
 constexpr int64_t kBlockK = 64;  // panel rows per pass: 16 KB, kept in L1 while every row tile uses them
-constexpr int64_t kMinPrefetchTiles = 3;
 
 using jaxllm_cpu::ExpNonpositive;
 using jaxllm_cpu::Vec16;
@@ -60,7 +61,7 @@ void Tile(const float* x, int64_t ldx, int64_t kn, const float* block, float* c,
   }
   const int64_t per_k = (lines + kn - 1) / kn;
   for (int64_t k = 0; k < kn; ++k) {
-    for (int64_t i = k * per_k; i < std::min(lines, (k + 1) * per_k); ++i) __builtin_prefetch(prefetch + 64 * i, 0, 3);
+    for (int64_t i = k * per_k; i < std::min(lines, (k + 1) * per_k); ++i) __builtin_prefetch(prefetch + 64 * i, 0, 2);
     const Vec16* row = reinterpret_cast<const Vec16*>(block + k * kPanel);
     const Vec16 w0 = row[0], w1 = row[1], w2 = row[2], w3 = row[3];
     for (int r = 0; r < R; ++r) {
@@ -78,14 +79,10 @@ void Tile(const float* x, int64_t ldx, int64_t kn, const float* block, float* c,
 
 // c [rows, 64] = x[:rows] @ panel (rows <= kMaxChunkRows). The panel is taken block_k rows at a
 // time, each block used by every row tile while in L1, and while they run they prefetch the next
-// block (of this panel, or `next`'s first) from memory.
+// block (of this panel, or `next`'s first) from memory into L2.
 void Product(const float* x, int64_t rows, int64_t K, const float* panel, const float* next, int64_t block_k,
              float* c) {
   const int64_t tiles = (rows + kRows - 1) / kRows;
-  if (tiles < kMinPrefetchTiles) {  // few rows: bound by streaming the panel, one pass is best
-    next = nullptr;
-    block_k = K;
-  }
   for (int64_t kb = 0; kb < K; kb += block_k) {
     const int64_t kn = std::min(block_k, K - kb);
     const bool inside = kb + block_k < K;

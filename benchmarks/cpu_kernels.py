@@ -1,0 +1,156 @@
+"""The C++ CPU kernels alone, with their operands coming from memory as in an engine step.
+
+Usage: python benchmarks/cpu_kernels.py [--rows 1,6,9,12,17,33,57] [--reps 15] [--output PATH]
+
+1. MLP matmuls: SmolLM2-135M's 30 MLP layers (gate/up 576 -> 1536, down 1536 -> 576, 212 MB of
+   float32 weights, more than the caches hold) in one jitted loop over the layers, for a few row
+   counts of a decode step: the packed kernel (``pack_gated`` / ``pack``, as the engine runs them)
+   beside XLA's dots on the unpacked stack and torch's matmuls in a Python loop. Minimum of
+   ``--reps`` runs, reported as ms, GB/s of weights and GFLOP/s.
+2. Decode attention: one call of the cpu paged-attention kernel per layer over a 30-layer pool of
+   1455 blocks (SmolLM2's shapes: 9 query heads, 3 kv heads, head dim 64, block size 16), 48
+   sequences of 100-400 cached tokens with their blocks scattered, layers taken in turn so the
+   pool comes from memory; and the same calls on one layer (its K/V stay in the caches). Reported
+   as ms per call and GB/s of K/V read.
+
+JSON goes to benchmarks/results/cpu_kernels_cpu.json unless ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import _environment  # noqa: E402
+
+from jaxllm.models.attention import AttentionMetadata  # noqa: E402
+from pallas_kernels.cpu_attention import cpu_paged_attention  # noqa: E402
+from pallas_kernels.cpu_kernels import cpu_kernels_unavailable_reason  # noqa: E402
+from pallas_kernels.cpu_matmul import pack, pack_gated, packed_matmul  # noqa: E402
+
+_DEFAULT_OUT = Path(__file__).parent / "results" / "cpu_kernels_cpu.json"
+LAYERS, HIDDEN, INTERMEDIATE = 30, 576, 1536
+NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, GROUP, HEAD_DIM = 1455, 16, 3, 3, 64
+
+
+def _min_ms(fn, reps: int) -> float:
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def mlp(rows_list: list[int], reps: int) -> list[dict]:
+    import torch
+
+    rng = np.random.default_rng(0)
+    gate, up = (rng.standard_normal((LAYERS, HIDDEN, INTERMEDIATE), dtype=np.float32) * 0.02 for _ in range(2))
+    down = rng.standard_normal((LAYERS, INTERMEDIATE, HIDDEN), dtype=np.float32) * 0.02
+    packed_gate_up = pack_gated(jnp.asarray(gate), jnp.asarray(up), stacked=True)
+    packed_down = pack(jnp.asarray(down), 1, stacked=True)
+    dense = tuple(map(jnp.asarray, (gate, up, down)))
+    torch_w = tuple(map(torch.from_numpy, (gate, up, down)))
+
+    @jax.jit
+    def run_packed(x, gate_up, down, rows):
+        def layer(i, x):
+            h = packed_matmul(x, gate_up.at_layer(i), rows)
+            return x + packed_matmul(h, down.at_layer(i), rows)
+        return jax.lax.fori_loop(0, LAYERS, layer, x)
+
+    @jax.jit
+    def run_xla(x, gate, up, down):
+        def layer(i, x):
+            h = jax.nn.silu(x @ gate[i]) * (x @ up[i])
+            return x + h @ down[i]
+        return jax.lax.fori_loop(0, LAYERS, layer, x)
+
+    def run_torch(x):
+        with torch.no_grad():
+            for i in range(LAYERS):
+                x = x + (torch.nn.functional.silu(x @ torch_w[0][i]) * (x @ torch_w[1][i])) @ torch_w[2][i]
+        return x
+
+    weight_bytes = 3 * LAYERS * HIDDEN * INTERMEDIATE * 4
+    out = []
+    for rows in rows_list:
+        bucket = next(b for b in (8, 16, 32, 64, 128, 256, 512) if b >= rows)  # the engine pads to buckets
+        x = rng.standard_normal((bucket, HIDDEN), dtype=np.float32)
+        flops = 2 * 3 * HIDDEN * INTERMEDIATE * LAYERS * rows
+        padded, real, real_torch = jnp.asarray(x), jnp.asarray(x[:rows]), torch.from_numpy(x[:rows].copy())
+        count = jnp.int32(rows)
+        ms = {"jaxllm packed": _min_ms(lambda a=padded, n=count: run_packed(a, packed_gate_up, packed_down, n), reps),
+              "xla dot": _min_ms(lambda a=real: run_xla(a, *dense), reps),
+              "torch": _min_ms(lambda a=real_torch: run_torch(a), reps)}
+        out.append({"rows": rows, "ms": ms, "weight_gb_per_s": {k: weight_bytes / v / 1e6 for k, v in ms.items()},
+                    "gflop_per_s": {k: flops / v / 1e6 for k, v in ms.items()}})
+        print(f"mlp rows {rows:3d}: " + "  ".join(f"{k} {v:6.2f} ms" for k, v in ms.items()), flush=True)
+    return out
+
+
+def attention(reps: int, num_seqs: int = 48) -> dict:
+    rng = np.random.default_rng(0)
+    context = rng.integers(100, 400, num_seqs)
+    blocks = -(-context // BLOCK_SIZE)
+    ids = rng.permutation(np.arange(1, NUM_BLOCKS))
+    tables = np.zeros((num_seqs, 32), np.int32)
+    for s, start in enumerate(np.cumsum(blocks) - blocks):
+        tables[s, : blocks[s]] = ids[start : start + blocks[s]]
+    shape = (LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    k, v = (jnp.asarray(rng.standard_normal(shape, dtype=np.float32)) for _ in range(2))
+    tokens = 64  # the engine's bucket: padding rows after the real ones
+    positions = np.zeros(tokens, np.int32)
+    positions[:num_seqs] = context - 1
+    md = AttentionMetadata(jnp.asarray(positions), jnp.zeros(tokens, jnp.int32), jnp.zeros(tokens, jnp.int32),
+                           jnp.asarray(tables), jnp.arange(num_seqs + 1, dtype=jnp.int32),
+                           jnp.asarray(context.astype(np.int32)))
+    q = jnp.asarray(rng.standard_normal((tokens, KV_HEADS * GROUP, HEAD_DIM), dtype=np.float32))
+    call = jax.jit(lambda layer: cpu_paged_attention(q, (k, v), layer, md))
+    layer_ids = [jnp.int32(i) for i in range(LAYERS)]
+    jax.block_until_ready([call(i) for i in layer_ids])
+
+    def per_call_ms(order) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            for i in order:
+                jax.block_until_ready(call(i))
+            best = min(best, (time.perf_counter() - start) / len(order))
+        return best * 1e3
+
+    kv_bytes = int(context.sum()) * 2 * KV_HEADS * HEAD_DIM * 4
+    ms = {"layers in turn (from memory)": per_call_ms(layer_ids), "one layer (cached)": per_call_ms(layer_ids[:1] * LAYERS)}
+    print("attention: " + "  ".join(f"{k} {v:.3f} ms ({kv_bytes / v / 1e6:.1f} GB/s)" for k, v in ms.items()), flush=True)
+    return {"num_seqs": num_seqs, "cached_tokens": int(context.sum()), "kv_bytes_per_call": kv_bytes,
+            "ms_per_call": ms, "gb_per_s": {key: kv_bytes / val / 1e6 for key, val in ms.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,6,9,12,17,33,57")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--output", type=Path, default=_DEFAULT_OUT)
+    args = parser.parse_args()
+    reason = cpu_kernels_unavailable_reason()
+    if reason is not None:
+        raise SystemExit(f"the cpu kernels are not usable here: {reason}")
+    report = {"environment": _environment(), "reps": args.reps,
+              "mlp": mlp([int(r) for r in args.rows.split(",")], args.reps), "attention": attention(args.reps)}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
