@@ -31,6 +31,15 @@ def _missing(name: str, command: str) -> list[str]:
     return [f"No `benchmarks/results/{name}` recorded yet. Produce it with `{command}`.", ""]
 
 
+def _host(env: dict) -> str:
+    """'2 cores', and the CPU where the result names it (sessions land on different machines)."""
+    cpu = env.get("cpu")
+    if not cpu:
+        return f"{env['cpu_count']} cores"
+    family, model, _ = cpu["family_model_stepping"]
+    return f"{env['cpu_count']} cores; CPU: {cpu['model_name']}, family {family} model {model}, {cpu['mhz']:.0f} MHz"
+
+
 # -- load time ---------------------------------------------------------------------------------
 
 def plot_load_time(r: dict, ax) -> None:
@@ -169,7 +178,7 @@ def section_throughput(name: str, r: dict) -> list[str]:
         f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}`: {w['num_prompts']} prompts of "
         f"{w['prompt_len_range'][0]}-{w['prompt_len_range'][1]} tokens, {w['output_len_range'][0]}-"
         f"{w['output_len_range'][1]} output tokens each, greedy, through `LLM.generate` and through "
-        f"transformers' `generate` in the same run, both in {dtype} ({env['platform']}, {env['cpu_count']} cores).",
+        f"transformers' `generate` in the same run, both in {dtype} ({env['platform']}, {_host(env)}).",
         "",
         "| system | output tok/s | notes |",
         "|---|---|---|",
@@ -229,17 +238,28 @@ def section_dtype_step(name: str, r: dict) -> list[str]:
     return lines + [""]
 
 
+def _roof_source(roofs: dict) -> str:
+    """Which implementation and shape set the compute roof (results before per-implementation rates: none)."""
+    best = [(rate, impl, shape) for shape, rates in roofs["matmul_flops_per_s"].items() if isinstance(rates, dict)
+            for impl, rate in rates.items()]
+    if not best:
+        return ""
+    _, impl, shape = max(best)
+    return f" ({impl}, {shape})"
+
+
 def section_roofline(r: dict | None) -> list[str]:
     if r is None:
         return _missing("roofline_cpu.json", "python benchmarks/roofline.py")
     env, w, roofs, floor = r["environment"], r["work"], r["roofs"], r["floor"]
     lines = [
         "### `roofline_cpu.json`", "",
-        f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}` ({env['cpu_count']} cores): the "
+        f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}` ({_host(env)}): the "
         f"throughput workload needs at least {w['dense_flops'] / 1e12:.2f} TFLOP of matmuls, "
         f"{w['attention_flops'] / 1e12:.2f} TFLOP of attention and {w['bytes'] / 1e9:.1f} GB of reads "
         f"(weights once per step over {w['min_steps']} steps, K/V once per decode token). At the best "
-        f"float32 matmul rate measured in the run, {roofs['compute_roof_flops_per_s'] / 1e9:.0f} GFLOP/s, and "
+        f"float32 matmul rate measured in the run, {roofs['compute_roof_flops_per_s'] / 1e9:.0f} GFLOP/s"
+        f"{_roof_source(roofs)}, and "
         f"{roofs['memory_roof_bytes_per_s'] / 1e9:.1f} GB/s of reads, no engine can finish it in less than "
         f"**{floor['floor_s']:.2f} s** (compute {floor['compute_s']:.2f} s, memory {floor['memory_s']:.2f} s).",
         "",
@@ -284,6 +304,30 @@ def section_step_breakdown(r: dict | None) -> list[str]:
         named = ", ".join(f"{t:.1f} s with the `{b}` attention backend" for b, t in times.items() if b != "noop")
         lines += ["", f"The same run times the whole workload with synchronous steps: {named}, "
                   f"{times['noop']:.1f} s with a no-op backend that skips attention (returns q)."]
+    return lines + [""]
+
+
+def section_cpu_kernels(r: dict | None) -> list[str]:
+    if r is None:
+        return _missing("cpu_kernels_cpu.json", "python benchmarks/cpu_kernels.py")
+    env, att = r["environment"], r["attention"]
+    impls = list(r["mlp"][0]["ms"])
+    lines = [
+        "### `cpu_kernels_cpu.json`", "",
+        f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}` ({_host(env)}): SmolLM2's 30 MLP "
+        "layers (212 MB of float32 weights, read from memory as in a decode step) in one jitted loop, minimum "
+        f"of {r['reps']} runs.",
+        "",
+        "| rows | " + " | ".join(f"{i} (ms)" for i in impls) + " | packed: weights GB/s | packed: GFLOP/s |",
+        "|---" * (len(impls) + 3) + "|",
+    ]
+    for row in r["mlp"]:
+        lines.append(f"| {row['rows']} | " + " | ".join(f"{row['ms'][i]:.2f}" for i in impls)
+                     + f" | {row['weight_gb_per_s']['jaxllm packed']:.1f} | {row['gflop_per_s']['jaxllm packed']:.0f} |")
+    lines += ["", f"Decode attention, one kernel call: {att['num_seqs']} sequences, {att['cached_tokens']} cached "
+              f"tokens, {att['kv_bytes_per_call'] / 1e6:.1f} MB of K/V per call.", "",
+              "| pool | ms per call | K/V GB/s |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.3f} | {att['gb_per_s'][k]:.1f} |" for k, v in att["ms_per_call"].items()]
     return lines + [""]
 
 
@@ -368,6 +412,8 @@ def render() -> str:
     lines += ["## How far from this machine's limits", ""]
     lines += section_roofline(_load("roofline_cpu.json"))
     lines += section_step_breakdown(_load("step_profile_cpu.json"))
+    lines += ["## The CPU kernels alone", ""]
+    lines += section_cpu_kernels(_load("cpu_kernels_cpu.json"))
     lines += ["## One step per dtype", ""]
     lines += [x for name, r in _globbed("dtype_step_*.json") for x in section_dtype_step(name, r)] or \
         _missing("dtype_step_cpu.json", "python benchmarks/dtype_step.py")
