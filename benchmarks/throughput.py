@@ -246,8 +246,9 @@ def _environment() -> dict:
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "git_commit": commit.stdout.strip() or None,
-        "git_dirty": bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                         cwd=Path(__file__).parent).stdout.strip()),
+        # recorded results (this run's and earlier ones') are not code: they do not make a tree dirty
+        "git_dirty": bool(subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"],
+                                         capture_output=True, text=True, cwd=Path(__file__).parent.parent).stdout.strip()),
         "jax_version": jax.__version__,
         "jax_backend": jax.default_backend(),
         "torch_version": torch.__version__,
