@@ -20,7 +20,7 @@
 // Measured on SmolLM2's 30 MLP layers with the weights coming from memory: 7-17% faster at 16-64
 // rows than one pass per tile; on a later 2.6 GHz host also at 6-12 rows (one pass was 20-30%
 // slower there), and prefetching into L2 rather than L1 (which the next block would crowd) took
-// another 5-15% off at 6-25 rows.
+// another 4-17% off at 6-25 rows (benchmarks/cpu_kernels.py times this loop).
 //
 // Sums over k run in order, one accumulator per output: results differ from XLA's dot by float32
 // rounding only.
