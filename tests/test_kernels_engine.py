@@ -8,8 +8,10 @@ from tiny_models import make_tiny_checkpoint
 import jaxllm
 from jaxllm import LLM, SamplingParams
 
-# Small limits: one token bucket, a few block buckets, so interpreted kernels compile few programs.
-LIMITS = dict(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, block_size=16)
+# Small limits: one token bucket, a few block buckets, so interpreted kernels compile few programs;
+# and a small pool: an interpreted kernel's time grows with the size of the pool it is handed
+# (SmolLM2's test took over 9 minutes with the default CPU pool, 5 s with 24 blocks).
+LIMITS = dict(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, block_size=16, num_kv_blocks=24)
 PROMPTS = [[5, 9, 23, 4, 77, 3, 18, 2, 40, 11, 6, 31, 8, 19, 52, 7, 21, 13, 90], [61, 2], [8, 44, 5, 3, 12, 9]]
 
 
