@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import _environment  # noqa: E402
+from throughput import _environment, min_time  # noqa: E402
 
 from jaxllm.models.attention import AttentionMetadata  # noqa: E402
 from pallas_kernels.cpu_attention import cpu_paged_attention  # noqa: E402
@@ -39,16 +39,6 @@ from pallas_kernels.cpu_matmul import pack, pack_gated, packed_matmul  # noqa: E
 _DEFAULT_OUT = Path(__file__).parent / "results" / "cpu_kernels_cpu.json"
 LAYERS, HIDDEN, INTERMEDIATE = 30, 576, 1536
 NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, GROUP, HEAD_DIM = 1455, 16, 3, 3, 64
-
-
-def _min_ms(fn, reps: int) -> float:
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def mlp(rows_list: list[int], reps: int) -> list[dict]:
@@ -90,9 +80,9 @@ def mlp(rows_list: list[int], reps: int) -> list[dict]:
         flops = 2 * 3 * HIDDEN * INTERMEDIATE * LAYERS * rows
         padded, real, real_torch = jnp.asarray(x), jnp.asarray(x[:rows]), torch.from_numpy(x[:rows].copy())
         count = jnp.int32(rows)
-        ms = {"jaxllm packed": _min_ms(lambda a=padded, n=count: run_packed(a, packed_gate_up, packed_down, n), reps),
-              "xla dot": _min_ms(lambda a=real: run_xla(a, *dense), reps),
-              "torch": _min_ms(lambda a=real_torch: run_torch(a), reps)}
+        ms = {"jaxllm packed": 1e3 * min_time(run_packed, padded, packed_gate_up, packed_down, count, repeats=reps),
+              "xla dot": 1e3 * min_time(run_xla, real, *dense, repeats=reps),
+              "torch": 1e3 * min_time(run_torch, real_torch, repeats=reps)}
         out.append({"rows": rows, "ms": ms, "weight_gb_per_s": {k: weight_bytes / v / 1e6 for k, v in ms.items()},
                     "gflop_per_s": {k: flops / v / 1e6 for k, v in ms.items()}})
         print(f"mlp rows {rows:3d}: " + "  ".join(f"{k} {v:6.2f} ms" for k, v in ms.items()), flush=True)

@@ -307,13 +307,11 @@ def section_step_breakdown(r: dict | None) -> list[str]:
     return lines + [""]
 
 
-def section_cpu_kernels(r: dict | None) -> list[str]:
-    if r is None:
-        return _missing("cpu_kernels_cpu.json", "python benchmarks/cpu_kernels.py")
+def section_cpu_kernels(name: str, r: dict) -> list[str]:
     env, att = r["environment"], r["attention"]
     impls = list(r["mlp"][0]["ms"])
     lines = [
-        "### `cpu_kernels_cpu.json`", "",
+        f"### `{name}`", "",
         f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}` ({_host(env)}): SmolLM2's 30 MLP "
         "layers (212 MB of float32 weights, read from memory as in a decode step) in one jitted loop, minimum "
         f"of {r['reps']} runs.",
@@ -413,7 +411,8 @@ def render() -> str:
     lines += section_roofline(_load("roofline_cpu.json"))
     lines += section_step_breakdown(_load("step_profile_cpu.json"))
     lines += ["## The CPU kernels alone", ""]
-    lines += section_cpu_kernels(_load("cpu_kernels_cpu.json"))
+    lines += [x for name, r in _globbed("cpu_kernels_*.json") for x in section_cpu_kernels(name, r)] or \
+        _missing("cpu_kernels_cpu.json", "python benchmarks/cpu_kernels.py")
     lines += ["## One step per dtype", ""]
     lines += [x for name, r in _globbed("dtype_step_*.json") for x in section_dtype_step(name, r)] or \
         _missing("dtype_step_cpu.json", "python benchmarks/dtype_step.py")
