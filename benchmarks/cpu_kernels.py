@@ -4,8 +4,10 @@ Usage: python benchmarks/cpu_kernels.py [--rows 1,6,9,12,17,33,57] [--reps 15] [
 
 1. MLP matmuls: SmolLM2-135M's 30 MLP layers (gate/up 576 -> 1536, down 1536 -> 576, 212 MB of
    float32 weights, more than the caches hold) in one jitted loop over the layers, for a few row
-   counts of a decode step: the packed kernel (``pack_gated`` / ``pack``, as the engine runs them)
-   beside XLA's dots on the unpacked stack and torch's matmuls in a Python loop. Minimum of
+   counts of engine steps: the packed kernel (``pack_gated`` / ``pack``, as the engine runs them)
+   on its AVX-512 FMA path and, where the CPU has AMX tiles, with ``amx=True`` (which takes the
+   tiles from 64 rows on), beside XLA's dots on the unpacked stack and torch's matmuls in a Python
+   loop. Minimum of
    ``--reps`` runs, reported as ms, GB/s of weights and GFLOP/s.
 2. Decode attention: one call of the cpu paged-attention kernel per layer over a 30-layer pool of
    1455 blocks (SmolLM2's shapes: 9 query heads, 3 kv heads, head dim 64, block size 16), 48
@@ -19,6 +21,7 @@ JSON goes to benchmarks/results/cpu_kernels_cpu.json unless ``--output``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -33,7 +36,7 @@ from throughput import _environment, min_time  # noqa: E402
 
 from jaxllm.models.attention import AttentionMetadata  # noqa: E402
 from pallas_kernels.cpu_attention import cpu_paged_attention  # noqa: E402
-from pallas_kernels.cpu_kernels import cpu_kernels_unavailable_reason  # noqa: E402
+from pallas_kernels.cpu_kernels import amx_usable, cpu_kernels_unavailable_reason  # noqa: E402
 from pallas_kernels.cpu_matmul import pack, pack_gated, packed_matmul  # noqa: E402
 
 _DEFAULT_OUT = Path(__file__).parent / "results" / "cpu_kernels_cpu.json"
@@ -52,11 +55,11 @@ def mlp(rows_list: list[int], reps: int) -> list[dict]:
     dense = tuple(map(jnp.asarray, (gate, up, down)))
     torch_w = tuple(map(torch.from_numpy, (gate, up, down)))
 
-    @jax.jit
-    def run_packed(x, gate_up, down, rows):
+    @functools.partial(jax.jit, static_argnames="amx")
+    def run_packed(x, gate_up, down, rows, amx):
         def layer(i, x):
-            h = packed_matmul(x, gate_up.at_layer(i), rows)
-            return x + packed_matmul(h, down.at_layer(i), rows)
+            h = packed_matmul(x, gate_up.at_layer(i), rows, amx)
+            return x + packed_matmul(h, down.at_layer(i), rows, amx)
         return jax.lax.fori_loop(0, LAYERS, layer, x)
 
     @jax.jit
@@ -75,12 +78,16 @@ def mlp(rows_list: list[int], reps: int) -> list[dict]:
     weight_bytes = 3 * LAYERS * HIDDEN * INTERMEDIATE * 4
     out = []
     for rows in rows_list:
-        bucket = next(b for b in (8, 16, 32, 64, 128, 256, 512) if b >= rows)  # the engine pads to buckets
+        bucket = next(b for b in (8, 16, 32, 64, 128, 256, 512, 1024) if b >= rows)  # the engine pads to buckets
         x = rng.standard_normal((bucket, HIDDEN), dtype=np.float32)
         flops = 2 * 3 * HIDDEN * INTERMEDIATE * LAYERS * rows
         padded, real, real_torch = jnp.asarray(x), jnp.asarray(x[:rows]), torch.from_numpy(x[:rows].copy())
         count = jnp.int32(rows)
-        ms = {"jaxllm packed": 1e3 * min_time(run_packed, padded, packed_gate_up, packed_down, count, repeats=reps),
+        ms = {"jaxllm packed": 1e3 * min_time(run_packed, padded, packed_gate_up, packed_down, count, False, repeats=reps)}
+        if amx_usable():
+            ms["jaxllm packed, amx"] = 1e3 * min_time(run_packed, padded, packed_gate_up, packed_down, count, True,
+                                                       repeats=reps)
+        ms |= {
               "xla dot": 1e3 * min_time(run_xla, real, *dense, repeats=reps),
               "torch": 1e3 * min_time(run_torch, real_torch, repeats=reps)}
         out.append({"rows": rows, "ms": ms, "weight_gb_per_s": {k: weight_bytes / v / 1e6 for k, v in ms.items()},

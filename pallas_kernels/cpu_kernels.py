@@ -76,8 +76,13 @@ def _library() -> Path:
 
 
 @functools.cache
+def _loaded() -> ctypes.CDLL:
+    return ctypes.cdll.LoadLibrary(str(_library()))
+
+
+@functools.cache
 def _register() -> None:
-    library = ctypes.cdll.LoadLibrary(str(_library()))
+    library = _loaded()
     for target, symbol in _SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
 
@@ -93,3 +98,13 @@ def cpu_kernels_unavailable_reason() -> str | None:
     except (RuntimeError, OSError, AttributeError) as e:
         return str(e)
     return None
+
+
+@functools.cache
+def amx_usable() -> bool:
+    """Whether the matmul kernel's AMX path runs here: the CPU has AMX-TILE, AMX-BF16 and
+    AVX-512BW and Linux grants this process the tile state. False where the kernels are not
+    usable at all."""
+    if cpu_kernels_unavailable_reason() is not None:
+        return False
+    return bool(_loaded().JaxllmCpuMatmulAmxUsable())

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.cpu_kernels import MATMUL_TARGET, cpu_kernels_unavailable_reason
+from pallas_kernels.cpu_kernels import MATMUL_TARGET, amx_usable, cpu_kernels_unavailable_reason
 
 PANEL = 64
+
+__all__ = ["PANEL", "PackedMatrix", "amx_usable", "pack", "pack_gated", "packed_einsum", "packed_matmul", "unpack"]
 
 
 @jax.tree_util.register_dataclass
@@ -98,12 +101,15 @@ def unpack(pm: PackedMatrix):
     return m.reshape(pm.shape)
 
 
-def packed_matmul(x: jax.Array, pm: PackedMatrix, rows=None) -> jax.Array:
+def packed_matmul(x: jax.Array, pm: PackedMatrix, rows=None, amx: bool | None = None) -> jax.Array:
     """``x [..., *in_shape] -> [..., *out_shape]`` through the kernel, in x's dtype (computed in
     float32); for a gated weight ``silu(x @ gate) * (x @ up)``. ``rows`` (an int or int32 scalar,
     traced or not): only the first ``rows`` rows of x (its leading axes flattened) are real, the
-    rest padding: their results are zeros, not computed. Raises ValueError when the kernel is not
-    usable here or the shapes disagree."""
+    rest padding: their results are zeros, not computed. ``amx``: let the kernel use Intel AMX
+    tiles (float32 as six bfloat16 products, see ``cpu_matmul.cc``) for calls of 48 rows or more
+    where :func:`amx_usable`; False keeps it on AVX-512/AVX2 FMAs. None (the default) means True
+    unless the environment sets ``JAXLLM_CPU_MATMUL_AMX=0`` (read when the call is traced). Raises ValueError when the kernel is not usable here or the
+    shapes disagree."""
     reason = cpu_kernels_unavailable_reason()
     if reason is not None:
         raise ValueError(f"the cpu matmul kernel is not usable here: {reason}")
@@ -119,11 +125,13 @@ def packed_matmul(x: jax.Array, pm: PackedMatrix, rows=None) -> jax.Array:
     real = jnp.asarray(M if rows is None else rows, jnp.int32).reshape(())
     call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32))
     with jax.named_scope("packed_matmul"):  # profiles tell it from the attention kernel's call
-        out = call(x.reshape(-1, K).astype(jnp.float32), pm.data, layer, real, gated=pm.gated)
+        if amx is None:
+            amx = os.environ.get("JAXLLM_CPU_MATMUL_AMX", "1") != "0"
+        out = call(x.reshape(-1, K).astype(jnp.float32), pm.data, layer, real, gated=pm.gated, amx=bool(amx))
     return out.reshape(*lead, *pm.out_shape).astype(x.dtype)
 
 
-def packed_einsum(spec: str, x: jax.Array, pm: PackedMatrix, rows=None) -> jax.Array:
+def packed_einsum(spec: str, x: jax.Array, pm: PackedMatrix, rows=None, amx: bool | None = None) -> jax.Array:
     """``jnp.einsum(spec, x, w)`` for the einsums a packed weight can serve: x's trailing axes
     contracted with w's input axes in order, the result x's leading axes then w's output axes
     (``"td,dnh->tnh"``, ``"tnh,nhd->td"``). Anything else raises ValueError. ``rows``: as in
@@ -135,4 +143,4 @@ def packed_einsum(spec: str, x: jax.Array, pm: PackedMatrix, rows=None) -> jax.A
         raise ValueError("packed einsum: a gated weight is used through packed_matmul")
     if len(ws) != c + len(pm.out_shape) or xs[len(xs) - c:] != ws[:c] or out != xs[: len(xs) - c] + ws[c:]:
         raise ValueError(f"packed einsum: {spec!r} is not x's trailing axes against the weight's {c} input axes")
-    return packed_matmul(x, pm, rows)
+    return packed_matmul(x, pm, rows, amx)

@@ -23,7 +23,7 @@ from jaxllm.models.attention import xla_paged_attention
 from jaxllm.models.layers import head_logits, output_head, pack_params
 from jaxllm.runner import kv_pool
 from pallas_kernels.cpu_attention import cpu_paged_attention
-from pallas_kernels.cpu_matmul import PackedMatrix, pack, pack_gated, packed_einsum, packed_matmul, unpack
+from pallas_kernels.cpu_matmul import PackedMatrix, amx_usable, pack, pack_gated, packed_einsum, packed_matmul, unpack
 from pallas_kernels.testing import make_batch
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernels run on the CPU only")
@@ -133,6 +133,93 @@ def test_bad_input_raises():
         pack(np.ones((8, 16), np.float32), 1).at_layer(0)
     with pytest.raises(Exception, match="layer index outside the stacked weights"):
         jax.block_until_ready(_matmul(jnp.ones((4, 8)), w.at_layer(2)))
+
+
+# The AMX path (calls of 64 rows or more where the CPU has AMX tiles): float32 products as six
+# bfloat16 ones, summed in float32.
+needs_amx = pytest.mark.skipif(not amx_usable(), reason="no AMX tiles on this CPU (or Linux refuses them)")
+_by_path = jax.jit(packed_matmul, static_argnames="amx")
+
+
+def _relative_error(out, x, w):
+    # |out - x @ w| in units of |x| @ |w|: float32 accumulation over K terms stays below ~K * 2^-24.
+    bound = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64))
+    return float(np.max(np.abs(out - _reference(x, w)) / bound))
+
+
+@needs_amx
+@pytest.mark.parametrize("M", [64, 65, 131, 300])
+@pytest.mark.parametrize("K,N", [(8, 10), (576, 70), (37, 200), (1536, 130)])
+def test_amx_path_matches_reference(M, K, N):
+    rng = np.random.default_rng(M * 7 + K + N)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    amx = np.asarray(_by_path(jnp.asarray(x), pack(w, 1), amx=True))
+    fma = np.asarray(_by_path(jnp.asarray(x), pack(w, 1), amx=False))
+    np.testing.assert_allclose(amx, _reference(x, w), rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    # As accurate as the in-order float32 sum (the dropped bfloat16 cross terms are below 2^-22).
+    assert _relative_error(amx, x, w) <= max(2 * _relative_error(fma, x, w), 2**-22)
+    if K >= 576:
+        assert not np.array_equal(amx, fma)  # the other path ran: their roundings differ
+
+
+@needs_amx
+def test_amx_path_is_float32_accurate_on_real_shapes():
+    # SmolLM2's down projection at a prefill step's rows, values of a hidden state's magnitudes.
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((337, 1536)) * rng.uniform(0.01, 10, (337, 1))).astype(np.float32)
+    w = (0.02 * rng.standard_normal((1536, 576))).astype(np.float32)
+    amx = np.asarray(_by_path(jnp.asarray(x), pack(w, 1), amx=True))
+    fma = np.asarray(_by_path(jnp.asarray(x), pack(w, 1), amx=False))
+    assert _relative_error(amx, x, w) < 2**-22 and _relative_error(fma, x, w) < 2**-21
+
+
+@needs_amx
+def test_amx_below_64_rows_is_the_fma_path():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((100, 576)).astype(np.float32)
+    pw = pack(rng.standard_normal((576, 200)).astype(np.float32), 1)
+    for rows in (1, 17, 63):
+        amx = np.asarray(_by_path(jnp.asarray(x), pw, jnp.int32(rows), amx=True))
+        np.testing.assert_array_equal(amx, np.asarray(_by_path(jnp.asarray(x), pw, jnp.int32(rows), amx=False)))
+    # From 64 real rows on (the padded shape does not matter), the AMX path.
+    amx = np.asarray(_by_path(jnp.asarray(x), pw, jnp.int32(64), amx=True))
+    assert not np.array_equal(amx, np.asarray(_by_path(jnp.asarray(x), pw, jnp.int32(64), amx=False)))
+
+
+@needs_amx
+@pytest.mark.parametrize("M,rows", [(64, 64), (150, 131), (300, 255)])
+def test_amx_gated_stacked_and_padding_rows(M, rows):
+    rng = np.random.default_rng(M)
+    x = rng.standard_normal((M, 40)).astype(np.float32)
+    gate = (10 * rng.standard_normal((3, 40, 100))).astype(np.float32)
+    up = rng.standard_normal((3, 40, 100)).astype(np.float32)
+    for layer in (0, 2):
+        out = np.asarray(_by_path(jnp.asarray(x), pack_gated(gate, up, stacked=True).at_layer(layer),
+                                  jnp.int32(rows), amx=True))
+        xg, xu = _reference(x, gate[layer]), _reference(x, up[layer])
+        np.testing.assert_allclose(out[:rows], (_silu(xg) * xu)[:rows], rtol=2e-5, atol=2e-4)
+        np.testing.assert_array_equal(out[rows:], 0)
+        plain = np.asarray(_by_path(jnp.asarray(x), pack(up, 1, stacked=True).at_layer(layer), jnp.int32(rows),
+                                    amx=True))
+        np.testing.assert_allclose(plain[:rows], xu[:rows], rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(plain[rows:], 0)
+
+
+def test_amx_switch_reaches_the_kernel(monkeypatch):
+    # amx=None follows JAXLLM_CPU_MATMUL_AMX at trace time; the choice is the custom call's attribute.
+    pw = pack(np.ones((8, 16), np.float32), 1)
+
+    def attributes(**kwargs):
+        text = jax.jit(lambda x: packed_matmul(x, pw, **kwargs)).lower(jnp.ones((4, 8))).as_text()
+        return re.search(r"mhlo.backend_config = \{([^}]*)\}", text).group(1)
+
+    assert attributes() == "amx = true, gated = false"
+    assert attributes(amx=False) == "amx = false, gated = false"
+    monkeypatch.setenv("JAXLLM_CPU_MATMUL_AMX", "0")
+    assert attributes() == "amx = false, gated = false"
+    assert attributes(amx=True) == "amx = true, gated = false"
+    assert isinstance(amx_usable(), bool)
 
 
 def _tiny(tmp_path, family="llama", dtype="float32"):
