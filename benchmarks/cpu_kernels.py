@@ -1,6 +1,6 @@
 """The C++ CPU kernels alone, with their operands coming from memory as in an engine step.
 
-Usage: python benchmarks/cpu_kernels.py [--rows 1,6,9,12,17,33,57] [--reps 15] [--output PATH]
+Usage: python benchmarks/cpu_kernels.py [--rows 1,6,9,12,17,33,57,128,337] [--reps 15] [--output PATH]
 
 1. MLP matmuls: SmolLM2-135M's 30 MLP layers (gate/up 576 -> 1536, down 1536 -> 576, 212 MB of
    float32 weights, more than the caches hold) in one jitted loop over the layers, for a few row
@@ -135,7 +135,7 @@ def attention(reps: int, num_seqs: int = 48) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1,6,9,12,17,33,57")
+    parser.add_argument("--rows", default="1,6,9,12,17,33,57,128,337")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--output", type=Path, default=_DEFAULT_OUT)
     args = parser.parse_args()
