@@ -134,16 +134,19 @@ void Product(const float* x, int64_t rows, int64_t K, const float* panel, const 
 // is how XLA's TPU backend computes float32 matmuls at Precision.HIGHEST.
 //
 // The weights stay the float32 panels above, split per unit into the tiles' pair-interleaved
-// layout (by truncation: exact, two vector ops per piece); x is split once per call (rounded,
-// which halves the pieces' magnitudes) into row-major bfloat16 copies. Tiles: 0-3 hold a 32 x 32
+// layout (by truncation, exact: a mask and a subtraction per piece, one permute per pair of rows);
+// x is split once per call (rounded, which halves the pieces' magnitudes) into row-major bfloat16
+// copies. An inf in x gives NaN here (inf - inf in the split) where the FMA path gives inf. Tiles: 0-3 hold a 32 x 32
 // block of the result, 4-5 x's two 16-row tiles, 6-7 the weights' two 16-column tiles.
 #define JAXLLM_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
 
 constexpr int64_t kAmxRows = 32;      // result rows per register block
 constexpr int64_t kAmxK = 32;         // k per tile (16 pairs)
 constexpr int64_t kTileElems = 512;   // bfloat16s per 1 KB tile
-// Fewer rows take the FMA path: splitting a panel costs as much as 32 rows of products, and
-// from memory the two paths broke even at ~40 rows (benchmarks/cpu_kernels.py).
+// Fewer rows take the FMA path: splitting a panel costs as much as 32 rows of products. One
+// thread with the weights from memory broke even at ~40 rows, but in the engine's decode steps
+// (two threads) 49 rows still ran 9% slower on AMX (benchmarks/step_profile.py), and storing the
+// weights pre-split (6 bytes a weight) was no faster at 57 rows: decode stays on FMAs.
 constexpr int64_t kAmxMinRows = 64;
 
 // CPUID says AMX-TILE, AMX-BF16 and AVX-512BW, and Linux lets this process use the tile state.
