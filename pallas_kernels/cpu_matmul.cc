@@ -145,8 +145,9 @@ constexpr int64_t kAmxK = 32;         // k per tile (16 pairs)
 constexpr int64_t kTileElems = 512;   // bfloat16s per 1 KB tile
 // Fewer rows take the FMA path: splitting a panel costs as much as 32 rows of products. One
 // thread with the weights from memory broke even at ~40 rows, but in the engine's decode steps
-// (two threads) 49 rows still ran 9% slower on AMX (benchmarks/step_profile.py), and storing the
-// weights pre-split (6 bytes a weight) was no faster at 57 rows: decode stays on FMAs.
+// (two threads; benchmarks/step_profile.py with this set to 32, then 64) AMX made the whole step
+// 33% / 18% / 9% slower at 33 / 41 / 49 sequences and no faster at 57; storing the weights
+// pre-split (6 bytes a weight) was no faster at 57 rows either: decode stays on FMAs.
 constexpr int64_t kAmxMinRows = 64;
 
 // CPUID says AMX-TILE, AMX-BF16 and AVX-512BW, and Linux lets this process use the tile state.
