@@ -27,8 +27,8 @@
 //
 // Calls of 64 rows or more take Intel AMX tiles where the CPU has them (the `amx` attribute, on by
 // default; see the AMX section below): float32 products computed as six bfloat16 tile products,
-// as accurate as the FMA path (tests/test_cpu_matmul.py) and 1.4-1.8x faster per thread at
-// 128-337 rows. A row's result never depends on the other rows, on either path.
+// as accurate as the FMA path (tests/test_cpu_matmul.py); SmolLM2's 30 MLP layers ran 1.35x /
+// 1.38x faster at 128 / 337 rows (benchmarks/cpu_kernels.py). A row's result never depends on the other rows, on either path.
 
 #include <algorithm>
 #include <atomic>
@@ -124,9 +124,8 @@ void Product(const float* x, int64_t rows, int64_t K, const float* panel, const 
 #ifdef JAXLLM_CPU_AMX
 // ---- AMX: float32 products as six bfloat16 products (bf16x6) --------------------------------
 //
-// Intel's AMX tiles multiply bfloat16 pairs and accumulate in float32, ~20x the float32 FMA rate
-// of AVX-512 on the same core (3.3 bfloat16 TFLOP/s per core measured on a 2.6 GHz host whose
-// FMA peak is ~166 GFLOP/s per core). A float32 v is split exactly into three bfloat16 pieces,
+// Intel's AMX tiles multiply bfloat16 pairs and accumulate in float32: one tile product is 16 x 16
+// x 32 multiply-adds every 16 cycles, 16x the 64 float32 flops per cycle of two AVX-512 FMA units. A float32 v is split exactly into three bfloat16 pieces,
 // v = h + m + l (each takes the next 8 bits of v's 24-bit significand), and x . w is summed as
 // xh.wh + xh.wm + xm.wh + xh.wl + xm.wm + xl.wh: the three dropped cross terms are below 2^-22 of
 // each product, under float32's own rounding of the running sum, so the result is a float32
@@ -136,18 +135,18 @@ void Product(const float* x, int64_t rows, int64_t K, const float* panel, const 
 // The weights stay the float32 panels above, split per unit into the tiles' pair-interleaved
 // layout (by truncation, exact: a mask and a subtraction per piece, one permute per pair of rows);
 // x is split once per call (rounded, which halves the pieces' magnitudes) into row-major bfloat16
-// copies. An inf in x gives NaN here (inf - inf in the split) where the FMA path gives inf. Tiles: 0-3 hold a 32 x 32
-// block of the result, 4-5 x's two 16-row tiles, 6-7 the weights' two 16-column tiles.
+// copies. An inf in x gives NaN here (inf - inf in the split) where the FMA path gives inf.
+// Tiles: 0-3 hold a 32 x 32 block of the result, 4-5 x's two 16-row tiles, 6-7 the weights' two
+// 16-column tiles.
 #define JAXLLM_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
 
 constexpr int64_t kAmxRows = 32;      // result rows per register block
 constexpr int64_t kAmxK = 32;         // k per tile (16 pairs)
 constexpr int64_t kTileElems = 512;   // bfloat16s per 1 KB tile
-// Fewer rows take the FMA path: splitting a panel costs as much as 32 rows of products. One
-// thread with the weights from memory broke even at ~40 rows, but in the engine's decode steps
-// (two threads; benchmarks/step_profile.py with this set to 32, then 64) AMX made the whole step
-// 33% / 18% / 9% slower at 33 / 41 / 49 sequences and no faster at 57; storing the weights
-// pre-split (6 bytes a weight) was no faster at 57 rows either: decode stays on FMAs.
+// Fewer rows take the FMA path: splitting a panel costs about as much as 32 rows of products. In
+// the engine's decode steps (benchmarks/step_profile.py --only-breakdown with this set to 32, then
+// 64, back to back) AMX made the whole step 33% / 18% / 9% slower at 33 / 41 / 49 sequences and no
+// faster at 57.
 constexpr int64_t kAmxMinRows = 64;
 
 // CPUID says AMX-TILE, AMX-BF16 and AVX-512BW, and Linux lets this process use the tile state.
@@ -485,8 +484,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   static thread_local Scratch pieces_scratch;
   if (amx && real >= kAmxMinRows && AmxUsable()) {
     // Whole row range per panel (each unit splits its panel once), in 32-row multiples, halved
-    // down to 64 rows while there are fewer than 8 units per thread: a few long units leave a
-    // thread idle at the end (9 panels on 2 threads ran 5 + 4).
+    // down to 64 rows while there are too few units to keep the threads busy.
     work->amx = true;
     work->Mp = (real + kAmxRows - 1) / kAmxRows * kAmxRows;
     work->Kp = (K + kAmxK - 1) / kAmxK * kAmxK;

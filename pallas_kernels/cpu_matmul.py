@@ -106,10 +106,10 @@ def packed_matmul(x: jax.Array, pm: PackedMatrix, rows=None, amx: bool | None = 
     float32); for a gated weight ``silu(x @ gate) * (x @ up)``. ``rows`` (an int or int32 scalar,
     traced or not): only the first ``rows`` rows of x (its leading axes flattened) are real, the
     rest padding: their results are zeros, not computed. ``amx``: let the kernel use Intel AMX
-    tiles (float32 as six bfloat16 products, see ``cpu_matmul.cc``) for calls of 48 rows or more
-    where :func:`amx_usable`; False keeps it on AVX-512/AVX2 FMAs. None (the default) means True
-    unless the environment sets ``JAXLLM_CPU_MATMUL_AMX=0`` (read when the call is traced). Raises ValueError when the kernel is not usable here or the
-    shapes disagree."""
+    tiles (float32 as six bfloat16 products, see ``cpu_matmul.cc``) for calls of 64 real rows or
+    more where :func:`amx_usable`; False keeps it on AVX-512/AVX2 FMAs. None (the default) means
+    True unless the environment sets ``JAXLLM_CPU_MATMUL_AMX=0`` (read when the call is traced).
+    Raises ValueError when the kernel is not usable here or the shapes disagree."""
     reason = cpu_kernels_unavailable_reason()
     if reason is not None:
         raise ValueError(f"the cpu matmul kernel is not usable here: {reason}")
@@ -124,9 +124,9 @@ def packed_matmul(x: jax.Array, pm: PackedMatrix, rows=None, amx: bool | None = 
     M = math.prod(lead)
     real = jnp.asarray(M if rows is None else rows, jnp.int32).reshape(())
     call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32))
+    if amx is None:
+        amx = os.environ.get("JAXLLM_CPU_MATMUL_AMX", "1") != "0"
     with jax.named_scope("packed_matmul"):  # profiles tell it from the attention kernel's call
-        if amx is None:
-            amx = os.environ.get("JAXLLM_CPU_MATMUL_AMX", "1") != "0"
         out = call(x.reshape(-1, K).astype(jnp.float32), pm.data, layer, real, gated=pm.gated, amx=bool(amx))
     return out.reshape(*lead, *pm.out_shape).astype(x.dtype)
 
@@ -134,8 +134,8 @@ def packed_matmul(x: jax.Array, pm: PackedMatrix, rows=None, amx: bool | None = 
 def packed_einsum(spec: str, x: jax.Array, pm: PackedMatrix, rows=None, amx: bool | None = None) -> jax.Array:
     """``jnp.einsum(spec, x, w)`` for the einsums a packed weight can serve: x's trailing axes
     contracted with w's input axes in order, the result x's leading axes then w's output axes
-    (``"td,dnh->tnh"``, ``"tnh,nhd->td"``). Anything else raises ValueError. ``rows``: as in
-    :func:`packed_matmul`."""
+    (``"td,dnh->tnh"``, ``"tnh,nhd->td"``). Anything else raises ValueError. ``rows`` and ``amx``:
+    as in :func:`packed_matmul`."""
     inputs, out = spec.replace(" ", "").split("->")
     xs, ws = inputs.split(",")
     c = len(pm.in_shape)

@@ -100,7 +100,7 @@ ENVIRONMENT = (
     ("CXX", "`g++`", "The C++ compiler that builds the CPU kernels."),
     ("JAXLLM_CPU_MATMUL_AMX", "`1`", "`0` keeps the `cpu` backend's float32 matmul kernel on AVX-512/AVX2 FMAs. "
      "Otherwise, on a CPU with AMX tiles (Sapphire Rapids and later Xeons), calls of 64 rows or more compute "
-     "each float32 product as six bfloat16 tile products, as accurate as the FMA path and 1.4-1.8x faster at "
+     "each float32 product as six bfloat16 tile products, as accurate as the FMA path and ~1.4x faster at "
      "128-337 rows (`pallas_kernels/cpu_matmul.cc`). Read when a step is traced; "
      "`pallas_kernels.cpu_matmul.amx_usable()` says whether this host can."),
     ("JAXLLM_MALLOC_TUNING", "`1`", "`0` leaves glibc malloc as it is. Otherwise importing jaxllm on a CPU host "
