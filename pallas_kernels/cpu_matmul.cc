@@ -125,8 +125,8 @@ void Product(const float* x, int64_t rows, int64_t K, const float* panel, const 
 // ---- AMX: float32 products as six bfloat16 products (bf16x6) --------------------------------
 //
 // Intel's AMX tiles multiply bfloat16 pairs and accumulate in float32: one tile product is 16 x 16
-// x 32 multiply-adds every 16 cycles, 16x the 64 float32 flops per cycle of two AVX-512 FMA units. A float32 v is split exactly into three bfloat16 pieces,
-// v = h + m + l (each takes the next 8 bits of v's 24-bit significand), and x . w is summed as
+// x 32 multiply-adds every 16 cycles, 16x the 64 float32 flops per cycle of two AVX-512 FMA
+// units. A float32 v is split exactly into three bfloat16 pieces, v = h + m + l (each takes the next 8 bits of v's 24-bit significand), and x . w is summed as
 // xh.wh + xh.wm + xm.wh + xh.wl + xm.wm + xl.wh: the three dropped cross terms are below 2^-22 of
 // each product, under float32's own rounding of the running sum, so the result is a float32
 // product (measured error against float64 below the in-order float32 sum's; tests assert it). It
@@ -143,7 +143,8 @@ void Product(const float* x, int64_t rows, int64_t K, const float* panel, const 
 constexpr int64_t kAmxRows = 32;      // result rows per register block
 constexpr int64_t kAmxK = 32;         // k per tile (16 pairs)
 constexpr int64_t kTileElems = 512;   // bfloat16s per 1 KB tile
-// Fewer rows take the FMA path: splitting a panel costs about as much as 32 rows of products. In
+// Fewer rows take the FMA path: each call splits every panel it reads, a cost small calls cannot
+// amortize (and blocks are padded to 32 rows). In
 // the engine's decode steps (benchmarks/step_profile.py --only-breakdown with this set to 32, then
 // 64, back to back) AMX made the whole step 33% / 18% / 9% slower at 33 / 41 / 49 sequences and no
 // faster at 57.
