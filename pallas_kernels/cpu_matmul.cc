@@ -25,10 +25,11 @@
 // Sums over k run in order, one accumulator per output: results differ from XLA's dot by float32
 // rounding only.
 //
-// Calls of 64 rows or more take Intel AMX tiles where the CPU has them (the `amx` attribute, on by
-// default; see the AMX section below): float32 products computed as six bfloat16 tile products,
-// as accurate as the FMA path (tests/test_cpu_matmul.py); SmolLM2's 30 MLP layers ran 1.35x /
-// 1.38x faster at 128 / 337 rows (benchmarks/cpu_kernels.py). A row's result never depends on the other rows, on either path.
+// Calls of 64 rows or more take Intel AMX tiles where the CPU has them (the `amx` attribute, on
+// by default; see the AMX section below): float32 products computed as six bfloat16 tile
+// products, as accurate as the FMA path (tests/test_cpu_matmul.py); SmolLM2's 30 MLP layers ran
+// 1.35x / 1.38x faster at 128 / 337 rows (benchmarks/cpu_kernels.py). A row's result never
+// depends on the other rows, on either path.
 
 #include <algorithm>
 #include <atomic>
@@ -124,9 +125,10 @@ void Product(const float* x, int64_t rows, int64_t K, const float* panel, const 
 #ifdef JAXLLM_CPU_AMX
 // ---- AMX: float32 products as six bfloat16 products (bf16x6) --------------------------------
 //
-// Intel's AMX tiles multiply bfloat16 pairs and accumulate in float32: one tile product is 16 x 16
-// x 32 multiply-adds every 16 cycles, 16x the 64 float32 flops per cycle of two AVX-512 FMA
-// units. A float32 v is split exactly into three bfloat16 pieces, v = h + m + l (each takes the next 8 bits of v's 24-bit significand), and x . w is summed as
+// Intel's AMX tiles multiply bfloat16 pairs and accumulate in float32: one tile product is
+// 16 x 16 x 32 multiply-adds every 16 cycles, 16x the 64 float32 flops per cycle of two AVX-512
+// FMA units. A float32 v is split exactly into three bfloat16 pieces, v = h + m + l (each takes
+// the next 8 bits of v's 24-bit significand), and x . w is summed as
 // xh.wh + xh.wm + xm.wh + xh.wl + xm.wm + xl.wh: the three dropped cross terms are below 2^-22 of
 // each product, under float32's own rounding of the running sum, so the result is a float32
 // product (measured error against float64 below the in-order float32 sum's; tests assert it). It
@@ -144,10 +146,9 @@ constexpr int64_t kAmxRows = 32;      // result rows per register block
 constexpr int64_t kAmxK = 32;         // k per tile (16 pairs)
 constexpr int64_t kTileElems = 512;   // bfloat16s per 1 KB tile
 // Fewer rows take the FMA path: each call splits every panel it reads, a cost small calls cannot
-// amortize (and blocks are padded to 32 rows). In
-// the engine's decode steps (benchmarks/step_profile.py --only-breakdown with this set to 32, then
-// 64, back to back) AMX made the whole step 33% / 18% / 9% slower at 33 / 41 / 49 sequences and no
-// faster at 57.
+// amortize, and blocks are padded to 32 rows. In the engine's decode steps
+// (benchmarks/step_profile.py --only-breakdown with this set to 32, then 64, back to back) AMX
+// made the whole step 33% / 18% / 9% slower at 33 / 41 / 49 sequences and no faster at 57.
 constexpr int64_t kAmxMinRows = 64;
 
 // CPUID says AMX-TILE, AMX-BF16 and AVX-512BW, and Linux lets this process use the tile state.
