@@ -134,8 +134,10 @@ void Product(const float* x, int64_t rows, int64_t K, const float* panel, const 
 // product (measured error against float64 below the in-order float32 sum's; tests assert it). It
 // is how XLA's TPU backend computes float32 matmuls at Precision.HIGHEST.
 //
-// The weights stay the float32 panels above, split per unit into the tiles' pair-interleaved
-// layout (by truncation, exact: a mask and a subtraction per piece, one permute per pair of rows);
+// The weights stay the float32 panels above, split per panel into the tiles' pair-interleaved
+// layout (by truncation, exact: a mask and a subtraction per piece, a shift and an or per pair of
+// rows), a slice between each k block's tile products of the panel before, so that the split's
+// vector work runs while the tile unit multiplies;
 // x is split once per call (rounded, which halves the pieces' magnitudes) into row-major bfloat16
 // copies. An inf in x gives NaN here (inf - inf in the split) where the FMA path gives inf.
 // Tiles: 0-3 hold a 32 x 32 block of the result, 4-5 x's two 16-row tiles, 6-7 the weights' two
@@ -204,81 +206,91 @@ JAXLLM_AMX_TARGET void SplitRows(const float* x, int64_t M, int64_t K, int64_t K
   }
 }
 
-// Brings a panel into L2 while other work runs: Step() requests the next few cache lines.
-struct Prefetcher {
-  const char* at = nullptr;
-  int64_t left = 0, per_step = 0;
-
-  Prefetcher(const void* start, int64_t lines, int64_t steps)
-      : at(static_cast<const char*>(start)), left(start ? lines : 0), per_step((lines + steps - 1) / steps) {}
-
-  void Step() {
-    const int64_t n = std::min(per_step, left);
-    for (int64_t i = 0; i < n; ++i) __builtin_prefetch(at + 64 * i, 0, 2);
-    at += 64 * n;
-    left -= n;
-  }
-};
-
 // A panel [K, 64] as tiles: for each 32-row k block, piece s and 16-column group c, the 1 KB tile
 // at bs + ((kb * 3 + s) * 4 + c) * 512 whose row p holds (w[2p][j], w[2p + 1][j]) for the group's
-// 16 columns j. Rows past K are zeros.
-JAXLLM_AMX_TARGET void SplitPanel(const float* panel, int64_t K, uint16_t* bs, Prefetcher& prefetch) {
+// 16 columns j. Rows past K are zeros. Pair rows q = 16 * kb + p in [q0, q1) are written.
+JAXLLM_AMX_TARGET void SplitPairRows(const float* panel, int64_t K, int64_t q0, int64_t q1, uint16_t* bs) {
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  // Word 2j of a pair is the high word (the bfloat16) of lane j of the even row's piece, word
-  // 2j + 1 that of the odd row's (indices 32-63 pick from the second operand).
-  alignas(64) static constexpr uint16_t kPairIndex[32] = {
-      1, 33, 3, 35, 5, 37, 7, 39, 9, 41, 11, 43, 13, 45, 15, 47,
-      17, 49, 19, 51, 21, 53, 23, 55, 25, 57, 27, 59, 29, 61, 31, 63};
-  const __m512i pair_index = _mm512_load_si512(kPairIndex);
-  for (int64_t kb = 0; kb * kAmxK < K; ++kb) {
-    prefetch.Step();
-    for (int p = 0; p < 16; ++p) {
-      const int64_t k = kb * kAmxK + 2 * p;
-      for (int c = 0; c < 4; ++c) {
-        __m512i pieces[2][3];
-        for (int i = 0; i < 2; ++i) {
-          __m512 v = k + i < K ? _mm512_loadu_ps(panel + (k + i) * kPanel + 16 * c) : _mm512_setzero_ps();
-          for (int s = 0; s < 2; ++s) {  // truncation: the remainder keeps the low bits exactly
-            pieces[i][s] = _mm512_castps_si512(v);
-            v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_and_si512(pieces[i][s], high)));
-          }
-          pieces[i][2] = _mm512_castps_si512(v);  // at most 8 significant bits left: exact
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t k = 2 * q;
+    uint16_t* row = bs + (q / 16 * 12) * kTileElems + q % 16 * 32;
+    for (int c = 0; c < 4; ++c) {
+      __m512i pieces[2][3];  // by truncation: each piece's low 16 bits are zero
+      for (int i = 0; i < 2; ++i) {
+        __m512 v = k + i < K ? _mm512_loadu_ps(panel + (k + i) * kPanel + 16 * c) : _mm512_setzero_ps();
+        for (int s = 0; s < 2; ++s) {  // the remainder keeps the low bits exactly
+          pieces[i][s] = _mm512_and_si512(_mm512_castps_si512(v), high);
+          v = _mm512_sub_ps(v, _mm512_castsi512_ps(pieces[i][s]));
         }
-        for (int s = 0; s < 3; ++s) {
-          const __m512i pair = _mm512_permutex2var_epi16(pieces[0][s], pair_index, pieces[1][s]);
-          _mm512_storeu_si512(bs + ((kb * 3 + s) * 4 + c) * kTileElems + p * 32, pair);
-        }
+        pieces[i][2] = _mm512_castps_si512(v);  // at most 8 significant bits left: exact
+      }
+      // Lane j: the even row's bfloat16 in the low word, the odd row's in the high word.
+      for (int s = 0; s < 3; ++s) {
+        const __m512i pair = _mm512_or_si512(pieces[1][s], _mm512_srli_epi32(pieces[0][s], 16));
+        _mm512_storeu_si512(row + (s * 4 + c) * kTileElems, pair);
       }
     }
   }
 }
 
+// Splits a panel a slice at a time, between the tile products of the panel before it: the tiles
+// run on their own unit, so the split's vector work overlaps them.
+struct Splitter {
+  const float* panel;
+  int64_t K, done = 0, total, per_step;
+  uint16_t* bs;
+
+  Splitter(const float* panel, int64_t K, int64_t Kp, uint16_t* bs, int64_t steps)
+      : panel(panel), K(K), total(panel ? Kp / 2 : 0), per_step((Kp / 2 + steps - 1) / steps), bs(bs) {}
+
+  JAXLLM_AMX_TARGET void Step() {
+    const int64_t end = std::min(total, done + per_step);
+    if (done < end) SplitPairRows(panel, K, done, end, bs);
+    done = end;
+  }
+  JAXLLM_AMX_TARGET void Finish() {
+    if (done < total) SplitPairRows(panel, K, done, total, bs);
+    done = total;
+  }
+};
+
 // Tiles 0-3 = rows [r, r + 32) of x (pieces at xs) @ the panel's columns [32 * half, + 32) (split
-// at bs), over Kp / 32 k blocks, a prefetch step per block.
+// at bs), over Kp / 32 k blocks, a step of `split` per block. Per block: x's high piece
+// against the weights' low, middle and high pieces, then x's low and middle pieces against the
+// weights' high (still loaded), and x's middle against the weights' middle: 14 tile loads for 24
+// products.
 JAXLLM_AMX_TARGET void AmxBlock(const uint16_t* xs, int64_t piece, int64_t Kp, int64_t r, const uint16_t* bs,
-                                int half, Prefetcher& prefetch) {
+                                int half, Splitter& split) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   const int64_t kblocks = Kp / kAmxK, stride = Kp * 2;
+  const auto products = [] {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  };
   for (int64_t kb = 0; kb < kblocks; ++kb) {
-    prefetch.Step();
-    for (int sa = 0; sa < 3; ++sa) {  // x's piece sa against the weights' pieces sb, sa + sb <= 2
-      const uint16_t* a = xs + sa * piece + r * Kp + kb * kAmxK;
-      _tile_loadd(4, a, stride);
-      _tile_loadd(5, a + 16 * Kp, stride);
-      for (int sb = 0; sa + sb < 3; ++sb) {
-        const uint16_t* b = bs + ((kb * 3 + sb) * 4 + 2 * half) * kTileElems;
-        _tile_loadd(6, b, 64);
-        _tile_loadd(7, b + kTileElems, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
+    const uint16_t* a = xs + r * Kp + kb * kAmxK;
+    const uint16_t* b = bs + (kb * 12 + 2 * half) * kTileElems;
+    _tile_loadd(4, a, stride);
+    _tile_loadd(5, a + 16 * Kp, stride);
+    for (int sb = 2; sb >= 0; --sb) {
+      _tile_loadd(6, b + sb * 4 * kTileElems, 64);
+      _tile_loadd(7, b + (sb * 4 + 1) * kTileElems, 64);
+      products();
     }
+    for (int sa = 2; sa >= 1; --sa) {
+      _tile_loadd(4, a + sa * piece, stride);
+      _tile_loadd(5, a + sa * piece + 16 * Kp, stride);
+      products();
+    }
+    _tile_loadd(6, b + 4 * kTileElems, 64);
+    _tile_loadd(7, b + 5 * kTileElems, 64);
+    products();
+    split.Step();
   }
 }
 
@@ -383,59 +395,99 @@ struct Work {
     }
     while (rows_done.load(std::memory_order_acquire) < row_blocks) std::this_thread::yield();
 
-    static thread_local Scratch tiles_scratch, gate_scratch;
-    uint16_t* bs = static_cast<uint16_t*>(tiles_scratch.Get(Kp / kAmxK * 12 * kTileElems * sizeof(uint16_t)));
+    // A job is one panel of a unit (gated units: the gate's, then the up's). While a job's tile
+    // products run, the next job's panel is split into the other tile buffer. (Prefetching the
+    // panel after that into L2 as well made the MLP layers slower: the split's own reads and
+    // the tile loads already fill L2's bandwidth.)
+    static thread_local Scratch tiles_scratch[2], gate_scratch;
+    const size_t tile_bytes = Kp / kAmxK * 12 * kTileElems * sizeof(uint16_t);
+    uint16_t* buffers[2] = {static_cast<uint16_t*>(tiles_scratch[0].Get(tile_bytes)),
+                            static_cast<uint16_t*>(tiles_scratch[1].Get(tile_bytes))};
     float* gate = gated ? static_cast<float*>(gate_scratch.Get(chunk_rows * kPanel * sizeof(float))) : nullptr;
-    const int64_t panel_lines = K * kPanel * sizeof(float) / 64;
+    const int64_t n = units(), width = gated ? 2 : 1;
+    const auto panel_of = [&](int64_t u, int64_t pass) {
+      return u < n ? w + ((u / chunks) * width + pass) * K * kPanel : nullptr;
+    };
+    int64_t u = next.fetch_add(1), pass = 0;
+    if (u >= n) return;
     StartTiles();
-    const int64_t n = units();
-    for (int64_t u = next.fetch_add(1); u < n; u = next.fetch_add(1)) {
+    int cur = 0;
+    Splitter(panel_of(u, 0), K, Kp, buffers[cur], 1).Finish();
+    while (u < n) {
+      int64_t u1 = u, pass1 = pass + 1;
+      if (pass1 == width) u1 = next.fetch_add(1), pass1 = 0;
+      const float* panel = panel_of(u, pass), *following = panel_of(u1, pass1);
+      const bool same = following == panel;  // row chunks of one panel: split once
       const int64_t p = u / chunks, first = (u % chunks) * chunk_rows;
       const int64_t rows = std::min(chunk_rows, M - first), blocks = (rows + kAmxRows - 1) / kAmxRows;
-      const int64_t cols = std::min(kPanel, N - p * kPanel), halves = (cols + 31) / 32, width = gated ? 2 : 1;
-      const int64_t guess = u + threads, next_panel = guess / chunks;
-      const float* panel = w + p * width * K * kPanel;
-      const float* next = guess < n && next_panel != p ? w + next_panel * width * K * kPanel : nullptr;
-      for (int pass = 0; pass < width; ++pass) {  // gated: the gate's panel, then the up's
-        const bool last = pass == width - 1;
-        // While this panel is split and its blocks run, the next panel comes into L2: the up's,
-        // else the next unit's.
-        Prefetcher prefetch(last ? next : panel + K * kPanel, panel_lines, Kp / kAmxK * (1 + blocks * halves));
-        SplitPanel(panel + pass * K * kPanel, K, bs, prefetch);
-        for (int64_t b = 0; b < blocks; ++b) {
-          const int64_t r = first + b * kAmxRows, real = std::min(kAmxRows, M - r);
-          for (int64_t half = 0; half < halves; ++half) {
-            AmxBlock(xs, piece, Kp, r, bs, half, prefetch);
-            const int64_t col = p * kPanel + 32 * half, real_cols = std::min<int64_t>(32, cols - 32 * half);
-            if (gated && !last) {
-              StoreBlock(gate + b * kAmxRows * kPanel + 32 * half, kPanel);
-              continue;
-            }
-            alignas(64) float c[kAmxRows * 32];
-            if (!gated && real == kAmxRows && real_cols == 32) {
-              StoreBlock(out + r * N + col, N);
-              continue;
-            }
-            StoreBlock(c, 32);
-            for (int64_t i = 0; i < real; ++i) {
-              float* ci = c + i * 32;
-              if (gated) {
-                const float* gi = gate + (b * kAmxRows + i) * kPanel + 32 * half;
-                for (int v = 0; v < 2; ++v) {
-                  jaxllm_cpu::Store16(ci + 16 * v, SiluTimes(jaxllm_cpu::Load16(gi + 16 * v), jaxllm_cpu::Load16(ci + 16 * v)));
-                }
+      const int64_t cols = std::min(kPanel, N - p * kPanel), halves = (cols + 31) / 32;
+      const bool last = pass == width - 1;
+      const int64_t steps = Kp / kAmxK * blocks * halves;
+      Splitter split(same ? nullptr : following, K, Kp, buffers[1 - cur], steps);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t r = first + b * kAmxRows, real = std::min(kAmxRows, M - r);
+        for (int64_t half = 0; half < halves; ++half) {
+          AmxBlock(xs, piece, Kp, r, buffers[cur], half, split);
+          const int64_t col = p * kPanel + 32 * half, real_cols = std::min<int64_t>(32, cols - 32 * half);
+          if (gated && !last) {
+            StoreBlock(gate + b * kAmxRows * kPanel + 32 * half, kPanel);
+            continue;
+          }
+          alignas(64) float c[kAmxRows * 32];
+          if (!gated && real == kAmxRows && real_cols == 32) {
+            StoreBlock(out + r * N + col, N);
+            continue;
+          }
+          StoreBlock(c, 32);
+          for (int64_t i = 0; i < real; ++i) {
+            float* ci = c + i * 32;
+            if (gated) {
+              const float* gi = gate + (b * kAmxRows + i) * kPanel + 32 * half;
+              for (int v = 0; v < 2; ++v) {
+                jaxllm_cpu::Store16(ci + 16 * v, SiluTimes(jaxllm_cpu::Load16(gi + 16 * v), jaxllm_cpu::Load16(ci + 16 * v)));
               }
-              std::memcpy(out + (r + i) * N + col, ci, real_cols * sizeof(float));
             }
+            std::memcpy(out + (r + i) * N + col, ci, real_cols * sizeof(float));
           }
         }
       }
-      done.fetch_add(1, std::memory_order_release);
+      split.Finish();
+      if (last) done.fetch_add(1, std::memory_order_release);
+      if (!same) cur = 1 - cur;
+      u = u1, pass = pass1;
     }
     StopTiles();
   }
 #endif
 };
+
+// How a call's work is cut into units (its M, K, N, panels and gated set): rows per chunk, and
+// whether the AMX path runs (then x's pieces are laid out in this thread's scratch).
+void Plan(Work& work, int64_t threads, bool amx) {
+  const int64_t real = work.M, P = work.panels;
+  // Whole row range per panel when there are panels enough to keep the threads busy; else halve
+  // the chunks (in multiples of the tile's rows) until there are.
+  int64_t chunk = std::min(real, kMaxChunkRows);
+  while (chunk > kRows && P * ((real + chunk - 1) / chunk) < kUnitsPerThread * threads) {
+    chunk = std::max<int64_t>(kRows, (chunk / 2 + kRows - 1) / kRows * kRows);
+  }
+  work.threads = threads;
+#ifdef JAXLLM_CPU_AMX
+  static thread_local Scratch pieces_scratch;
+  if (amx && real >= kAmxMinRows && AmxUsable()) {
+    work.amx = true;
+    work.Mp = (real + kAmxRows - 1) / kAmxRows * kAmxRows;
+    work.Kp = (work.K + kAmxK - 1) / kAmxK * kAmxK;
+    work.xs = static_cast<uint16_t*>(pieces_scratch.Get(3 * work.Mp * work.Kp * sizeof(uint16_t)));
+    chunk = work.Mp;
+    while (chunk > 2 * kAmxRows && P * ((real + chunk - 1) / chunk) < kUnitsPerThread * threads) {
+      chunk = (chunk / 2 + kAmxRows - 1) / kAmxRows * kAmxRows;
+    }
+  }
+#endif
+  work.chunk_rows = chunk;
+  work.chunks = (real + chunk - 1) / chunk;
+}
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                   ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> real_rows, bool gated, bool amx,
@@ -474,34 +526,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   work->K = K;
   work->N = N;
   work->panels = P;
-  // Whole row range per panel when there are panels enough to keep the threads busy; else halve
-  // the chunks (in multiples of the tile's rows) until there are.
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  int64_t chunk = std::min(real, kMaxChunkRows);
-  while (chunk > kRows && P * ((real + chunk - 1) / chunk) < kUnitsPerThread * threads) {
-    chunk = std::max<int64_t>(kRows, (chunk / 2 + kRows - 1) / kRows * kRows);
-  }
-  work->threads = threads;
-#ifdef JAXLLM_CPU_AMX
-  static thread_local Scratch pieces_scratch;
-  if (amx && real >= kAmxMinRows && AmxUsable()) {
-    // Whole row range per panel (each unit splits its panel once), in 32-row multiples, halved
-    // down to 64 rows while there are too few units to keep the threads busy.
-    work->amx = true;
-    work->Mp = (real + kAmxRows - 1) / kAmxRows * kAmxRows;
-    work->Kp = (K + kAmxK - 1) / kAmxK * kAmxK;
-    work->xs = static_cast<uint16_t*>(pieces_scratch.Get(3 * work->Mp * work->Kp * sizeof(uint16_t)));
-    chunk = work->Mp;
-    while (chunk > 2 * kAmxRows && P * ((real + chunk - 1) / chunk) < kUnitsPerThread * threads) {
-      chunk = (chunk / 2 + kAmxRows - 1) / kAmxRows * kAmxRows;
-    }
-  }
-#endif
-  work->chunk_rows = chunk;
-  work->chunks = (real + chunk - 1) / chunk;
+  Plan(*work, std::max<int64_t>(pool.num_threads(), 1), amx);
 
   const int64_t n = work->units();
-  const int64_t helpers = std::min<int64_t>(threads, n) - 1;
+  const int64_t helpers = std::min<int64_t>(work->threads, n) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Drain(); });
   work->Drain();
   while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
