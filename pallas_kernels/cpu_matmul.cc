@@ -479,6 +479,8 @@ void Plan(Work& work, int64_t threads, bool amx) {
     work.Mp = (real + kAmxRows - 1) / kAmxRows * kAmxRows;
     work.Kp = (work.K + kAmxK - 1) / kAmxK * kAmxK;
     work.xs = static_cast<uint16_t*>(pieces_scratch.Get(3 * work.Mp * work.Kp * sizeof(uint16_t)));
+    // Whole row range per panel (each panel split once per call), in 32-row multiples, halved
+    // down to 64 rows while there are too few units to keep the threads busy.
     chunk = work.Mp;
     while (chunk > 2 * kAmxRows && P * ((real + chunk - 1) / chunk) < kUnitsPerThread * threads) {
       chunk = (chunk / 2 + kAmxRows - 1) / kAmxRows * kAmxRows;
