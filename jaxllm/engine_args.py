@@ -107,4 +107,5 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None) -> LLM
     if ckpt.tokenizer is not None and ckpt.tokenizer.eos_token_id is not None:
         eos.add(ckpt.tokenizer.eos_token_id)
     return LLMEngine(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, tuple(sorted(eos)),
-                     num_swap_blocks=runner.num_swap_blocks, async_scheduling=args.async_scheduling)
+                     num_swap_blocks=runner.num_swap_blocks, async_scheduling=args.async_scheduling,
+                     vocab_size=ckpt.config.vocab_size)

@@ -67,6 +67,13 @@ def test_prompt_logprobs_match_transformers(llm, smollm2_hf):
         assert list(entry)[:3] == np.argsort(-row)[:3].tolist()
 
 
+def test_prompt_logprobs_of_a_one_token_prompt(llm):
+    # vLLM's shape: one entry per prompt token, the first (no context) None.
+    out = llm.generate({"prompt_token_ids": [504]}, SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)[0]
+    assert out.prompt_logprobs == [None]
+    assert llm.generate({"prompt_token_ids": [504]}, SamplingParams(max_tokens=1), use_tqdm=False)[0].prompt_logprobs is None
+
+
 def test_prompt_logprobs_across_prefill_chunks(smollm2_model):
     llm = LLM(smollm2_model, **dict(LIMITS, max_num_batched_tokens=16))
     prompt = "Once upon a time, in a small village by the sea, there lived an old fisherman who"

@@ -149,6 +149,17 @@ def test_invalid_requests_raise_and_queue_nothing(tokenizer):
         make_engine(None, PositionRunner([1])).add_request("b", "text")
 
 
+def test_prompt_token_ids_outside_the_vocabulary_are_refused(tokenizer):
+    engine = LLMEngine(tokenizer, PositionRunner([1]), SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16,
+                                                                       max_model_len=32),
+                       CacheConfig(block_size=4), num_kv_blocks=16, vocab_size=300)
+    with pytest.raises(ValueError, match=r"prompt token ids \[300, 512\] are outside the vocabulary of 300"):
+        engine.add_request("a", [5, 512, 300, 299])
+    assert not engine.has_unfinished_requests()
+    engine.add_request("a", [5, 299], SamplingParams(max_tokens=1))
+    assert engine.has_unfinished_requests()
+
+
 def test_tiny_pool_preempts_and_gives_the_same_outputs(tokenizer):
     def generate(num_blocks):
         engine = make_engine(tokenizer, PositionRunner(word_ids(tokenizer)), num_blocks=num_blocks)

@@ -41,6 +41,9 @@ def test_stop_normalised_to_lists():
         (dict(stop_token_ids=[1, "x"]), "stop_token_ids"),
         (dict(stop_token_ids=[-1]), "stop_token_ids"),
         (dict(stop=[""]), "stop"),
+        (dict(stop=5), "stop"),
+        (dict(stop_token_ids=2.5), "stop_token_ids"),
+        (dict(bad_words=7), "bad_words"),
         (dict(stop=["x"], detokenize=False), "stop"),
     ],
 )

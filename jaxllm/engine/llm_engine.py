@@ -91,6 +91,8 @@ class LLMEngine:
         async_scheduling: schedule and dispatch step k+1 before waiting for step k's tokens
             (when the runner can, and no request of step k needs its token on the host first);
             its input tokens are read on the device. Outputs are the same either way.
+        vocab_size: the model's vocabulary (embedding rows): prompt token ids must lie below it.
+            None leaves them unchecked.
     """
 
     def __init__(
@@ -103,8 +105,10 @@ class LLMEngine:
         eos_token_ids: Iterable[int] = (),
         num_swap_blocks: int = 0,
         async_scheduling: bool = True,
+        vocab_size: int | None = None,
     ):
         self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
         self.runner = runner
         self.scheduler = Scheduler(
             scheduler_config, cache_config, num_kv_blocks, tuple(eos_token_ids), num_swap_blocks=num_swap_blocks
@@ -173,6 +177,9 @@ class LLMEngine:
             raise ValueError("prompt must not be empty")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in token_ids):
             raise ValueError("prompt token ids must be non-negative integers")
+        if self.vocab_size is not None and max(token_ids) >= self.vocab_size:
+            outside = sorted({t for t in token_ids if t >= self.vocab_size})
+            raise ValueError(f"prompt token ids {outside[:8]} are outside the vocabulary of {self.vocab_size}")
         return None, token_ids
 
     def step(self) -> list[RequestOutput]:

@@ -70,6 +70,8 @@ class Request:
     def __post_init__(self):
         if not self.prompt_token_ids:
             raise ValueError(f"request {self.request_id!r}: prompt_token_ids must not be empty")
+        if self.sampling_params.prompt_logprobs is not None and not self.prompt_logprobs:
+            self.prompt_logprobs.append(None)  # the first prompt token has no context (a 1-token prompt: all)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -419,8 +419,6 @@ class Scheduler:
         if chunk is None:
             return
         first, entries = chunk
-        if not request.prompt_logprobs:
-            request.prompt_logprobs.append(None)  # the first prompt token has no context
         if first == len(request.prompt_logprobs):  # a recompute after preemption adds nothing
             request.prompt_logprobs.extend(entries)
 
