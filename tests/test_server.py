@@ -321,6 +321,8 @@ def test_chat_logprobs_equal_llm_chat(client):
 
 
 # -- errors ----------------------------------------------------------------------------------------
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "n": 0}, "n=0"),
     ("/v1/completions", {"prompt": "x", "n": 17}, "max_num_seqs=16"),
@@ -343,6 +345,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": CHAT, "n": 17}, "max_num_seqs"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": CHAT, "top_p": 0}, "top_p"),
+    # Known to vLLM, not built here: refused, never silently ignored.
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format type"),
+    ("/v1/completions", {"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL]}, "tool_choice='auto' is not supported"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL], "tool_choice": "required"}, "tool_choice='required'"),
+    ("/v1/chat/completions", {"messages": CHAT, "functions": [TOOL["function"]]}, "functions"),
 ]
 
 
@@ -353,6 +361,21 @@ def test_invalid_request_is_400_with_openai_error(http, path, body, needle):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == 400
     assert needle in error["message"]
+
+
+def test_tools_with_tool_choice_none_and_text_response_format_are_served(http):
+    template = "{% for t in tools or [] %}{{ t.function.name }} {% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    body = {"messages": CHAT, "max_tokens": 3, "temperature": 0, "response_format": {"type": "text"},
+            "chat_template": template}
+    plain = http.post("/v1/chat/completions", json=body)
+    assert plain.status_code == 200, plain.text
+    with_tools = http.post("/v1/chat/completions", json={**body, "tools": [TOOL], "tool_choice": "none"})
+    assert with_tools.status_code == 200, with_tools.text
+    # The tools reach the chat template, which writes their names before the messages.
+    contents = "".join(m["content"] for m in CHAT)
+    for response, text in ((plain, contents), (with_tools, "get_weather " + contents)):
+        count = http.post("/tokenize", json={"prompt": text}).json()["count"]
+        assert response.json()["usage"]["prompt_tokens"] == count
 
 
 def _engine_refuses(**fields) -> str | None:

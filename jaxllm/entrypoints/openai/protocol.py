@@ -69,6 +69,24 @@ class SamplingRequest(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Fields vLLM honours that this engine cannot yet: refused (see ``unsupported``), never ignored.
+    response_format: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(message, field) when the request asks for a feature the engine does not have yet."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            return (f"response_format type {kind!r} (structured output) is not supported yet; only 'text'",
+                    "response_format")
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
+            if getattr(self, name) is not None:
+                return f"{name} (structured output) is not supported yet", name
+        return None
 
     def requested_max_tokens(self) -> int | None:
         raise NotImplementedError
@@ -160,6 +178,25 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     chat_template: str | None = None
+    # Tool definitions reach the chat template; calling them needs a tool-call parser, which the
+    # server does not have, so only tool_choice="none" is accepted (vLLM without --enable-auto-tool-choice
+    # refuses "auto" the same way).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools
+    function_call: str | dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        found = super().unsupported()
+        if found is not None:
+            return found
+        if self.functions is not None or self.function_call is not None:
+            return "functions and function_call are not supported; send tools with tool_choice='none'", "functions"
+        choice = self.tool_choice if self.tool_choice is not None else "auto" if self.tools else "none"
+        if choice != "none":
+            return (f"tool_choice={choice!r} is not supported yet (the server has no tool-call parser); "
+                    "only 'none'", "tool_choice")
+        return None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

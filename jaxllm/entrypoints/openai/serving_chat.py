@@ -32,11 +32,11 @@ from jaxllm.outputs import RequestOutput
 
 
 def apply_chat_template(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                        chat_template: str | None = None) -> list[int]:
+                        chat_template: str | None = None, tools: list[dict] | None = None) -> list[int]:
     """Token ids of a conversation; any failure of the template is the client's error (400)."""
     try:
         ids = tokenizer.apply_chat_template(
-            [m.template_dict() for m in messages], chat_template=chat_template,
+            [m.template_dict() for m in messages], chat_template=chat_template, tools=tools,
             add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False,
         )
     except Exception as exc:  # noqa: BLE001 - jinja raises many types for a bad conversation or template
@@ -47,8 +47,9 @@ def apply_chat_template(tokenizer, messages: list[ChatMessage], add_generation_p
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
         self.check_model(request.model)
+        self.check_supported(request)
         prompt_ids = apply_chat_template(self.tokenizer, request.messages, request.add_generation_prompt,
-                                         request.chat_template)
+                                         request.chat_template, request.tools)
         params = self.sampling_params(request, prompt_ids)
         request_id = random_id("chatcmpl")
         streams = await self.start([request_id], [prompt_ids], params)

@@ -32,6 +32,7 @@ from jaxllm.sampling_params import SamplingParams
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | StreamingResponse:
         self.check_model(request.model)
+        self.check_supported(request)
         if request.suffix:
             raise APIError("suffix is not supported yet", param="suffix")
         prompts = self._prompt_ids(request.prompt)

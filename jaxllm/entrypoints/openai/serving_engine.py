@@ -96,6 +96,12 @@ class OpenAIServing:
             raise APIError(f"The model `{model}` does not exist; this server serves `{self.served.name}`",
                            status=400, type="NotFoundError", param="model")
 
+    def check_supported(self, request: SamplingRequest) -> None:
+        found = request.unsupported()
+        if found is not None:
+            message, param = found
+            raise APIError(message, param=param)
+
     def sampling_params(self, request: SamplingRequest, prompt_ids: list[int]) -> SamplingParams:
         if len(prompt_ids) >= self.served.max_model_len:
             raise APIError(f"the prompt has {len(prompt_ids)} tokens; max_model_len={self.served.max_model_len} "
