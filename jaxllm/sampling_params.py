@@ -31,12 +31,9 @@ def _as_str_list(name: str, value) -> list[str]:
         return []
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, (list, tuple)):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{name}={value!r} must be a non-empty string or a list of non-empty strings")
-    values = list(value)
-    if not all(isinstance(v, str) and v for v in values):
-        raise ValueError(f"{name}={value!r} must be a non-empty string or a list of non-empty strings")
-    return values
+    return list(value)
 
 
 def _as_int_list(name: str, value) -> list[int]:
@@ -44,12 +41,9 @@ def _as_int_list(name: str, value) -> list[int]:
         return []
     if _is_int(value):
         value = [value]
-    if not isinstance(value, (list, tuple)):
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= 0 for v in value):
         raise ValueError(f"{name}={value!r} must be a list of non-negative integer token ids")
-    values = list(value)
-    if not all(_is_int(v) and v >= 0 for v in values):
-        raise ValueError(f"{name}={value!r} must be a list of non-negative integer token ids")
-    return values
+    return list(value)
 
 
 @dataclass

@@ -348,6 +348,7 @@ BAD_REQUESTS = [
     # Known to vLLM, not built here: refused, never silently ignored.
     ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format type"),
     ("/v1/completions", {"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix is not supported yet"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL]}, "tool_choice='auto' is not supported"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL], "tool_choice": "required"}, "tool_choice='required'"),
     ("/v1/chat/completions", {"messages": CHAT, "functions": [TOOL["function"]]}, "functions"),

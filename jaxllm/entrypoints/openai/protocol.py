@@ -135,6 +135,12 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     suffix: str | None = None
 
+    def unsupported(self) -> tuple[str, str] | None:
+        found = super().unsupported()
+        if found is None and self.suffix:
+            return "suffix is not supported yet", "suffix"
+        return found
+
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 

@@ -33,8 +33,6 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | StreamingResponse:
         self.check_model(request.model)
         self.check_supported(request)
-        if request.suffix:
-            raise APIError("suffix is not supported yet", param="suffix")
         prompts = self._prompt_ids(request.prompt)
         params = self._params(request, prompts)
         base_id = random_id("cmpl")
