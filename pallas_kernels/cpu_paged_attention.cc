@@ -139,13 +139,54 @@ struct Unit {
   int64_t cost;                  // tokens x keys x heads the unit reads, to hand out the long ones first
 };
 
+// The next block's bytes, requested from memory into L2 a few lines at a time while the current
+// block is scored (Step, once per key and query row). Blocks lie anywhere in the pool, so the
+// hardware prefetcher cannot guess them. Asking for all of a block's lines at once (~400 for
+// SmolLM2) into L1 stalled the core on its full miss queue and evicted the block being read:
+// spread out and into L2, decode attention took 0.86 instead of 1.24 ms per call from memory
+// (benchmarks/cpu_kernels.py, 2-core Zen 4), decode steps 5-10% less. Always inlined: as a
+// function of its own GCC finds it has no side effects and drops the call.
+struct Prefetcher {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t offset = 0, end = 0, step = 0;  // bytes
+
+  // Block `phys` (skipped if outside the pool: reported when reached) for kv heads
+  // [head_begin, head_end), spread over `steps` calls of Step.
+  template <typename V>
+  __attribute__((always_inline)) inline void Start(const Problem& p, int64_t phys, int64_t head_begin,
+                                                   int64_t head_end, const V* k_pool, const V* v_pool, int64_t steps) {
+    Finish();
+    if (phys < 0 || phys >= p.NB) return;
+    const int64_t at = (p.layer * p.NB + phys) * p.BS * p.K + head_begin;
+    k = reinterpret_cast<const char*>(k_pool + at * p.H);
+    v = reinterpret_cast<const char*>(v_pool + at * p.H);
+    offset = 0;
+    end = ((p.BS - 1) * p.K + head_end - head_begin) * p.H * static_cast<int64_t>(sizeof(V));
+    step = ((end + 63) / 64 + steps - 1) / steps * 64;
+  }
+  __attribute__((always_inline)) inline void Step() {
+    for (const int64_t stop = std::min(offset + step, end); offset < stop; offset += 64) {
+      __builtin_prefetch(k + offset, 0, 2);
+      __builtin_prefetch(v + offset, 0, 2);
+    }
+  }
+  __attribute__((always_inline)) inline void Finish() {
+    for (; offset < end; offset += 64) {
+      __builtin_prefetch(k + offset, 0, 2);
+      __builtin_prefetch(v + offset, 0, 2);
+    }
+  }
+};
+
 // One token's G query rows (one kv head) against keys ja..jb of one block: scores, the online
 // softmax update of each row's running max, sum and output. k_block/v_block point at key 0's row
 // of the kv head, ``at`` is key 0's (slot, head) index into the scales. kHeadDim is H when it is
 // one of the common sizes (rows live in whole vector registers), else 0 and p.H is used.
 template <typename V, int64_t kHeadDim>
 inline void AttendBlock(const Problem& p, const V* k_block, const V* v_block, int64_t at, int64_t ja,
-                        int64_t jb, const float* qs, float* acc, float* peak, float* total, float* weights) {
+                        int64_t jb, const float* qs, float* acc, float* peak, float* total, float* weights,
+                        Prefetcher& prefetch) {
   const int64_t H = kHeadDim > 0 ? kHeadDim : p.H;
   const int64_t G = p.G, BS = p.BS, K = p.K, slot_stride = K * H;
   // Scores: with a compile-time head dim one row at a time, its query in registers; otherwise
@@ -156,6 +197,7 @@ inline void AttendBlock(const Problem& p, const V* k_block, const V* v_block, in
       Vec16 q_row[kVecs];
       for (int64_t i = 0; i < kVecs; ++i) q_row[i] = Load16(qs + g * H + 16 * i);
       for (int64_t j = ja; j <= jb; ++j) {
+        prefetch.Step();
         const V* kr = k_block + j * slot_stride;
         Vec16 sum = q_row[0] * Load16(kr);
         for (int64_t i = 1; i < kVecs; ++i) sum += q_row[i] * Load16(kr + 16 * i);
@@ -167,6 +209,7 @@ inline void AttendBlock(const Problem& p, const V* k_block, const V* v_block, in
       const V* kr = k_block + j * slot_stride;
       const float key_scale = p.k_scale != nullptr ? p.k_scale[at + j * K] : 1.0f;
       for (int64_t g = 0; g < G; ++g) {
+        prefetch.Step();
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
         for (int64_t h = 0; h < H; ++h) s += qs[g * H + h] * to_float(kr[h]);
@@ -235,23 +278,6 @@ inline void AttendBlock(const Problem& p, const V* k_block, const V* v_block, in
   }
 }
 
-// Ask for the unit's kv heads of block `phys` (the next one it reads) while it works on this one:
-// blocks lie anywhere in the pool, so the hardware prefetcher cannot guess them (decode steps
-// measured ~10% faster). An id outside the pool is skipped here and reported when it is reached.
-// Always inlined: as a function of its own GCC finds it has no side effects and drops the call.
-template <typename V>
-__attribute__((always_inline)) inline void PrefetchBlock(const Problem& p, int64_t phys, const Unit& u, const V* k_pool, const V* v_pool) {
-  if (phys < 0 || phys >= p.NB) return;
-  const int64_t at = (p.layer * p.NB + phys) * p.BS * p.K + u.head_begin;
-  const int64_t bytes = ((p.BS - 1) * p.K + u.head_end - u.head_begin) * p.H * static_cast<int64_t>(sizeof(V));
-  const char* k = reinterpret_cast<const char*>(k_pool + at * p.H);
-  const char* v = reinterpret_cast<const char*>(v_pool + at * p.H);
-  for (int64_t o = 0; o < bytes; o += 64) {
-    __builtin_prefetch(k + o, 0, 3);
-    __builtin_prefetch(v + o, 0, 3);
-  }
-}
-
 // One unit: rows r = ((token - first) * heads + head - head_begin) * G + g for query head
 // head * G + g of kv heads head_begin..head_end-1, which is the order of q's and out's rows.
 template <typename V, int64_t kHeadDim>
@@ -286,11 +312,13 @@ bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
   const V* k_pool = static_cast<const V*>(p.k);
   const V* v_pool = static_cast<const V*>(p.v);
   const int32_t* table = p.block_tables + u.seq * p.B;
+  Prefetcher prefetch;
   for (int64_t b = key_lo / BS; b <= key_hi / BS; ++b) {
     const int64_t phys = table[b];
     if (phys < 0 || phys >= p.NB) return false;
-    if (b < key_hi / BS) PrefetchBlock(p, table[b + 1], u, k_pool, v_pool);
     const int64_t key0 = b * BS;
+    // While scoring this block (heads x G rows x BS keys for a decode token), prefetch the next.
+    if (b < key_hi / BS) prefetch.Start(p, table[b + 1], u.head_begin, u.head_end, k_pool, v_pool, heads * G * BS);
     for (int64_t t = u.first; t < u.last; ++t) {
       const int64_t ja = std::max(lo[t - u.first], key0) - key0;
       const int64_t jb = std::min<int64_t>(p.positions[t], key0 + BS - 1) - key0;
@@ -299,7 +327,7 @@ bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
         const int64_t at = (p.layer * p.NB + phys) * BS * K + head;  // (slot, head) index of key 0
         const int64_t r0 = ((t - u.first) * heads + head - u.head_begin) * G;
         AttendBlock<V, kHeadDim>(p, k_pool + at * H, v_pool + at * H, at, ja, jb, qs + r0 * H, acc + r0 * H,
-                                 peak + r0, total + r0, weights);
+                                 peak + r0, total + r0, weights, prefetch);
       }
     }
   }
