@@ -271,12 +271,14 @@ def section_roofline(r: dict | None) -> list[str]:
     if "ratios" in r:
         hf, ratios = r["transformers"], r["ratios"]
         row = hf["per_batch_size"][str(hf["best_batch_size"])]
+        needed = ratios["floor_fraction_needed_for_5x"]
+        verdict = (f"so 5x needs {needed:.0%} of this machine's roofline." if needed <= 1 else
+                   f"so 5x is out of reach on this machine: it would take {needed:.0%} of its roofline.")
         lines += [
             f"| transformers, static batch {hf['best_batch_size']} | {row['elapsed_s']:.2f} | |",
             "",
             f"Measured ratio {ratios['measured_jaxllm_vs_transformers']:.2f}x; an engine at the floor would reach "
-            f"{ratios['ceiling_at_the_floor']:.2f}x, so 5x needs "
-            f"{ratios['floor_fraction_needed_for_5x']:.0%} of this machine's roofline.",
+            f"{ratios['ceiling_at_the_floor']:.2f}x, {verdict}",
         ]
     return lines + [""]
 
