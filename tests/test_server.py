@@ -379,6 +379,33 @@ def test_tools_with_tool_choice_none_and_text_response_format_are_served(http):
         assert response.json()["usage"]["prompt_tokens"] == count
 
 
+TOOL_HISTORY = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+]
+
+
+def test_tool_call_history_reaches_the_chat_template(http):
+    # An assistant's earlier tool calls and the tool's answer are part of the conversation: the
+    # template sees the calls with their JSON arguments parsed (as vLLM passes them) and the id.
+    template = ("{% for m in messages %}{{ m.role }}:{{ m.content }}"
+                "{% for c in m.tool_calls or [] %}[{{ c.id }} {{ c.function.name }} {{ c.function.arguments.city }}]{% endfor %}"
+                "{% if m.tool_call_id %}<{{ m.tool_call_id }}>{% endif %};{% endfor %}")
+    body = {"messages": TOOL_HISTORY, "max_tokens": 2, "temperature": 0, "chat_template": template}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    text = "user:Weather in Paris?;assistant:[call_1 get_weather Paris];tool:sunny<call_1>;"
+    assert response.json()["usage"]["prompt_tokens"] == http.post("/tokenize", json={"prompt": text}).json()["count"]
+    history = [*TOOL_HISTORY[:1], {**TOOL_HISTORY[1], "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}]}]
+    bad = http.post("/v1/chat/completions", json={**body, "messages": history})
+    assert bad.status_code == 400, bad.text
+    error = bad.json()["error"]
+    assert error["param"] == "messages" and "tool_calls[0].function.arguments is not valid JSON" in error["message"]
+
+
 def _engine_refuses(**fields) -> str | None:
     try:
         SamplingParams(**fields)

@@ -7,6 +7,7 @@ checked here so that the message names the field the client sent.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -161,9 +162,14 @@ class ChatMessage(OpenAIModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls (a conversation's history)
+    tool_call_id: str | None = None  # a "tool" message: the call it answers
 
     def template_dict(self) -> dict[str, Any]:
-        """The message as chat templates expect it: content a plain string."""
+        """The message as chat templates expect it: content a plain string; an assistant's
+        ``tool_calls`` with each function's JSON ``arguments`` string parsed into an object, as
+        vLLM hands them over (templates write ``arguments | tojson``), and a tool message's
+        ``tool_call_id``."""
         content = self.content
         if isinstance(content, list):
             non_text = sorted({p.type for p in content if p.type != "text"})
@@ -173,7 +179,24 @@ class ChatMessage(OpenAIModel):
         message = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls is not None:
+            message["tool_calls"] = [_tool_call_for_template(call, i) for i, call in enumerate(self.tool_calls)]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+def _tool_call_for_template(call: dict[str, Any], index: int) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ValueError(f"tool_calls[{index}].function must be an object with a string 'name'")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"tool_calls[{index}].function.arguments is not valid JSON: {exc}") from exc
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 class ChatCompletionRequest(SamplingRequest):
