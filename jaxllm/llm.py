@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from converters.checkpoint import Checkpoint
 from jaxllm.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jaxllm.engine_args import EngineArgs, create_engine
+from jaxllm.entrypoints.openai.protocol import ChatMessage
 from jaxllm.loader import Model
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
@@ -70,14 +71,20 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them through the chat template."""
+        """Generate replies to one conversation or a list of them through the chat template.
+
+        Messages are read as the server reads them (``ChatMessage``): text content parts joined,
+        an assistant's ``tool_calls`` with their JSON ``arguments`` parsed, a tool message's
+        ``tool_call_id`` kept; a malformed message raises ValueError. ``tools`` reach the
+        template (nothing parses tool calls out of the reply)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.get_tokenizer()
         prompts = [
             {"prompt_token_ids": list(tokenizer.apply_chat_template(
-                conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=True,
-                return_dict=False,
+                [ChatMessage.model_validate(m).template_dict() for m in conv], chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False, tools=tools,
             ))}
             for conv in conversations
         ]

@@ -119,3 +119,26 @@ def test_bad_requests_are_rejected_and_leave_nothing_queued(llm):
         llm.generate(PROMPTS, [GREEDY], use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     assert llm.llm_engine.stats.kv_blocks_used == 0
+
+
+def test_chat_reads_tool_history_and_tools_as_the_server_does(llm):
+    # Token ids of the conversation the template rendered: the assistant's call with its JSON
+    # arguments parsed, the tool's answer with its id, the tools' names; a prompt of one token.
+    template = ("{% for t in tools or [] %}{{ t.function.name }} {% endfor %}"
+                "{% for m in messages %}{{ m.role }}:{{ m.content }}"
+                "{% for c in m.tool_calls or [] %}[{{ c.function.name }} {{ c.function.arguments.city }}]{% endfor %}"
+                "{% if m.tool_call_id %}<{{ m.tool_call_id }}>{% endif %};{% endfor %}")
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    params = SamplingParams(temperature=0, max_tokens=1)
+    out = llm.chat(history, params, use_tqdm=False, chat_template=template, tools=[tool])[0]
+    text = "get_weather user:Weather\nin Paris?;assistant:[get_weather Paris];tool:sunny<c1>;"
+    assert out.prompt_token_ids == llm.get_tokenizer().encode(text)
+    bad = [history[0], {**history[1], "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]
+    with pytest.raises(ValueError, match=r"tool_calls\[0\]\.function\.arguments is not valid JSON"):
+        llm.chat(bad, params, use_tqdm=False, chat_template=template)
