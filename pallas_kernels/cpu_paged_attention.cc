@@ -165,14 +165,12 @@ struct Prefetcher {
     end = ((p.BS - 1) * p.K + head_end - head_begin) * p.H * static_cast<int64_t>(sizeof(V));
     step = ((end + 63) / 64 + steps - 1) / steps * 64;
   }
-  __attribute__((always_inline)) inline void Step() {
-    for (const int64_t stop = std::min(offset + step, end); offset < stop; offset += 64) {
-      __builtin_prefetch(k + offset, 0, 2);
-      __builtin_prefetch(v + offset, 0, 2);
-    }
-  }
-  __attribute__((always_inline)) inline void Finish() {
-    for (; offset < end; offset += 64) {
+  __attribute__((always_inline)) inline void Step() { Upto(std::min(offset + step, end)); }
+  __attribute__((always_inline)) inline void Finish() { Upto(end); }
+
+ private:
+  __attribute__((always_inline)) inline void Upto(int64_t stop) {
+    for (; offset < stop; offset += 64) {
       __builtin_prefetch(k + offset, 0, 2);
       __builtin_prefetch(v + offset, 0, 2);
     }

@@ -122,8 +122,8 @@ def test_bad_requests_are_rejected_and_leave_nothing_queued(llm):
 
 
 def test_chat_reads_tool_history_and_tools_as_the_server_does(llm):
-    # Token ids of the conversation the template rendered: the assistant's call with its JSON
-    # arguments parsed, the tool's answer with its id, the tools' names; a prompt of one token.
+    # The prompt's token ids are those of the text the template rendered: the tools' names, the
+    # text parts joined, the assistant's call with its JSON arguments parsed, the tool's answer with its id.
     template = ("{% for t in tools or [] %}{{ t.function.name }} {% endfor %}"
                 "{% for m in messages %}{{ m.role }}:{{ m.content }}"
                 "{% for c in m.tool_calls or [] %}[{{ c.function.name }} {{ c.function.arguments.city }}]{% endfor %}"
