@@ -7,8 +7,8 @@ Usage: python benchmarks/cpu_kernels.py [--rows 1,6,9,12,17,33,57,128,337] [--re
    counts of engine steps: the packed kernel (``pack_gated`` / ``pack``, as the engine runs them)
    on its AVX-512 FMA path and, where the CPU has AMX tiles, with ``amx=True`` (which takes the
    tiles from 64 rows on), beside XLA's dots on the unpacked stack and torch's matmuls in a Python
-   loop. Minimum of
-   ``--reps`` runs, reported as ms, GB/s of weights and GFLOP/s.
+   loop; then the same three in bfloat16 (the packed kernel on its AVX512-BF16 pair path: half
+   the weight bytes). Minimum of ``--reps`` runs, reported as ms, GB/s of weights and GFLOP/s.
 2. Decode attention: one call of the cpu paged-attention kernel per layer over a 30-layer pool of
    1455 blocks (SmolLM2's shapes: 9 query heads, 3 kv heads, head dim 64, block size 16), 48
    sequences of 100-400 cached tokens with their blocks scattered, layers taken in turn so the
@@ -54,6 +54,9 @@ def mlp(rows_list: list[int], reps: int) -> list[dict]:
     packed_down = pack(jnp.asarray(down), 1, stacked=True)
     dense = tuple(map(jnp.asarray, (gate, up, down)))
     torch_w = tuple(map(torch.from_numpy, (gate, up, down)))
+    dense16 = tuple(a.astype(jnp.bfloat16) for a in dense)
+    packed16 = (pack_gated(dense16[0], dense16[1], stacked=True), pack(dense16[2], 1, stacked=True))
+    torch16 = tuple(w.to(torch.bfloat16) for w in torch_w)
 
     @functools.partial(jax.jit, static_argnames="amx")
     def run_packed(x, gate_up, down, rows, amx):
@@ -69,13 +72,22 @@ def mlp(rows_list: list[int], reps: int) -> list[dict]:
             return x + h @ down[i]
         return jax.lax.fori_loop(0, LAYERS, layer, x)
 
-    def run_torch(x):
+    @jax.jit
+    def run_xla16(x, gate, up, down):  # as jaxllm.models.layers.einsum: float32 sums, bfloat16 results
+        def dot(a, b):
+            return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+        def layer(i, x):
+            return x + dot(jax.nn.silu(dot(x, gate[i])) * dot(x, up[i]), down[i])
+        return jax.lax.fori_loop(0, LAYERS, layer, x)
+
+    def run_torch(x, w=torch_w):
         with torch.no_grad():
             for i in range(LAYERS):
-                x = x + (torch.nn.functional.silu(x @ torch_w[0][i]) * (x @ torch_w[1][i])) @ torch_w[2][i]
+                x = x + (torch.nn.functional.silu(x @ w[0][i]) * (x @ w[1][i])) @ w[2][i]
         return x
 
-    weight_bytes = 3 * LAYERS * HIDDEN * INTERMEDIATE * 4
+    weight_bytes = 3 * LAYERS * HIDDEN * INTERMEDIATE * 4  # half that for the bfloat16 ones
     out = []
     for rows in rows_list:
         bucket = next(b for b in (8, 16, 32, 64, 128, 256, 512, 1024) if b >= rows)  # the engine pads to buckets
@@ -89,8 +101,13 @@ def mlp(rows_list: list[int], reps: int) -> list[dict]:
                                                        repeats=reps)
         ms |= {
               "xla dot": 1e3 * min_time(run_xla, real, *dense, repeats=reps),
-              "torch": 1e3 * min_time(run_torch, real_torch, repeats=reps)}
-        out.append({"rows": rows, "ms": ms, "weight_gb_per_s": {k: weight_bytes / v / 1e6 for k, v in ms.items()},
+              "torch": 1e3 * min_time(run_torch, real_torch, repeats=reps),
+              "jaxllm packed bf16": 1e3 * min_time(run_packed, padded.astype(jnp.bfloat16), *packed16, count, False,
+                                                   repeats=reps),
+              "xla dot bf16": 1e3 * min_time(run_xla16, real.astype(jnp.bfloat16), *dense16, repeats=reps),
+              "torch bf16": 1e3 * min_time(run_torch, real_torch.to(torch.bfloat16), torch16, repeats=reps)}
+        gb = {k: weight_bytes / (2 if k.endswith("bf16") else 1) / v / 1e6 for k, v in ms.items()}
+        out.append({"rows": rows, "ms": ms, "weight_gb_per_s": gb,
                     "gflop_per_s": {k: flops / v / 1e6 for k, v in ms.items()}})
         print(f"mlp rows {rows:3d}: " + "  ".join(f"{k} {v:6.2f} ms" for k, v in ms.items()), flush=True)
     return out

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from converters.checkpoint import Checkpoint
@@ -20,13 +21,21 @@ from jaxllm.sampling_params import SamplingParams
 PromptType = str | dict[str, Any]
 
 
+def _dtype_name(dtype: Any) -> str | None:
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        return None
+
+
 class LLM:
     """Generate from a model for a batch of prompts, continuously batched over a paged KV pool.
 
     Args:
       model: None or "SmolLM2-135M-Instruct" (the embedded model), a HF checkpoint directory,
         a .gguf file, a repo id in the local Hugging Face cache, or a ``Model`` from
-        ``jaxllm.load_model`` (its weights are reused as they are; ``dtype`` is ignored).
+        ``jaxllm.load_model`` (its weights are reused as they are: a ``dtype`` other than "auto"
+        or the model's own raises ValueError).
       **kwargs: any :class:`jaxllm.engine_args.EngineArgs` field (dtype, block_size,
         max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization,
         kv_cache_memory_bytes, num_kv_blocks, enable_prefix_caching, attention_backend, seed, ...).
@@ -34,6 +43,10 @@ class LLM:
 
     def __init__(self, model: str | Model | None = None, **kwargs: Any):
         if isinstance(model, Model):  # already loaded in a notebook: reuse its weights
+            loaded, asked = model.params["embed"].dtype, kwargs.get("dtype", "auto")
+            if asked != "auto" and _dtype_name(asked) != loaded.name:
+                raise ValueError(f"dtype={asked!r}: the model was loaded in {loaded.name} and is used as it "
+                                 f"is; load it with jaxllm.load_model(..., dtype={asked!r}) or leave dtype out")
             self.engine_args = EngineArgs.from_kwargs(None, kwargs)
             checkpoint = Checkpoint(model.config, model.params, model.tokenizer, "loaded")
         else:

@@ -1,8 +1,8 @@
 """Build and register the C++ CPU kernels that XLA calls through its FFI.
 
 Two sources next to this file, compiled into one library: ``cpu_paged_attention.cc`` (the
-"cpu" attention backend, see ``cpu_attention.py``) and ``cpu_matmul.cc`` (float32 matmuls over
-packed weights, see ``cpu_matmul.py``), with the vector helpers of ``cpu_simd.h``.
+"cpu" attention backend, see ``cpu_attention.py``) and ``cpu_matmul.cc`` (float32 and bfloat16
+matmuls over packed weights, see ``cpu_matmul.py``), with the vector helpers of ``cpu_simd.h``.
 
 The library is compiled on first use with the system C++ compiler (``$CXX`` or ``g++``, ``-O3
 -march=native``) against the FFI headers jaxlib ships, and cached under ``$JAXLLM_CACHE_DIR``
@@ -30,7 +30,9 @@ _HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 ATTENTION_TARGET = "jaxllm_cpu_paged_attention"
 MATMUL_TARGET = "jaxllm_cpu_matmul"
-_SYMBOLS = {ATTENTION_TARGET: "JaxllmCpuPagedAttention", MATMUL_TARGET: "JaxllmCpuMatmul"}
+MATMUL_BF16_TARGET = "jaxllm_cpu_matmul_bf16"
+_SYMBOLS = {ATTENTION_TARGET: "JaxllmCpuPagedAttention", MATMUL_TARGET: "JaxllmCpuMatmul",
+            MATMUL_BF16_TARGET: "JaxllmCpuMatmulBf16"}
 
 
 def _cache_dir() -> Path:

@@ -62,6 +62,7 @@ constexpr int64_t kBlockK = 64;  // panel rows per pass: 16 KB, kept in L1 while
 
 using jaxllm_cpu::ExpNonpositive;
 using jaxllm_cpu::Vec16;
+using jaxllm_cpu::Vec16i;
 
 // c[r, :] (+)= x[r, :kn] @ block for R rows: block is kn rows of a panel, c an [R, 64] tile (set
 // on the first block, added to after), x rows ldx apart. Meanwhile `lines` cache lines from
@@ -91,24 +92,74 @@ void Tile(const float* x, int64_t ldx, int64_t kn, const float* block, float* c,
   }
 }
 
+// The bfloat16 format: a panel row pair (w[2q][j], w[2q + 1][j]) for its 64 columns j, the
+// even row's bits in the low half of each 32-bit lane, 128 uint16 per pair; x rows are bfloat16
+// bits with an even K, so x[2q], x[2q + 1] is one 32-bit load. acc (+)= x pair . w pair per lane,
+// products exact in float32 and summed in float32 (one rounding per product added).
+#ifdef __AVX512BF16__
+// vdpbf16ps: 32 multiply-adds per instruction where an FMA does 16.
+inline void DotPair(Vec16& acc, uint32_t xp, Vec16i w) {
+  acc = (Vec16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(xp)), (__m512bh)w);
+}
+#else
+// Without AVX512-BF16: both rows widened to float32 (a bfloat16 is a float32's high half), two FMAs.
+inline void DotPair(Vec16& acc, uint32_t xp, Vec16i w) {
+  float even, odd;
+  const uint32_t even_bits = xp << 16, odd_bits = xp & 0xffff0000u;
+  std::memcpy(&even, &even_bits, sizeof even);
+  std::memcpy(&odd, &odd_bits, sizeof odd);
+  acc += even * reinterpret_cast<Vec16>(w << 16);
+  acc += odd * reinterpret_cast<Vec16>(w & static_cast<int32_t>(0xffff0000u));
+}
+#endif
+
+// Tile over a bfloat16 block: kn (even) panel rows as kn / 2 pair rows.
+template <int R>
+void Tile(const uint16_t* x, int64_t ldx, int64_t kn, const uint16_t* block, float* c, bool first,
+          const char* prefetch, int64_t lines) {
+  Vec16 acc[R][4];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < 4; ++v) acc[r][v] = first ? Vec16{} : *reinterpret_cast<const Vec16*>(c + r * kPanel + 16 * v);
+  }
+  const int64_t pairs = kn / 2, per_q = (lines + pairs - 1) / pairs;
+  for (int64_t q = 0; q < pairs; ++q) {
+    for (int64_t i = q * per_q; i < std::min(lines, (q + 1) * per_q); ++i) __builtin_prefetch(prefetch + 64 * i, 0, 2);
+    const Vec16i* row = reinterpret_cast<const Vec16i*>(block + q * 2 * kPanel);
+    const Vec16i w0 = row[0], w1 = row[1], w2 = row[2], w3 = row[3];
+    for (int r = 0; r < R; ++r) {
+      uint32_t xp;
+      std::memcpy(&xp, x + r * ldx + 2 * q, sizeof xp);
+      DotPair(acc[r][0], xp, w0);
+      DotPair(acc[r][1], xp, w1);
+      DotPair(acc[r][2], xp, w2);
+      DotPair(acc[r][3], xp, w3);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < 4; ++v) *reinterpret_cast<Vec16*>(c + r * kPanel + 16 * v) = acc[r][v];
+  }
+}
+
 // c [rows, 64] = x[:rows] @ panel (rows <= kMaxChunkRows). The panel is taken block_k rows at a
 // time, each block used by every row tile while in L1, and while they run they prefetch the next
 // block (of this panel, or `next`'s first) from memory into L2.
-void Product(const float* x, int64_t rows, int64_t K, const float* panel, const float* next, int64_t block_k,
-             float* c) {
+// T: float, or uint16_t for the bfloat16 format (block_k even; offsets in elements are the same,
+// a pair row being two panel rows).
+template <typename T>
+void Product(const T* x, int64_t rows, int64_t K, const T* panel, const T* next, int64_t block_k, float* c) {
   const int64_t tiles = (rows + kRows - 1) / kRows;
   for (int64_t kb = 0; kb < K; kb += block_k) {
     const int64_t kn = std::min(block_k, K - kb);
     const bool inside = kb + block_k < K;
-    const float* ahead = inside ? panel + (kb + block_k) * kPanel : next;
+    const T* ahead = inside ? panel + (kb + block_k) * kPanel : next;
     const int64_t ahead_rows = inside ? std::min(block_k, K - kb - block_k) : (next ? std::min(block_k, K) : 0);
-    const int64_t lines = ahead_rows * kPanel * sizeof(float) / 64, per_tile = (lines + tiles - 1) / tiles;
+    const int64_t lines = ahead_rows * kPanel * sizeof(T) / 64, per_tile = (lines + tiles - 1) / tiles;
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t m = t * kRows, n = std::min<int64_t>(kRows, rows - m);
       const char* pf = reinterpret_cast<const char*>(ahead) + 64 * t * per_tile;
       const int64_t pf_lines = std::max<int64_t>(0, std::min(per_tile, lines - t * per_tile));
-      const float* xm = x + m * K + kb;
-      const float* block = panel + kb * kPanel;
+      const T* xm = x + m * K + kb;
+      const T* block = panel + kb * kPanel;
       float* cm = c + m * kPanel;
       switch (n) {
         case 6: Tile<6>(xm, K, kn, block, cm, kb == 0, pf, pf_lines); break;
@@ -333,8 +384,9 @@ class Scratch {
 
 // Shared by the calling thread and the pool tasks (see cpu_paged_attention.cc's Work).
 struct Work {
-  const float* x;
-  const float* w;
+  const void* x;  // float, or bfloat16 bits (uint16_t) when bf16
+  const void* w;  // float32 panels, or bfloat16 pair panels when bf16
+  bool bf16 = false;
   float* out;
   int64_t M, K, N, panels, chunk_rows, chunks, threads;
   bool gated;  // packed panels come in (gate, up) pairs; out = silu(x @ gate) * (x @ up)
@@ -354,6 +406,12 @@ struct Work {
 #ifdef JAXLLM_CPU_AMX
     if (amx) return DrainAmx();
 #endif
+    if (bf16) return DrainFma(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(w));
+    DrainFma(static_cast<const float*>(x), static_cast<const float*>(w));
+  }
+
+  template <typename T>
+  void DrainFma(const T* x, const T* w) {
     const int64_t n = units();
     for (int64_t u = next.fetch_add(1); u < n; u = next.fetch_add(1)) {
       const int64_t p = u / chunks, first = (u % chunks) * chunk_rows;
@@ -362,10 +420,10 @@ struct Work {
       // The unit this thread most likely takes next (threads take turns at the counter): its
       // panel is prefetched, unless it is this one.
       const int64_t guess = u + threads, next_panel = guess / chunks;
-      const float* next = guess < n && next_panel != p ? w + next_panel * width * K * kPanel : nullptr;
-      const float* panel = w + p * width * K * kPanel;
+      const T* next = guess < n && next_panel != p ? w + next_panel * width * K * kPanel : nullptr;
+      const T* panel = w + p * width * K * kPanel;
       const int64_t block_k = M <= 64 ? kBlockK : K;
-      const float* xs = x + first * K;
+      const T* xs = x + first * K;
       float* o = out + first * N + p * kPanel;
       alignas(64) float c[kMaxChunkRows * kPanel];
       if (!gated) {
@@ -387,7 +445,9 @@ struct Work {
   }
 
 #ifdef JAXLLM_CPU_AMX
-  void DrainAmx() {
+  void DrainAmx() {  // float32 operands only (Plan)
+    const float* x = static_cast<const float*>(this->x);
+    const float* w = static_cast<const float*>(this->w);
     const int64_t row_blocks = Mp / kAmxRows, piece = Mp * Kp;
     for (int64_t b = next_rows.fetch_add(1); b < row_blocks; b = next_rows.fetch_add(1)) {
       SplitRows(x, M, K, Kp, b * kAmxRows, (b + 1) * kAmxRows, xs, piece);
@@ -474,7 +534,7 @@ void Plan(Work& work, int64_t threads, bool amx) {
   work.threads = threads;
 #ifdef JAXLLM_CPU_AMX
   static thread_local Scratch pieces_scratch;
-  if (amx && real >= kAmxMinRows && AmxUsable()) {
+  if (amx && !work.bf16 && real >= kAmxMinRows && AmxUsable()) {
     work.amx = true;
     work.Mp = (real + kAmxRows - 1) / kAmxRows * kAmxRows;
     work.Kp = (work.K + kAmxK - 1) / kAmxK * kAmxK;
@@ -491,22 +551,24 @@ void Plan(Work& work, int64_t threads, bool amx) {
   work.chunks = (real + chunk - 1) / chunk;
 }
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                  ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> real_rows, bool gated, bool amx,
-                  ffi::ResultBuffer<ffi::F32> out) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
+// out [M, N] = x [M, K] @ the packed weights at `layer`: dims of x, w (its last axis `row`
+// elements: 64 float32 or 128 bfloat16 per panel row (pair)), out, checked here.
+ffi::Error Run(ffi::ThreadPool& pool, const void* x, ffi::Span<const int64_t> xd, const void* w,
+               ffi::Span<const int64_t> wd, ffi::Buffer<ffi::S32>& layer, ffi::Buffer<ffi::S32>& real_rows, bool gated,
+               bool amx, bool bf16, ffi::ResultBuffer<ffi::F32>& out) {
   const auto od = out->dimensions();
-  if (xd.size() != 2 || od.size() != 2 || (wd.size() != 3 && wd.size() != 4) ||
-      wd[wd.size() - 1] != kPanel) {
-    return ffi::Error::InvalidArgument("cpu matmul: x must be [M, K], the weights [P, K, 64] or "
-                                       "[L, P, K, 64], the result [M, N]");
+  const int64_t row = bf16 ? 2 * kPanel : kPanel;
+  if (xd.size() != 2 || od.size() != 2 || (wd.size() != 3 && wd.size() != 4) || wd[wd.size() - 1] != row) {
+    return ffi::Error::InvalidArgument(bf16 ? "cpu matmul: x must be [M, K], the weights [P, K / 2, 128] or "
+                                              "[L, P, K / 2, 128] (bfloat16 pairs), the result [M, N]"
+                                            : "cpu matmul: x must be [M, K], the weights [P, K, 64] or "
+                                              "[L, P, K, 64], the result [M, N]");
   }
   const int64_t M = xd[0], K = xd[1], N = od[1];
   const int64_t packed = wd[wd.size() - 3], num_layers = wd.size() == 4 ? wd[0] : 1;
   const int64_t P = gated ? packed / 2 : packed;  // output panels
-  if ((gated && packed % 2 != 0) || wd[wd.size() - 2] != K || od[0] != M || N <= (P - 1) * kPanel ||
-      N > P * kPanel) {
+  const int64_t packed_k = bf16 ? 2 * wd[wd.size() - 2] : wd[wd.size() - 2];
+  if ((gated && packed % 2 != 0) || packed_k != K || od[0] != M || N <= (P - 1) * kPanel || N > P * kPanel) {
     return ffi::Error::InvalidArgument("cpu matmul: x's K, the packed weights' K and panels, and "
                                        "the result's [M, N] do not agree");
   }
@@ -520,8 +582,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   if (real == 0) return ffi::Error::Success();
 
   auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = w.typed_data() + l * packed * K * kPanel;
+  work->x = x;
+  const size_t element = bf16 ? sizeof(uint16_t) : sizeof(float);  // a panel is K * 64 elements in both
+  work->w = static_cast<const char*>(w) + l * packed * K * kPanel * element;
+  work->bf16 = bf16;
   work->gated = gated;
   work->out = out->typed_data();
   work->M = real;
@@ -538,6 +602,23 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> real_rows, bool gated, bool amx,
+                  ffi::ResultBuffer<ffi::F32> out) {
+  return Run(pool, x.typed_data(), x.dimensions(), w.typed_data(), w.dimensions(), layer, real_rows, gated, amx,
+             false, out);
+}
+
+ffi::Error MatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U16> w,
+                      ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> real_rows, bool gated,
+                      ffi::ResultBuffer<ffi::F32> out) {
+  if (x.dimensions().size() == 2 && x.dimensions()[1] % 2 != 0) {
+    return ffi::Error::InvalidArgument("cpu matmul: bfloat16 x needs an even K (pad it with a zero column)");
+  }
+  return Run(pool, x.untyped_data(), x.dimensions(), w.typed_data(), w.dimensions(), layer, real_rows, gated, false,
+             true, out);
+}
+
 }  // namespace
 
 // 1 when the AMX path can run in this process (see AmxUsable), for Python to report.
@@ -552,4 +633,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmCpuMatmul, Matmul,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // real rows (scalar)
                                   .Attr<bool>("gated")
                                   .Attr<bool>("amx")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [M, N]
+
+// The bfloat16 format (cpu_matmul.py's pack of a bfloat16 weight): float32 results.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmCpuMatmulBf16, MatmulBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K], K even
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // packed pairs [(L,) P, K / 2, 128]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer index (scalar)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // real rows (scalar)
+                                  .Attr<bool>("gated")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // [M, N]

@@ -1,13 +1,16 @@
-"""Float32 matmuls on the CPU over packed weights: a C++ kernel called through XLA's FFI.
+"""Float32 and bfloat16 matmuls on the CPU over packed weights: a C++ kernel called through XLA's
+FFI.
 
 A weight is packed once, outside ``jit`` (:func:`pack`), into 64-column panels
-(``cpu_matmul.cc`` says why); :class:`PackedMatrix` carries the panels and the weight's original
-input and output axes, and :func:`packed_einsum` / :func:`packed_matmul` compute what
-``jnp.einsum`` / ``x @ w`` computed on the unpacked weight, to float32 rounding. A stacked weight
+(``cpu_matmul.cc`` says why; a bfloat16 weight's panels hold pairs of rows, for AVX512-BF16's
+pair dot products); :class:`PackedMatrix` carries the panels and the weight's original input and
+output axes, and :func:`packed_einsum` / :func:`packed_matmul` compute what ``jnp.einsum`` /
+``x @ w`` computed on the unpacked weight, to float32 rounding (a bfloat16 weight: x rounded to
+bfloat16, the exact products summed in float32). A stacked weight
 (a leading layer axis) is read in place at ``layer``: ``jaxllm.models.layers.scan_layers`` hands
 the loop body the whole stack and the loop index instead of a sliced copy.
 
-The engine packs a float32 model's matmul weights when its attention backend asks for it
+The engine packs a float32 or bfloat16 model's matmul weights when its attention backend asks for it
 (``cpu_matmul = True`` on the "cpu" backend): see ``jaxllm.models.layers.pack_params``.
 """
 
@@ -20,7 +23,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.cpu_kernels import MATMUL_TARGET, amx_usable, cpu_kernels_unavailable_reason
+from pallas_kernels.cpu_kernels import MATMUL_BF16_TARGET, MATMUL_TARGET, amx_usable, cpu_kernels_unavailable_reason
 
 PANEL = 64
 
@@ -30,7 +33,9 @@ __all__ = ["PANEL", "PackedMatrix", "amx_usable", "pack", "pack_gated", "packed_
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedMatrix:
-    """A float32 weight ``[*stack, *in_shape, *out_shape]`` as panels ``[*stack, P, K, 64]``.
+    """A float32 weight ``[*stack, *in_shape, *out_shape]`` as panels ``[*stack, P, K, 64]``, or
+    a bfloat16 one as uint16 bits ``[*stack, P, ceil(K / 2), 128]``: panel row pair q holds
+    ``w[2q, j]`` then ``w[2q + 1, j]`` for its 64 columns j (an odd K's last pair padded with 0).
 
     K = prod(in_shape), P = ceil(prod(out_shape) / 64), the last panel zero-padded. ``stack`` is
     () or (L,); for a stacked weight ``layer`` (an int32 scalar) picks the matrix to use.
@@ -49,6 +54,11 @@ class PackedMatrix:
     def stacked(self) -> bool:
         return self.data.ndim == 4
 
+    @property
+    def bf16(self) -> bool:
+        """Whether this is a bfloat16 weight (its panels hold row pairs)."""
+        return self.data.dtype == jnp.uint16
+
     def at_layer(self, layer) -> PackedMatrix:
         """The stack read at ``layer`` (traced or not): no copy, the kernel indexes it."""
         if not self.stacked:
@@ -62,24 +72,32 @@ class PackedMatrix:
 
 
 def pack(w, in_ndim: int, stacked: bool = False) -> PackedMatrix:
-    """Pack float32 ``w`` of shape ``[*stack, *in, *out]`` (``len(in) == in_ndim``; ``stack`` is
-    one leading layer axis when ``stacked``). Call outside ``jit``: it copies the weight."""
+    """Pack float32 or bfloat16 ``w`` of shape ``[*stack, *in, *out]`` (``len(in) == in_ndim``;
+    ``stack`` is one leading layer axis when ``stacked``). Call outside ``jit``: it copies the
+    weight."""
     w = jnp.asarray(w)
-    if w.dtype != jnp.float32:
-        raise ValueError(f"pack: the cpu matmul kernel takes float32 weights, not {w.dtype}")
+    if w.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"pack: the cpu matmul kernel takes float32 or bfloat16 weights, not {w.dtype}")
     lead = w.shape[:1] if stacked else ()
     in_shape, out_shape = w.shape[len(lead):len(lead) + in_ndim], w.shape[len(lead) + in_ndim:]
     if not in_shape or not out_shape:
         raise ValueError(f"pack: a weight of shape {w.shape} has no input or no output axis (in_ndim={in_ndim})")
     K, N = math.prod(in_shape), math.prod(out_shape)
     P = -(-N // PANEL)
+    if w.dtype == jnp.bfloat16:
+        Kh = -(-K // 2)
+        m = jnp.pad(w.reshape(*lead, K, N), [(0, 0)] * len(lead) + [(0, 2 * Kh - K), (0, P * PANEL - N)])
+        pairs = m.reshape(*lead, Kh, 2, P, PANEL)  # -> [*lead, P, Kh, PANEL, 2]
+        n = len(lead)
+        pairs = pairs.transpose(*range(n), n + 2, n, n + 3, n + 1).reshape(*lead, P, Kh, 2 * PANEL)
+        return PackedMatrix(jax.lax.bitcast_convert_type(pairs, jnp.uint16), None, tuple(in_shape), tuple(out_shape))
     m = jnp.pad(w.reshape(*lead, K, N), [(0, 0)] * (len(lead) + 1) + [(0, P * PANEL - N)])
     panels = jnp.moveaxis(m.reshape(*lead, K, P, PANEL), -3, -2)
     return PackedMatrix(panels.copy(), None, tuple(in_shape), tuple(out_shape))
 
 
 def pack_gated(gate, up, stacked: bool = False) -> PackedMatrix:
-    """Pack float32 ``gate`` and ``up`` ``[*stack, D, F]`` as one gated weight: its product is
+    """Pack float32 or bfloat16 ``gate`` and ``up`` ``[*stack, D, F]`` as one gated weight: its product is
     ``silu(x @ gate) * (x @ up)``, a SwiGLU MLP's input to its down projection, in one kernel
     call (no [T, 2F] intermediate, no separate activation pass). Call outside ``jit``."""
     g, u = pack(gate, 1, stacked), pack(up, 1, stacked)
@@ -97,18 +115,26 @@ def unpack(pm: PackedMatrix):
         return tuple(unpack(PackedMatrix(pair[..., i, :, :], None, pm.in_shape, pm.out_shape)) for i in (0, 1))
     lead = pm.data.shape[:-3]
     K, N = math.prod(pm.in_shape), math.prod(pm.out_shape)
+    if pm.bf16:
+        P, Kh = pm.data.shape[-3:-1]
+        n = len(lead)
+        pairs = jax.lax.bitcast_convert_type(pm.data, jnp.bfloat16).reshape(*lead, P, Kh, PANEL, 2)
+        m = pairs.transpose(*range(n), n + 1, n + 3, n, n + 2).reshape(*lead, 2 * Kh, P * PANEL)[..., :K, :N]
+        return m.reshape(pm.shape)
     m = jnp.moveaxis(pm.data, -3, -2).reshape(*lead, K, -1)[..., :N]
     return m.reshape(pm.shape)
 
 
 def packed_matmul(x: jax.Array, pm: PackedMatrix, rows=None, amx: bool | None = None) -> jax.Array:
     """``x [..., *in_shape] -> [..., *out_shape]`` through the kernel, in x's dtype (computed in
-    float32); for a gated weight ``silu(x @ gate) * (x @ up)``. ``rows`` (an int or int32 scalar,
-    traced or not): only the first ``rows`` rows of x (its leading axes flattened) are real, the
-    rest padding: their results are zeros, not computed. ``amx``: let the kernel use Intel AMX
-    tiles (float32 as six bfloat16 products, see ``cpu_matmul.cc``) for calls of 64 real rows or
-    more where :func:`amx_usable`; False keeps it on AVX-512/AVX2 FMAs. None (the default) means
-    True unless the environment sets ``JAXLLM_CPU_MATMUL_AMX=0`` (read when the call is traced).
+    float32; against a bfloat16 weight x is rounded to bfloat16 first); for a gated weight
+    ``silu(x @ gate) * (x @ up)``. ``rows`` (an int or int32 scalar, traced or not): only the first
+    ``rows`` rows of x (its leading axes flattened) are real, the rest padding: their results are
+    zeros, not computed. ``amx``: let the kernel use Intel AMX tiles (float32 as six bfloat16
+    products, see ``cpu_matmul.cc``) for calls of 64 real rows or more where :func:`amx_usable`;
+    False keeps it on AVX-512/AVX2 FMAs. None (the default) means True unless the environment sets
+    ``JAXLLM_CPU_MATMUL_AMX=0`` (read when the call is traced). A bfloat16 weight ignores ``amx``:
+    it takes AVX512-BF16 pair dot products where the CPU has them, else FMAs on widened pairs.
     Raises ValueError when the kernel is not usable here or the shapes disagree."""
     reason = cpu_kernels_unavailable_reason()
     if reason is not None:
@@ -123,11 +149,18 @@ def packed_matmul(x: jax.Array, pm: PackedMatrix, rows=None, amx: bool | None = 
     layer = pm.layer if pm.layer is not None else jnp.zeros((), jnp.int32)
     M = math.prod(lead)
     real = jnp.asarray(M if rows is None else rows, jnp.int32).reshape(())
-    call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32))
-    if amx is None:
-        amx = os.environ.get("JAXLLM_CPU_MATMUL_AMX", "1") != "0"
+    result = jax.ShapeDtypeStruct((M, N), jnp.float32)
     with jax.named_scope("packed_matmul"):  # profiles tell it from the attention kernel's call
-        out = call(x.reshape(-1, K).astype(jnp.float32), pm.data, layer, real, gated=pm.gated, amx=bool(amx))
+        if pm.bf16:  # the pair layout reads x two columns at a time: an odd K gets a zero column
+            x2 = x.reshape(-1, K).astype(jnp.bfloat16)
+            if K % 2:
+                x2 = jnp.pad(x2, [(0, 0), (0, 1)])
+            out = jax.ffi.ffi_call(MATMUL_BF16_TARGET, result)(x2, pm.data, layer, real, gated=pm.gated)
+        else:
+            if amx is None:
+                amx = os.environ.get("JAXLLM_CPU_MATMUL_AMX", "1") != "0"
+            out = jax.ffi.ffi_call(MATMUL_TARGET, result)(x.reshape(-1, K).astype(jnp.float32), pm.data, layer, real,
+                                                          gated=pm.gated, amx=bool(amx))
     return out.reshape(*lead, *pm.out_shape).astype(x.dtype)
 
 

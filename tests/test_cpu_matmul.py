@@ -121,8 +121,8 @@ def test_head_axes_and_einsums():
 
 def test_bad_input_raises():
     w = pack(np.ones((2, 8, 16), np.float32), 1, stacked=True)
-    with pytest.raises(ValueError, match="float32 weights, not bfloat16"):
-        pack(jnp.ones((8, 16), jnp.bfloat16), 1)
+    with pytest.raises(ValueError, match="float32 or bfloat16 weights, not float16"):
+        pack(jnp.ones((8, 16), jnp.float16), 1)
     with pytest.raises(ValueError, match="no input or no output axis"):
         pack(np.ones((8,), np.float32), 1)
     with pytest.raises(ValueError, match="do not match the weight's input axes"):
@@ -222,6 +222,109 @@ def test_amx_switch_reaches_the_kernel(monkeypatch):
     assert isinstance(amx_usable(), bool)
 
 
+# bfloat16 weights: panels of row pairs, AVX512-BF16 pair dot products (or FMAs on widened pairs
+# where the CPU lacks them). x is rounded to bfloat16; the products are exact in float32 and summed
+# in float32, so the reference is the float64 product of the rounded operands.
+def _bf16(a):
+    return np.asarray(jnp.asarray(a, jnp.bfloat16))
+
+
+def _bf16_reference(x, w):
+    return _reference(_bf16(x).astype(np.float32), _bf16(w).astype(np.float32))
+
+
+@pytest.mark.parametrize("M", [1, 5, 13, 64, 131])
+@pytest.mark.parametrize("K,N", [(8, 10), (576, 70), (37, 200), (1536, 130)])
+def test_bfloat16_weights_match_reference(M, K, N):
+    rng = np.random.default_rng(M * 1000 + K + N)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = _bf16(rng.standard_normal((K, N)))
+    pw = pack(w, 1)
+    assert pw.bf16 and pw.data.dtype == jnp.uint16 and pw.data.shape == (-(-N // 64), -(-K // 2), 128)
+    np.testing.assert_array_equal(np.asarray(unpack(pw)).view(np.uint16), w.view(np.uint16))
+    out = np.asarray(_matmul(jnp.asarray(x), pw))  # float32 x: rounded to bfloat16, result in float32
+    assert out.dtype == np.float32 and out.shape == (M, N)
+    np.testing.assert_allclose(out, _bf16_reference(x, w), rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    assert _relative_error(out, _bf16(x).astype(np.float32), w.astype(np.float32)) < K * 2**-24
+    # A bfloat16 x gets a bfloat16 result: the float32 one rounded.
+    half = np.asarray(_matmul(jnp.asarray(x, jnp.bfloat16), pw))
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(half.view(np.uint16), _bf16(out).view(np.uint16))
+
+
+@pytest.mark.parametrize("M,rows", [(3, 3), (20, 13), (70, 61)])
+def test_bfloat16_gated_stacked_and_padding_rows(M, rows):
+    rng = np.random.default_rng(M)
+    x = _bf16(rng.standard_normal((M, 25)))  # odd K: the last pair is padded
+    gate, up = _bf16(10 * rng.standard_normal((3, 25, 100))), _bf16(rng.standard_normal((3, 25, 100)))
+    pw = pack_gated(gate, up, stacked=True)
+    assert pw.gated and pw.bf16 and pw.data.shape == (3, 4, 13, 128) and pw.shape == (3, 25, 100)
+    g, u = unpack(pw)
+    np.testing.assert_array_equal(np.asarray(g).view(np.uint16), gate.view(np.uint16))
+    np.testing.assert_array_equal(np.asarray(u).view(np.uint16), up.view(np.uint16))
+    xf = x.astype(np.float32)
+    for layer in (0, 2):
+        out = np.asarray(jax.jit(packed_matmul)(jnp.asarray(xf), pw.at_layer(layer), jnp.int32(rows)))
+        xg, xu = _bf16_reference(xf, gate[layer]), _bf16_reference(xf, up[layer])
+        assert np.abs(xg).max() > 50
+        np.testing.assert_allclose(out[:rows], (_silu(xg) * xu)[:rows], rtol=2e-5, atol=2e-4)
+        np.testing.assert_array_equal(out[rows:], 0)
+        plain = np.asarray(jax.jit(packed_matmul)(jnp.asarray(xf), pack(up, 1, stacked=True).at_layer(layer),
+                                                  jnp.int32(rows)))
+        np.testing.assert_allclose(plain[:rows], xu[:rows], rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(plain[rows:], 0)
+
+
+def test_bfloat16_head_axes_and_rows_independent_of_the_batch():
+    rng = np.random.default_rng(5)
+    wo = _bf16(rng.standard_normal((3, 8, 16)))
+    q = _bf16(rng.standard_normal((40, 3, 8)))
+    po = pack(wo, 2)
+    np.testing.assert_array_equal(np.asarray(unpack(po)).view(np.uint16), wo.view(np.uint16))
+    out = np.asarray(packed_einsum("tnh,nhd->td", jnp.asarray(q, jnp.float32), po))
+    ref = np.einsum("tnh,nhd->td", q.astype(np.float64), wo.astype(np.float64))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+    # A row's result does not depend on the other rows (here: on how many there are).
+    for rows in (1, 7, 39):
+        part = np.asarray(packed_einsum("tnh,nhd->td", jnp.asarray(q[:rows], jnp.float32), po))
+        np.testing.assert_array_equal(part, out[:rows])
+
+
+_FALLBACK = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+import pallas_kernels.cpu_kernels as ck
+ck._FLAGS = ck._FLAGS + ("-mno-avx512bf16",)
+from pallas_kernels.cpu_matmul import pack_gated, packed_matmul
+rng = np.random.default_rng(0)
+x = rng.standard_normal((19, 300)).astype(np.float32)
+gate, up = (jnp.asarray(rng.standard_normal((300, 130)), jnp.bfloat16) for _ in range(2))
+out = np.asarray(jax.jit(packed_matmul)(jnp.asarray(x), pack_gated(gate, up)))
+np.save(sys.argv[1], out)
+print(ck._library().name)
+"""
+
+
+def test_bfloat16_without_avx512_bf16_instructions(tmp_path):
+    # The widening fallback, built with AVX512-BF16 turned off (in a subprocess, its own cache).
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAXLLM_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", _FALLBACK, str(tmp_path / "out.npy")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    library = tmp_path / "cache" / result.stdout.split()[-1]
+    assert library.exists() and b"vdpbf16ps" not in subprocess.run(["objdump", "-d", str(library)],
+                                                                   capture_output=True).stdout
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((19, 300)).astype(np.float32)
+    gate, up = (_bf16(rng.standard_normal((300, 130))) for _ in range(2))
+    expected = _silu(_bf16_reference(x, gate)) * _bf16_reference(x, up)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=2e-5, atol=2e-4)
+
+
 def _tiny(tmp_path, family="llama", dtype="float32"):
     return jaxllm.load_model(str(make_tiny_checkpoint(family, tmp_path)), dtype=dtype)
 
@@ -249,8 +352,16 @@ def test_pack_params_packs_float32_matmul_weights_and_the_head(tmp_path, family)
     # Not asked, another platform, or 16-bit weights: unchanged layout.
     assert pack_params(params, tied, "cpu")["layers"]["wq"] is params["layers"]["wq"]
     assert pack_params(params, tied, "gpu", cpu_matmul=True)["layers"]["wq"] is params["layers"]["wq"]
-    half = _tiny(tmp_path / "bf16", family, dtype="bfloat16").params
-    assert not isinstance(pack_params(half, tied, "cpu", cpu_matmul=True)["layers"]["wq"], PackedMatrix)
+    # bfloat16 weights are packed as row pairs, their other layer weights kept as bits; float16
+    # ones are not packed.
+    bf16 = _tiny(tmp_path / "bf16", family, dtype="bfloat16").params
+    packed16 = pack_params(bf16, tied, "cpu", cpu_matmul=True, hidden_act=model.config.hidden_act)
+    assert packed16["layers"]["wq"].bf16 and output_head(packed16, tied).bf16
+    np.testing.assert_array_equal(np.asarray(unpack(packed16["layers"]["w_down"])).view(np.uint16),
+                                  np.asarray(bf16["layers"]["w_down"]).view(np.uint16))
+    assert packed16["layers"]["attn_norm"].dtype == jnp.uint16
+    fp16 = _tiny(tmp_path / "fp16", family, dtype="float16").params
+    assert not isinstance(pack_params(fp16, tied, "cpu", cpu_matmul=True)["layers"]["wq"], PackedMatrix)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt350m"])
@@ -273,6 +384,36 @@ def test_forward_and_logits_match_unpacked(tmp_path, family):
     n = batch.num_real_tokens  # padding tokens' rows are zeros through the kernel
     assert md.positions.shape[0] > n
     np.testing.assert_allclose(outs[1][:n], outs[0][:n], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "smollm2"])
+def test_bfloat16_forward_is_as_close_to_float32_as_xla(tmp_path, family):
+    # A bfloat16 model through the kernel against the same (rounded) weights in float32, and
+    # beside it the bfloat16 model through XLA's dots: the kernel sums in float32 and rounds each
+    # matmul's result once (the gated MLP's activation included), so it is no further off.
+    model = _tiny(tmp_path, family, dtype="bfloat16")
+    cfg, params = model.config, model.params
+    module = model_module(cfg)
+    batch = make_batch(8, [5, 1, 9], [5, 8, 12], block_size=16, num_kv_heads=cfg.num_kv_heads,
+                       group=cfg.num_heads // cfg.num_kv_heads, head_dim=cfg.head_dim)
+    md = batch.metadata()
+    forward = jax.jit(functools.partial(module.forward, cfg=cfg, attend=xla_paged_attention))
+    token_ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, md.positions.shape[0]), jnp.int32)
+    as_f32 = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, params)
+    logits = {}
+    for name, weights, packed in (("f32", as_f32, False), ("xla", params, False), ("kernel", params, True)):
+        p = pack_params(weights, cfg.tie_word_embeddings, "cpu", cpu_matmul=packed, hidden_act=cfg.hidden_act)
+        assert isinstance(output_head(p, cfg.tie_word_embeddings), PackedMatrix) == packed
+        kv = kv_pool.allocate(cfg, batch.k_pool.shape[1], 16, jnp.float32)
+        hidden, _ = forward(p, kv=kv, token_ids=token_ids, md=md)
+        logits[name] = np.asarray(head_logits(hidden, output_head(p, cfg.tie_word_embeddings)), np.float64)
+    n = batch.num_real_tokens
+
+    def rms(name):
+        return float(np.sqrt(np.mean((logits[name][:n] - logits["f32"][:n]) ** 2)))
+
+    scale = float(np.sqrt(np.mean(logits["f32"][:n] ** 2)))
+    assert 0 < rms("kernel") <= 1.1 * rms("xla") and rms("kernel") < 0.05 * scale, (rms("kernel"), rms("xla"), scale)
 
 
 def _weight_slices(hlo: str) -> list[str]:
@@ -302,6 +443,22 @@ def test_engine_step_reads_packed_weights_in_place(tmp_path):
     prompts = [{"prompt_token_ids": [5, 9, 23, 4, 77]}, {"prompt_token_ids": [8, 44]}]
     assert ([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
             == [o.outputs[0].token_ids for o in xla.generate(prompts, params, use_tqdm=False)])
+
+
+def test_bfloat16_engine_step_reads_packed_pairs_and_rows_do_not_depend_on_the_batch(tmp_path):
+    llm = LLM(str(make_tiny_checkpoint("llama", tmp_path)), dtype="bfloat16", attention_backend="cpu", max_model_len=64, max_num_seqs=4,
+              max_num_batched_tokens=16)
+    runner = llm.llm_engine.runner
+    assert runner.params["layers"]["w_gate_up"].bf16
+    hlo = runner._lower(16, runner.buckets.block_buckets[0]).compile().as_text()
+    assert hlo.count('custom_call_target="jaxllm_cpu_matmul_bf16"') == 8
+    assert 'custom_call_target="jaxllm_cpu_matmul"' not in hlo
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 9, 23, 4, 77]}, {"prompt_token_ids": [8, 44]},
+               {"prompt_token_ids": list(range(3, 30))}]
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone and all(len(t) == 8 for t in together)
 
 
 def test_cpu_backend_asks_for_packed_matmuls():

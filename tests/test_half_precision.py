@@ -121,3 +121,10 @@ def test_bfloat16_step_converts_no_weight_stack_and_matches_greedy_reference(tmp
         for _ in range(6):
             seq.append(int(np.argmax(np.asarray(model.forward(seq))[-1])))
         assert list(out.outputs[0].token_ids) == seq[len(prompt):]
+    # The cpu backend runs the bfloat16 matmuls through the packed kernel.
+    assert llm.llm_engine.runner.params["layers"]["wq"].bf16
+    # A loaded model is used as it is: another dtype asked for is an error, not ignored.
+    with pytest.raises(ValueError, match=r"dtype='float32': the model was loaded in bfloat16"):
+        LLM(model, dtype="float32")
+    with pytest.raises(ValueError, match=r"dtype='half-ish'"):
+        LLM(model, dtype="half-ish")

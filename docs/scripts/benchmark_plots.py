@@ -317,7 +317,9 @@ def section_cpu_kernels(name: str, r: dict) -> list[str]:
         f"### `{name}`", "",
         f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}` ({_host(env)}): SmolLM2's 30 MLP "
         "layers (212 MB of float32 weights, read from memory as in a decode step) in one jitted loop, minimum "
-        f"of {r['reps']} runs.",
+        f"of {r['reps']} runs."
+        + (" The `bf16` columns run the same layers in bfloat16 (106 MB of weights; the packed kernel on its "
+           "AVX512-BF16 pair path)." if any(i.endswith("bf16") for i in impls) else ""),
         "",
         "| rows | " + " | ".join(f"{i} (ms)" for i in impls) + " | packed: weights GB/s | "
         + " | ".join(f"{i}: GFLOP/s" for i in packed) + " |",

@@ -125,22 +125,24 @@ def pack_params(params: dict, tie_word_embeddings: bool, platform: str, cpu_matm
       bfloat16 dot wants the contracted axis first, and against ``embed.T`` it widened the whole
       embedding to float32 every step (20 ms for SmolLM2's 49152 x 576). Costs V x D more bytes.
 
-    - With ``cpu_matmul`` (the "cpu" attention backend asks for it), on CPU, a float32 model's
-      per-layer matmul weights and its output head become :class:`PackedMatrix` panels for
-      ``pallas_kernels/cpu_matmul.cc`` (a tied embedding gets a packed transposed copy as
-      ``lm_head``, V x D more bytes). :func:`einsum`, :func:`matmul` and :func:`head_logits` send
+    - With ``cpu_matmul`` (the "cpu" attention backend asks for it), on CPU, a float32 or
+      bfloat16 model's per-layer matmul weights and its output head become :class:`PackedMatrix`
+      panels for ``pallas_kernels/cpu_matmul.cc`` (a tied embedding gets a packed transposed copy
+      as ``lm_head``, V x D more elements). :func:`einsum`, :func:`matmul` and :func:`head_logits` send
       them to the kernel; :func:`scan_layers` hands the loop the whole stack and the layer index.
       A SwiGLU MLP (``hidden_act`` "silu", gate and up without biases) gets ``w_gate_up`` instead
       of ``w_gate`` and ``w_up``: one call computes ``silu(x @ w_gate) * (x @ w_up)``.
-      Otherwise float32 models are returned unchanged.
+      A bfloat16 model's other per-layer weights become their bits, as below. Otherwise float32
+      models are returned unchanged (and float16 ones take the path below).
 
     Pack once, outside ``jit``: a bitcast or transpose inside a jitted step is a copy.
     """
-    if cpu_matmul and platform == "cpu" and params["embed"].dtype == jnp.float32:
+    if cpu_matmul and platform == "cpu" and params["embed"].dtype in (jnp.float32, jnp.bfloat16):
         raw = params["layers"]
         gated = hidden_act == "silu" and "w_gate" in raw and "b_gate" not in raw and "b_up" not in raw
         layers = {name: pack(w, _MATMUL_INPUT_AXES[name], stacked=True) if name in _MATMUL_INPUT_AXES else w
                   for name, w in raw.items() if not (gated and name in ("w_gate", "w_up"))}
+        layers = _as_bits(layers)
         if gated:
             layers["w_gate_up"] = pack_gated(raw["w_gate"], raw["w_up"], stacked=True)
         head = params["lm_head"] if "lm_head" in params else jnp.asarray(params["embed"]).T
