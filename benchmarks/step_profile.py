@@ -1,6 +1,7 @@
 """Where an engine step's time goes on this machine: matmul rates, the sampler, attention's share.
 
 Usage: python benchmarks/step_profile.py [--output PATH] [--only-breakdown] [--breakdown-backend auto]
+                                         [--dtype float32]
 
 Four measurements in one process (run 4 first, then 1-3):
 1. Matmul GFLOP/s of ``jnp.dot`` and ``torch.matmul`` (float32, and bfloat16 with float32
@@ -18,7 +19,9 @@ Four measurements in one process (run 4 first, then 1-3):
    ``--breakdown-backend``, default auto; its last batch of the bucket, replayed; its step time the minimum of 5 runs): each moment of the step's wall time is shared among the XLA ops running
    on the threads at that moment, and the ops are grouped by the named scope and JAX op that
    produced them (see ``_CATEGORIES``). ``--only-breakdown`` runs just this part.
-JSON goes to benchmarks/results/step_profile_cpu.json unless ``--output``.
+Measurements 3 and 4 run SmolLM2 in ``--dtype`` (float32 unless asked: bfloat16 puts the
+cpu backend's matmuls on the kernel's bfloat16 path). JSON goes to
+benchmarks/results/step_profile_cpu.json unless ``--output``.
 """
 
 from __future__ import annotations
@@ -208,12 +211,14 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=_DEFAULT_OUT)
     parser.add_argument("--only-breakdown", action="store_true", help="measurement 4 alone")
     parser.add_argument("--breakdown-backend", default="auto", help="attention backend of measurement 4 (default auto)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the model's dtype in measurements 3 and 4")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    _, model, workload = throughput.load_model_and_workload()
-    report = {"environment": throughput._environment()}
+    _, model, workload = throughput.load_model_and_workload(args.dtype)
+    report = {"environment": throughput._environment(), "dtype": args.dtype}
     report["breakdown_backend"] = args.breakdown_backend
     report["breakdown"] = step_breakdown(model, workload, args.breakdown_backend)
     for bucket, row in report["breakdown"].items():

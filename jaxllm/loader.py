@@ -24,8 +24,9 @@ _DTYPES = {
 
 
 def resolve_dtype(dtype: Any, source_dtype: str, platform: str) -> np.dtype:
-    """"auto" is float32 on CPU (XLA's CPU matmuls are fastest there) and, on GPU, the
-    checkpoint's 16-bit type, or bfloat16 for float32 and quantised checkpoints."""
+    """"auto" is float32 on CPU (transformers' float32 numbers; bfloat16, asked for, is faster
+    through the cpu backend's kernels but rounds) and, on GPU, the checkpoint's 16-bit type, or
+    bfloat16 for float32 and quantised checkpoints."""
     if isinstance(dtype, str) and dtype != "auto":
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose from {['auto', *_DTYPES]}")

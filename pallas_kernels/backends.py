@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.attention import AttentionMetadata, KVPool
-from jaxllm.models.kv_quant import QuantizedKVPool, dequantize
+from jaxllm.models.kv_quant import BF16_BITS, QuantizedKVPool, dequantize, from_pool
 from pallas_kernels.paged_decode_attention import paged_decode_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -33,13 +33,19 @@ def _pool_args(kv: KVPool) -> tuple[tuple[jax.Array, jax.Array], dict]:
     """((k_pool, v_pool), scale keyword arguments of the Pallas kernels)."""
     if isinstance(kv, QuantizedKVPool):
         return (kv.k, kv.v), {"k_scale": kv.k_scale, "v_scale": kv.v_scale}
-    return tuple(kv), {}
+    return tuple(map(_interpretable, kv)), {}
+
+
+def _interpretable(pool: jax.Array) -> jax.Array:
+    # A CPU pool of bfloat16 bits (kv_quant.BF16_BITS: only on CPU, so only in interpret mode) as
+    # the float32 numbers it holds: what the kernels read before that pool existed, a copy per call.
+    return from_pool(pool).astype(jnp.float32) if pool.dtype == BF16_BITS else pool
 
 
 def _dequantized_layer(kv: KVPool, layer, dtype) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
     """((k, v) of ``layer`` as a one-layer pool in ``dtype``, the layer index into it)."""
     if not isinstance(kv, QuantizedKVPool):
-        return tuple(kv), layer
+        return tuple(map(from_pool, kv)), layer
     pools = tuple(dequantize(x[layer], s[layer], dtype)[None] for x, s in ((kv.k, kv.k_scale), (kv.v, kv.v_scale)))
     return pools, jnp.int32(0)
 

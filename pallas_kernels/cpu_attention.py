@@ -2,8 +2,9 @@
 
 The kernel (``cpu_paged_attention.cc``, next to this file) reads the pool in place, block by
 block, with an online softmax, on XLA's intra-op threads; it has the semantics of
-``jaxllm.models.attention.xla_paged_attention`` and takes float32/bfloat16 pools and the
-int8/fp8 pools of ``kv_cache_dtype``, scales included.
+``jaxllm.models.attention.xla_paged_attention`` and takes float32/bfloat16 pools (uint16 ones as
+bfloat16 bits: how the engine stores a bfloat16 model's pool on CPU) and the int8/fp8 pools of
+``kv_cache_dtype``, scales included.
 
 The library is built on first use and cached: see ``cpu_kernels.py``.
 """

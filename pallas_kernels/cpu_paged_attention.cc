@@ -22,8 +22,9 @@
 // blocks anywhere in memory), not by the arithmetic: the same call runs several times faster when
 // its blocks are already in cache.
 //
-// Pools: float32 or bfloat16 values; or int8 / uint8 (float8_e4m3fn bits) values with a float32
-// scale per (layer, block, slot, kv head), multiplied into the scores and the value weights.
+// Pools: float32 or bfloat16 values (or uint16: bfloat16 bits, a bfloat16 model's pool on CPU);
+// or int8 / uint8 (float8_e4m3fn bits) values with a float32 scale per (layer, block, slot, kv
+// head), multiplied into the scores and the value weights.
 
 #include <algorithm>
 #include <atomic>
@@ -422,12 +423,13 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   bool scaled = false;
   switch (k.element_type()) {
     case ffi::DataType::F32: run = ForHeadDim<float>(p.H); break;
-    case ffi::DataType::BF16: run = ForHeadDim<Bf16>(p.H); break;
+    case ffi::DataType::BF16:
+    case ffi::DataType::U16: run = ForHeadDim<Bf16>(p.H); break;  // uint16: bfloat16 bits (kv_quant.BF16_BITS)
     case ffi::DataType::S8: run = ForHeadDim<int8_t>(p.H); scaled = true; break;
     case ffi::DataType::U8: run = ForHeadDim<uint8_t>(p.H); scaled = true; break;
     default:
       return ffi::Error::InvalidArgument("cpu paged attention: pool dtype must be float32, bfloat16, "
-                                         "int8 or uint8 (fp8 bits)");
+                                         "uint16 (bfloat16 bits), int8 or uint8 (fp8 bits)");
   }
   if (scaled) {
     const size_t slots = static_cast<size_t>(p.L * p.NB * p.BS * p.K);

@@ -1,4 +1,5 @@
-"""16-bit float models on XLA:CPU: packed layer weights, a float32 pool, no widened stacks.
+"""16-bit float models on XLA:CPU: packed layer weights, a uint16 (bfloat16 bits) or float32 pool,
+no widened stacks.
 
 XLA:CPU widens bfloat16 scatters and loop slices to float32 around the op and hoists the
 convert out of the layer loop, so a naive bfloat16 step converted every weight and the whole KV
@@ -22,7 +23,7 @@ import jaxllm
 from jaxllm import LLM, SamplingParams
 from jaxllm.models import model_module
 from jaxllm.models.attention import AttentionMetadata, get_attention_backend
-from jaxllm.models.kv_quant import kv_storage_dtype
+from jaxllm.models.kv_quant import BF16_BITS, kv_storage_dtype
 from jaxllm.models.layers import output_head, pack_params
 from jaxllm.runner import kv_pool
 
@@ -34,7 +35,8 @@ def _chunks(model, params, pool_dtype, ids, split):
     """Logits of ids run as two chunks (the second reads the first's K/V back from the pool)."""
     cfg, module = model.config, model_module(model.config)
     kv = kv_pool.allocate(cfg, 8, BLOCK, pool_dtype)
-    kv = tuple(jnp.full_like(x, jnp.nan) for x in kv)  # unwritten slots must never be read
+    nan = 0x7FC0 if np.dtype(pool_dtype) == BF16_BITS else jnp.nan  # a bfloat16 NaN's bits
+    kv = tuple(jnp.full_like(x, nan) for x in kv)  # unwritten slots must never be read
     table = np.arange(1, 8, dtype=np.int32)[None, :]
     out = []
     for lo, hi in ((0, split), (split, len(ids))):
@@ -66,6 +68,8 @@ def test_packed_params_and_float32_pool_keep_the_numbers(family, dtype, tmp_path
     assert err_wide <= 1.05 * err_half, (err_wide, err_half)
     if family == "smollm2":
         np.testing.assert_array_equal(wide, plain)  # llama's attention happens to sum in the same order
+    if dtype == "bfloat16":  # the CPU pool of a bfloat16 model: the values' bits, the same numbers
+        np.testing.assert_array_equal(_chunks(model, packed_params, BF16_BITS, ids, split=11), plain)
 
 
 def test_output_head_is_the_embedding_transposed_when_tied(tmp_path):
@@ -77,7 +81,7 @@ def test_output_head_is_the_embedding_transposed_when_tied(tmp_path):
 
 
 def test_kv_storage_dtype_per_platform():
-    assert kv_storage_dtype("auto", jnp.bfloat16, "cpu") == np.float32
+    assert kv_storage_dtype("auto", jnp.bfloat16, "cpu") == BF16_BITS == np.uint16
     assert kv_storage_dtype("auto", jnp.float16, "cpu") == np.float32
     assert kv_storage_dtype("auto", jnp.bfloat16, "gpu") == jnp.bfloat16
     assert kv_storage_dtype("auto", jnp.float32, "cpu") == np.float32
@@ -103,15 +107,22 @@ def test_bfloat16_step_converts_no_weight_stack_and_matches_greedy_reference(tmp
     llm = LLM(model=path, dtype="bfloat16", warmup=False, max_model_len=64, max_num_seqs=4,
               max_num_batched_tokens=32, num_kv_blocks=24)
     runner = llm.llm_engine.runner
-    assert runner.kv_dtype == np.float32 and runner.kv[0].dtype == np.float32
+    assert runner.kv_dtype == np.uint16 and runner.kv[0].dtype == np.uint16  # bfloat16 bits
     hlo = runner._lower(*runner.buckets.shapes()[-1]).compile().as_text()
     model = jaxllm.load_model(path, dtype="bfloat16")
-    # A float32 copy of any stacked layer weight or of the embedding means XLA widened it.
+    # A float32 copy of any stacked layer weight, of the embedding or of the pool means XLA widened it.
     stacks = {tuple(x.shape) for x in jax.tree.leaves(model.params["layers"])} | {tuple(model.params["embed"].shape)}
+    stacks.add(tuple(runner.kv[0].shape))
     widened = stacks & _materialised_float32_shapes(hlo)
-    assert not widened, f"bfloat16 weights widened to float32 in the step: {sorted(widened)}"
+    assert not widened, f"bfloat16 weights or pool widened to float32 in the step: {sorted(widened)}"
+    # The uint16 pool is written in place (donated) by the scatters: nothing else makes one.
+    pool = ",".join(map(str, runner.kv[0].shape))
+    made = re.findall(rf"%([\w.\-]+) = u16\[{pool}\]\S* (\w[\w-]*)\(", hlo)
+    copies = [(name, op) for name, op in made if op in ("copy", "convert", "copy-start")
+              or (op == "fusion" and not name.startswith("wrapped_scatter"))]
+    assert any(op == "scatter" for _, op in made) and not copies, copies
 
-    # The engine (packed weights, float32 pool, chunked prefill) agrees with re-running the whole
+    # The engine (packed weights, uint16 pool, chunked prefill) agrees with re-running the whole
     # sequence through the plain research forward pass at every step.
     prompts = [list(range(5, 45)), list(range(60, 67))]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],

@@ -19,7 +19,7 @@ import jaxllm
 from jaxllm import LLM, SamplingParams
 from jaxllm.models import attention
 from jaxllm.models.attention import AttentionMetadata, get_attention_backend, xla_paged_attention
-from jaxllm.models.kv_quant import QuantizedKVPool, quantize
+from jaxllm.models.kv_quant import BF16_BITS, QuantizedKVPool, quantize
 from jaxllm.runner.batch import Buckets
 from pallas_kernels import cpu_kernels
 from pallas_kernels.cpu_attention import cpu_paged_attention
@@ -82,6 +82,17 @@ def test_bfloat16_q_and_pools():
         assert out.dtype == jnp.bfloat16
         ref = xla_paged_attention(batch.q, pool, batch.layer, md, None)  # float32 inside, bf16 out
         _check(batch, None, out, ref, atol=1e-2)  # both round the same float32 result to bf16
+    # The engine's CPU pool of a bfloat16 model: uint16 bits, read as the bfloat16 values they
+    # are (the same numbers as the float32 pool above, summed in the same order).
+    bits = tuple(jax.lax.bitcast_convert_type(x, BF16_BITS) for x in (batch.k_pool, batch.v_pool))
+    assert bits[0].dtype == jnp.uint16
+    wide = (batch.k_pool.astype(jnp.float32), batch.v_pool.astype(jnp.float32))
+    for window in (None, 9):
+        np.testing.assert_array_equal(np.asarray(_kernel(batch.q, bits, batch.layer, md, window), np.float32),
+                                      np.asarray(_kernel(batch.q, wide, batch.layer, md, window), np.float32))
+        native = (batch.k_pool, batch.v_pool)  # the xla backend views the bits as bfloat16 when it reads them
+        np.testing.assert_array_equal(np.asarray(xla_paged_attention(batch.q, bits, batch.layer, md, window), np.float32),
+                                      np.asarray(xla_paged_attention(batch.q, native, batch.layer, md, window), np.float32))
 
 
 @pytest.mark.parametrize("storage", [jnp.int8, jnp.uint8], ids=["int8", "fp8"])

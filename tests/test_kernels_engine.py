@@ -36,11 +36,11 @@ def test_smollm2_pallas_equals_xla(smollm2_model):
 
 
 def test_tiny_llama_bfloat16_pallas_equals_xla(tmp_path):
-    # On CPU a 16-bit model's KV pool is float32 (kv_storage_dtype) while q stays bfloat16: the
-    # kernels read that mixed pair as the xla backend does.
+    # On CPU a bfloat16 model's KV pool is uint16, the values' bits (kv_storage_dtype): the
+    # interpreted kernels get it viewed as bfloat16 and read it as the xla backend does.
     model = jaxllm.load_model(str(make_tiny_checkpoint("llama", tmp_path)), dtype="bfloat16")
     llm = LLM(model, attention_backend="pallas", **LIMITS)
-    assert str(llm.llm_engine.runner.kv_dtype) == "float32" and str(llm.llm_engine.runner.dtype) == "bfloat16"
+    assert str(llm.llm_engine.runner.kv_dtype) == "uint16" and str(llm.llm_engine.runner.dtype) == "bfloat16"
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == _greedy(model, "xla", PROMPTS, 12)

@@ -21,7 +21,9 @@ ENGINE_HELP = {
     "model": "None or `SmolLM2-135M-Instruct`: the embedded model; else a HF checkpoint directory, a `.gguf` "
              "file, or a repo id already in the local Hugging Face cache. `LLM` also takes a loaded `Model`.",
     "dtype": "`auto`, `float32`, `bfloat16`, `float16`. `auto` is float32 on CPU and, on GPU, the "
-             "checkpoint's 16-bit type (bfloat16 for float32 and quantised checkpoints).",
+             "checkpoint's 16-bit type (bfloat16 for float32 and quantised checkpoints). On CPU `bfloat16` "
+             "runs the `cpu` backend's matmuls on AVX512-BF16 with half the weight and KV bytes: faster, "
+             "at bfloat16's rounding.",
     "block_size": "Tokens per KV block (a power of two). Smaller blocks waste less of each sequence's last "
                   "block and share prefixes at a finer grain; see notebooks/02_paged_kv_cache.ipynb.",
     "max_model_len": "Longest prompt + output in tokens. None: the model's `max_position_embeddings`.",
@@ -39,7 +41,7 @@ ENGINE_HELP = {
                           "start-up), `xla` (plain jnp and XLA's dots: the reference), `pallas` (interpreted on CPU), "
                           "`triton` (GPU, jax-triton), `pallas_mgpu` (H100/H200), or a name given to "
                           "`jaxllm.register_attention_backend`.",
-    "kv_cache_dtype": "`auto` (the model's dtype; on CPU a bfloat16/float16 model's pool is float32, which holds its K/V exactly: XLA:CPU has no 16-bit float scatter), `fp8` (e4m3) or `int8`: quantised K/V with a float32 scale per token and kv head, about half of bf16's memory.",
+    "kv_cache_dtype": "`auto` (the model's dtype; on CPU, where XLA has no 16-bit float scatter, a bfloat16 model's pool stores its K/V's bits as uint16, the same bytes and numbers, and a float16 model's is float32, which holds its K/V exactly), `fp8` (e4m3) or `int8`: quantised K/V with a float32 scale per token and kv head, about half of bf16's memory.",
     "swap_space": "GiB of host memory for swapped-out blocks when `preemption_mode=\"swap\"`.",
     "preemption_mode": "`recompute`: a preempted request's blocks are freed and recomputed later; `swap`: "
                        "they are copied to host memory and back (recompute when swap space is full).",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jaxllm.models.kv_quant import QuantizedKVPool, dequantize, quantize
+from jaxllm.models.kv_quant import QuantizedKVPool, dequantize, from_pool, quantize, to_pool
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +64,16 @@ def write_kv(kv: KVPool, layer: jax.Array, k: jax.Array, v: jax.Array, slot_mapp
         return QuantizedKVPool(kv.k.at[at].set(k_q), kv.v.at[at].set(v_q),
                                kv.k_scale.at[at].set(k_scale), kv.v_scale.at[at].set(v_scale))
     k_pool, v_pool = kv
-    return k_pool.at[at].set(k.astype(k_pool.dtype)), v_pool.at[at].set(v.astype(v_pool.dtype))
+    return k_pool.at[at].set(to_pool(k, k_pool.dtype)), v_pool.at[at].set(to_pool(v, v_pool.dtype))
 
 
 def read_kv(kv: KVPool, layer: jax.Array, index: tuple, dtype) -> tuple[jax.Array, jax.Array]:
-    """K and V at ``[layer, *index]`` of the pool: as stored, or dequantised to ``dtype``."""
+    """K and V at ``[layer, *index]`` of the pool: as stored (bfloat16 bits viewed as bfloat16), or
+    dequantised to ``dtype``."""
     at = (layer, *index)
     if isinstance(kv, QuantizedKVPool):
         return dequantize(kv.k[at], kv.k_scale[at], dtype), dequantize(kv.v[at], kv.v_scale[at], dtype)
-    return kv[0][at], kv[1][at]
+    return from_pool(kv[0][at]), from_pool(kv[1][at])
 
 
 def _partial_softmax(scores, visible):
@@ -217,8 +218,9 @@ def register_attention_backend(name: str, fn: AttentionFn) -> None:
           model's dtype. T is padded up to a bucket; N query heads, H head dim.
         kv: the pool ``(k, v)``, each ``[L, num_blocks, block_size, K, H]``; K kv heads with
           ``N % K == 0``, query head n reading kv head ``n // (N // K)``. This step's new K/V are
-          already written at ``md.slot_mapping`` (see :func:`write_kv`); ``fn`` only reads. With
-          ``kv_cache_dtype`` "fp8"/"int8" it is a :class:`QuantizedKVPool` instead: int8 or
+          already written at ``md.slot_mapping`` (see :func:`write_kv`); ``fn`` only reads. On
+          CPU a bfloat16 model's pool is uint16, the values' bits (``kv_quant.BF16_BITS``;
+          :func:`read_kv` views them as bfloat16). With ``kv_cache_dtype`` "fp8"/"int8" it is a :class:`QuantizedKVPool` instead: int8 or
           uint8 (fp8 e4m3 bits) values with float32 scales ``[L, num_blocks, block_size, K]``
           (:func:`read_kv` gathers and dequantises); a backend that does not handle it may raise
           ValueError when traced, which the engine reports at start-up.

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SCALE_DTYPE = np.dtype(np.float32)  # of the per-token-per-head scales
+BF16_BITS = np.dtype(np.uint16)  # a CPU pool of bfloat16 values, stored as their bits (kv_storage_dtype)
 # kv_cache_dtype name -> (storage dtype, dtype the stored bits mean, largest magnitude it takes)
 _FORMATS = {"fp8": (np.dtype(np.uint8), jnp.float8_e4m3fn, 448.0), "int8": (np.dtype(np.int8), jnp.int8, 127.0)}
 
@@ -51,16 +52,31 @@ class QuantizedKVPool(NamedTuple):
 def kv_storage_dtype(kv_cache_dtype: str, model_dtype, platform: str) -> np.dtype:
     """The dtype pool values are stored in: the model's for "auto", uint8 for fp8, int8 for int8.
 
-    On CPU a 16-bit float model's "auto" pool is float32: XLA:CPU has no bfloat16/float16
-    scatter either (the same widening as fp8's, below: every layer's write into a bf16 pool
-    converted the whole pool to float32 and back, ~0.5 s per step for a 256 MB pool). The K/V
-    written are still the model's 16-bit values, which float32 holds exactly, so attention sees
-    the same numbers; the pool takes twice the bytes (the CPU budget is host memory).
+    XLA:CPU has no bfloat16/float16 scatter (the same widening as fp8's, above: every layer's
+    write into a bf16 pool converted the whole pool to float32 and back, ~0.5 s per step for a
+    256 MB pool). So on CPU a bfloat16 model's "auto" pool holds the values' uint16 bits
+    (:data:`BF16_BITS`; the uint16 scatter is in place, and the cpu attention kernel reads them
+    as bfloat16), and a float16 model's is float32, which holds its values exactly (twice the
+    bytes; the CPU budget is host memory). Either way attention sees the model's own numbers.
     """
     if kv_cache_dtype == "auto":
         dtype = np.dtype(model_dtype)
-        return np.dtype(np.float32) if platform == "cpu" and dtype.itemsize == 2 else dtype
+        if platform == "cpu" and dtype.itemsize == 2:
+            return BF16_BITS if dtype == jnp.bfloat16 else np.dtype(np.float32)
+        return dtype
     return _FORMATS[kv_cache_dtype][0]
+
+
+def to_pool(values: jax.Array, pool_dtype) -> jax.Array:
+    """New K or V values as a plain (not quantised) pool of ``pool_dtype`` stores them."""
+    if np.dtype(pool_dtype) == BF16_BITS:
+        return jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), BF16_BITS)
+    return values.astype(pool_dtype)
+
+
+def from_pool(values: jax.Array) -> jax.Array:
+    """Values read from a plain pool as numbers: :data:`BF16_BITS` -> bfloat16, others as they are."""
+    return jax.lax.bitcast_convert_type(values, jnp.bfloat16) if values.dtype == BF16_BITS else values
 
 
 def is_quantized(dtype) -> bool:
