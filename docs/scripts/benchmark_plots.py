@@ -283,16 +283,16 @@ def section_roofline(r: dict | None) -> list[str]:
     return lines + [""]
 
 
-def section_step_breakdown(r: dict | None) -> list[str]:
+def section_step_breakdown(r: dict | None, name: str = "step_profile_cpu.json") -> list[str]:
     if r is None or "breakdown" not in r:
         return _missing("step_profile_cpu.json", "python benchmarks/step_profile.py")
     env, rows = r["environment"], r["breakdown"]
     categories = list(dict.fromkeys(k for row in rows.values() for k in row["share"]))
     lines = [
-        "### `step_profile_cpu.json`", "",
+        f"### `{name}`", "",
         f"`{env['command']}` at commit `{(env.get('git_commit') or '')[:10]}` ({env['cpu_count']} cores): the "
-        f"throughput workload's last step of each (tokens x blocks) bucket with `{r.get('breakdown_backend', 'xla')}` "
-        "attention, replayed under the profiler; each instant of the step's wall time is shared among the ops "
+        f"throughput workload ({r.get('dtype', 'float32')})'s last step of each (tokens x blocks) bucket with "
+        f"`{r.get('breakdown_backend', 'xla')}` attention, replayed under the profiler; each instant of the step's wall time is shared among the ops "
         "running on the threads then.",
         "",
         "| share of wall time | " + " | ".join(f"{b} ({row['tokens']} tok, {row['step_ms']:.0f} ms)"
@@ -416,7 +416,8 @@ def render() -> str:
         _missing("throughput_cpu.json", "python benchmarks/throughput.py")
     lines += ["## How far from this machine's limits", ""]
     lines += section_roofline(_load("roofline_cpu.json"))
-    lines += section_step_breakdown(_load("step_profile_cpu.json"))
+    lines += [x for name, r in _globbed("step_profile_*.json") for x in section_step_breakdown(r, name)] or \
+        section_step_breakdown(None)
     lines += ["## The CPU kernels alone", ""]
     lines += [x for name, r in _globbed("cpu_kernels_*.json") for x in section_cpu_kernels(name, r)] or \
         _missing("cpu_kernels_cpu.json", "python benchmarks/cpu_kernels.py")
