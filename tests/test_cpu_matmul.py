@@ -364,26 +364,30 @@ def test_pack_params_packs_float32_matmul_weights_and_the_head(tmp_path, family)
     assert not isinstance(pack_params(fp16, tied, "cpu", cpu_matmul=True)["layers"]["wq"], PackedMatrix)
 
 
+def _step_logits(model, weights, packed: bool) -> np.ndarray:
+    """Logits (float64) of one mixed step of ``model`` on ``weights`` (3 sequences: a prompt, a
+    decode, a chunk), the weights packed for the kernel or not; the real tokens' rows only."""
+    cfg = model.config
+    batch = make_batch(8, [5, 1, 9], [5, 8, 12], block_size=16, num_kv_heads=cfg.num_kv_heads,
+                       group=cfg.num_heads // cfg.num_kv_heads, head_dim=cfg.head_dim)
+    md = batch.metadata()
+    assert md.positions.shape[0] > batch.num_real_tokens  # padding tokens' rows are zeros through the kernel
+    forward = jax.jit(functools.partial(model_module(cfg).forward, cfg=cfg, attend=xla_paged_attention))
+    token_ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, md.positions.shape[0]), jnp.int32)
+    p = pack_params(weights, cfg.tie_word_embeddings, "cpu", cpu_matmul=packed, hidden_act=cfg.hidden_act)
+    assert isinstance(output_head(p, cfg.tie_word_embeddings), PackedMatrix) == packed
+    kv = kv_pool.allocate(cfg, batch.k_pool.shape[1], 16, jnp.float32)
+    hidden, _ = forward(p, kv=kv, token_ids=token_ids, md=md)
+    logits = head_logits(hidden, output_head(p, cfg.tie_word_embeddings))
+    return np.asarray(logits, np.float64)[: batch.num_real_tokens]
+
+
 @pytest.mark.parametrize("family", ["llama", "opt350m"])
 def test_forward_and_logits_match_unpacked(tmp_path, family):
     # The whole model on packed weights against the same weights through XLA's dots.
     model = _tiny(tmp_path, family)
-    cfg, params = model.config, model.params
-    module = model_module(cfg)
-    batch = make_batch(8, [5, 1, 9], [5, 8, 12], block_size=16, num_kv_heads=cfg.num_kv_heads,
-                       group=cfg.num_heads // cfg.num_kv_heads, head_dim=cfg.head_dim)
-    md = batch.metadata()
-    forward = jax.jit(functools.partial(module.forward, cfg=cfg, attend=xla_paged_attention))
-    token_ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, md.positions.shape[0]), jnp.int32)
-    outs = []
-    for packed in (False, True):
-        p = pack_params(params, cfg.tie_word_embeddings, "cpu", cpu_matmul=packed, hidden_act=cfg.hidden_act)
-        kv = kv_pool.allocate(cfg, batch.k_pool.shape[1], 16, jnp.float32)
-        hidden, _ = forward(p, kv=kv, token_ids=token_ids, md=md)
-        outs.append(np.asarray(head_logits(hidden, output_head(p, cfg.tie_word_embeddings))))
-    n = batch.num_real_tokens  # padding tokens' rows are zeros through the kernel
-    assert md.positions.shape[0] > n
-    np.testing.assert_allclose(outs[1][:n], outs[0][:n], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_step_logits(model, model.params, True), _step_logits(model, model.params, False),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "smollm2"])
@@ -392,28 +396,10 @@ def test_bfloat16_forward_is_as_close_to_float32_as_xla(tmp_path, family):
     # beside it the bfloat16 model through XLA's dots: the kernel sums in float32 and rounds each
     # matmul's result once (the gated MLP's activation included), so it is no further off.
     model = _tiny(tmp_path, family, dtype="bfloat16")
-    cfg, params = model.config, model.params
-    module = model_module(cfg)
-    batch = make_batch(8, [5, 1, 9], [5, 8, 12], block_size=16, num_kv_heads=cfg.num_kv_heads,
-                       group=cfg.num_heads // cfg.num_kv_heads, head_dim=cfg.head_dim)
-    md = batch.metadata()
-    forward = jax.jit(functools.partial(module.forward, cfg=cfg, attend=xla_paged_attention))
-    token_ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, md.positions.shape[0]), jnp.int32)
-    as_f32 = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, params)
-    logits = {}
-    for name, weights, packed in (("f32", as_f32, False), ("xla", params, False), ("kernel", params, True)):
-        p = pack_params(weights, cfg.tie_word_embeddings, "cpu", cpu_matmul=packed, hidden_act=cfg.hidden_act)
-        assert isinstance(output_head(p, cfg.tie_word_embeddings), PackedMatrix) == packed
-        kv = kv_pool.allocate(cfg, batch.k_pool.shape[1], 16, jnp.float32)
-        hidden, _ = forward(p, kv=kv, token_ids=token_ids, md=md)
-        logits[name] = np.asarray(head_logits(hidden, output_head(p, cfg.tie_word_embeddings)), np.float64)
-    n = batch.num_real_tokens
-
-    def rms(name):
-        return float(np.sqrt(np.mean((logits[name][:n] - logits["f32"][:n]) ** 2)))
-
-    scale = float(np.sqrt(np.mean(logits["f32"][:n] ** 2)))
-    assert 0 < rms("kernel") <= 1.1 * rms("xla") and rms("kernel") < 0.05 * scale, (rms("kernel"), rms("xla"), scale)
+    as_f32 = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, model.params)
+    truth = _step_logits(model, as_f32, False)
+    kernel, xla = (np.sqrt(np.mean((_step_logits(model, model.params, packed) - truth) ** 2)) for packed in (True, False))
+    assert 0 < kernel <= 1.1 * xla and kernel < 0.05 * np.sqrt(np.mean(truth**2)), (kernel, xla)
 
 
 def _weight_slices(hlo: str) -> list[str]:
