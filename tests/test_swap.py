@@ -200,3 +200,27 @@ def test_tiny_pool_swaps_and_matches_transformers(smollm2_model, smollm2_expecte
     assert stats.num_preemptions > 0 and stats.num_compiles == compiles and stats.kv_blocks_used == 0
     assert stats.num_swaps == (stats.num_preemptions if swap_blocks == 1000 else 0)
     assert engine.scheduler.swap_space.num_free == swap_blocks
+
+
+def test_bfloat16_pool_swaps_its_bits_out_and_back(tmp_path):
+    # A bfloat16 model's CPU pool is uint16 (the values' bits): swapped out to host memory and
+    # back, its requests finish exactly as they do in a pool big enough never to preempt.
+    from tiny_models import make_tiny_checkpoint
+
+    from jaxllm import LLM
+    from jaxllm.runner.kv_pool import bytes_per_block
+
+    path = str(make_tiny_checkpoint("llama", tmp_path))
+    limits = dict(dtype="bfloat16", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64, warmup=False)
+    prompts = [{"prompt_token_ids": list(range(i + 3, i + 40))} for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    roomy = LLM(path, **limits)
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    assert roomy.llm_engine.stats.num_preemptions == 0
+    cfg = roomy.llm_engine.runner.cfg
+    gib = 100 * bytes_per_block(cfg, 16, np.uint16) / (1 << 30)
+    tight = LLM(path, num_kv_blocks=12, preemption_mode="swap", swap_space=gib, **limits)
+    assert tight.llm_engine.runner.kv_dtype == np.uint16 and tight.llm_engine.runner.num_swap_blocks == 100
+    got = [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
+    assert tight.llm_engine.stats.num_swaps > 0
+    assert got == expected and all(len(t) == 20 for t in got)
