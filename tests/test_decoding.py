@@ -87,6 +87,48 @@ def test_prompt_logprobs_across_prefill_chunks(smollm2_model):
         np.testing.assert_allclose([x.logprob for x in a.values()], [x.logprob for x in b.values()], atol=1e-4)
 
 
+def test_prompt_logprobs_are_computed_a_chunk_of_rows_at_a_time():
+    # 600 tokens: three chunks of 256 rows (the last one padded). Each row gets the values the
+    # whole [T, V] computation gives, and the compiled program holds no [T, V] array.
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.runner.logprobs import PROMPT_LOGPROBS_CHUNK, _compute, prompt_logprobs_if
+
+    assert PROMPT_LOGPROBS_CHUNK == 256
+    rng = np.random.default_rng(0)
+    T, D, V = 600, 8, 3000
+    hidden = jnp.asarray(rng.standard_normal((T, D)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((D, V)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, T), jnp.int32)
+
+    def logits_fn(h):
+        return jnp.dot(h, w, precision=jax.lax.Precision.HIGHEST)
+
+    run = jax.jit(lambda h, t: prompt_logprobs_if(jnp.bool_(True), logits_fn, h, t))
+    got, whole = run(hidden, targets), jax.jit(lambda h, t: _compute(logits_fn(h), t))(hidden, targets)
+    assert got.token_logprob.shape == (T,) and got.top_ids.shape == (T, 20)
+    np.testing.assert_allclose(np.asarray(got.token_logprob), np.asarray(whole.token_logprob), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.top_logprobs), np.asarray(whole.top_logprobs), rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got.token_rank), np.asarray(whole.token_rank))
+    np.testing.assert_array_equal(np.asarray(got.top_ids), np.asarray(whole.top_ids))
+    hlo = run.lower(hidden, targets).compile().as_text()
+    assert f"f32[256,{V}]" in hlo and f"f32[{T},{V}]" not in hlo and f"f32[768,{V}]" not in hlo
+
+
+def test_prompt_logprobs_of_a_long_prompt_in_one_step_equal_chunked_prefill(smollm2_model):
+    # A 300-token prompt in one 512-token step (its logprobs taken in chunks of 256 rows) against
+    # the same prompt prefilled 64 tokens a step.
+    prompt = {"prompt_token_ids": np.random.default_rng(1).integers(3, 20000, 300).tolist()}
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3)
+    outs = [LLM(smollm2_model, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=tokens, warmup=False)
+            .generate(prompt, params, use_tqdm=False)[0].prompt_logprobs for tokens in (512, 64)]
+    assert len(outs[0]) == 300 and outs[0][0] is None
+    for a, b in zip(outs[0][1:], outs[1][1:], strict=True):
+        assert list(a) == list(b)
+        np.testing.assert_allclose([x.logprob for x in a.values()], [x.logprob for x in b.values()], atol=1e-5)
+
+
 def test_greedy_parallel_samples_all_equal_transformers(llm, smollm2_model, smollm2_hf):
     # Four children share the prompt's blocks; each must copy the shared partial block before
     # writing into it, or their continuations would corrupt each other.

@@ -16,6 +16,10 @@ import numpy as np
 from jaxllm.engine.messages import TokenLogprobs
 
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit; vLLM's default max_logprobs
+# Prompt logprobs take the step's tokens this many rows at a time: the [rows, V] logits and their
+# log_softmax exist for one chunk, not for the whole bucket (at 8192 tokens and a 128k vocabulary,
+# 4 GB per array).
+PROMPT_LOGPROBS_CHUNK = 256
 
 
 @jax.tree_util.register_dataclass
@@ -52,10 +56,19 @@ def logprobs_if(wanted: jax.Array, logits: jax.Array, targets: jax.Array) -> Log
 
 
 def prompt_logprobs_if(wanted: jax.Array, logits_fn, hidden: jax.Array, targets: jax.Array) -> Logprobs:
-    """Logprobs of every token's successor: hidden [T, D] -> logits_fn -> [T, V], only if wanted."""
+    """Logprobs of every token's successor: hidden [T, D] -> logits_fn -> [T, V], only if wanted,
+    :data:`PROMPT_LOGPROBS_CHUNK` rows at a time (a row's values do not depend on the chunking)."""
 
     def compute(hidden, targets):
-        return _compute(logits_fn(hidden), targets)
+        T = hidden.shape[0]
+        if T <= PROMPT_LOGPROBS_CHUNK:
+            return _compute(logits_fn(hidden), targets)
+        n = -(-T // PROMPT_LOGPROBS_CHUNK)
+        pad = n * PROMPT_LOGPROBS_CHUNK - T
+        chunks = (jnp.pad(hidden, ((0, pad), (0, 0))).reshape(n, PROMPT_LOGPROBS_CHUNK, -1),
+                  jnp.pad(targets, (0, pad)).reshape(n, PROMPT_LOGPROBS_CHUNK))
+        out = jax.lax.map(lambda c: _compute(logits_fn(c[0]), c[1]), chunks)
+        return jax.tree.map(lambda x: x.reshape(n * PROMPT_LOGPROBS_CHUNK, *x.shape[2:])[:T], out)
 
     def empty(hidden, targets):
         return _empty(hidden, targets)
