@@ -59,6 +59,19 @@ class PackedMatrix:
         """Whether this is a bfloat16 weight (its panels hold row pairs)."""
         return self.data.dtype == jnp.uint16
 
+    def columns(self, index: jax.Array) -> jax.Array:
+        """``w[:, index].T``: [len(index), K] in the weight's dtype, gathered from the panels (a
+        column is K values 64 apart). How a tied model packed for the kernel looks up its token
+        embeddings in the packed output head instead of keeping a second copy of them."""
+        if self.stacked or self.gated or len(self.in_shape) != 1 or len(self.out_shape) != 1:
+            raise ValueError("PackedMatrix.columns: needs one unstacked, ungated [K, N] weight")
+        panel, col = index // PANEL, index % PANEL
+        if not self.bf16:
+            return self.data[panel, :, col]  # [T, K]
+        pairs = jnp.stack([self.data[panel, :, 2 * col], self.data[panel, :, 2 * col + 1]], axis=-1)  # [T, K/2, 2]
+        rows = pairs.reshape(index.shape[0], -1)[:, : self.in_shape[0]]
+        return jax.lax.bitcast_convert_type(rows, jnp.bfloat16)
+
     def at_layer(self, layer) -> PackedMatrix:
         """The stack read at ``layer`` (traced or not): no copy, the kernel indexes it."""
         if not self.stacked:

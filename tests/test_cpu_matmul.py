@@ -20,7 +20,7 @@ import jaxllm
 from jaxllm import LLM, SamplingParams
 from jaxllm.models import model_module
 from jaxllm.models.attention import xla_paged_attention
-from jaxllm.models.layers import head_logits, output_head, pack_params
+from jaxllm.models.layers import embed, head_logits, output_head, pack_params
 from jaxllm.runner import kv_pool
 from pallas_kernels.cpu_attention import cpu_paged_attention
 from pallas_kernels.cpu_matmul import PackedMatrix, amx_usable, pack, pack_gated, packed_einsum, packed_matmul, unpack
@@ -349,6 +349,10 @@ def test_pack_params_packs_float32_matmul_weights_and_the_head(tmp_path, family)
     head = output_head(packed, tied)
     assert isinstance(head, PackedMatrix)
     np.testing.assert_array_equal(np.asarray(unpack(head)), np.asarray(output_head(params, tied)))
+    # A tied model keeps one copy: the packed head is its embedding too, read a column per token.
+    assert (packed["embed"] is head) == tied
+    ids = jnp.asarray([0, 1, 63, 64, model.config.vocab_size - 1, 1], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(embed)(packed, ids)), np.asarray(params["embed"])[np.asarray(ids)])
     # Not asked, another platform, or 16-bit weights: unchanged layout.
     assert pack_params(params, tied, "cpu")["layers"]["wq"] is params["layers"]["wq"]
     assert pack_params(params, tied, "gpu", cpu_matmul=True)["layers"]["wq"] is params["layers"]["wq"]
@@ -357,6 +361,8 @@ def test_pack_params_packs_float32_matmul_weights_and_the_head(tmp_path, family)
     bf16 = _tiny(tmp_path / "bf16", family, dtype="bfloat16").params
     packed16 = pack_params(bf16, tied, "cpu", cpu_matmul=True, hidden_act=model.config.hidden_act)
     assert packed16["layers"]["wq"].bf16 and output_head(packed16, tied).bf16
+    np.testing.assert_array_equal(np.asarray(embed(packed16, ids)).view(np.uint16),
+                                  np.asarray(bf16["embed"])[np.asarray(ids)].view(np.uint16))
     np.testing.assert_array_equal(np.asarray(unpack(packed16["layers"]["w_down"])).view(np.uint16),
                                   np.asarray(bf16["layers"]["w_down"]).view(np.uint16))
     assert packed16["layers"]["attn_norm"].dtype == jnp.uint16
@@ -416,6 +422,7 @@ def test_engine_step_reads_packed_weights_in_place(tmp_path):
     llm = LLM(model, attention_backend="cpu", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16)
     runner = llm.llm_engine.runner
     assert isinstance(runner.params["layers"]["w_gate_up"], PackedMatrix)
+    assert not model.config.tie_word_embeddings and runner.params["embed"] is model.params["embed"]
     hlo = runner._lower(16, runner.buckets.block_buckets[0]).compile().as_text()
     # q, k, v, o, gate with up, down in the loop; the head for sampling and for prompt logprobs.
     assert hlo.count('custom_call_target="jaxllm_cpu_matmul"') == 8

@@ -10,7 +10,7 @@ import jax
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import AttentionFn, AttentionMetadata, KVPool, write_kv
-from jaxllm.models.layers import activation, einsum, head_logits, layer_norm, matmul, output_head, scan_layers
+from jaxllm.models.layers import activation, einsum, embed, head_logits, layer_norm, matmul, output_head, scan_layers
 
 
 def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMetadata, attend: AttentionFn):
@@ -34,7 +34,7 @@ def _norm(cfg: ModelConfig, lp: dict, name: str, x):
 
 def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: AttentionMetadata, attend: AttentionFn):
     """Run the decoder over the flat batch token_ids [T]; returns (hidden [T, D], kv pool)."""
-    x = params["embed"][token_ids]
+    x = embed(params, token_ids)
     if "project_in" in params:
         x = matmul(x, params["project_in"])
     x = x + params["pos_embed"][md.positions + cfg.position_offset]
@@ -52,7 +52,7 @@ def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: Attention
             x = x + h if cfg.pre_norm else _norm(cfg, lp, "mlp_norm", x + h)
         return (x, kv), None
 
-    (x, kv), _ = scan_layers(layer, (x, kv), params["layers"], params["embed"].dtype)
+    (x, kv), _ = scan_layers(layer, (x, kv), params["layers"], x.dtype)
     if cfg.final_norm:
         x = layer_norm(x, params["final_norm"], params["final_norm_bias"], cfg.norm_eps)
     if "project_out" in params:

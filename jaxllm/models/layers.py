@@ -127,8 +127,9 @@ def pack_params(params: dict, tie_word_embeddings: bool, platform: str, cpu_matm
 
     - With ``cpu_matmul`` (the "cpu" attention backend asks for it), on CPU, a float32 or
       bfloat16 model's per-layer matmul weights and its output head become :class:`PackedMatrix`
-      panels for ``pallas_kernels/cpu_matmul.cc`` (a tied embedding gets a packed transposed copy
-      as ``lm_head``, V x D more elements). :func:`einsum`, :func:`matmul` and :func:`head_logits` send
+      panels for ``pallas_kernels/cpu_matmul.cc`` (a tied embedding becomes the packed head, kept
+      once: ``embed`` and ``lm_head`` are the same :class:`PackedMatrix`, and :func:`embed`
+      gathers a token's row from it). :func:`einsum`, :func:`matmul` and :func:`head_logits` send
       them to the kernel; :func:`scan_layers` hands the loop the whole stack and the layer index.
       A SwiGLU MLP (``hidden_act`` "silu", gate and up without biases) gets ``w_gate_up`` instead
       of ``w_gate`` and ``w_up``: one call computes ``silu(x @ w_gate) * (x @ w_up)``.
@@ -145,12 +146,22 @@ def pack_params(params: dict, tie_word_embeddings: bool, platform: str, cpu_matm
         layers = _as_bits(layers)
         if gated:
             layers["w_gate_up"] = pack_gated(raw["w_gate"], raw["w_up"], stacked=True)
-        head = params["lm_head"] if "lm_head" in params else jnp.asarray(params["embed"]).T
-        return {**params, "layers": layers, "lm_head": pack(head, 1)}
+        if "lm_head" in params:
+            return {**params, "layers": layers, "lm_head": pack(params["lm_head"], 1)}
+        # Tied: one packed copy serves as the head and, read a column per token, as the embedding.
+        head = pack(jnp.asarray(params["embed"]).T, 1)
+        return {**params, "layers": layers, "embed": head, "lm_head": head}
     packed = {**params, "layers": _as_bits(params["layers"])}
     if platform == "cpu" and tie_word_embeddings and _is_half(params["embed"]) and "lm_head" not in params:
         packed["lm_head"] = jnp.asarray(params["embed"]).T.copy()
     return packed
+
+
+def embed(params: dict, token_ids: jax.Array) -> jax.Array:
+    """The token embedding's rows for ``token_ids`` [T] -> [T, D], in the model's dtype; from the
+    packed output head when :func:`pack_params` made a tied model's ``embed`` that."""
+    table = params["embed"]
+    return table.columns(token_ids) if isinstance(table, PackedMatrix) else table[token_ids]
 
 
 def output_head(params: dict, tie_word_embeddings: bool) -> jax.Array:

@@ -15,6 +15,7 @@ from jaxllm.models.layers import (
     activation,
     apply_rope,
     einsum,
+    embed,
     head_logits,
     matmul,
     output_head,
@@ -60,7 +61,7 @@ def _mlp(cfg: ModelConfig, lp: dict, x, rows):
 
 def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: AttentionMetadata, attend: AttentionFn):
     """Run the decoder over the flat batch token_ids [T]; returns (hidden [T, D], kv pool)."""
-    x = params["embed"][token_ids]
+    x = embed(params, token_ids)
 
     def layer(carry, scanned):
         x, kv = carry
@@ -72,7 +73,7 @@ def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: Attention
             x = x + _mlp(cfg, lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps), md.cu_q_lens[-1])
         return (x, kv), None
 
-    (x, kv), _ = scan_layers(layer, (x, kv), params["layers"], params["embed"].dtype)
+    (x, kv), _ = scan_layers(layer, (x, kv), params["layers"], x.dtype)
     return rms_norm(x, params["final_norm"], cfg.norm_eps), kv
 
 
