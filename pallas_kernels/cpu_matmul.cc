@@ -99,8 +99,8 @@ void Tile(const float* x, int64_t ldx, int64_t kn, const float* block, float* c,
 // products exact in float32 and summed in float32 (one rounding per product added). The units,
 // blocks, prefetches and tiles are the float32 path's (a 64-pair block is 16 KB too), each
 // vdpbf16ps doing two k steps: SmolLM2's 30 MLP layers ran 1.6-2.1x faster than the float32 path
-// at 6-337 rows on a Zen 4 host, and faster than torch's bfloat16 matmuls at every row count
-// (benchmarks/cpu_kernels.py). No AMX path (bf16 tiles would need no split, but it is untested).
+// at 6-337 rows on a Zen 4 host (1.2x at 9 rows in the same run), and faster than torch's bfloat16
+// matmuls at every row count (benchmarks/cpu_kernels.py). No AMX path (bf16 tiles would need no split, but it is untested).
 #ifdef __AVX512BF16__
 // vdpbf16ps: 32 multiply-adds per instruction where an FMA does 16.
 inline void DotPair(Vec16& acc, uint32_t xp, Vec16i w) {
