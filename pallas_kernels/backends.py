@@ -45,7 +45,7 @@ def _interpretable(pool: jax.Array) -> jax.Array:
 def _dequantized_layer(kv: KVPool, layer, dtype) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
     """((k, v) of ``layer`` as a one-layer pool in ``dtype``, the layer index into it)."""
     if not isinstance(kv, QuantizedKVPool):
-        return tuple(map(from_pool, kv)), layer
+        return tuple(kv), layer
     pools = tuple(dequantize(x[layer], s[layer], dtype)[None] for x, s in ((kv.k, kv.k_scale), (kv.v, kv.v_scale)))
     return pools, jnp.int32(0)
 

@@ -65,6 +65,21 @@ using jaxllm_cpu::ExpNonpositive;
 using jaxllm_cpu::Vec16;
 using jaxllm_cpu::Vec16i;
 
+// A tile's R x 64 accumulators: zeros on a panel's first block, else c's partial sums; and back.
+template <int R>
+inline void LoadTile(Vec16 (&acc)[R][4], const float* c, bool first) {
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < 4; ++v) acc[r][v] = first ? Vec16{} : *reinterpret_cast<const Vec16*>(c + r * kPanel + 16 * v);
+  }
+}
+
+template <int R>
+inline void StoreTile(const Vec16 (&acc)[R][4], float* c) {
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < 4; ++v) *reinterpret_cast<Vec16*>(c + r * kPanel + 16 * v) = acc[r][v];
+  }
+}
+
 // c[r, :] (+)= x[r, :kn] @ block for R rows: block is kn rows of a panel, c an [R, 64] tile (set
 // on the first block, added to after), x rows ldx apart. Meanwhile `lines` cache lines from
 // `prefetch` are requested, spread over the k loop: the block the row tiles will need next.
@@ -72,9 +87,7 @@ template <int R>
 void Tile(const float* x, int64_t ldx, int64_t kn, const float* block, float* c, bool first,
           const char* prefetch, int64_t lines) {
   Vec16 acc[R][4];
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < 4; ++v) acc[r][v] = first ? Vec16{} : *reinterpret_cast<const Vec16*>(c + r * kPanel + 16 * v);
-  }
+  LoadTile<R>(acc, c, first);
   const int64_t per_k = (lines + kn - 1) / kn;
   for (int64_t k = 0; k < kn; ++k) {
     for (int64_t i = k * per_k; i < std::min(lines, (k + 1) * per_k); ++i) __builtin_prefetch(prefetch + 64 * i, 0, 2);
@@ -88,9 +101,7 @@ void Tile(const float* x, int64_t ldx, int64_t kn, const float* block, float* c,
       acc[r][3] += xs * w3;
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < 4; ++v) *reinterpret_cast<Vec16*>(c + r * kPanel + 16 * v) = acc[r][v];
-  }
+  StoreTile<R>(acc, c);
 }
 
 // The bfloat16 format: a panel row pair (w[2q][j], w[2q + 1][j]) for its 64 columns j, the
@@ -123,9 +134,7 @@ template <int R>
 void Tile(const uint16_t* x, int64_t ldx, int64_t kn, const uint16_t* block, float* c, bool first,
           const char* prefetch, int64_t lines) {
   Vec16 acc[R][4];
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < 4; ++v) acc[r][v] = first ? Vec16{} : *reinterpret_cast<const Vec16*>(c + r * kPanel + 16 * v);
-  }
+  LoadTile<R>(acc, c, first);
   const int64_t pairs = kn / 2, per_q = (lines + pairs - 1) / pairs;
   for (int64_t q = 0; q < pairs; ++q) {
     for (int64_t i = q * per_q; i < std::min(lines, (q + 1) * per_q); ++i) __builtin_prefetch(prefetch + 64 * i, 0, 2);
@@ -140,9 +149,7 @@ void Tile(const uint16_t* x, int64_t ldx, int64_t kn, const uint16_t* block, flo
       DotPair(acc[r][3], xp, w3);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < 4; ++v) *reinterpret_cast<Vec16*>(c + r * kPanel + 16 * v) = acc[r][v];
-  }
+  StoreTile<R>(acc, c);
 }
 
 // c [rows, 64] = x[:rows] @ panel (rows <= kMaxChunkRows). The panel is taken block_k rows at a

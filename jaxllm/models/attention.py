@@ -220,8 +220,8 @@ def register_attention_backend(name: str, fn: AttentionFn) -> None:
           ``N % K == 0``, query head n reading kv head ``n // (N // K)``. This step's new K/V are
           already written at ``md.slot_mapping`` (see :func:`write_kv`); ``fn`` only reads. On
           CPU a bfloat16 model's pool is uint16, the values' bits (``kv_quant.BF16_BITS``;
-          :func:`read_kv` views them as bfloat16). With ``kv_cache_dtype`` "fp8"/"int8" it is a :class:`QuantizedKVPool` instead: int8 or
-          uint8 (fp8 e4m3 bits) values with float32 scales ``[L, num_blocks, block_size, K]``
+          :func:`read_kv` views them as bfloat16). With ``kv_cache_dtype`` "fp8"/"int8" it is a
+          :class:`QuantizedKVPool` instead: int8 or uint8 (fp8 e4m3 bits) values with float32 scales ``[L, num_blocks, block_size, K]``
           (:func:`read_kv` gathers and dequantises); a backend that does not handle it may raise
           ValueError when traced, which the engine reports at start-up.
         layer: int32 scalar, traced (the scan index): the layer of the pool to read.
