@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from converters.checkpoint import Checkpoint
 from jaxllm.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jaxllm.engine_args import EngineArgs, create_engine
-from jaxllm.entrypoints.openai.protocol import ChatMessage
+from jaxllm.entrypoints.chat_utils import render_chat
 from jaxllm.loader import Model
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
@@ -84,21 +84,26 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         tools: list[dict] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them through the chat template.
 
         Messages are read as the server reads them (``ChatMessage``): text content parts joined,
         an assistant's ``tool_calls`` with their JSON ``arguments`` parsed, a tool message's
         ``tool_call_id`` kept; a malformed message raises ValueError. ``tools`` reach the
-        template (nothing parses tool calls out of the reply)."""
+        template (nothing parses tool calls out of the reply). ``continue_final_message``
+        (with ``add_generation_prompt=False``) continues the last, assistant, message;
+        ``chat_template_kwargs`` are extra template variables (see ``render_chat``)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.get_tokenizer()
         prompts = [
-            {"prompt_token_ids": list(tokenizer.apply_chat_template(
-                [ChatMessage.model_validate(m).template_dict() for m in conv], chat_template=chat_template,
-                add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False, tools=tools,
-            ))}
+            {"prompt_token_ids": render_chat(
+                tokenizer, conv, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, chat_template=chat_template, tools=tools,
+                chat_template_kwargs=chat_template_kwargs,
+            )}
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)

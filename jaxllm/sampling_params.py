@@ -10,7 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from jaxllm.engine.messages import MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, MAX_LOGIT_BIAS, SamplingOptions
+from jaxllm.engine.messages import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_TOKENS,
+    MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS,
+    SamplingOptions,
+)
 
 # field -> the only value accepted until the feature exists.
 _UNSUPPORTED_UNLESS_NEUTRAL = {
@@ -76,6 +82,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    # Only these token ids can be sampled (every other logit is -inf); None: any.
+    allowed_token_ids: list[int] | None = None
+    # Keep only the prompt's last k tokens (left truncation); -1: the last max_model_len tokens.
+    truncate_prompt_tokens: int | None = None
     # bad_words as token id sequences, set by update_from_tokenizer (a field so that copies keep it).
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False, compare=False)
 
@@ -85,6 +95,7 @@ class SamplingParams:
         self.logit_bias = _as_logit_bias(self.logit_bias)
         self._check_penalties()
         self.stop_token_ids = _as_int_list("stop_token_ids", self.stop_token_ids)
+        self._check_allowed_token_ids()
         self._check_unsupported()
         self._check_logprobs()
         self._check_sampling()
@@ -98,6 +109,17 @@ class SamplingParams:
         for name, neutral in _UNSUPPORTED_UNLESS_NEUTRAL.items():
             if getattr(self, name) != neutral:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported yet; leave it at {neutral!r}")
+
+    def _check_allowed_token_ids(self) -> None:
+        if self.allowed_token_ids is None:
+            return
+        ids = _as_int_list("allowed_token_ids", self.allowed_token_ids)
+        if not ids:
+            raise ValueError("allowed_token_ids=[] must hold at least one token id (None allows every token)")
+        ids = list(dict.fromkeys(ids))
+        if len(ids) > MAX_ALLOWED_TOKEN_IDS:
+            raise ValueError(f"allowed_token_ids has {len(ids)} distinct ids; at most {MAX_ALLOWED_TOKEN_IDS}")
+        self.allowed_token_ids = ids
 
     def _check_penalties(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -117,12 +139,20 @@ class SamplingParams:
             if self.bad_words:
                 raise ValueError(f"bad_words={self.bad_words!r} need a tokenizer; the engine has none")
             return
-        vocab = len(tokenizer)
-        outside = sorted(t for t in self.logit_bias or () if t >= vocab)
-        if outside:
-            raise ValueError(f"logit_bias has token ids {outside} outside the vocabulary of {vocab}")
+        self.check_vocabulary(len(tokenizer))
         if self.bad_words:
             self._bad_words_token_ids = _tokenize_bad_words(tokenizer, self.bad_words)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raises ValueError when ``logit_bias`` or ``allowed_token_ids`` name an id >= vocab_size."""
+        for name, ids in (("logit_bias", self.logit_bias), ("allowed_token_ids", self.allowed_token_ids)):
+            outside = sorted(t for t in ids or () if t >= vocab_size)
+            if outside:
+                raise ValueError(f"{name} has token ids {outside[:8]} outside the vocabulary of {vocab_size}")
+
+    def truncated_prompt(self, token_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt ids ``truncate_prompt_tokens`` keeps (see :func:`truncate_prompt`)."""
+        return truncate_prompt(token_ids, self.truncate_prompt_tokens, max_model_len)
 
     def _check_logprobs(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):
@@ -143,6 +173,7 @@ class SamplingParams:
             raise ValueError(f"seed={self.seed!r} must be an integer or None")
 
     def _check_lengths(self) -> None:
+        _check_truncate_prompt_tokens(self.truncate_prompt_tokens)
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
@@ -182,12 +213,30 @@ class SamplingParams:
             repetition_penalty=float(self.repetition_penalty),
             logit_bias=tuple((self.logit_bias or {}).items()),
             bad_words_token_ids=self._bad_words_options(),
+            allowed_token_ids=tuple(self.allowed_token_ids or ()),
         )
 
     def _bad_words_options(self) -> tuple[tuple[int, ...], ...]:
         if self.bad_words and self._bad_words_token_ids is None:
             raise ValueError(f"bad_words={self.bad_words!r} are not tokenized yet; call update_from_tokenizer")
         return tuple(tuple(ids) for ids in self._bad_words_token_ids or ())
+
+
+def _check_truncate_prompt_tokens(k) -> None:
+    if k is not None and (not _is_int(k) or not (k == -1 or k >= 1)):
+        raise ValueError(f"truncate_prompt_tokens={k!r} must be an integer >= 1, -1 (max_model_len) or None")
+
+
+def truncate_prompt(token_ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int) -> list[int]:
+    """vLLM's left truncation: the prompt's last k ids (k = -1: the last max_model_len); None keeps
+    them all. Raises ValueError for an invalid k or one above max_model_len."""
+    k = truncate_prompt_tokens
+    _check_truncate_prompt_tokens(k)
+    if k is None:
+        return token_ids
+    if k > max_model_len:
+        raise ValueError(f"truncate_prompt_tokens={k} is greater than max_model_len={max_model_len}")
+    return token_ids[-(max_model_len if k == -1 else k):]
 
 
 def _as_logit_bias(value) -> dict[int, float] | None:

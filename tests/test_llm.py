@@ -142,3 +142,21 @@ def test_chat_reads_tool_history_and_tools_as_the_server_does(llm):
     bad = [history[0], {**history[1], "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]
     with pytest.raises(ValueError, match=r"tool_calls\[0\]\.function\.arguments is not valid JSON"):
         llm.chat(bad, params, use_tqdm=False, chat_template=template)
+
+
+def test_chat_continues_the_final_message_and_passes_template_kwargs(llm):
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = llm.chat(chat, GREEDY, use_tqdm=False)[0].outputs[0]
+    head = llm.get_tokenizer().decode(whole.token_ids[:3])
+    partial = [*chat, {"role": "assistant", "content": head}]
+    cont = llm.chat(partial, GREEDY, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
+    # The prompt ends in the partial reply, not in an end of turn, and greedy goes on from it.
+    assert cont.prompt_token_ids[-3:] == whole.token_ids[:3]
+    assert cont.outputs[0].token_ids[: MAX_TOKENS - 3] == whole.token_ids[3:]
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(partial, GREEDY, use_tqdm=False, continue_final_message=True)
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}{{ tail }}"
+    out = llm.chat(chat, GREEDY, use_tqdm=False, chat_template=template, chat_template_kwargs={"tail": " Answer:"})[0]
+    assert out.prompt_token_ids == llm.get_tokenizer().encode(chat[0]["content"] + " Answer:")
+    with pytest.raises(ValueError, match=r"chat_template_kwargs may not set \['tools'\]"):
+        llm.chat(chat, GREEDY, use_tqdm=False, chat_template_kwargs={"tools": []})

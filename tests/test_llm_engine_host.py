@@ -160,6 +160,24 @@ def test_prompt_token_ids_outside_the_vocabulary_are_refused(tokenizer):
     assert engine.has_unfinished_requests()
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(tokenizer):
+    engine = make_engine(tokenizer, PositionRunner(word_ids(tokenizer)), max_model_len=8)
+    prompt = "Hello world! The quick brown fox jumps over the lazy dog."
+    ids = tokenizer.encode(prompt)
+    assert len(ids) > 8
+    engine.add_request("a", prompt, SamplingParams(max_tokens=3, truncate_prompt_tokens=4))
+    engine.add_request("b", ids[-4:], SamplingParams(max_tokens=3))
+    # -1: the last max_model_len tokens, which leave no room for a completion here.
+    with pytest.raises(ValueError, match="exceeds max_model_len=8"):
+        engine.add_request("c", ids, SamplingParams(max_tokens=1, truncate_prompt_tokens=-1))
+    with pytest.raises(ValueError, match="truncate_prompt_tokens=9 is greater than max_model_len=8"):
+        engine.add_request("c", ids, SamplingParams(max_tokens=1, truncate_prompt_tokens=9))
+    final = run(engine)
+    assert set(final) == {"a", "b"} and engine.stats.num_prompt_tokens == 8
+    assert final["a"].prompt == prompt and final["a"].prompt_token_ids == ids[-4:]
+    assert final["a"].outputs[0].token_ids == final["b"].outputs[0].token_ids
+
+
 def test_tiny_pool_preempts_and_gives_the_same_outputs(tokenizer):
     def generate(num_blocks):
         engine = make_engine(tokenizer, PositionRunner(word_ids(tokenizer)), num_blocks=num_blocks)

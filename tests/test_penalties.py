@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
-from jaxllm.engine.messages import MAX_BAD_WORD_TOKENS, MAX_LOGIT_BIAS, SamplingOptions, ScheduledSequence
+from jaxllm.engine.messages import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_TOKENS,
+    MAX_LOGIT_BIAS,
+    SamplingOptions,
+    ScheduledSequence,
+)
 from jaxllm.engine.request import Request
 from jaxllm.engine.token_history import TokenHistories
 from jaxllm.runner.penalties import apply_penalties, penalty_tensors
@@ -30,6 +36,8 @@ def reference(logits: np.ndarray, seq: ScheduledSequence) -> np.ndarray:
     o, out = seq.sampling, logits.astype(np.float32).copy()
     hist, n_prompt = list(seq.token_history), seq.num_prompt_tokens
     outputs = hist[n_prompt:]
+    if o.allowed_token_ids:
+        out[np.setdiff1d(np.arange(V), o.allowed_token_ids)] = -np.inf
     for word in o.bad_words_token_ids:
         prefix = list(word[:-1])
         if len(prefix) <= len(outputs) and (not prefix or outputs[-len(prefix):] == prefix):
@@ -70,6 +78,25 @@ def test_matches_numpy_reference_row_by_row():
         # XLA may fuse ``x - f * count`` into one multiply-subtract: at most one float32 ulp apart.
         np.testing.assert_allclose(got[i], reference(logits[i], seq), rtol=2.5e-7, atol=0, err_msg=f"row {i}")
     np.testing.assert_array_equal(got[-1], logits[-1])
+
+
+def test_allowed_token_ids_mask_every_other_token_of_their_row_only():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, V)).astype(np.float32) * 3
+    rows = [
+        dict(allowed_token_ids=(3, 17, 39)),
+        dict(allowed_token_ids=(5, 6), logit_bias=((6, 2.0), (7, 5.0)), repetition_penalty=1.5),
+        dict(allowed_token_ids=tuple(range(MAX_ALLOWED_TOKEN_IDS)[:V])),  # all of this small vocabulary
+        dict(),
+    ]
+    seqs = [_seq([1, 2, 6, 6], 2, **kw) for kw in rows]
+    got = _apply(logits, seqs)
+    for i, seq in enumerate(seqs):
+        np.testing.assert_allclose(got[i], reference(logits[i], seq), rtol=2.5e-7, atol=0, err_msg=f"row {i}")
+    assert np.flatnonzero(np.isfinite(got[0])).tolist() == [3, 17, 39]
+    assert np.flatnonzero(np.isfinite(got[1])).tolist() == [5, 6]
+    np.testing.assert_array_equal(got[2], logits[2])
+    np.testing.assert_array_equal(got[3], logits[3])
 
 
 def test_bad_words_follow_vllm_rules():
@@ -197,3 +224,28 @@ def test_logit_bias_forces_a_token_and_bad_words_never_appear(llm):
             n = len(word)
             assert all(tuple(completion[i : i + n]) != word for i in range(len(completion) - n + 1)), word
     assert llm.llm_engine.stats.num_compiles == compiles
+
+
+def test_allowed_token_ids_restrict_greedy_and_sampled_tokens(llm, smollm2_model):
+    """Greedy over the allowed set equals the argmax of the model's logits over that set, step by
+    step; seeded rows only draw allowed ids; a plain request in the same batch is unaffected."""
+    tok = llm.get_tokenizer()
+    compiles = llm.llm_engine.stats.num_compiles
+    prompt = tok.encode(PROMPTS[0])
+    allowed = sorted({tok.encode(w)[0] for w in (" London", " Rome", ".", " the", " a", "\n")})
+    want, ids = [], list(prompt)
+    for _ in range(8):
+        logits = np.asarray(smollm2_model.forward(np.asarray(ids, np.int32)))[-1]
+        ids.append(allowed[int(np.argmax(logits[allowed]))])
+        want.append(ids[-1])
+    restricted = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, allowed_token_ids=allowed)
+    sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, allowed_token_ids=allowed[:3])
+    plain = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    alone = _tokens(llm.generate(PROMPTS[0], plain, use_tqdm=False))
+    out = _tokens(llm.generate([PROMPTS[0]] * 3, [restricted, sampled, plain], use_tqdm=False))
+    assert out[0] == want and want != alone[0]
+    assert set(out[1]) <= set(allowed[:3]) and len(set(out[1])) > 1
+    assert out[2] == alone[0]
+    assert llm.llm_engine.stats.num_compiles == compiles
+    with pytest.raises(ValueError, match="allowed_token_ids has token ids"):
+        llm.generate(PROMPTS[0], SamplingParams(allowed_token_ids=[len(tok)]), use_tqdm=False)

@@ -13,7 +13,7 @@ def test_defaults_match_vllm():
     assert (p.max_tokens, p.min_tokens, p.stop, p.stop_token_ids) == (16, 0, [], [])
     assert (p.ignore_eos, p.include_stop_str_in_output, p.logprobs, p.prompt_logprobs) == (False, False, None, None)
     assert (p.detokenize, p.skip_special_tokens, p.spaces_between_special_tokens) == (True, True, True)
-    assert (p.bad_words, p.logit_bias) == (None, None)
+    assert (p.bad_words, p.logit_bias, p.allowed_token_ids, p.truncate_prompt_tokens) == (None, None, None, None)
 
 
 def test_stop_normalised_to_lists():
@@ -45,6 +45,12 @@ def test_stop_normalised_to_lists():
         (dict(stop_token_ids=2.5), "stop_token_ids"),
         (dict(bad_words=7), "bad_words"),
         (dict(stop=["x"], detokenize=False), "stop"),
+        (dict(allowed_token_ids=[]), "allowed_token_ids"),
+        (dict(allowed_token_ids=[3, -1]), "allowed_token_ids"),
+        (dict(allowed_token_ids="3"), "allowed_token_ids"),
+        (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
+        (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens"),
+        (dict(truncate_prompt_tokens=2.5), "truncate_prompt_tokens"),
     ],
 )
 def test_invalid_values_raise_naming_the_field(kwargs, field):
@@ -82,3 +88,29 @@ def test_logprob_counts_are_validated(field, value):
 def test_logprobs_and_n_are_accepted():
     p = SamplingParams(n=3, logprobs=5, prompt_logprobs=0)
     assert (p.n, p.logprobs, p.prompt_logprobs) == (3, 5, 0)
+
+
+def test_allowed_token_ids_are_deduplicated_capped_and_checked_against_the_vocabulary():
+    from jaxllm.engine.messages import MAX_ALLOWED_TOKEN_IDS
+
+    p = SamplingParams(allowed_token_ids=[7, 3, 7])
+    assert p.allowed_token_ids == [7, 3] and p.sampling_options().allowed_token_ids == (7, 3)
+    assert SamplingParams().sampling_options().allowed_token_ids == ()
+    with pytest.raises(ValueError, match=rf"allowed_token_ids has {MAX_ALLOWED_TOKEN_IDS + 1} distinct ids"):
+        SamplingParams(allowed_token_ids=list(range(MAX_ALLOWED_TOKEN_IDS + 1)))
+    p.check_vocabulary(8)
+    with pytest.raises(ValueError, match=r"allowed_token_ids has token ids \[7\] outside the vocabulary of 7"):
+        p.check_vocabulary(7)
+
+
+def test_truncate_prompt_tokens_keeps_the_last_k():
+    from jaxllm.sampling_params import truncate_prompt
+
+    ids = [1, 2, 3, 4, 5]
+    assert truncate_prompt(ids, None, 4) == ids
+    assert truncate_prompt(ids, 2, 4) == [4, 5]
+    assert truncate_prompt(ids, -1, 4) == [2, 3, 4, 5]
+    assert truncate_prompt(ids, 4, 8) == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="truncate_prompt_tokens=5 is greater than max_model_len=4"):
+        truncate_prompt(ids, 5, 4)
+    assert SamplingParams(truncate_prompt_tokens=3).truncated_prompt(ids, 8) == [3, 4, 5]

@@ -352,6 +352,22 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL]}, "tool_choice='auto' is not supported"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL], "tool_choice": "required"}, "tool_choice='required'"),
     ("/v1/chat/completions", {"messages": CHAT, "functions": [TOOL["function"]]}, "functions"),
+    ("/v1/completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ("/v1/completions", {"prompt": "x", "priority": 1}, "priority"),
+    ("/v1/completions", {"prompt": "x", "return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "not supported with stream"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs=21"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": []}, "allowed_token_ids=[]"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [10**7]}, "allowed_token_ids must be in"),
+    ("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens=0"),
+    ("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 300}, "greater than max_model_len=256"),
+    ("/v1/chat/completions", {"messages": CHAT, "echo": True}, "echo is not supported for chat"),
+    ("/v1/chat/completions", {"messages": CHAT, "add_special_tokens": True}, "add_special_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "continue_final_message": True}, "cannot both be true"),
+    ("/v1/chat/completions", {"messages": CHAT, "add_generation_prompt": False, "continue_final_message": True},
+     "end with an assistant message"),
+    ("/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": {"tokenize": False}},
+     "chat_template_kwargs may not set ['tokenize']"),
 ]
 
 
@@ -362,6 +378,58 @@ def test_invalid_request_is_400_with_openai_error(http, path, body, needle):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == 400
     assert needle in error["message"]
+
+
+def test_allowed_token_ids_truncation_and_prompt_logprobs_in_completions(http):
+    paris = 7042  # " Paris"
+    body = {"prompt": "def fibonacci(n):", "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "allowed_token_ids": [paris]}
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == " Paris Paris Paris"
+    # Left truncation: junk in front of the prompt is cut off, so the greedy text is the plain prompt's.
+    ids = http.post("/tokenize", json={"prompt": "The capital of France is"}).json()["tokens"]
+    body = {"prompt": [17, 42, 99, *ids], "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+            "truncate_prompt_tokens": len(ids), "prompt_logprobs": 3}
+    out = http.post("/v1/completions", json=body).json()
+    choice = out["choices"][0]
+    assert choice["text"] == GREEDY_12["The capital of France is"] and out["usage"]["prompt_tokens"] == len(ids)
+    # vLLM's prompt_logprobs: None for the first token, then {id: {logprob, rank, decoded_token}}.
+    prompt_logprobs = choice["prompt_logprobs"]
+    assert len(prompt_logprobs) == len(ids) and prompt_logprobs[0] is None
+    for token_id, expected, size, entry in zip(ids[1:], PARIS_PROMPT_LOGPROBS[1:], PARIS_PROMPT_TOP_SIZES[1:],
+                                               prompt_logprobs[1:], strict=True):
+        assert len(entry) == size
+        assert entry[str(token_id)]["logprob"] == pytest.approx(expected, abs=LOGPROB_TOL)
+        ranks = sorted(e["rank"] for e in entry.values())
+        assert ranks[:3] == [1, 2, 3]
+    assert entry[str(ids[-1])]["decoded_token"] == " is"
+    plain = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).json()
+    assert plain["choices"][0]["prompt_logprobs"] is None
+
+
+def test_chat_continue_final_message_template_kwargs_and_prompt_logprobs(http):
+    # The assistant's partial reply is continued (no end of turn after it): greedy goes on as it
+    # would have after generating "The answer" itself.
+    messages = [*CHAT, {"role": "assistant", "content": "The answer"}]
+    body = {"messages": messages, "max_tokens": 10, "temperature": 0, "add_generation_prompt": False,
+            "continue_final_message": True}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert "The answer" + response.json()["choices"][0]["message"]["content"] == CHAT_GREEDY_12
+    tokenized = http.post("/tokenize", json={k: body[k] for k in ("messages", "add_generation_prompt",
+                                                                  "continue_final_message")}).json()
+    assert response.json()["usage"]["prompt_tokens"] == tokenized["count"]
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}{{ tail }}"
+    body = {"messages": CHAT, "max_tokens": 2, "chat_template": template, "chat_template_kwargs": {"tail": " XYZ"},
+            "prompt_logprobs": 0}
+    out = http.post("/v1/chat/completions", json=body).json()
+    count = http.post("/tokenize", json={"prompt": CHAT[0]["content"] + " XYZ"}).json()["count"]
+    assert out["usage"]["prompt_tokens"] == count
+    assert http.post("/tokenize", json={k: body[k] for k in ("messages", "chat_template", "chat_template_kwargs")}
+                     ).json()["count"] == count
+    assert len(out["prompt_logprobs"]) == count and out["prompt_logprobs"][0] is None
+    assert all(len(entry) == 1 for entry in out["prompt_logprobs"][1:])  # 0: just the prompt's own token
 
 
 def test_tools_with_tool_choice_none_and_text_response_format_are_served(http):

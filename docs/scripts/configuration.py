@@ -81,6 +81,8 @@ SAMPLING_HELP = {
     "skip_special_tokens": "Leave special tokens out of the text.",
     "spaces_between_special_tokens": "Put spaces between special tokens in the text.",
     "logit_bias": "Token id -> bias added to its logit, clamped to [-100, 100].",
+    "allowed_token_ids": "Only these token ids can be generated (at most 300); None: any.",
+    "truncate_prompt_tokens": "Keep only the prompt's last k tokens; -1: the last `max_model_len`.",
 }
 
 

@@ -139,7 +139,10 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids, logit_bias ids checked
+        if self.vocab_size is not None:
+            params.check_vocabulary(self.vocab_size)
         prompt_text, token_ids = self._tokenize(prompt)
+        token_ids = params.truncated_prompt(token_ids, self.scheduler.config.max_model_len)
         arrival = time.time() if arrival_time is None else arrival_time
         request = Request(str(request_id), token_ids, params, arrival, retain_blocks=retain_blocks)
         self.scheduler.add_request(request)

@@ -32,6 +32,7 @@ class SamplingOptions:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     # Token sequences of each bad word: the last token is banned once the outputs end in the rest.
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()  # empty: any token; else every other logit is -inf
 
     @property
     def needs_token_history(self) -> bool:
@@ -44,6 +45,7 @@ class SamplingOptions:
 MAX_LOGIT_BIAS = 300  # entries per request: OpenAI's own cap on logit_bias
 MAX_BAD_WORDS = 32  # token sequences per request (a word gives one or two: with a leading space)
 MAX_BAD_WORD_TOKENS = 8  # tokens per bad-word sequence
+MAX_ALLOWED_TOKEN_IDS = 300  # allowed_token_ids per request (as many as logit_bias entries)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""Penalties, logit bias and bad words, applied on device per sampling row before temperature.
+"""Penalties, logit bias, bad words and allowed token ids, applied on device per sampling row
+before temperature.
 
-Semantics are vLLM's: bad words and logit bias first, then repetition (prompt and output tokens:
+Semantics are vLLM's: allowed token ids (every other logit -inf), bad words and logit bias first, then repetition (prompt and output tokens:
 positive logits divided by r, the others multiplied), frequency and presence (output tokens only:
 ``logits -= frequency * count + presence * (count > 0)``).
 
@@ -28,7 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.engine.messages import MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, MAX_LOGIT_BIAS, ScheduledSequence
+from jaxllm.engine.messages import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_TOKENS,
+    MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS,
+    ScheduledSequence,
+)
 
 NO_PREFIX = -1  # a bad-word prefix slot that matches anything (shorter words are right-aligned)
 
@@ -48,6 +55,7 @@ class PenaltyTensors:
     bias_values: jax.Array  # [S, MAX_LOGIT_BIAS] float32
     # [S, N, L] int32 token sequences right-aligned, NO_PREFIX on the left; unused ones end in V.
     bad_words: jax.Array
+    allowed: jax.Array  # [S, MAX_ALLOWED_TOKEN_IDS] int32 padded with V; a row starting with V allows all
 
 
 def apply_penalties(logits: jax.Array, pt: PenaltyTensors) -> jax.Array:
@@ -57,14 +65,17 @@ def apply_penalties(logits: jax.Array, pt: PenaltyTensors) -> jax.Array:
     two small reductions.
     """
     V = logits.shape[-1]
-    sparse = jnp.any(pt.bias_ids < V) | jnp.any(pt.bad_words[:, :, -1] < V)
+    sparse = jnp.any(pt.bias_ids < V) | jnp.any(pt.bad_words[:, :, -1] < V) | jnp.any(pt.allowed[:, 0] < V)
     logits = jax.lax.cond(sparse, _bias_and_bad_words, lambda x, _: x, logits, pt)
     penalised = jnp.any((pt.presence != 0.0) | (pt.frequency != 0.0) | (pt.repetition != 1.0))
     return jax.lax.cond(penalised, _history_penalties, lambda x, _: x, logits, pt)
 
 
 def _bias_and_bad_words(logits: jax.Array, pt: PenaltyTensors) -> jax.Array:
-    rows = jnp.arange(logits.shape[0])[:, None]
+    S, V = logits.shape
+    rows = jnp.arange(S)[:, None]
+    listed = jnp.zeros((S, V), jnp.bool_).at[rows, pt.allowed].set(True, mode="drop")
+    logits = jnp.where((pt.allowed[:, :1] < V) & ~listed, -jnp.inf, logits)
     logits = logits.at[rows, _banned_last_tokens(pt)].set(-jnp.inf, mode="drop")
     return logits.at[rows, pt.bias_ids].add(pt.bias_values, mode="drop")
 
@@ -102,6 +113,7 @@ def penalty_tensors(seqs: Sequence[ScheduledSequence], S: int, W: int, vocab_siz
     bias_values = np.zeros((S, MAX_LOGIT_BIAS), np.float32)
     bad_words = np.full((S, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS), NO_PREFIX, np.int32)
     bad_words[:, :, -1] = vocab_size
+    allowed = np.full((S, MAX_ALLOWED_TOKEN_IDS), vocab_size, np.int32)
     for i, s in enumerate(seqs):
         o = s.sampling
         presence[i], frequency[i], repetition[i] = o.presence_penalty, o.frequency_penalty, o.repetition_penalty
@@ -113,5 +125,6 @@ def penalty_tensors(seqs: Sequence[ScheduledSequence], S: int, W: int, vocab_siz
             bias_ids[i, : len(ids)], bias_values[i, : len(ids)] = ids, values
         for j, word in enumerate(o.bad_words_token_ids):
             bad_words[i, j, MAX_BAD_WORD_TOKENS - len(word) :] = word
+        allowed[i, : len(o.allowed_token_ids)] = o.allowed_token_ids
     return PenaltyTensors(history, num_prompt, num_tokens, presence, frequency, repetition,
-                          bias_ids, bias_values, bad_words)
+                          bias_ids, bias_values, bad_words, allowed)

@@ -155,7 +155,9 @@ def _add_utility_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedMode
         if (request.prompt is None) == (request.messages is None):
             raise APIError("give exactly one of prompt and messages", param="prompt")
         if request.messages is not None:
-            ids = apply_chat_template(tokenizer, request.messages, request.add_generation_prompt)
+            ids = apply_chat_template(tokenizer, request.messages, request.add_generation_prompt,
+                                      request.chat_template, None, request.continue_final_message,
+                                      request.chat_template_kwargs)
         else:
             ids = list(tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
         return TokenizeResponse(count=len(ids), max_model_len=served.max_model_len, tokens=ids)

@@ -67,6 +67,10 @@ class SamplingRequest(OpenAIModel):
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None  # the prompt's last k tokens; -1: the last max_model_len
+    prompt_logprobs: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -77,6 +81,10 @@ class SamplingRequest(OpenAIModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None
+    use_beam_search: bool = False
+    logits_processors: list[Any] | None = None
+    return_tokens_as_token_ids: bool = False
+    priority: int = 0
 
     def unsupported(self) -> tuple[str, str] | None:
         """(message, field) when the request asks for a feature the engine does not have yet."""
@@ -87,6 +95,17 @@ class SamplingRequest(OpenAIModel):
         for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
             if getattr(self, name) is not None:
                 return f"{name} (structured output) is not supported yet", name
+        refused = {
+            "use_beam_search": "use_beam_search is not supported by the server yet (LLM.beam_search has it)",
+            "logits_processors": "logits_processors are not supported",
+            "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported yet",
+            "priority": "priority needs priority scheduling, which the engine does not have (first come, first served)",
+        }
+        for name, message in refused.items():
+            if getattr(self, name):
+                return message, name
+        if self.prompt_logprobs is not None and self.stream:
+            return "prompt_logprobs is not supported with stream=true", "prompt_logprobs"
         return None
 
     def requested_max_tokens(self) -> int | None:
@@ -96,7 +115,7 @@ class SamplingRequest(OpenAIModel):
         raise NotImplementedError
 
     def requested_prompt_logprobs(self) -> int | None:
-        return None
+        return self.prompt_logprobs
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """Raises ValueError, with SamplingParams' message, for values the engine cannot honour."""
@@ -116,6 +135,8 @@ class SamplingRequest(OpenAIModel):
             min_tokens=self.min_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            allowed_token_ids=self.allowed_token_ids,
             max_tokens=default_max_tokens if max_tokens is None else max_tokens,
             logprobs=self.requested_logprobs(),
             prompt_logprobs=self.requested_prompt_logprobs(),
@@ -135,6 +156,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    add_special_tokens: bool = True  # e.g. the BOS token in front of a text prompt
 
     def unsupported(self) -> tuple[str, str] | None:
         found = super().unsupported()
@@ -149,7 +171,10 @@ class CompletionRequest(SamplingRequest):
         return self.logprobs
 
     def requested_prompt_logprobs(self) -> int | None:
-        # Echoed prompt tokens carry logprobs like the generated ones (vLLM's rule).
+        # Echoed prompt tokens carry logprobs like the generated ones (vLLM's rule), unless
+        # prompt_logprobs asks for a number of its own.
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
         return self.logprobs if self.echo else None
 
 
@@ -206,7 +231,11 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last (assistant) message left open, to be continued
     chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template
+    echo: bool = False
+    add_special_tokens: bool = False
     # Tool definitions reach the chat template; calling them needs a tool-call parser, which the
     # server does not have, so only tool_choice="none" is accepted (vLLM without --enable-auto-tool-choice
     # refuses "auto" the same way).
@@ -219,6 +248,11 @@ class ChatCompletionRequest(SamplingRequest):
         found = super().unsupported()
         if found is not None:
             return found
+        if self.echo:
+            return "echo is not supported for chat completions yet", "echo"
+        if self.add_special_tokens:
+            return ("add_special_tokens=true is not supported for chat completions; the chat template "
+                    "writes the special tokens"), "add_special_tokens"
         if self.functions is not None or self.function_call is not None:
             return "functions and function_call are not supported; send tools with tool_choice='none'", "functions"
         choice = self.tool_choice if self.tool_choice is not None else "auto" if self.tools else "none"
@@ -264,12 +298,18 @@ class CompletionLogProbs(OpenAIModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)  # token text -> logprob
 
 
+# vLLM's prompt_logprobs in a response: per prompt token None (the first) or
+# {token id: {"logprob", "rank", "decoded_token"}}.
+PromptLogprobs = list[dict[int, dict[str, Any]] | None]
+
+
 class CompletionChoice(OpenAIModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(OpenAIModel):
@@ -315,6 +355,7 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatStreamChoice(OpenAIModel):
@@ -354,6 +395,9 @@ class TokenizeRequest(OpenAIModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeResponse(OpenAIModel):

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
+from jaxllm.entrypoints.chat_utils import ChatTemplateError, render_chat
 from jaxllm.entrypoints.openai.logprobs import chat_logprobs
 from jaxllm.entrypoints.openai.protocol import (
     ChatChoice,
@@ -26,22 +27,27 @@ from jaxllm.entrypoints.openai.serving_engine import (
     OpenAIServing,
     final_outputs,
     merged_deltas,
+    prompt_logprobs_body,
     sse,
 )
 from jaxllm.outputs import RequestOutput
 
 
 def apply_chat_template(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                        chat_template: str | None = None, tools: list[dict] | None = None) -> list[int]:
-    """Token ids of a conversation; any failure of the template is the client's error (400)."""
+                        chat_template: str | None = None, tools: list[dict] | None = None,
+                        continue_final_message: bool = False,
+                        chat_template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of a conversation (``render_chat``); any failure is the client's error (400)."""
     try:
-        ids = tokenizer.apply_chat_template(
-            [m.template_dict() for m in messages], chat_template=chat_template, tools=tools,
-            add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False,
-        )
-    except Exception as exc:  # noqa: BLE001 - jinja raises many types for a bad conversation or template
-        raise APIError(f"could not apply the chat template: {exc}", param="messages") from exc
-    return list(ids)
+        return render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message, chat_template=chat_template,
+                           tools=tools, chat_template_kwargs=chat_template_kwargs)
+    except ChatTemplateError as exc:
+        raise APIError(str(exc), param="messages") from exc
+    except ValueError as exc:
+        param = next((name for name in ("chat_template_kwargs", "continue_final_message") if name in str(exc)),
+                     "messages")
+        raise APIError(str(exc), param=param) from exc
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -49,7 +55,9 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(request.model)
         self.check_supported(request)
         prompt_ids = apply_chat_template(self.tokenizer, request.messages, request.add_generation_prompt,
-                                         request.chat_template, request.tools)
+                                         request.chat_template, request.tools, request.continue_final_message,
+                                         request.chat_template_kwargs)
+        prompt_ids = self.truncated(request, prompt_ids)
         params = self.sampling_params(request, prompt_ids)
         request_id = random_id("chatcmpl")
         streams = await self.start([request_id], [prompt_ids], params)
@@ -69,7 +77,9 @@ class OpenAIServingChat(OpenAIServing):
             for c in output.outputs
         ]
         usage = UsageInfo.of(len(output.prompt_token_ids), sum(len(c.token_ids) for c in output.outputs))
-        return ChatCompletionResponse(id=request_id, model=self.served.name, choices=choices, usage=usage)
+        prompt_logprobs = prompt_logprobs_body(output.prompt_logprobs) if request.prompt_logprobs is not None else None
+        return ChatCompletionResponse(id=request_id, model=self.served.name, choices=choices, usage=usage,
+                                      prompt_logprobs=prompt_logprobs)
 
     def _logprobs(self, request: ChatCompletionRequest, token_ids: list[int],
                   logprobs: list | None) -> ChatChoiceLogProbs | None:

@@ -23,6 +23,7 @@ from jaxllm.entrypoints.openai.serving_engine import (
     OpenAIServing,
     final_outputs,
     merged_deltas,
+    prompt_logprobs_body,
     sse,
 )
 from jaxllm.outputs import CompletionOutput, RequestOutput
@@ -33,7 +34,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | StreamingResponse:
         self.check_model(request.model)
         self.check_supported(request)
-        prompts = self._prompt_ids(request.prompt)
+        prompts = [self.truncated(request, ids) for ids in self._prompt_ids(request.prompt, request.add_special_tokens)]
         params = self._params(request, prompts)
         base_id = random_id("cmpl")
         streams = await self.start([f"{base_id}-{i}" for i in range(len(prompts))], prompts, params)
@@ -50,7 +51,7 @@ class OpenAIServingCompletion(OpenAIServing):
             return self.sampling_params(request, max(prompts, key=len))
         return params[0]
 
-    def _prompt_ids(self, prompt) -> list[list[int]]:
+    def _prompt_ids(self, prompt, add_special_tokens: bool = True) -> list[list[int]]:
         if isinstance(prompt, str):
             prompts = [prompt]
         elif prompt and all(isinstance(p, int) for p in prompt):
@@ -59,11 +60,11 @@ class OpenAIServingCompletion(OpenAIServing):
             prompts = list(prompt)
         if not prompts:
             raise APIError("prompt must not be empty", param="prompt")
-        return [self._encode(p) for p in prompts]
+        return [self._encode(p, add_special_tokens) for p in prompts]
 
-    def _encode(self, prompt: str | list[int]) -> list[int]:
+    def _encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            ids = list(self.tokenizer.encode(prompt))
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         else:
             ids = list(prompt)
             vocab = len(self.tokenizer)
@@ -91,7 +92,9 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.echo:
             text, token_ids, logprobs = self._echoed(prompt, prompt_logprobs, text, token_ids, logprobs)
         return CompletionChoice(index=index, text=text, logprobs=self._logprobs(request, token_ids, logprobs),
-                                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+                                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+                                prompt_logprobs=prompt_logprobs_body(prompt_logprobs)
+                                if request.prompt_logprobs is not None else None)
 
     def _echoed(self, prompt: list[int], prompt_logprobs: list | None, text: str, token_ids: list[int],
                 logprobs: list | None) -> tuple[str, list[int], list | None]:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from jaxllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from jaxllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest
 from jaxllm.outputs import CompletionOutput, RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import SamplingParams, truncate_prompt
 
 
 class APIError(Exception):
@@ -102,13 +102,21 @@ class OpenAIServing:
             message, param = found
             raise APIError(message, param=param)
 
+    def truncated(self, request: SamplingRequest, prompt_ids: list[int]) -> list[int]:
+        """The prompt's ids after ``truncate_prompt_tokens`` (vLLM's left truncation)."""
+        try:
+            return truncate_prompt(prompt_ids, request.truncate_prompt_tokens, self.served.max_model_len)
+        except ValueError as exc:
+            raise APIError(str(exc), param="truncate_prompt_tokens") from exc
+
     def sampling_params(self, request: SamplingRequest, prompt_ids: list[int]) -> SamplingParams:
         if len(prompt_ids) >= self.served.max_model_len:
             raise APIError(f"the prompt has {len(prompt_ids)} tokens; max_model_len={self.served.max_model_len} "
                            "leaves no room for a completion", param="prompt")
         vocab = len(self.tokenizer)
-        if any(not 0 <= t < vocab for t in request.stop_token_ids or ()):
-            raise APIError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            if any(not 0 <= t < vocab for t in getattr(request, name) or ()):
+                raise APIError(f"{name} must be in [0, {vocab})", param=name)
         try:
             params = request.to_sampling_params(self.served.max_model_len - len(prompt_ids))
         except ValueError as exc:
@@ -207,3 +215,12 @@ def sse(payload: BaseModel | dict | str) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+def prompt_logprobs_body(prompt_logprobs: list | None) -> list | None:
+    """vLLM's JSON for prompt logprobs: per prompt token None or {id: {logprob, rank, decoded_token}}."""
+    if prompt_logprobs is None:
+        return None
+    return [None if d is None else {tid: {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                                    for tid, lp in d.items()}
+            for d in prompt_logprobs]
