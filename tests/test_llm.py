@@ -117,6 +117,8 @@ def test_bad_requests_are_rejected_and_leave_nothing_queued(llm):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="sampling_params"):
         llm.generate(PROMPTS, [GREEDY], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"prompt keys \['multi_modal_data'\] are not supported"):
+        llm.generate([PROMPTS[0], {"prompt": "Describe", "multi_modal_data": {"image": None}}], GREEDY, use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     assert llm.llm_engine.stats.kv_blocks_used == 0
 
