@@ -23,6 +23,7 @@ _EXPORTS = {
     "CompletionOutput": "jaxllm.outputs",
     "RequestOutput": "jaxllm.outputs",
     "SamplingParams": "jaxllm.sampling_params",
+    "RequestOutputKind": "jaxllm.sampling_params",
     "LLMEngine": "jaxllm.engine.llm_engine",
     "EngineArgs": "jaxllm.engine_args",
     "create_engine": "jaxllm.engine_args",

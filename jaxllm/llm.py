@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from jaxllm.engine_args import EngineArgs, create_engine
 from jaxllm.entrypoints.chat_utils import render_chat
 from jaxllm.loader import Model
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = str | dict[str, Any]
 
@@ -138,6 +139,8 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params, strict=True):
                 request_id = str(next(self._counter))
+                if p.output_kind is not RequestOutputKind.FINAL_ONLY:  # only final outputs are read
+                    p = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
                 engine.add_request(request_id, _prompt_input(prompt), p)
                 ids.append(request_id)
         except Exception:

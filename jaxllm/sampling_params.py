@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 
 from jaxllm.engine.messages import (
     MAX_ALLOWED_TOKEN_IDS,
@@ -52,6 +53,14 @@ def _as_int_list(name: str, value) -> list[int]:
     return list(value)
 
 
+class RequestOutputKind(Enum):
+    """What ``LLMEngine.step`` returns for a request (vLLM's names)."""
+
+    CUMULATIVE = 0  # every step: the whole output so far
+    DELTA = 1  # every step: only what is new (tokens, text, logprobs; cumulative_logprob stays a total)
+    FINAL_ONLY = 2  # nothing until the request finishes, then the whole output
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request's completion (vLLM's ``SamplingParams``).
@@ -86,6 +95,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     # Keep only the prompt's last k tokens (left truncation); -1: the last max_model_len tokens.
     truncate_prompt_tokens: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # bad_words as token id sequences, set by update_from_tokenizer (a field so that copies keep it).
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False, compare=False)
 
@@ -100,6 +110,8 @@ class SamplingParams:
         self._check_logprobs()
         self._check_sampling()
         self._check_lengths()
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind={self.output_kind!r} must be a RequestOutputKind")
         if self.stop and not self.detokenize:
             raise ValueError(f"stop={self.stop!r} needs detokenize=True: stop strings are matched on text")
 

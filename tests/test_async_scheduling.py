@@ -21,7 +21,7 @@ from jaxllm.config import CacheConfig, SchedulerConfig
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.messages import RunnerOutput, SchedulerOutput
 from jaxllm.engine.scheduler import PLACEHOLDER
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 @dataclasses.dataclass
@@ -246,3 +246,36 @@ def test_jitted_runner_gives_the_same_tokens_with_and_without_async_scheduling(t
     assert engine.runner._activation_peak() > 0
     assert runs[True] == runs[False]
     assert [len(c[0]) for c in runs[True][5]] == [21, 21] and runs[True][3][0][1] is not None
+
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_delta_outputs_add_up_to_the_cumulative_ones(async_scheduling):
+    """A penalised request's steps run synchronously: when it joins, the step resolves the
+    request in flight and then the same request again in the synchronous step. Its two deltas
+    come out joined, one output per request per step; n=2 children report only when they move."""
+
+    def run(kind):
+        engine = make_engine(async_scheduling=async_scheduling)
+        engine.add_request("q", [7, 1], SamplingParams(max_tokens=12, ignore_eos=True, output_kind=kind))
+        engine.add_request("n", [3, 9, 9], SamplingParams(max_tokens=6, n=2, ignore_eos=True, output_kind=kind))
+        steps = [engine.step() for _ in range(3)]
+        engine.add_request("p", [4, 4, 2], SamplingParams(max_tokens=5, ignore_eos=True, repetition_penalty=1.2,
+                                                          output_kind=kind))
+        while engine.has_unfinished_requests():
+            steps.append(engine.step())
+        return steps
+
+    cumulative = run(RequestOutputKind.CUMULATIVE)
+    final = {o.request_id: [c.token_ids for c in o.outputs] for step in cumulative for o in step if o.finished}
+    joined: dict[str, dict[int, list[int]]] = {}
+    multi_token = 0
+    for step in run(RequestOutputKind.DELTA):
+        assert len({o.request_id for o in step}) == len(step)
+        for o in step:
+            for c in o.outputs:
+                assert c.token_ids or c.finish_reason, "a completion that did not move"
+                joined.setdefault(o.request_id, {}).setdefault(c.index, []).extend(c.token_ids)
+                multi_token += len(c.token_ids) > 1
+    assert {rid: [v[i] for i in sorted(v)] for rid, v in joined.items()} == final
+    assert (multi_token > 0) is async_scheduling

@@ -7,7 +7,7 @@ from transformers import PreTrainedTokenizerFast
 from jaxllm.config import CacheConfig, SchedulerConfig
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.messages import RunnerOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 CORPUS = ["Hello world! The quick brown fox jumps over the lazy dog.", "naïve café 你好 🙂", "hello world"] * 20
 
@@ -90,6 +90,35 @@ def test_string_prompt_streams_cumulative_outputs(tokenizer):
     stats = engine.stats
     assert (stats.num_generated_tokens, stats.num_steps, stats.num_compiles, stats.kv_blocks_used) == (5, 5, 4, 0)
     assert engine.step() == []
+
+
+def _outputs_per_step(engine) -> list[list]:
+    steps = []
+    while engine.has_unfinished_requests():
+        steps.append(engine.step())
+    return steps
+
+
+def test_delta_and_final_only_outputs(tokenizer):
+    """DELTA: each step carries only the new tokens and text, which add up to the cumulative
+    output, stop string cut included; FINAL_ONLY: nothing until the end, then the whole output."""
+    script = tokenizer.encode("Hello world, the quick brown fox")
+    want = {}
+    for kind in RequestOutputKind:
+        engine = make_engine(tokenizer, ScriptedRunner(script))
+        engine.add_request("a", [5, 6, 7], SamplingParams(stop="brown", max_tokens=20, output_kind=kind))
+        want[kind] = _outputs_per_step(engine)
+    cumulative = want[RequestOutputKind.CUMULATIVE]
+    final = cumulative[-1][0].outputs[0]
+    assert final.text == "Hello world, the quick " and final.finish_reason == "stop"
+    deltas = [out.outputs[0] for (out,) in want[RequestOutputKind.DELTA]]
+    assert len(deltas) == len(cumulative) and all(len(d.token_ids) == 1 for d in deltas)
+    assert [t for d in deltas for t in d.token_ids] == final.token_ids
+    assert "".join(d.text for d in deltas) == final.text
+    assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["stop"]
+    final_only = want[RequestOutputKind.FINAL_ONLY]
+    assert final_only[:-1] == [[]] * (len(cumulative) - 1)
+    assert final_only[-1][0].outputs == cumulative[-1][0].outputs and final_only[-1][0].finished
 
 
 def test_stop_string_ends_the_request_and_frees_its_blocks(tokenizer):

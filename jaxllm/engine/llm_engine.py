@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from jaxllm.engine.messages import RunnerOutput, SchedulerOutput
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import RequestUpdate, Scheduler
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class Runner(Protocol):
@@ -59,6 +60,10 @@ class _Completion:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprob_dicts: list = field(default_factory=list)  # built once per token, not every step
+    # What earlier outputs carried (RequestOutputKind.DELTA): tokens, characters of text, finished.
+    sent_tokens: int = 0
+    sent_text: int = 0
+    sent_finish: bool = False
 
 
 @dataclass
@@ -70,6 +75,7 @@ class _Tracked:
     metrics: RequestMetrics
     completions: dict[int, _Completion]  # by completion index; children appear when forked
     prompt_logprob_dicts: list = field(default_factory=list)
+    sent_prompt_logprobs: int = 0  # entries earlier DELTA outputs carried
 
     @property
     def finished(self) -> bool:
@@ -186,7 +192,8 @@ class LLMEngine:
         return None, token_ids
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the cumulative output of every request that advanced or finished.
+        """Run one step; returns an output for every request that advanced or finished: the whole
+        output so far, only what is new, or nothing until it finishes, by its params' ``output_kind``.
 
         With async scheduling a step's tokens are returned by the next call, which first
         dispatches the following step, so the device never waits for the host in between.
@@ -198,7 +205,7 @@ class LLMEngine:
         if not self.async_scheduling:
             updates = self.scheduler.update(scheduled, self.runner.execute(scheduled))
             self._count_step(scheduled)
-            return [self._process(update) for update in updates]
+            return _merged([self._process(update) for update in updates])
         handle = self.runner.dispatch(scheduled, None if in_flight is None else in_flight[1])
         self.num_overlapped_steps += in_flight is not None and not scheduled.is_empty
         outputs = [] if in_flight is None else self._resolve(*in_flight)
@@ -208,11 +215,10 @@ class LLMEngine:
             outputs += self._resolve(scheduled, handle)
         else:
             self._in_flight = (scheduled, handle)
-        return list({o.request_id: o for o in outputs}.values())  # one request may advance twice
+        return _merged(outputs)
 
-    def _resolve(self, scheduled: SchedulerOutput, handle) -> list[RequestOutput]:
-        updates = self.scheduler.resolve(scheduled, self.runner.fetch(handle))
-        return [self._process(update) for update in updates]
+    def _resolve(self, scheduled: SchedulerOutput, handle) -> list[tuple[bool, RequestOutput] | None]:
+        return [self._process(update) for update in self.scheduler.resolve(scheduled, self.runner.fetch(handle))]
 
     def _count_step(self, scheduled: SchedulerOutput) -> None:
         if scheduled.is_empty:
@@ -227,7 +233,10 @@ class LLMEngine:
             if tracked is not None and tracked.metrics.first_scheduled_time is None:
                 tracked.metrics.first_scheduled_time = now
 
-    def _process(self, update: RequestUpdate) -> RequestOutput:
+    def _process(self, update: RequestUpdate) -> tuple[bool, RequestOutput] | None:
+        """Applies one update; (is a delta, the request's output now) as its ``output_kind`` asks,
+        None for none yet. Built at once: under async scheduling the next step's placeholders
+        come after."""
         request = update.request
         tracked = self._tracked[request.group_id]
         completion = self._completion(tracked, request)
@@ -243,7 +252,8 @@ class LLMEngine:
         if tracked.finished:
             tracked.metrics.finished_time = time.time()
             del self._tracked[request.group_id]
-        return self._output(tracked)
+        out = self._output(tracked)
+        return None if out is None else (request.sampling_params.output_kind is RequestOutputKind.DELTA, out)
 
     def _completion(self, tracked: _Tracked, request: Request) -> _Completion:
         index = request.completion_index
@@ -259,28 +269,51 @@ class LLMEngine:
             metrics.first_token_time = now
         metrics.last_token_time = now
 
-    def _output(self, tracked: _Tracked) -> RequestOutput:
+    def _output(self, tracked: _Tracked) -> RequestOutput | None:
         request = tracked.request
         finished = tracked.finished
+        kind = request.sampling_params.output_kind
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = kind is RequestOutputKind.DELTA
+        completions = sorted(tracked.completions.items())
+        if delta:  # only the completions that moved, each with only its new part
+            completions = [(i, c) for i, c in completions if self._moved(c)]
+        prompt_logprobs = self._extend(tracked.prompt_logprob_dicts, request.prompt_logprobs)
+        if delta:
+            prompt_logprobs, tracked.sent_prompt_logprobs = (prompt_logprobs[tracked.sent_prompt_logprobs:],
+                                                             len(prompt_logprobs))
         return RequestOutput(
             request_id=request.request_id,
             prompt=tracked.prompt,
             prompt_token_ids=list(request.prompt_token_ids),
-            outputs=[self._completion_output(i, c, finished) for i, c in sorted(tracked.completions.items())],
+            outputs=[self._completion_output(i, c, delta) for i, c in completions],
             finished=finished,
-            prompt_logprobs=list(self._extend(tracked.prompt_logprob_dicts, request.prompt_logprobs)) or None,
+            prompt_logprobs=list(prompt_logprobs) or None,
             metrics=tracked.metrics,
             num_cached_tokens=request.num_cached_tokens,
         )
 
-    def _completion_output(self, index: int, c: _Completion, finished: bool) -> CompletionOutput:
+    @staticmethod
+    def _moved(c: _Completion) -> bool:
+        return len(c.request.output_token_ids) > c.sent_tokens or (c.finish_reason is not None and not c.sent_finish)
+
+    def _completion_output(self, index: int, c: _Completion, delta: bool = False) -> CompletionOutput:
         wants_logprobs = c.request.sampling_params.logprobs is not None
+        text = c.detokenizer.output_text(c.finish_reason is not None)
+        token_ids = c.request.output_token_ids
+        logprobs = self._extend(c.logprob_dicts, c.request.output_logprobs) if wants_logprobs else None
+        if delta:  # text never shrinks: the detokenizer holds back what a stop string may remove
+            first_token, first_char = c.sent_tokens, c.sent_text
+            c.sent_tokens, c.sent_text, c.sent_finish = len(token_ids), len(text), c.finish_reason is not None
+            text, token_ids = text[first_char:], token_ids[first_token:]
+            logprobs = None if logprobs is None else logprobs[first_token:]
         return CompletionOutput(
             index=index,
-            text=c.detokenizer.output_text(c.finish_reason is not None),
-            token_ids=list(c.request.output_token_ids),
+            text=text,
+            token_ids=list(token_ids),
             cumulative_logprob=sum(e.logprob for e in c.request.output_logprobs) if wants_logprobs else None,
-            logprobs=list(self._extend(c.logprob_dicts, c.request.output_logprobs)) if wants_logprobs else None,
+            logprobs=None if logprobs is None else list(logprobs),
             finish_reason=c.finish_reason,
             stop_reason=c.stop_reason,
         )
@@ -337,3 +370,30 @@ class LLMEngine:
             kv_blocks_saved=s.kv_blocks_saved,
             num_overlapped_steps=self.num_overlapped_steps,
         )
+
+
+def _merged(outputs: list[tuple[bool, RequestOutput] | None]) -> list[RequestOutput]:
+    """One output per request: a step may resolve a request twice (the previous step's token and
+    its own). The later cumulative output covers the earlier; two deltas are joined."""
+    merged: dict[str, RequestOutput] = {}
+    for item in outputs:
+        if item is None:
+            continue
+        delta, out = item
+        earlier = merged.get(out.request_id)
+        merged[out.request_id] = _joined(earlier, out) if delta and earlier is not None else out
+    return list(merged.values())
+
+
+def _joined(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive DELTA outputs of one request as one."""
+    by_index = {c.index: c for c in a.outputs}
+    for c in b.outputs:
+        first = by_index.get(c.index)
+        if first is not None:
+            logprobs = None if c.logprobs is None else [*(first.logprobs or []), *c.logprobs]
+            c = dataclasses.replace(c, text=first.text + c.text, token_ids=first.token_ids + c.token_ids,
+                                    logprobs=logprobs)
+        by_index[c.index] = c
+    prompt_logprobs = [*(a.prompt_logprobs or []), *(b.prompt_logprobs or [])] or None
+    return dataclasses.replace(b, outputs=[by_index[i] for i in sorted(by_index)], prompt_logprobs=prompt_logprobs)
