@@ -121,6 +121,38 @@ def test_delta_and_final_only_outputs(tokenizer):
     assert final_only[-1][0].outputs == cumulative[-1][0].outputs and final_only[-1][0].finished
 
 
+class ForkingRunner(PositionRunner):
+    """PositionRunner whose parallel-sampling children draw the next word ids."""
+
+    def execute(self, out) -> RunnerOutput:
+        sampled = dict(super().execute(out).sampled)
+        for seq in out.sequences:
+            for i, fork_id in enumerate(seq.fork_ids, 1):
+                sampled[fork_id] = self.token_ids[(self.token_ids.index(sampled[seq.request_id]) + i) % len(self.token_ids)]
+        return RunnerOutput(sampled)
+
+
+def test_delta_outputs_of_parallel_completions_carry_each_ones_new_text(tokenizer):
+    runs = {}
+    for kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA):
+        engine = make_engine(tokenizer, ForkingRunner(word_ids(tokenizer)))
+        engine.add_request("a", "Hello", SamplingParams(n=2, max_tokens=7, temperature=1.0, seed=1, output_kind=kind))
+        runs[kind] = _outputs_per_step(engine)
+    final = {c.index: c for c in runs[RequestOutputKind.CUMULATIVE][-1][0].outputs}
+    assert final[0].token_ids != final[1].token_ids
+    text, tokens = {0: "", 1: ""}, {0: [], 1: []}
+    for step in runs[RequestOutputKind.DELTA]:
+        for out in step:
+            for c in out.outputs:
+                assert c.token_ids or c.finish_reason, "a completion that did not move"
+                assert c.text == tokenizer.decode(c.token_ids), "text lagging behind its tokens"
+                text[c.index] += c.text
+                tokens[c.index] += c.token_ids
+    for i in (0, 1):
+        assert (text[i], tokens[i]) == (final[i].text, final[i].token_ids)
+        assert text[i] == tokenizer.decode(final[i].token_ids)
+
+
 def test_stop_string_ends_the_request_and_frees_its_blocks(tokenizer):
     script = tokenizer.encode("Hello world, again")
     engine = make_engine(tokenizer, ScriptedRunner(script))

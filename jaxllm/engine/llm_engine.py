@@ -205,7 +205,7 @@ class LLMEngine:
         if not self.async_scheduling:
             updates = self.scheduler.update(scheduled, self.runner.execute(scheduled))
             self._count_step(scheduled)
-            return _merged([self._process(update) for update in updates])
+            return _merged(self._outputs(updates))
         handle = self.runner.dispatch(scheduled, None if in_flight is None else in_flight[1])
         self.num_overlapped_steps += in_flight is not None and not scheduled.is_empty
         outputs = [] if in_flight is None else self._resolve(*in_flight)
@@ -217,8 +217,16 @@ class LLMEngine:
             self._in_flight = (scheduled, handle)
         return _merged(outputs)
 
-    def _resolve(self, scheduled: SchedulerOutput, handle) -> list[tuple[bool, RequestOutput] | None]:
-        return [self._process(update) for update in self.scheduler.resolve(scheduled, self.runner.fetch(handle))]
+    def _resolve(self, scheduled: SchedulerOutput, handle) -> list[tuple[bool, RequestOutput]]:
+        return self._outputs(self.scheduler.resolve(scheduled, self.runner.fetch(handle)))
+
+    def _outputs(self, updates: list[RequestUpdate]) -> list[tuple[bool, RequestOutput]]:
+        """Applies a step's updates, then (is a delta, output) for each request they touched, as
+        its ``output_kind`` asks. Built before anything else changes the requests: under async
+        scheduling the next step's placeholders come after."""
+        touched = {id(t): t for t in (self._process(update) for update in updates)}.values()
+        outputs = ((t.request.sampling_params.output_kind, self._output(t)) for t in touched)
+        return [(kind is RequestOutputKind.DELTA, out) for kind, out in outputs if out is not None]
 
     def _count_step(self, scheduled: SchedulerOutput) -> None:
         if scheduled.is_empty:
@@ -233,10 +241,8 @@ class LLMEngine:
             if tracked is not None and tracked.metrics.first_scheduled_time is None:
                 tracked.metrics.first_scheduled_time = now
 
-    def _process(self, update: RequestUpdate) -> tuple[bool, RequestOutput] | None:
-        """Applies one update; (is a delta, the request's output now) as its ``output_kind`` asks,
-        None for none yet. Built at once: under async scheduling the next step's placeholders
-        come after."""
+    def _process(self, update: RequestUpdate) -> _Tracked:
+        """Applies one update (of one completion) to its request's engine-side state."""
         request = update.request
         tracked = self._tracked[request.group_id]
         completion = self._completion(tracked, request)
@@ -252,8 +258,7 @@ class LLMEngine:
         if tracked.finished:
             tracked.metrics.finished_time = time.time()
             del self._tracked[request.group_id]
-        out = self._output(tracked)
-        return None if out is None else (request.sampling_params.output_kind is RequestOutputKind.DELTA, out)
+        return tracked
 
     def _completion(self, tracked: _Tracked, request: Request) -> _Completion:
         index = request.completion_index
@@ -372,14 +377,11 @@ class LLMEngine:
         )
 
 
-def _merged(outputs: list[tuple[bool, RequestOutput] | None]) -> list[RequestOutput]:
+def _merged(outputs: list[tuple[bool, RequestOutput]]) -> list[RequestOutput]:
     """One output per request: a step may resolve a request twice (the previous step's token and
     its own). The later cumulative output covers the earlier; two deltas are joined."""
     merged: dict[str, RequestOutput] = {}
-    for item in outputs:
-        if item is None:
-            continue
-        delta, out = item
+    for delta, out in outputs:
         earlier = merged.get(out.request_id)
         merged[out.request_id] = _joined(earlier, out) if delta and earlier is not None else out
     return list(merged.values())
