@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import sys
 import typing
 from pathlib import Path
@@ -83,6 +84,8 @@ SAMPLING_HELP = {
     "logit_bias": "Token id -> bias added to its logit, clamped to [-100, 100].",
     "allowed_token_ids": "Only these token ids can be generated (at most 300); None: any.",
     "truncate_prompt_tokens": "Keep only the prompt's last k tokens; -1: the last `max_model_len`.",
+    "output_kind": "What `LLMEngine.step` returns: CUMULATIVE (all so far), DELTA (only the new part) or "
+                   "FINAL_ONLY (nothing until the end).",
 }
 
 
@@ -134,7 +137,8 @@ def _dataclass_rows(cls, helps: dict[str, str], flag: bool) -> list[str]:
     for f in fields:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         name = f"`{f.name}`" + (f" / `--{f.name.replace('_', '-')}`" if flag else "")
-        rows.append(f"| {name} | `{_cell(_type_name(hints[f.name]))}` | `{default!r}` | {_cell(helps[f.name])} |")
+        shown = str(default) if isinstance(default, enum.Enum) else repr(default)  # RequestOutputKind.CUMULATIVE
+        rows.append(f"| {name} | `{_cell(_type_name(hints[f.name]))}` | `{shown}` | {_cell(helps[f.name])} |")
     return rows
 
 
