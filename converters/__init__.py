@@ -14,11 +14,11 @@ import numpy as np
 from converters import orbax_cache
 from converters.checkpoint import Checkpoint
 from converters.gguf_loader import load_gguf
-from converters.hf import load_hf_directory
+from converters.hf import generation_defaults, load_hf_directory
 from converters.resolve import resolve_model
 from jaxllm.models.registry import config_from_hf
 
-__all__ = ["Checkpoint", "config_from_hf", "load_checkpoint", "resolve_model"]
+__all__ = ["Checkpoint", "config_from_hf", "load_checkpoint", "model_generation_defaults", "resolve_model"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -46,6 +46,13 @@ def cache_key(path: Path, dtype) -> str:
     stamp = [str(path)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:12]
     return f"{path.stem}-{np.dtype(dtype).name}-{digest}"
+
+
+def model_generation_defaults(name_or_path: str | Path | None) -> dict:
+    """The sampling defaults a checkpoint directory's generation_config.json sets (vLLM's
+    ``generation_config="auto"``); {} for GGUF files and directories without one."""
+    path = resolve_model(name_or_path)
+    return {} if path.is_file() else generation_defaults(path)
 
 
 def load_checkpoint(

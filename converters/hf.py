@@ -80,6 +80,26 @@ def _with_generation_eos(directory: Path, hf: dict) -> dict:
     return {**hf, "eos_token_id": list(dict.fromkeys(ids))}
 
 
+# Sampling fields vLLM takes from generation_config.json, with transformers' GenerationConfig
+# defaults: only values that differ from those count (vLLM reads the config's diff).
+_GENERATION_SAMPLING_DEFAULTS = {"repetition_penalty": 1.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                                 "min_p": None, "max_new_tokens": None}
+
+
+def generation_defaults(directory: Path) -> dict:
+    """The model creator's sampling defaults in ``directory/generation_config.json``, as
+    SamplingParams fields (``max_new_tokens`` becomes ``max_tokens``); {} when there are none."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    found = {key: config[key] for key, default in _GENERATION_SAMPLING_DEFAULTS.items()
+             if config.get(key) is not None and config[key] != default}
+    if "max_new_tokens" in found:
+        found["max_tokens"] = found.pop("max_new_tokens")
+    return found
+
+
 def load_hf_directory(directory: Path, dtype=np.float32) -> Checkpoint:
     """Convert the checkpoint in ``directory`` to the layout's params, cast to ``dtype``."""
     config = config_from_hf(_with_generation_eos(directory, read_hf_config(directory)))

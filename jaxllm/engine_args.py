@@ -51,6 +51,28 @@ class EngineArgs:
     warmup: bool = True  # compile every bucket at start-up
     # JAX's persistent compilation cache: a second start loads compiled programs from disk.
     compilation_cache_dir: str | None = "~/.cache/jaxllm/xla"
+    # Default sampling parameters: "auto" takes the model's generation_config.json (as vLLM),
+    # "vllm" leaves SamplingParams' own, a directory reads its generation_config.json.
+    generation_config: str = "auto"
+
+    def sampling_defaults(self) -> dict:
+        """SamplingParams fields that requests without their own take from the generation config."""
+        from converters import model_generation_defaults
+        from converters.hf import generation_defaults
+
+        if self.generation_config == "vllm":
+            return {}
+        if self.generation_config == "auto":
+            defaults = model_generation_defaults(self.model)
+        else:
+            directory = Path(self.generation_config).expanduser()
+            if not directory.is_dir():
+                raise ValueError(f"generation_config={self.generation_config!r} must be 'auto', 'vllm' or a directory")
+            defaults = generation_defaults(directory)
+        if defaults:
+            logger.warning("default sampling parameters %s come from the model's generation config; "
+                           "generation_config='vllm' leaves SamplingParams' own", defaults)
+        return defaults
 
     def scheduler_config(self, max_position_embeddings: int) -> SchedulerConfig:
         platform = "gpu" if jax.devices()[0].platform == "gpu" else "cpu"

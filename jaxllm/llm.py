@@ -53,8 +53,15 @@ class LLM:
         else:
             self.engine_args = EngineArgs.from_kwargs(model, kwargs)
             checkpoint = None
+        self._sampling_defaults = self.engine_args.sampling_defaults()
+        SamplingParams(**self._sampling_defaults)  # a generation config SamplingParams refuses fails here
         self.llm_engine = create_engine(self.engine_args, checkpoint)
         self._counter = itertools.count()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` and ``chat`` use without ``sampling_params``: SamplingParams' defaults,
+        overridden by the model's generation_config.json (``generation_config="auto"``, as vLLM)."""
+        return SamplingParams(**self._sampling_defaults)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -123,10 +130,9 @@ class LLM:
         return value if isinstance(value, list) else list(self.get_tokenizer().encode(value))
 
     # -- internals -------------------------------------------------------------------------------
-    @staticmethod
-    def _params_per_prompt(sampling_params, n: int) -> list[SamplingParams]:
+    def _params_per_prompt(self, sampling_params, n: int) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * n
+            return [self.get_default_sampling_params()] * n
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
         params = list(sampling_params)

@@ -350,3 +350,19 @@ def test_generation_config_eos_ids_join_config_eos(tmp_path):
     path = make_tiny_checkpoint("llama", tmp_path)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     assert load_checkpoint(path).config.eos_token_ids == (2, 7)
+
+
+def test_generation_config_sampling_defaults_are_its_diff_from_transformers_defaults(tmp_path):
+    from converters import model_generation_defaults
+
+    path = make_tiny_checkpoint("llama", tmp_path)
+    (path / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.0,
+        "min_p": None, "max_new_tokens": 30, "bos_token_id": 1, "eos_token_id": 2}))
+    # top_k 50 and repetition_penalty 1.0 are transformers' own defaults: not the creator's choice.
+    assert model_generation_defaults(path) == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 30}
+    (path / "generation_config.json").write_text(json.dumps({"top_k": 50, "eos_token_id": 2}))
+    assert model_generation_defaults(path) == {}
+    (path / "generation_config.json").unlink()
+    assert model_generation_defaults(path) == {}
+    assert model_generation_defaults(None) == {}  # the embedded GGUF

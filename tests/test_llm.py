@@ -162,3 +162,33 @@ def test_chat_continues_the_final_message_and_passes_template_kwargs(llm):
     assert out.prompt_token_ids == llm.get_tokenizer().encode(chat[0]["content"] + " Answer:")
     with pytest.raises(ValueError, match=r"chat_template_kwargs may not set \['tools'\]"):
         llm.chat(chat, GREEDY, use_tqdm=False, chat_template_kwargs={"tools": []})
+
+
+def test_generation_config_gives_the_default_sampling_params(tmp_path, caplog):
+    import json
+
+    from tiny_models import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint("llama", tmp_path / "model")
+    (path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.0, "max_new_tokens": 3, "top_k": 50, "eos_token_id": 2}))
+    limits = dict(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, warmup=False, compilation_cache_dir=None)
+    with caplog.at_level("WARNING", logger="jaxllm"):
+        llm = LLM(str(path), **limits)
+    assert "generation config" in caplog.text
+    default = llm.get_default_sampling_params()
+    assert (default.temperature, default.max_tokens, default.top_k) == (0.0, 3, 0)
+    prompt = {"prompt_token_ids": [5, 9, 12, 7]}
+    got = llm.generate(prompt, use_tqdm=False)[0].outputs[0]
+    want = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == want.token_ids and len(got.token_ids) <= 3
+    assert LLM(str(path), generation_config="vllm", **limits).get_default_sampling_params() == SamplingParams()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "generation_config.json").write_text(json.dumps({"top_p": 0.5}))
+    assert LLM(str(path), generation_config=str(elsewhere), **limits).get_default_sampling_params().top_p == 0.5
+    with pytest.raises(ValueError, match="generation_config="):
+        LLM(str(path), generation_config="nowhere", **limits)
+    (path / "generation_config.json").write_text(json.dumps({"temperature": -1.0}))
+    with pytest.raises(ValueError, match="temperature"):
+        LLM(str(path), **limits)

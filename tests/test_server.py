@@ -432,6 +432,21 @@ def test_chat_continue_final_message_template_kwargs_and_prompt_logprobs(http):
     assert all(len(entry) == 1 for entry in out["prompt_logprobs"][1:])  # 0: just the prompt's own token
 
 
+def test_generation_config_defaults_fill_only_what_a_request_leaves_out():
+    from jaxllm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+
+    defaults = {"temperature": 0.6, "top_k": 20, "max_tokens": 30}
+    chat = ChatCompletionRequest(messages=CHAT)
+    params = chat.to_sampling_params(100, defaults)
+    assert (params.temperature, params.top_k, params.top_p, params.max_tokens) == (0.6, 20, 1.0, 30)
+    assert chat.to_sampling_params(10, defaults).max_tokens == 10  # what max_model_len leaves
+    own = ChatCompletionRequest(messages=CHAT, temperature=0.0, top_k=0, max_tokens=50).to_sampling_params(100, defaults)
+    assert (own.temperature, own.top_k, own.max_tokens) == (0.0, 0, 50)
+    # Completions default to OpenAI's max_tokens=16, which the generation config does not change.
+    assert CompletionRequest(prompt="x").to_sampling_params(100, defaults).max_tokens == 16
+    assert ChatCompletionRequest(messages=CHAT).to_sampling_params(100).temperature == 1.0
+
+
 def test_tools_with_tool_choice_none_and_text_response_format_are_served(http):
     template = "{% for t in tools or [] %}{{ t.function.name }} {% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
     body = {"messages": CHAT, "max_tokens": 3, "temperature": 0, "response_format": {"type": "text"},

@@ -56,6 +56,9 @@ ENGINE_HELP = {
               "False compiles each shape when first met (one-shot jobs, notebooks).",
     "compilation_cache_dir": "JAX persistent compilation cache; a second start loads compiled programs from "
                              "disk. None: off (or whatever the user configured).",
+    "generation_config": "Default sampling parameters: `auto` takes the model's generation_config.json "
+                         "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), as vLLM; "
+                         "`vllm` keeps SamplingParams' own; a directory reads its generation_config.json.",
 }
 
 SAMPLING_HELP = {

@@ -198,7 +198,8 @@ def build_async_engine(args: argparse.Namespace) -> tuple[AsyncLLMEngine, Served
     name = args.served_model_name or engine_args.model or DEFAULT_MODEL_NAME
     config = engine.scheduler.config
     served = ServedModel(name=name, root=engine_args.model or DEFAULT_MODEL_NAME,
-                         max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs)
+                         max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
+                         sampling_defaults=engine_args.sampling_defaults())
     # The collector reads the stats the engine thread publishes, never the engine itself.
     holder: dict[str, AsyncLLMEngine] = {}
     metrics = ServerMetrics(name, lambda: holder["engine"].stats)

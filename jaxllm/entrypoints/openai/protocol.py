@@ -117,14 +117,22 @@ class SamplingRequest(OpenAIModel):
     def requested_prompt_logprobs(self) -> int | None:
         return self.prompt_logprobs
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """Raises ValueError, with SamplingParams' message, for values the engine cannot honour."""
+    def to_sampling_params(self, default_max_tokens: int, defaults: dict | None = None) -> SamplingParams:
+        """Raises ValueError, with SamplingParams' message, for values the engine cannot honour.
+
+        ``defaults`` (the model's generation config) fill the sampling fields the request leaves
+        out, and cap the default max_tokens, as vLLM.
+        """
+        defaults = defaults or {}
         max_tokens = self.requested_max_tokens()
+        if max_tokens is None and "max_tokens" in defaults:
+            default_max_tokens = min(default_max_tokens, defaults["max_tokens"])
         optional = {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
         }
+        optional = {name: defaults.get(name) if value is None else value for name, value in optional.items()}
         return SamplingParams(
             n=self.n,
             best_of=self.best_of,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
@@ -37,6 +37,8 @@ class ServedModel:
     root: str  # the checkpoint it was loaded from
     max_model_len: int
     max_num_seqs: int  # the n completions of a request run side by side, so n can be no larger
+    # SamplingParams fields from the model's generation config, for requests that leave them out.
+    sampling_defaults: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,8 @@ class OpenAIServing:
             if any(not 0 <= t < vocab for t in getattr(request, name) or ()):
                 raise APIError(f"{name} must be in [0, {vocab})", param=name)
         try:
-            params = request.to_sampling_params(self.served.max_model_len - len(prompt_ids))
+            params = request.to_sampling_params(self.served.max_model_len - len(prompt_ids),
+                                                self.served.sampling_defaults)
         except ValueError as exc:
             raise APIError(str(exc)) from exc
         if params.n > self.served.max_num_seqs:  # the scheduler would never admit it
