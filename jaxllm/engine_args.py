@@ -31,6 +31,11 @@ class EngineArgs:
     """Arguments of ``LLM`` / ``jaxllm serve``, with vLLM's names and defaults."""
 
     model: str | None = None  # None or "SmolLM2-135M-Instruct": the embedded default model
+    tokenizer: str | None = None  # a directory or cached repo id whose tokenizer replaces the model's
+    # Accepted for vLLM scripts: only built-in architectures load, so no checkpoint code ever runs.
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = 1  # one device: larger values are refused
+    pipeline_parallel_size: int = 1
     dtype: str = "auto"
     block_size: int = 16
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -99,6 +104,13 @@ class EngineArgs:
             preemption_mode=self.preemption_mode,
         )
 
+    def __post_init__(self):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if value != 1:
+                raise ValueError(f"{name}={value!r}: jaxllm runs a model on one device; parallelism across "
+                                 "devices is not supported yet")
+
     @classmethod
     def from_kwargs(cls, model: str | None, kwargs: dict[str, Any]) -> EngineArgs:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -106,6 +118,18 @@ class EngineArgs:
         if unknown:
             raise ValueError(f"unknown engine argument(s) {unknown}; known: {sorted(known)}")
         return cls(model=model, **kwargs)
+
+
+def _load_tokenizer(name_or_path: str):
+    """The tokenizer of a local directory or cached Hub repo (``tokenizer=``)."""
+    from converters import resolve_model
+    from converters.hf import load_tokenizer
+
+    path = resolve_model(name_or_path)
+    tokenizer = load_tokenizer(path) if path.is_dir() else None
+    if tokenizer is None:
+        raise ValueError(f"tokenizer={name_or_path!r}: {path} holds no Hugging Face tokenizer files")
+    return tokenizer
 
 
 def _enable_compilation_cache(path: str | None) -> None:
@@ -121,6 +145,8 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None) -> LLM
     cache = args.cache_config()
     _enable_compilation_cache(args.compilation_cache_dir)
     ckpt = checkpoint or load_checkpoint_as(args.model, args.dtype, args.download_dir)
+    if args.tokenizer is not None:
+        ckpt = dataclasses.replace(ckpt, tokenizer=_load_tokenizer(args.tokenizer))
     sched = args.scheduler_config(ckpt.config.max_position_embeddings)
     runner = ModelRunner(ckpt.config, ckpt.params, cache, sched, attend, seed=args.seed)
     if args.warmup:

@@ -192,3 +192,23 @@ def test_generation_config_gives_the_default_sampling_params(tmp_path, caplog):
     (path / "generation_config.json").write_text(json.dumps({"temperature": -1.0}))
     with pytest.raises(ValueError, match="temperature"):
         LLM(str(path), **limits)
+
+
+def test_vllm_parallelism_and_tokenizer_arguments(tmp_path, smollm2_model):
+    from tiny_models import make_tiny_checkpoint
+
+    from jaxllm.engine_args import EngineArgs
+
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        with pytest.raises(ValueError, match=rf"{name}=2: jaxllm runs a model on one device"):
+            LLM(smollm2_model, **{name: 2})
+    assert EngineArgs(tensor_parallel_size=1, trust_remote_code=True).tensor_parallel_size == 1
+    path = make_tiny_checkpoint("llama", tmp_path / "model")  # weights only, no tokenizer
+    tokenizer_dir = tmp_path / "tokenizer"
+    smollm2_model.tokenizer.save_pretrained(tokenizer_dir)
+    limits = dict(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, warmup=False, compilation_cache_dir=None)
+    assert LLM(str(path), **limits).get_tokenizer() is None
+    tokenizer = LLM(str(path), tokenizer=str(tokenizer_dir), **limits).get_tokenizer()
+    assert len(tokenizer) == 49152 and tokenizer.encode("Paris") == smollm2_model.tokenizer.encode("Paris")
+    with pytest.raises(ValueError, match="holds no Hugging Face tokenizer files"):
+        LLM(str(path), tokenizer=str(path), **limits)

@@ -21,6 +21,12 @@ OUTPUT = Path(__file__).resolve().parents[1] / "configuration.md"
 ENGINE_HELP = {
     "model": "None or `SmolLM2-135M-Instruct`: the embedded model; else a HF checkpoint directory, a `.gguf` "
              "file, or a repo id already in the local Hugging Face cache. `LLM` also takes a loaded `Model`.",
+    "tokenizer": "A directory or cached repo id whose Hugging Face tokenizer replaces the checkpoint's. "
+                 "None: the checkpoint's own.",
+    "trust_remote_code": "Accepted for vLLM scripts; no checkpoint code ever runs (only the built-in "
+                         "architectures load).",
+    "tensor_parallel_size": "Must be 1: one device per model (tensor parallelism is not built yet).",
+    "pipeline_parallel_size": "Must be 1: one device per model.",
     "dtype": "`auto`, `float32`, `bfloat16`, `float16`. `auto` is float32 on CPU and, on GPU, the "
              "checkpoint's 16-bit type (bfloat16 for float32 and quantised checkpoints). On CPU `bfloat16` "
              "runs the `cpu` backend's matmuls on AVX512-BF16 with half the weight and KV bytes: faster, "
