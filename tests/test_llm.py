@@ -212,3 +212,11 @@ def test_vllm_parallelism_and_tokenizer_arguments(tmp_path, smollm2_model):
     assert len(tokenizer) == 49152 and tokenizer.encode("Paris") == smollm2_model.tokenizer.encode("Paris")
     with pytest.raises(ValueError, match="holds no Hugging Face tokenizer files"):
         LLM(str(path), tokenizer=str(path), **limits)
+
+
+def test_generate_leaves_the_callers_params_as_given(llm):
+    from jaxllm import RequestOutputKind
+
+    params = SamplingParams(temperature=0, max_tokens=2)
+    llm.generate(PROMPTS[0], params, use_tqdm=False)
+    assert params.output_kind is RequestOutputKind.CUMULATIVE and params == SamplingParams(temperature=0, max_tokens=2)

@@ -218,6 +218,7 @@ def test_logit_bias_forces_a_token_and_bad_words_never_appear(llm):
     words = [text.split(",")[1].strip(), "6"]  # "5" then "6" in the greedy count
     banned = SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, ignore_eos=True, bad_words=words)
     out = llm.generate([PROMPTS[1]] * 4, banned, use_tqdm=False)
+    banned.update_from_tokenizer(tok)  # LLM.generate tokenized a copy: the caller's params stay as given
     sequences = banned.sampling_options().bad_words_token_ids
     for completion in _tokens(out):
         for word in sequences:
