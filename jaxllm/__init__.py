@@ -24,6 +24,8 @@ _EXPORTS = {
     "RequestOutput": "jaxllm.outputs",
     "SamplingParams": "jaxllm.sampling_params",
     "RequestOutputKind": "jaxllm.sampling_params",
+    "TextPrompt": "jaxllm.inputs",
+    "TokensPrompt": "jaxllm.inputs",
     "LLMEngine": "jaxllm.engine.llm_engine",
     "EngineArgs": "jaxllm.engine_args",
     "create_engine": "jaxllm.engine_args",

@@ -15,11 +15,10 @@ from converters.checkpoint import Checkpoint
 from jaxllm.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jaxllm.engine_args import EngineArgs, create_engine
 from jaxllm.entrypoints.chat_utils import render_chat
+from jaxllm.inputs import PromptType
 from jaxllm.loader import Model
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
-
-PromptType = str | dict[str, Any]
 
 
 def _dtype_name(dtype: Any) -> str | None:

@@ -7,6 +7,7 @@ silently samples differently from what was asked.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -83,7 +84,7 @@ class SamplingParams:
     bad_words: list[str] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: as many as max_model_len leaves after the prompt
     min_tokens: int = 0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
@@ -186,11 +187,11 @@ class SamplingParams:
 
     def _check_lengths(self) -> None:
         _check_truncate_prompt_tokens(self.truncate_prompt_tokens)
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1 or None")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise ValueError(f"min_tokens={self.min_tokens!r} must be an integer >= 0")
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
         if self.min_tokens and len(self.stop_token_ids or ()) > _MAX_HELD_BACK_STOP_IDS:
             # The sampler holds back eos + stop ids in a fixed-width row (MAX_BANNED_IDS).
@@ -198,6 +199,10 @@ class SamplingParams:
                 f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {_MAX_HELD_BACK_STOP_IDS} "
                 "can be combined with min_tokens > 0"
             )
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's ``clone``)."""
+        return copy.deepcopy(self)
 
     @property
     def max_stop_str_len(self) -> int:

@@ -284,3 +284,15 @@ def test_n_larger_than_max_num_seqs_is_rejected():
     with pytest.raises(ValueError, match="n=5 exceeds max_num_seqs=4"):
         engine.add_request("r", [1, 2, 3], SamplingParams(n=5))
     assert not engine.has_unfinished_requests()
+
+
+def test_max_tokens_none_runs_to_max_model_len(tokenizer):
+    from jaxllm import TokensPrompt
+
+    engine = make_engine(tokenizer, PositionRunner(word_ids(tokenizer)), max_model_len=12)
+    prompt = TokensPrompt(prompt_token_ids=[5, 6, 7])
+    engine.add_request("a", prompt["prompt_token_ids"], SamplingParams(max_tokens=None))
+    completion = run(engine)["a"].outputs[0]
+    assert (len(completion.token_ids), completion.finish_reason) == (9, "length")
+    with pytest.raises(ValueError, match="exceeds max_model_len=12"):
+        engine.add_request("b", list(range(3, 15)), SamplingParams(max_tokens=None))

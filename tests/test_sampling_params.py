@@ -114,3 +114,11 @@ def test_truncate_prompt_tokens_keeps_the_last_k():
     with pytest.raises(ValueError, match="truncate_prompt_tokens=5 is greater than max_model_len=4"):
         truncate_prompt(ids, 5, 4)
     assert SamplingParams(truncate_prompt_tokens=3).truncated_prompt(ids, 8) == [3, 4, 5]
+
+
+def test_max_tokens_none_and_clone():
+    p = SamplingParams(max_tokens=None, min_tokens=3, stop=["x"])
+    assert p.max_tokens is None
+    q = p.clone()
+    q.stop.append("y")
+    assert (q == SamplingParams(max_tokens=None, min_tokens=3, stop=["x", "y"])) and p.stop == ["x"]

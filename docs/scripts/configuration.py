@@ -83,7 +83,7 @@ SAMPLING_HELP = {
     "bad_words": "Words never generated (each word alone and with a leading space, as vLLM).",
     "include_stop_str_in_output": "Keep the matched stop string in the text.",
     "ignore_eos": "Keep generating after the end-of-sequence token.",
-    "max_tokens": "Most tokens to generate.",
+    "max_tokens": "Most tokens to generate; None: as many as `max_model_len` leaves after the prompt.",
     "min_tokens": "Hold back end-of-sequence and stop token ids until this many tokens are generated.",
     "logprobs": "Return the top-k log-probabilities of each generated token (0: only the sampled one's), <= 20.",
     "prompt_logprobs": "The same for each prompt token, <= 20.",

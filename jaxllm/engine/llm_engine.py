@@ -148,7 +148,10 @@ class LLMEngine:
         if self.vocab_size is not None:
             params.check_vocabulary(self.vocab_size)
         prompt_text, token_ids = self._tokenize(prompt)
-        token_ids = params.truncated_prompt(token_ids, self.scheduler.config.max_model_len)
+        max_model_len = self.scheduler.config.max_model_len
+        token_ids = params.truncated_prompt(token_ids, max_model_len)
+        if params.max_tokens is None:  # as many as fit (at least one: a full prompt is refused below)
+            params = dataclasses.replace(params, max_tokens=max(1, max_model_len - len(token_ids)))
         arrival = time.time() if arrival_time is None else arrival_time
         request = Request(str(request_id), token_ids, params, arrival, retain_blocks=retain_blocks)
         self.scheduler.add_request(request)
