@@ -406,6 +406,8 @@ def test_allowed_token_ids_truncation_and_prompt_logprobs_in_completions(http):
     assert entry[str(ids[-1])]["decoded_token"] == " is"
     plain = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).json()
     assert plain["choices"][0]["prompt_logprobs"] is None
+    streamed = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "prompt_logprobs": 0, "stream": True})
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
 
 
 def test_chat_continue_final_message_template_kwargs_and_prompt_logprobs(http):

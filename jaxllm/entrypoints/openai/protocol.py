@@ -104,8 +104,8 @@ class SamplingRequest(OpenAIModel):
         for name, message in refused.items():
             if getattr(self, name):
                 return message, name
-        if self.prompt_logprobs is not None and self.stream:
-            return "prompt_logprobs is not supported with stream=true", "prompt_logprobs"
+        if self.prompt_logprobs and self.stream:  # as vLLM: 0 asks for nothing a stream would carry
+            return "prompt_logprobs > 0 is not supported with stream=true", "prompt_logprobs"
         return None
 
     def requested_max_tokens(self) -> int | None:
