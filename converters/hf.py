@@ -65,13 +65,16 @@ def load_tokenizer(directory: Path) -> Any | None:
     return AutoTokenizer.from_pretrained(directory)
 
 
+def _generation_config(directory: Path) -> dict:
+    """``directory/generation_config.json``, or {} without one."""
+    path = directory / "generation_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _with_generation_eos(directory: Path, hf: dict) -> dict:
     """Chat models list their end-of-turn ids in generation_config.json (Llama 3's <|eot_id|>),
     as vLLM reads them: the union with config.json's eos ids ends generation."""
-    path = directory / "generation_config.json"
-    if not path.is_file():
-        return hf
-    extra = json.loads(path.read_text()).get("eos_token_id")
+    extra = _generation_config(directory).get("eos_token_id")
     if extra is None:
         return hf
     ids = []
@@ -89,10 +92,7 @@ _GENERATION_SAMPLING_DEFAULTS = {"repetition_penalty": 1.0, "temperature": 1.0, 
 def generation_defaults(directory: Path) -> dict:
     """The model creator's sampling defaults in ``directory/generation_config.json``, as
     SamplingParams fields (``max_new_tokens`` becomes ``max_tokens``); {} when there are none."""
-    path = directory / "generation_config.json"
-    if not path.is_file():
-        return {}
-    config = json.loads(path.read_text())
+    config = _generation_config(directory)
     found = {key: config[key] for key, default in _GENERATION_SAMPLING_DEFAULTS.items()
              if config.get(key) is not None and config[key] != default}
     if "max_new_tokens" in found:

@@ -52,7 +52,9 @@ class LLM:
         else:
             self.engine_args = EngineArgs.from_kwargs(model, kwargs)
             checkpoint = None
-        self._sampling_defaults = self.engine_args.sampling_defaults()
+        # A loaded Model has no checkpoint directory for "auto" to read.
+        auto_without_source = checkpoint is not None and self.engine_args.generation_config == "auto"
+        self._sampling_defaults = {} if auto_without_source else self.engine_args.sampling_defaults()
         SamplingParams(**self._sampling_defaults)  # a generation config SamplingParams refuses fails here
         self.llm_engine = create_engine(self.engine_args, checkpoint)
         self._counter = itertools.count()

@@ -164,7 +164,7 @@ def test_chat_continues_the_final_message_and_passes_template_kwargs(llm):
         llm.chat(chat, GREEDY, use_tqdm=False, chat_template_kwargs={"tools": []})
 
 
-def test_generation_config_gives_the_default_sampling_params(tmp_path, caplog):
+def test_generation_config_gives_the_default_sampling_params(tmp_path, caplog, monkeypatch):
     import json
 
     from tiny_models import make_tiny_checkpoint
@@ -189,6 +189,14 @@ def test_generation_config_gives_the_default_sampling_params(tmp_path, caplog):
     assert LLM(str(path), generation_config=str(elsewhere), **limits).get_default_sampling_params().top_p == 0.5
     with pytest.raises(ValueError, match="generation_config="):
         LLM(str(path), generation_config="nowhere", **limits)
+    # A model loaded in a notebook has no directory for "auto" to read: nothing is looked up.
+    import converters
+    import jaxllm
+
+    loaded = jaxllm.load_model(str(path), dtype="float32")
+    monkeypatch.setattr(converters, "model_generation_defaults", lambda _: pytest.fail("looked up a model"))
+    assert LLM(loaded, **limits).get_default_sampling_params() == SamplingParams()
+    monkeypatch.undo()
     (path / "generation_config.json").write_text(json.dumps({"temperature": -1.0}))
     with pytest.raises(ValueError, match="temperature"):
         LLM(str(path), **limits)

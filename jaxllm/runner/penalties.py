@@ -59,23 +59,28 @@ class PenaltyTensors:
 
 
 def apply_penalties(logits: jax.Array, pt: PenaltyTensors) -> jax.Array:
-    """logits [S, V] float32 -> logits [S, V] with bad words, bias and penalties applied.
+    """logits [S, V] float32 -> logits [S, V] with allowed ids, bad words, bias and penalties applied.
 
     Each part runs only when some row uses it (``lax.cond``), so a batch without any costs
-    two small reductions.
+    three small reductions; only the allowed-ids part builds an [S, V] mask.
     """
     V = logits.shape[-1]
-    sparse = jnp.any(pt.bias_ids < V) | jnp.any(pt.bad_words[:, :, -1] < V) | jnp.any(pt.allowed[:, 0] < V)
+    logits = jax.lax.cond(jnp.any(pt.allowed[:, 0] < V), _allowed_only, lambda x, _: x, logits, pt)
+    sparse = jnp.any(pt.bias_ids < V) | jnp.any(pt.bad_words[:, :, -1] < V)
     logits = jax.lax.cond(sparse, _bias_and_bad_words, lambda x, _: x, logits, pt)
     penalised = jnp.any((pt.presence != 0.0) | (pt.frequency != 0.0) | (pt.repetition != 1.0))
     return jax.lax.cond(penalised, _history_penalties, lambda x, _: x, logits, pt)
 
 
-def _bias_and_bad_words(logits: jax.Array, pt: PenaltyTensors) -> jax.Array:
+def _allowed_only(logits: jax.Array, pt: PenaltyTensors) -> jax.Array:
+    """-inf for every id a row with an allowed list does not list (rows without one: untouched)."""
     S, V = logits.shape
-    rows = jnp.arange(S)[:, None]
-    listed = jnp.zeros((S, V), jnp.bool_).at[rows, pt.allowed].set(True, mode="drop")
-    logits = jnp.where((pt.allowed[:, :1] < V) & ~listed, -jnp.inf, logits)
+    listed = jnp.zeros((S, V), jnp.bool_).at[jnp.arange(S)[:, None], pt.allowed].set(True, mode="drop")
+    return jnp.where((pt.allowed[:, :1] < V) & ~listed, -jnp.inf, logits)
+
+
+def _bias_and_bad_words(logits: jax.Array, pt: PenaltyTensors) -> jax.Array:
+    rows = jnp.arange(logits.shape[0])[:, None]
     logits = logits.at[rows, _banned_last_tokens(pt)].set(-jnp.inf, mode="drop")
     return logits.at[rows, pt.bias_ids].add(pt.bias_values, mode="drop")
 
