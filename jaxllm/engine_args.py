@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +114,30 @@ class EngineArgs:
                 raise ValueError(f"{name}={value!r}: jaxllm runs a model on one device; parallelism across "
                                  "devices is not supported yet")
 
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add one ``--kebab-case`` flag per field, with the field's default (vLLM's name); returns
+        ``parser``. Booleans get ``--flag`` / ``--no-flag``."""
+        group = parser.add_argument_group("engine")
+        hints = typing.get_type_hints(EngineArgs)
+        for field in dataclasses.fields(EngineArgs):
+            flag = "--" + field.name.replace("_", "-")
+            kind, nullable = _flag_type(hints[field.name])
+            help_default = f"default: {field.default}"
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                   help=help_default)
+            else:
+                null_note = " (none: engine decides)" if nullable else ""
+                group.add_argument(flag, type=kind, default=field.default, help=help_default + null_note)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        """The EngineArgs of a namespace parsed with :meth:`add_cli_args` (other attributes are
+        ignored, so the parser may hold flags of its own)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
     @classmethod
     def from_kwargs(cls, model: str | None, kwargs: dict[str, Any]) -> EngineArgs:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -118,6 +145,17 @@ class EngineArgs:
         if unknown:
             raise ValueError(f"unknown engine argument(s) {unknown}; known: {sorted(known)}")
         return cls(model=model, **kwargs)
+
+
+def _flag_type(annotation) -> tuple[type, bool]:
+    """(the scalar type, whether None is allowed) of a field annotation such as ``int | None``."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        scalars = [a for a in args if a is not type(None)]
+        if len(scalars) != 1:
+            raise TypeError(f"cannot derive a flag from {annotation}")
+        return scalars[0], True
+    return annotation, False
 
 
 def _load_tokenizer(name_or_path: str):
@@ -139,8 +177,10 @@ def _enable_compilation_cache(path: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None) -> LLMEngine:
-    """Load the model (unless ``checkpoint`` is given), size the KV pool, compile, return an engine."""
+def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
+                  engine_cls: type[LLMEngine] = LLMEngine) -> LLMEngine:
+    """Load the model (unless ``checkpoint`` is given), size the KV pool, compile, return an engine
+    (an ``engine_cls``)."""
     attend = get_attention_backend(args.attention_backend)  # fail fast on a bad name
     cache = args.cache_config()
     _enable_compilation_cache(args.compilation_cache_dir)
@@ -154,6 +194,6 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None) -> LLM
     eos = set(ckpt.config.eos_token_ids)
     if ckpt.tokenizer is not None and ckpt.tokenizer.eos_token_id is not None:
         eos.add(ckpt.tokenizer.eos_token_id)
-    return LLMEngine(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, tuple(sorted(eos)),
+    return engine_cls(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, tuple(sorted(eos)),
                      num_swap_blocks=runner.num_swap_blocks, async_scheduling=args.async_scheduling,
                      vocab_size=ckpt.config.vocab_size)

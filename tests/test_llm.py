@@ -222,6 +222,42 @@ def test_vllm_parallelism_and_tokenizer_arguments(tmp_path, smollm2_model):
         LLM(str(path), tokenizer=str(path), **limits)
 
 
+def test_vllm_engine_script_builds_from_cli_args(tmp_path):
+    """vLLM's LLMEngine example: flags from EngineArgs.add_cli_args, EngineArgs.from_cli_args,
+    LLMEngine.from_engine_args, then add_request / step until done."""
+    import argparse
+
+    from tiny_models import make_tiny_checkpoint
+
+    from jaxllm import EngineArgs, LLMEngine
+
+    path = make_tiny_checkpoint("llama", tmp_path / "model")
+    parser = argparse.ArgumentParser()
+    assert EngineArgs.add_cli_args(parser) is parser
+    parser.add_argument("--num-prompts", type=int, default=2)  # a script's own flag is left alone
+    args = parser.parse_args(["--model", str(path), "--max-model-len", "64", "--max-num-seqs", "4",
+                              "--max-num-batched-tokens", "16", "--no-enable-prefix-caching", "--no-warmup",
+                              "--block-size", "8", "--compilation-cache-dir", str(tmp_path / "xla")])
+    engine_args = EngineArgs.from_cli_args(args)
+    assert (engine_args.max_model_len, engine_args.block_size, engine_args.enable_prefix_caching) == (64, 8, False)
+    assert engine_args.dtype == "auto" and engine_args.num_kv_blocks is None
+    engine = LLMEngine.from_engine_args(engine_args)
+    assert isinstance(engine, LLMEngine) and engine.get_tokenizer() is None
+    assert engine.scheduler.config.max_model_len == 64
+    prompts = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [2, 4, 6]]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((out.request_id, out) for out in engine.step() if out.finished)
+    reference = LLM(str(path), max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, block_size=8,
+                    warmup=False, compilation_cache_dir=None)
+    expected = reference.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [finished[str(i)].outputs[0].token_ids for i in range(2)] == [e.outputs[0].token_ids for e in expected]
+    assert all(len(e.outputs[0].token_ids) == 6 for e in expected)
+
+
 def test_generate_leaves_the_callers_params_as_given(llm):
     from jaxllm import RequestOutputKind
 

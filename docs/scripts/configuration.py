@@ -193,7 +193,10 @@ def render() -> str:
         "## Engine arguments",
         "",
         "`LLM(model, **kwargs)`, `EngineArgs(...)` and `jaxllm serve` take the same arguments (vLLM's names "
-        "and defaults). On the command line each is a `--kebab-case` flag; booleans also have `--no-...`.",
+        "and defaults). On the command line each is a `--kebab-case` flag; booleans also have `--no-...`. "
+        "A script of its own adds the same flags with `EngineArgs.add_cli_args(parser)`, reads them back "
+        "with `EngineArgs.from_cli_args(args)`, and builds an engine with "
+        "`LLMEngine.from_engine_args(engine_args)`, as in vLLM.",
         "",
         head, *_dataclass_rows(EngineArgs, ENGINE_HELP, flag=True),
         "",

@@ -6,7 +6,7 @@ import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from jaxllm.config import CacheConfig, SchedulerConfig
 from jaxllm.engine.detokenizer import IncrementalDetokenizer
@@ -15,6 +15,9 @@ from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import RequestUpdate, Scheduler
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+
+if TYPE_CHECKING:
+    from jaxllm.engine_args import EngineArgs
 
 
 class Runner(Protocol):
@@ -126,6 +129,17 @@ class LLMEngine:
         self.async_scheduling = async_scheduling and hasattr(runner, "dispatch")
         self._in_flight: tuple[SchedulerOutput, object] | None = None  # dispatched, not yet resolved
         self.num_overlapped_steps = 0  # steps dispatched while the previous one was in flight
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
+        """Load the model, size the KV pool and compile: vLLM's way to build an engine."""
+        from jaxllm.engine_args import create_engine
+
+        return create_engine(engine_args, engine_cls=cls)
+
+    def get_tokenizer(self):
+        """The Hugging Face tokenizer the engine detokenizes with (None for a model without one)."""
+        return self.tokenizer
 
     def add_request(
         self,

@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineQueueFullError
+from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.engine_args import EngineArgs
 from jaxllm.entrypoints.openai import cli_args
 from jaxllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from jaxllm.entrypoints.openai.protocol import (
@@ -191,10 +193,8 @@ def build_app(engine: AsyncLLMEngine, served: ServedModel, metrics: ServerMetric
 
 def build_async_engine(args: argparse.Namespace) -> tuple[AsyncLLMEngine, ServedModel, ServerMetrics]:
     """Load and compile the model (slow), and wrap it for serving."""
-    from jaxllm.engine_args import create_engine
-
-    engine_args = cli_args.engine_args_from(args)
-    engine = create_engine(engine_args)
+    engine_args = EngineArgs.from_cli_args(args)
+    engine = LLMEngine.from_engine_args(engine_args)
     name = args.served_model_name or engine_args.model or DEFAULT_MODEL_NAME
     config = engine.scheduler.config
     served = ServedModel(name=name, root=engine_args.model or DEFAULT_MODEL_NAME,

@@ -1,45 +1,10 @@
-"""Flags of ``jaxllm serve``: every EngineArgs field, derived from the dataclass, plus the server's own."""
+"""Flags of ``jaxllm serve``: every EngineArgs field (``EngineArgs.add_cli_args``), plus the server's own."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import types
-import typing
 
 from jaxllm.engine_args import EngineArgs
-
-
-def _flag_type(annotation) -> tuple[type, bool]:
-    """(the scalar type, whether None is allowed) of a field annotation such as ``int | None``."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        scalars = [a for a in args if a is not type(None)]
-        if len(scalars) != 1:
-            raise TypeError(f"cannot derive a flag from {annotation}")
-        return scalars[0], True
-    return annotation, False
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One ``--kebab-case`` flag per EngineArgs field, with the field's default."""
-    group = parser.add_argument_group("engine")
-    hints = typing.get_type_hints(EngineArgs)
-    for field in dataclasses.fields(EngineArgs):
-        flag = "--" + field.name.replace("_", "-")
-        kind, nullable = _flag_type(hints[field.name])
-        default = field.default
-        help_default = f"default: {default}"
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_default)
-        else:
-            null_note = " (none: engine decides)" if nullable else ""
-            group.add_argument(flag, type=kind, default=default, help=help_default + null_note)
-
-
-def engine_args_from(namespace: argparse.Namespace) -> EngineArgs:
-    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(EngineArgs)}
-    return EngineArgs(**values)
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +24,7 @@ def build_serve_parser(parser: argparse.ArgumentParser | None = None, positional
     parser = parser or argparse.ArgumentParser(prog="jaxllm serve", description="OpenAI-compatible server")
     if positional_model:
         parser.add_argument("model_tag", nargs="?", default=None, help="the model (same as --model)")
-    add_engine_args(parser)
+    EngineArgs.add_cli_args(parser)
     add_server_args(parser)
     return parser
 
