@@ -153,6 +153,53 @@ def test_delta_outputs_of_parallel_completions_carry_each_ones_new_text(tokenize
         assert text[i] == tokenizer.decode(final[i].token_ids)
 
 
+def test_server_joins_delta_outputs_into_what_cumulative_outputs_say(tokenizer):
+    """The server asks for DELTA outputs: its per-choice chunks (DeltaTracker) and its whole
+    answers (WholeOutput) must say what the CUMULATIVE outputs of the same requests say, and its
+    latency metrics must count every token of completion 0 once."""
+    from jaxllm.entrypoints.openai.metrics import ServerMetrics
+    from jaxllm.entrypoints.openai.serving_engine import DeltaTracker, WholeOutput
+
+    runs = {}
+    for kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA):
+        engine = make_engine(tokenizer, ForkingRunner(word_ids(tokenizer)))
+        for rid, stop in (("a", [" world"]), ("b", [])):
+            engine.add_request(rid, "Hello", SamplingParams(n=2, max_tokens=9, temperature=1.0, seed=3, stop=stop,
+                                                            output_kind=kind))
+        runs[kind] = _outputs_per_step(engine)
+    final = {out.request_id: out for step in runs[RequestOutputKind.CUMULATIVE] for out in step if out.finished}
+    reasons = sorted(c.finish_reason for out in final.values() for c in out.outputs)
+    assert reasons == ["length", "length", "length", "stop"], reasons  # one child of "a" met " world"
+    whole = {rid: WholeOutput() for rid in final}
+    trackers = {rid: DeltaTracker(i, 2) for i, rid in enumerate(sorted(final))}
+    chunks: dict[int, list] = {}
+    metrics = ServerMetrics("m", lambda: None)
+    now = 100.0
+    for step in runs[RequestOutputKind.DELTA]:
+        now += 1.0
+        for out in step:
+            whole[out.request_id].add(out)
+            metrics.observe(out, now)
+            for delta in trackers[out.request_id].deltas(out):
+                chunks.setdefault(delta.index, []).append(delta)
+    for i, rid in enumerate(sorted(final)):
+        joined = whole[rid].result()
+        assert joined.outputs == final[rid].outputs and joined.finished
+        assert joined.prompt_token_ids == final[rid].prompt_token_ids
+        for c in final[rid].outputs:
+            mine = chunks[2 * i + c.index]
+            assert "".join(d.text for d in mine) == c.text
+            assert [t for d in mine for t in d.token_ids] == c.token_ids
+            assert mine[-1].num_tokens == len(c.token_ids) and mine[-1].finish_reason == c.finish_reason
+            assert [d.finish_reason for d in mine[:-1]] == [None] * (len(mine) - 1)
+    def count(histogram) -> float:
+        return next(s.value for s in histogram.collect()[0].samples if s.name.endswith("_count"))
+
+    first_tokens = sum(len(out.outputs[0].token_ids) for out in final.values())
+    assert (count(metrics.ttft), count(metrics.e2e), count(metrics.itl)) == (2, 2, first_tokens - 2)
+    assert WholeOutput().result() is None
+
+
 def test_stop_string_ends_the_request_and_frees_its_blocks(tokenizer):
     script = tokenizer.encode("Hello world, again")
     engine = make_engine(tokenizer, ScriptedRunner(script))

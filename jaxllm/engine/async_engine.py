@@ -137,7 +137,7 @@ class AsyncLLMEngine:
 
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its cumulative outputs; leaving early aborts it."""
+        """Add a request and yield its outputs (as its params' ``output_kind`` asks); leaving early aborts it."""
         stream = await self.add_request(request_id, prompt, params)
         try:
             async for output in stream:

@@ -79,6 +79,8 @@ class _Tracked:
     completions: dict[int, _Completion]  # by completion index; children appear when forked
     prompt_logprob_dicts: list = field(default_factory=list)
     sent_prompt_logprobs: int = 0  # entries earlier DELTA outputs carried
+    # The prompt's ids as every output of the request carries them: one list, not a copy per step.
+    prompt_token_ids: list[int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -305,10 +307,12 @@ class LLMEngine:
         if delta:
             prompt_logprobs, tracked.sent_prompt_logprobs = (prompt_logprobs[tracked.sent_prompt_logprobs:],
                                                              len(prompt_logprobs))
+        if tracked.prompt_token_ids is None:
+            tracked.prompt_token_ids = list(request.prompt_token_ids)
         return RequestOutput(
             request_id=request.request_id,
             prompt=tracked.prompt,
-            prompt_token_ids=list(request.prompt_token_ids),
+            prompt_token_ids=tracked.prompt_token_ids,
             outputs=[self._completion_output(i, c, delta) for i, c in completions],
             finished=finished,
             prompt_logprobs=list(prompt_logprobs) or None,

@@ -70,9 +70,11 @@ class ServerMetrics:
         self._last_token_time: dict[str, tuple[float, int]] = {}  # request id -> (time, tokens so far)
 
     def observe(self, output: RequestOutput, now: float) -> None:
-        """Called on the engine thread for every output."""
-        num_tokens = len(output.outputs[0].token_ids)
+        """Called on the engine thread for every output: a DELTA output (the server asks for them),
+        whose completion 0, when it moved, carries only its new tokens."""
         previous = self._last_token_time.get(output.request_id)
+        new_tokens = sum(len(c.token_ids) for c in output.outputs if c.index == 0)
+        num_tokens = (previous[1] if previous else 0) + new_tokens
         arrival = output.metrics.arrival_time if output.metrics else now
         if previous is None and num_tokens:
             self.ttft.observe(now - arrival)
@@ -83,7 +85,7 @@ class ServerMetrics:
         if output.finished:
             self._last_token_time.pop(output.request_id, None)
             self.e2e.observe(now - arrival)
-        elif num_tokens:
+        elif new_tokens:
             self._last_token_time[output.request_id] = (now, num_tokens)
 
     def forget(self, request_id: str) -> None:

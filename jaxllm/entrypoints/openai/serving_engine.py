@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from pydantic import BaseModel
 from jaxllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from jaxllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest
 from jaxllm.outputs import CompletionOutput, RequestOutput
-from jaxllm.sampling_params import SamplingParams, truncate_prompt
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams, truncate_prompt
 
 
 class APIError(Exception):
@@ -57,32 +58,71 @@ class Delta:
 
 
 class DeltaTracker:
-    """Turns one request's cumulative outputs (n completions each) into per-choice deltas."""
+    """Turns one request's outputs into per-choice deltas.
+
+    The server asks the engine for ``RequestOutputKind.DELTA`` outputs: each carries only what is
+    new, for the completions that moved, so a step costs the server the new tokens, not the whole
+    output so far. This keeps the running counts the chunks need.
+    """
 
     def __init__(self, prompt_index: int, n: int):
         self.prompt_index = prompt_index
         self.first_index = prompt_index * n
-        self._text_len: dict[int, int] = {}  # completion index -> characters already handed out
-        self._num_tokens: dict[int, int] = {}
+        self._num_tokens: dict[int, int] = {}  # completion index -> tokens handed out
         self._finished: set[int] = set()
+        self._prompt_logprobs: list | None = None  # all of the request's so far
 
     def deltas(self, output: RequestOutput) -> list[Delta]:
         """The choices that changed: new text or tokens, or a finish not yet reported."""
-        return [d for c in output.outputs if (d := self._delta(c, output.prompt_logprobs)) is not None]
+        if output.prompt_logprobs:
+            self._prompt_logprobs = self._prompt_logprobs or []
+            self._prompt_logprobs.extend(output.prompt_logprobs)
+        return [d for c in output.outputs if (d := self._delta(c)) is not None]
 
-    def _delta(self, completion: CompletionOutput, prompt_logprobs: list | None) -> Delta | None:
+    def _delta(self, completion: CompletionOutput) -> Delta | None:
         i = completion.index
-        text_len, num_tokens = self._text_len.get(i, 0), self._num_tokens.get(i, 0)
         newly_finished = completion.finish_reason is not None and i not in self._finished
-        if len(completion.text) == text_len and len(completion.token_ids) == num_tokens and not newly_finished:
-            return None  # another completion of the request advanced
-        self._text_len[i], self._num_tokens[i] = len(completion.text), len(completion.token_ids)
+        if not completion.text and not completion.token_ids and not newly_finished:
+            return None
         if newly_finished:
             self._finished.add(i)
-        logprobs = None if completion.logprobs is None else completion.logprobs[num_tokens:]
-        return Delta(self.first_index + i, self.prompt_index, completion.text[text_len:],
-                     completion.token_ids[num_tokens:], logprobs, len(completion.token_ids),
-                     completion.finish_reason, completion.stop_reason, prompt_logprobs)
+        num_tokens = self._num_tokens.get(i, 0) + len(completion.token_ids)
+        self._num_tokens[i] = num_tokens
+        return Delta(self.first_index + i, self.prompt_index, completion.text, completion.token_ids,
+                     completion.logprobs, num_tokens, completion.finish_reason, completion.stop_reason,
+                     self._prompt_logprobs)
+
+
+class WholeOutput:
+    """Joins a request's DELTA outputs into its whole output, in time linear in its length."""
+
+    def __init__(self):
+        self._last: RequestOutput | None = None
+        self._latest: dict[int, CompletionOutput] = {}  # completion index -> its latest delta
+        self._text: dict[int, list[str]] = {}
+        self._token_ids: dict[int, list[int]] = {}
+        self._logprobs: dict[int, list] = {}
+        self._prompt_logprobs: list = []
+
+    def add(self, output: RequestOutput) -> None:
+        self._last = output
+        self._prompt_logprobs.extend(output.prompt_logprobs or ())
+        for c in output.outputs:
+            self._latest[c.index] = c
+            self._text.setdefault(c.index, []).append(c.text)
+            self._token_ids.setdefault(c.index, []).extend(c.token_ids)
+            if c.logprobs is not None:
+                self._logprobs.setdefault(c.index, []).extend(c.logprobs)
+
+    def result(self) -> RequestOutput | None:
+        """The output so far (None before the first): completions in index order, each with all
+        of its text, tokens and logprobs, and the finish and cumulative logprob of its latest delta."""
+        if self._last is None:
+            return None
+        outputs = [dataclasses.replace(c, text="".join(self._text[i]), token_ids=self._token_ids[i],
+                                       logprobs=self._logprobs.get(i) if c.logprobs is not None else None)
+                   for i, c in sorted(self._latest.items())]
+        return dataclasses.replace(self._last, outputs=outputs, prompt_logprobs=self._prompt_logprobs or None)
 
 
 class OpenAIServing:
@@ -126,7 +166,8 @@ class OpenAIServing:
             raise APIError(str(exc)) from exc
         if params.n > self.served.max_num_seqs:  # the scheduler would never admit it
             raise APIError(f"n={params.n} must be <= max_num_seqs={self.served.max_num_seqs}", param="n")
-        return params
+        # Only what is new each step (DeltaTracker, WholeOutput): never the whole output so far.
+        return dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
 
     async def start(self, request_ids: list[str], prompts: list[list[int]], params) -> list[RequestStream]:
         """Add all requests or none: a refused one aborts those already added."""
@@ -183,9 +224,8 @@ async def _pump(tracker: DeltaTracker, stream: RequestStream, queue: asyncio.Que
 
 
 async def final_outputs(engine: AsyncLLMEngine, streams: list[RequestStream]) -> list[RequestOutput]:
-    """The last (finished) output of every request; leaving early aborts every unfinished one."""
-    # Every stream is drained as it fills: a queued output holds all its request's logprobs so far.
-    tasks = [asyncio.ensure_future(_last_output(stream)) for stream in streams]
+    """The whole (finished) output of every request; leaving early aborts every unfinished one."""
+    tasks = [asyncio.ensure_future(_whole_output(stream)) for stream in streams]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
@@ -194,13 +234,14 @@ async def final_outputs(engine: AsyncLLMEngine, streams: list[RequestStream]) ->
         _abort_unfinished(engine, streams)
 
 
-async def _last_output(stream: RequestStream) -> RequestOutput:
-    last = None
+async def _whole_output(stream: RequestStream) -> RequestOutput:
+    whole = WholeOutput()
     async for output in stream:  # the engine runs all requests meanwhile; their outputs queue up
-        last = output
-    if last is None:
+        whole.add(output)
+    result = whole.result()
+    if result is None:
         raise RuntimeError(f"request {stream.request_id} was read twice")
-    return last
+    return result
 
 
 def _abort_unfinished(engine: AsyncLLMEngine, streams: list[RequestStream]) -> None:
