@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import enum
 import json
 import os
 import platform
@@ -340,7 +341,9 @@ def _describe(workload: Workload, seed: int) -> dict:
         "output_len_range": _OUTPUT_LENS,
         "prompt_tokens": sum(prompt_lens),
         "output_tokens": workload.num_output_tokens,
-        "sampling": asdict(_greedy(1)) | {"max_tokens": "per request"},
+        # Enums (output_kind) by name: the report is JSON.
+        "sampling": {k: v.name if isinstance(v, enum.Enum) else v for k, v in asdict(_greedy(1)).items()}
+        | {"max_tokens": "per request"},
     }
 
 

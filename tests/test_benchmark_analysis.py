@@ -79,3 +79,14 @@ def test_throughput_counts_the_fastest_of_repeated_runs():
             ({"elapsed_s": 9.5, "tag": "c"}, "ids-c")]
     result, outputs = throughput._fastest(runs)
     assert result == {"elapsed_s": 9.0, "tag": "b", "elapsed_s_runs": [10.0, 9.0, 9.5]} and outputs == "ids-b"
+
+
+def test_throughput_workload_description_is_json():
+    """The report's workload part (SamplingParams fields included, enums by name) serializes."""
+    import json
+
+    throughput = _load("roofline").throughput
+    workload = throughput.make_workload(4, 0, 1000, set())
+    described = json.loads(json.dumps(throughput._describe(workload, 0)))
+    assert described["num_prompts"] == 4 and described["sampling"]["output_kind"] == "CUMULATIVE"
+    assert described["sampling"]["temperature"] == 0.0 and described["sampling"]["max_tokens"] == "per request"
