@@ -1,6 +1,7 @@
 """The C++ CPU kernels alone, with their operands coming from memory as in an engine step.
 
 Usage: python benchmarks/cpu_kernels.py [--rows 1,6,9,12,17,33,57,128,337] [--reps 15] [--output PATH]
+       [--attention-only]
 
 1. MLP matmuls: SmolLM2-135M's 30 MLP layers (gate/up 576 -> 1536, down 1536 -> 576, 212 MB of
    float32 weights, more than the caches hold) in one jitted loop over the layers, for a few row
@@ -13,7 +14,9 @@ Usage: python benchmarks/cpu_kernels.py [--rows 1,6,9,12,17,33,57,128,337] [--re
    1455 blocks (SmolLM2's shapes: 9 query heads, 3 kv heads, head dim 64, block size 16), 48
    sequences of 100-400 cached tokens with their blocks scattered, layers taken in turn so the
    pool comes from memory; and the same calls on one layer (its K/V stay in the caches). Reported
-   as ms per call and GB/s of K/V read.
+   as ms per call and GB/s of K/V read. Then (``attention_cases``) the same decode calls on a
+   bfloat16 pool, and a prefill step's calls: four prompt chunks of 67-100 tokens (337 in all)
+   after 10-210 cached ones, on float32 and bfloat16 pools.
 
 JSON goes to benchmarks/results/cpu_kernels_cpu.json unless ``--output``.
 """
@@ -113,9 +116,21 @@ def mlp(rows_list: list[int], reps: int) -> list[dict]:
     return out
 
 
-def attention(reps: int, num_seqs: int = 48) -> dict:
+# Prefill chunks of one 337-token engine step (bucket 512): (new tokens, context after them) per sequence.
+PREFILL_CHUNKS = ((100, 150), (90, 300), (80, 90), (67, 200))
+
+
+def attention(reps: int, num_seqs: int = 48, pool_dtype: str = "float32", case: str = "decode") -> dict:
+    """One kernel call per layer, as described in the module docstring. ``case="prefill"``: the
+    four prompt chunks of PREFILL_CHUNKS (337 tokens) instead of one decode token per sequence.
+    ``pool_dtype="bfloat16"``: the pool holds bfloat16 bits as uint16, as the engine's CPU pool."""
     rng = np.random.default_rng(0)
-    context = rng.integers(100, 400, num_seqs)
+    if case == "decode":
+        context = rng.integers(100, 400, num_seqs)
+        new = np.ones(num_seqs, np.int64)
+    else:
+        new, context = (np.array(c) for c in zip(*PREFILL_CHUNKS, strict=True))
+        num_seqs = len(context)
     blocks = -(-context // BLOCK_SIZE)
     ids = rng.permutation(np.arange(1, NUM_BLOCKS))
     tables = np.zeros((num_seqs, 32), np.int32)
@@ -123,11 +138,13 @@ def attention(reps: int, num_seqs: int = 48) -> dict:
         tables[s, : blocks[s]] = ids[start : start + blocks[s]]
     shape = (LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
     k, v = (jnp.asarray(rng.standard_normal(shape, dtype=np.float32)) for _ in range(2))
-    tokens = 64  # the engine's bucket: padding rows after the real ones
+    if pool_dtype == "bfloat16":
+        k, v = (jax.lax.bitcast_convert_type(a.astype(jnp.bfloat16), jnp.uint16) for a in (k, v))
+    tokens = 64 if case == "decode" else 512  # the engine's bucket: padding rows after the real ones
     positions = np.zeros(tokens, np.int32)
-    positions[:num_seqs] = context - 1
+    positions[: new.sum()] = np.concatenate([np.arange(c - n, c) for n, c in zip(new, context, strict=True)])
     md = AttentionMetadata(jnp.asarray(positions), jnp.zeros(tokens, jnp.int32), jnp.zeros(tokens, jnp.int32),
-                           jnp.asarray(tables), jnp.arange(num_seqs + 1, dtype=jnp.int32),
+                           jnp.asarray(tables), jnp.asarray(np.concatenate([[0], np.cumsum(new)]).astype(np.int32)),
                            jnp.asarray(context.astype(np.int32)))
     q = jnp.asarray(rng.standard_normal((tokens, KV_HEADS * GROUP, HEAD_DIM), dtype=np.float32))
     call = jax.jit(lambda layer: cpu_paged_attention(q, (k, v), layer, md))
@@ -143,10 +160,12 @@ def attention(reps: int, num_seqs: int = 48) -> dict:
             best = min(best, (time.perf_counter() - start) / len(order))
         return best * 1e3
 
-    kv_bytes = int(context.sum()) * 2 * KV_HEADS * HEAD_DIM * 4
+    kv_bytes = int(context.sum()) * 2 * KV_HEADS * HEAD_DIM * (4 if pool_dtype == "float32" else 2)
     ms = {"layers in turn (from memory)": per_call_ms(layer_ids), "one layer (cached)": per_call_ms(layer_ids[:1] * LAYERS)}
-    print("attention: " + "  ".join(f"{k} {v:.3f} ms ({kv_bytes / v / 1e6:.1f} GB/s)" for k, v in ms.items()), flush=True)
-    return {"num_seqs": num_seqs, "cached_tokens": int(context.sum()), "kv_bytes_per_call": kv_bytes,
+    print(f"attention {case} {pool_dtype}: " + "  ".join(f"{k} {v:.3f} ms ({kv_bytes / v / 1e6:.1f} GB/s)"
+                                                        for k, v in ms.items()), flush=True)
+    return {"case": case, "pool_dtype": pool_dtype, "num_seqs": num_seqs, "tokens": int(new.sum()),
+            "cached_tokens": int(context.sum()), "kv_bytes_per_call": kv_bytes,
             "ms_per_call": ms, "gb_per_s": {key: kv_bytes / val / 1e6 for key, val in ms.items()}}
 
 
@@ -155,12 +174,16 @@ def main() -> None:
     parser.add_argument("--rows", default="1,6,9,12,17,33,57,128,337")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--output", type=Path, default=_DEFAULT_OUT)
+    parser.add_argument("--attention-only", action="store_true", help="skip the MLP matmuls")
     args = parser.parse_args()
     reason = cpu_kernels_unavailable_reason()
     if reason is not None:
         raise SystemExit(f"the cpu kernels are not usable here: {reason}")
-    report = {"environment": _environment(), "reps": args.reps,
-              "mlp": mlp([int(r) for r in args.rows.split(",")], args.reps), "attention": attention(args.reps)}
+    mlp_rows = [] if args.attention_only else [int(r) for r in args.rows.split(",")]
+    report = {"environment": _environment(), "reps": args.reps, "mlp": mlp(mlp_rows, args.reps),
+              "attention": attention(args.reps),
+              "attention_cases": [attention(args.reps, pool_dtype=d, case=c)
+                                  for c in ("decode", "prefill") for d in ("float32", "bfloat16")]}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")

@@ -17,10 +17,15 @@
 // of its tokens' key ranges once: each block's keys are scored for every row whose range covers
 // them, then folded into that row's running max, sum and output. Units are handed out, longest
 // first, through an atomic counter to the calling thread and to tasks on XLA's intra-op pool.
+// With head dims of 64 or 128 and blocks of a multiple of 16 slots (RunUnitChunked), keys are
+// taken 16 at a time: each key row is loaded (and a bfloat16 or quantised one converted) once for
+// all the rows scored against it, and the 16 scores of a row are summed across lanes together
+// (SumLanes16), not one tree per score. Other shapes take the plain per-key loop (RunUnit).
 //
-// Decode steps are bound by reading the pool (the K/V of every cached token, every layer, from
-// blocks anywhere in memory), not by the arithmetic: the same call runs several times faster when
-// its blocks are already in cache.
+// A float32 pool's decode steps are bound by reading the pool (the K/V of every cached token,
+// every layer, from blocks anywhere in memory): the same call runs about twice as fast when its
+// blocks are already in cache. A bfloat16 pool halves the bytes, and prefill is arithmetic.
+// benchmarks/cpu_kernels.py measures both cases on both pools.
 //
 // Pools: float32 or bfloat16 values (or uint16: bfloat16 bits, a bfloat16 model's pool on CPU);
 // or int8 / uint8 (float8_e4m3fn bits) values with a float32 scale per (layer, block, slot, kv
@@ -87,10 +92,18 @@ inline float to_float(Bf16 x) {
 }
 
 
+typedef uint16_t U16x16 __attribute__((vector_size(32), aligned(2), may_alias));
+
 template <typename V>
 inline Vec16 Load16(const V* x) {
   if constexpr (std::is_same_v<V, float>) {
     return jaxllm_cpu::Load16(x);
+  } else if constexpr (std::is_same_v<V, Bf16>) {
+    // bfloat16 bits are a float's top half: widen and shift, 16 lanes at once (the scalar
+    // to_float loop below compiles to one lane at a time, which made a bfloat16 pool slower to
+    // score than a float32 one of twice the bytes).
+    const U16x16 bits = *reinterpret_cast<const U16x16*>(x);
+    return reinterpret_cast<Vec16>(__builtin_convertvector(bits, Vec16i) << 16);
   } else {
     Vec16 out;
     for (int l = 0; l < 16; ++l) out[l] = to_float(x[l]);
@@ -178,6 +191,39 @@ struct Prefetcher {
   }
 };
 
+// Online softmax of one query row over scores w[ja..jb]: they become weights e^(s - peak) (other
+// entries of w keep their scores), and the row's running max, sum and output rescale when its max
+// rises. w must be readable 16 floats at a time from ja rounded down to a multiple of 16.
+inline void SoftmaxUpdate(float* w, int64_t ja, int64_t jb, int64_t H, float& peak, float& total, float* acc) {
+  const Vec16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const Vec16 no_score = Vec16{} + kNoScore, zero = Vec16{};
+  const int64_t c0 = ja - ja % 16;
+  Vec16 maxes = no_score;
+  for (int64_t c = c0; c <= jb; c += 16) {
+    const Vec16i key = lane + static_cast<int32_t>(c);
+    const Vec16i live = (key >= static_cast<int32_t>(ja)) & (key <= static_cast<int32_t>(jb));
+    const Vec16 s = Load16(w + c);
+    maxes = live ? (s > maxes ? s : maxes) : maxes;
+  }
+  const float new_peak = std::max(peak, Max16(maxes));
+  const float rescale = ExpNonpositive(peak - new_peak);
+  Vec16 totals = zero;
+  for (int64_t c = c0; c <= jb; c += 16) {
+    const Vec16i key = lane + static_cast<int32_t>(c);
+    const Vec16i live = (key >= static_cast<int32_t>(ja)) & (key <= static_cast<int32_t>(jb));
+    const Vec16 s = Load16(w + c);
+    const Vec16 e = live ? ExpNonpositive(s - new_peak) : zero;
+    totals += e;
+    jaxllm_cpu::Store16(w + c, live ? e : s);
+  }
+  peak = new_peak;
+  total = total * rescale + Sum16(totals);
+  if (rescale != 1.0f) {
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) acc[h] *= rescale;
+  }
+}
+
 // One token's G query rows (one kv head) against keys ja..jb of one block: scores, the online
 // softmax update of each row's running max, sum and output. k_block/v_block point at key 0's row
 // of the kv head, ``at`` is key 0's (slot, head) index into the scales. kHeadDim is H when it is
@@ -218,37 +264,7 @@ inline void AttendBlock(const Problem& p, const V* k_block, const V* v_block, in
   }
   // Online softmax per row, 16 scores at a time (lanes outside ja..jb masked): rescale what the
   // row holds when its max rises. `weights` has 16 floats of slack past its last row.
-  const Vec16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const Vec16 no_score = Vec16{} + kNoScore, zero = Vec16{};
-  const int64_t c0 = ja - ja % 16;
-  for (int64_t g = 0; g < G; ++g) {
-    float* w = weights + g * BS;
-    Vec16 maxes = no_score;
-    for (int64_t c = c0; c <= jb; c += 16) {
-      const Vec16i key = lane + static_cast<int32_t>(c);
-      const Vec16i live = (key >= static_cast<int32_t>(ja)) & (key <= static_cast<int32_t>(jb));
-      const Vec16 s = Load16(w + c);
-      maxes = live ? (s > maxes ? s : maxes) : maxes;
-    }
-    const float new_peak = std::max(peak[g], Max16(maxes));
-    const float rescale = ExpNonpositive(peak[g] - new_peak);
-    Vec16 totals = zero;
-    for (int64_t c = c0; c <= jb; c += 16) {
-      const Vec16i key = lane + static_cast<int32_t>(c);
-      const Vec16i live = (key >= static_cast<int32_t>(ja)) & (key <= static_cast<int32_t>(jb));
-      const Vec16 s = Load16(w + c);
-      const Vec16 e = live ? ExpNonpositive(s - new_peak) : zero;
-      totals += e;
-      jaxllm_cpu::Store16(w + c, live ? e : s);
-    }
-    const float block_total = Sum16(totals);
-    peak[g] = new_peak;
-    total[g] = total[g] * rescale + block_total;
-    if (rescale != 1.0f) {
-#pragma omp simd
-      for (int64_t h = 0; h < H; ++h) acc[g * H + h] *= rescale;
-    }
-  }
+  for (int64_t g = 0; g < G; ++g) SoftmaxUpdate(weights + g * BS, ja, jb, H, peak[g], total[g], acc + g * H);
   // Values: with a compile-time head dim one row at a time, its accumulator in registers;
   // otherwise value row by value row into all G rows.
   if constexpr (kHeadDim > 0) {
@@ -339,13 +355,177 @@ bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
   return true;
 }
 
+// The lane sums of 16 vectors, in order: out[j] = x[j][0] + ... + x[j][15]. Pairs of vectors are
+// folded half on half, so that each round halves the lanes per vector and doubles the vectors per
+// register: 45 shuffles and adds for 16 sums, where one tree per vector (Sum16) takes about 150.
+inline Vec16 SumLanes16(const float* x) {
+  Vec16 y[8], z[4], w[2];
+  for (int i = 0; i < 8; ++i) {  // y[i]: 8 partial sums of x[2i], then 8 of x[2i + 1]
+    const Vec16 a = Load16(x + 32 * i), b = Load16(x + 32 * i + 16);
+    y[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {  // z[i]: 4 partial sums of each of x[4i .. 4i + 3]
+    z[i] = __builtin_shufflevector(y[2 * i], y[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(y[2 * i], y[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {  // w[i]: 2 partial sums of each of x[8i .. 8i + 7]
+    w[i] = __builtin_shufflevector(z[2 * i], z[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(z[2 * i], z[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Scores of kRows query rows (kHeadDim floats each, adjacent; kept in registers) against 16 keys
+// (float rows, key_stride apart), times the keys' scales, into w[r * 16 + j]. Each key row is
+// loaded once for all the rows; each (row, key) leaves a vector of partial sums in `part`
+// [kRows, 16, 16], summed 16 keys at a time by SumLanes16.
+template <int64_t kHeadDim, int64_t kRows>
+inline void ScoreRowsN(const float* q, const float* keys, int64_t key_stride, Vec16 key_scale, float* w,
+                       float* part, Prefetcher& prefetch) {
+  constexpr int64_t kVecs = kHeadDim / 16;
+  Vec16 qr[kRows][kVecs];
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t i = 0; i < kVecs; ++i) qr[r][i] = Load16(q + r * kHeadDim + 16 * i);
+  }
+  for (int64_t j = 0; j < 16; ++j) {
+    prefetch.Step();
+    Vec16 k[kVecs];
+    for (int64_t i = 0; i < kVecs; ++i) k[i] = Load16(keys + j * key_stride + 16 * i);
+    for (int64_t r = 0; r < kRows; ++r) {
+      Vec16 sum = qr[r][0] * k[0];
+      for (int64_t i = 1; i < kVecs; ++i) sum += qr[r][i] * k[i];
+      jaxllm_cpu::Store16(part + (r * 16 + j) * 16, sum);
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) jaxllm_cpu::Store16(w + r * 16, SumLanes16(part + r * 256) * key_scale);
+}
+
+// ScoreRowsN for n rows, in groups that keep the queries in registers (4 rows of 64, 2 of 128).
+template <int64_t kHeadDim>
+inline void ScoreRows(const float* q, int64_t n, const float* keys, int64_t key_stride, Vec16 key_scale, float* w,
+                      float* part, Prefetcher& prefetch) {
+  constexpr int64_t kGroup = kHeadDim <= 64 ? 4 : 2;
+  for (; n >= kGroup; n -= kGroup, q += kGroup * kHeadDim, w += kGroup * 16) {
+    ScoreRowsN<kHeadDim, kGroup>(q, keys, key_stride, key_scale, w, part, prefetch);
+  }
+  if constexpr (kGroup == 4) {
+    if (n == 3) ScoreRowsN<kHeadDim, 3>(q, keys, key_stride, key_scale, w, part, prefetch);
+    if (n == 2) ScoreRowsN<kHeadDim, 2>(q, keys, key_stride, key_scale, w, part, prefetch);
+  }
+  if (n == 1) ScoreRowsN<kHeadDim, 1>(q, keys, key_stride, key_scale, w, part, prefetch);
+}
+
+// RunUnit for a head dim of 64 or 128 and blocks of a multiple of 16 slots: keys are taken 16 at a
+// time per kv head; every query row of the unit that sees them (the G rows of each of its tokens)
+// is scored against all 16 (ScoreRows: no sum across lanes per score), and a bfloat16 or quantised
+// pool's 16 keys and values are converted to floats once (scales folded into the values), not
+// once per row. The softmax and the value sums are RunUnit's.
+template <typename V, int64_t kHeadDim>
+bool RunUnitChunked(const Problem& p, const Unit& u, std::vector<float>& scratch) {
+  constexpr int64_t H = kHeadDim, kVecs = kHeadDim / 16;
+  const int64_t G = p.G, K = p.K, BS = p.BS;
+  const int64_t heads = u.head_end - u.head_begin;
+  const int64_t rows = (u.last - u.first) * heads * G;
+  scratch.resize(rows * (2 * H + 2) + G * 16 + 16 * H * 2 + 4 * 256);
+  float* qs = scratch.data();     // scaled queries [rows, H]
+  float* acc = qs + rows * H;     // unnormalised outputs [rows, H]
+  float* peak = acc + rows * H;   // running max score of each row
+  float* total = peak + rows;     // running sum of weights of each row
+  float* weights = total + rows;  // one (token, kv head)'s scores, then weights, of 16 keys [G, 16]
+  float* kf = weights + G * 16;   // the 16 keys as floats [16, H] (pools other than float32)
+  float* vf = kf + 16 * H;        // their values as scaled floats [16, H]
+  float* part = vf + 16 * H;      // ScoreRows' partial sums [4, 16, 16]
+  int64_t lo[kTileTokens];        // first visible key of each token
+
+  int64_t key_lo = INT64_MAX, key_hi = -1;
+  for (int64_t t = u.first; t < u.last; ++t) {
+    const int64_t pos = p.positions[t];
+    if (pos < 0) return false;
+    lo[t - u.first] = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+    key_lo = std::min(key_lo, lo[t - u.first]);
+    key_hi = std::max(key_hi, pos);
+    const int64_t r0 = (t - u.first) * heads * G;
+    const float* src = p.q + (t * p.N + u.head_begin * G) * H;  // the unit's heads are adjacent
+    for (int64_t i = 0; i < heads * G * H; ++i) qs[r0 * H + i] = src[i] * p.scale;
+  }
+  std::fill(acc, acc + rows * H, 0.0f);
+  std::fill(peak, peak + rows, kNoScore);
+  std::fill(total, total + rows, 0.0f);
+  if (key_hi / BS >= p.B) return false;
+
+  const V* k_pool = static_cast<const V*>(p.k);
+  const V* v_pool = static_cast<const V*>(p.v);
+  const int32_t* table = p.block_tables + u.seq * p.B;
+  Prefetcher prefetch;
+  for (int64_t b = key_lo / BS; b <= key_hi / BS; ++b) {
+    const int64_t phys = table[b];
+    if (phys < 0 || phys >= p.NB) return false;
+    // While scoring this block (its keys once per group of rows), prefetch the next.
+    if (b < key_hi / BS) prefetch.Start(p, table[b + 1], u.head_begin, u.head_end, k_pool, v_pool, heads * BS);
+    for (int64_t j0 = 0; j0 < BS; j0 += 16) {
+      const int64_t first_key = b * BS + j0, last_key = first_key + 15;
+      if (last_key < key_lo || first_key > key_hi) continue;
+      for (int64_t head = u.head_begin; head < u.head_end; ++head) {
+        const int64_t at = (p.layer * p.NB + phys) * BS * K + j0 * K + head;  // (slot, head) index of key j0
+        Vec16 key_scale = Vec16{} + 1.0f;
+        if (p.k_scale != nullptr) {
+          for (int64_t j = 0; j < 16; ++j) key_scale[j] = p.k_scale[at + j * K];
+        }
+        const float *keys = kf, *values = vf;
+        int64_t stride = H;
+        if constexpr (std::is_same_v<V, float>) {
+          keys = k_pool + at * H;
+          values = v_pool + at * H;
+          stride = K * H;
+        } else {
+          for (int64_t j = 0; j < 16; ++j) {
+            const float scale = p.v_scale != nullptr ? p.v_scale[at + j * K] : 1.0f;
+            for (int64_t i = 0; i < kVecs; ++i) {
+              jaxllm_cpu::Store16(kf + j * H + 16 * i, Load16(k_pool + (at + j * K) * H + 16 * i));
+              jaxllm_cpu::Store16(vf + j * H + 16 * i, Load16(v_pool + (at + j * K) * H + 16 * i) * scale);
+            }
+          }
+        }
+        for (int64_t t = u.first; t < u.last; ++t) {
+          const int64_t ja = std::max(lo[t - u.first], first_key) - first_key;
+          const int64_t jb = std::min<int64_t>(p.positions[t], last_key) - first_key;
+          if (ja > jb) continue;
+          const int64_t r0 = ((t - u.first) * heads + head - u.head_begin) * G;
+          ScoreRows<H>(qs + r0 * H, G, keys, stride, key_scale, weights, part, prefetch);
+          for (int64_t g = 0; g < G; ++g) {
+            float* w = weights + g * 16;
+            float* row = acc + (r0 + g) * H;
+            SoftmaxUpdate(w, ja, jb, H, peak[r0 + g], total[r0 + g], row);
+            Vec16 a[kVecs];
+            for (int64_t i = 0; i < kVecs; ++i) a[i] = Load16(row + 16 * i);
+            for (int64_t j = ja; j <= jb; ++j) {
+              for (int64_t i = 0; i < kVecs; ++i) a[i] += w[j] * Load16(values + j * stride + 16 * i);
+            }
+            for (int64_t i = 0; i < kVecs; ++i) jaxllm_cpu::Store16(row + 16 * i, a[i]);
+          }
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = u.first + r / (heads * G);
+    float* dst = p.out + (t * p.N + u.head_begin * G + r % (heads * G)) * H;
+    const float inv = 1.0f / total[r];  // every row saw its own key: total >= 1
+    for (int64_t h = 0; h < H; ++h) dst[h] = acc[r * H + h] * inv;
+  }
+  return true;
+}
+
 using UnitFn = bool (*)(const Problem&, const Unit&, std::vector<float>&);
 
 template <typename V>
-UnitFn ForHeadDim(int64_t head_dim) {
+UnitFn ForShape(int64_t head_dim, int64_t block_size) {
+  const bool chunks = block_size % 16 == 0;
   switch (head_dim) {
-    case 64: return RunUnit<V, 64>;
-    case 128: return RunUnit<V, 128>;
+    case 64: return chunks ? RunUnitChunked<V, 64> : RunUnit<V, 64>;
+    case 128: return chunks ? RunUnitChunked<V, 128> : RunUnit<V, 128>;
     default: return RunUnit<V, 0>;
   }
 }
@@ -422,11 +602,11 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   UnitFn run = nullptr;
   bool scaled = false;
   switch (k.element_type()) {
-    case ffi::DataType::F32: run = ForHeadDim<float>(p.H); break;
+    case ffi::DataType::F32: run = ForShape<float>(p.H, p.BS); break;
     case ffi::DataType::BF16:
-    case ffi::DataType::U16: run = ForHeadDim<Bf16>(p.H); break;  // uint16: bfloat16 bits (kv_quant.BF16_BITS)
-    case ffi::DataType::S8: run = ForHeadDim<int8_t>(p.H); scaled = true; break;
-    case ffi::DataType::U8: run = ForHeadDim<uint8_t>(p.H); scaled = true; break;
+    case ffi::DataType::U16: run = ForShape<Bf16>(p.H, p.BS); break;  // uint16: bfloat16 bits (kv_quant.BF16_BITS)
+    case ffi::DataType::S8: run = ForShape<int8_t>(p.H, p.BS); scaled = true; break;
+    case ffi::DataType::U8: run = ForShape<uint8_t>(p.H, p.BS); scaled = true; break;
     default:
       return ffi::Error::InvalidArgument("cpu paged attention: pool dtype must be float32, bfloat16, "
                                          "uint16 (bfloat16 bits), int8 or uint8 (fp8 bits)");
