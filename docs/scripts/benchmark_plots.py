@@ -333,6 +333,14 @@ def section_cpu_kernels(name: str, r: dict) -> list[str]:
               f"tokens, {att['kv_bytes_per_call'] / 1e6:.1f} MB of K/V per call.", "",
               "| pool | ms per call | K/V GB/s |", "|---|---|---|"]
     lines += [f"| {k} | {v:.3f} | {att['gb_per_s'][k]:.1f} |" for k, v in att["ms_per_call"].items()]
+    cases = r.get("attention_cases")
+    if cases:
+        lines += ["", "The same kernel per case and pool dtype: decode (one token per sequence, as above) and "
+                  "a prefill step (prompt chunks of 67-100 tokens, 337 in all, after 10-210 cached ones).", "",
+                  "| case | pool | tokens | ms per call, from memory | ms per call, cached |", "|---|---|---|---|---|"]
+        lines += [f"| {c['case']} | {c['pool_dtype']} | {c['tokens']} | "
+                  f"{c['ms_per_call']['layers in turn (from memory)']:.3f} | {c['ms_per_call']['one layer (cached)']:.3f} |"
+                  for c in cases]
     return lines + [""]
 
 
@@ -408,6 +416,12 @@ def render() -> str:
         "All results so far were recorded on a 2-core CPU virtual machine under load from other jobs: "
         "they show that the paths work and how the engine scales with batching, not what jaxllm does on "
         "a GPU. GPU numbers (H100/H200) are pending.",
+        "",
+        "Comparisons of two commits (`ab_*.json`, not drawn here) run each commit from its own checkout, "
+        "alternating in ABBA order: this machine drifts by several percent from one run to the next. A "
+        "`git worktree` sharing the virtual environment must be run with `PYTHONPATH` set to its own "
+        "directory: `python benchmarks/X.py` otherwise imports the main checkout's `jaxllm` and "
+        "`pallas_kernels` through the editable install, and both arms measure the same code.",
         "",
     ]
     lines += section_load_time(_load("load_time_cpu.json"))
