@@ -1,5 +1,5 @@
-"""Prompt dicts with vLLM's names (``vllm.inputs``): ``LLM.generate`` takes these, plain strings,
-or lists of either."""
+"""Prompt dicts with vLLM's names (``vllm.inputs``): ``LLM.generate`` and ``LLMEngine.add_request``
+take these or plain strings (and ``generate`` lists of either)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,21 @@ class TokensPrompt(TypedDict):
 
 
 PromptType = str | TextPrompt | TokensPrompt
+
+
+def prompt_input(prompt: PromptType) -> str | list[int]:
+    """The text or token ids of a prompt (a str or a prompt dict); ValueError for anything else."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict):
+        # vLLM's prompt dicts carry more (multi_modal_data, mm_processor_kwargs, cache_salt, ...):
+        # refused rather than dropped, so a request never runs without what it asked for.
+        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
+        if unknown:
+            raise ValueError(f"prompt keys {unknown} are not supported; a prompt dict holds 'prompt' or "
+                             "'prompt_token_ids'")
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"]
+    raise ValueError(f"prompt must be a str or a dict with 'prompt_token_ids' or 'prompt', got {prompt!r}")

@@ -15,7 +15,7 @@ from converters.checkpoint import Checkpoint
 from jaxllm.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jaxllm.engine_args import EngineArgs, create_engine
 from jaxllm.entrypoints.chat_utils import render_chat
-from jaxllm.inputs import PromptType
+from jaxllm.inputs import PromptType, prompt_input
 from jaxllm.loader import Model
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
@@ -127,7 +127,7 @@ class LLM:
         return beam_search(self.llm_engine, [self._token_ids(p) for p in prompts], params)
 
     def _token_ids(self, prompt: PromptType) -> list[int]:
-        value = _prompt_input(prompt)
+        value = prompt_input(prompt)
         return value if isinstance(value, list) else list(self.get_tokenizer().encode(value))
 
     # -- internals -------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ class LLM:
                 request_id = str(next(self._counter))
                 if p.output_kind is not RequestOutputKind.FINAL_ONLY:  # only final outputs are read
                     p = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
-                engine.add_request(request_id, _prompt_input(prompt), p)
+                engine.add_request(request_id, prompt_input(prompt), p)
                 ids.append(request_id)
         except Exception:
             engine.abort_request(ids)  # a bad prompt leaves nothing half-queued behind
@@ -168,20 +168,3 @@ class LLM:
                     bar.set_postfix_str(f"output {generated / (time.perf_counter() - start):.1f} toks/s")
         bar.close()
         return [done[i] for i in ids]
-
-
-def _prompt_input(prompt: PromptType) -> str | list[int]:
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, dict):
-        # vLLM's prompt dicts carry more (multi_modal_data, mm_processor_kwargs, cache_salt, ...):
-        # refused rather than dropped, so a request never runs without what it asked for.
-        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
-        if unknown:
-            raise ValueError(f"prompt keys {unknown} are not supported; a prompt dict holds 'prompt' or "
-                             "'prompt_token_ids'")
-        if "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"])
-        if "prompt" in prompt:
-            return prompt["prompt"]
-    raise ValueError(f"prompt must be a str or a dict with 'prompt_token_ids' or 'prompt', got {prompt!r}")

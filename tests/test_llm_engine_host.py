@@ -92,6 +92,24 @@ def test_string_prompt_streams_cumulative_outputs(tokenizer):
     assert engine.step() == []
 
 
+def test_add_request_takes_vllm_prompt_dicts(tokenizer):
+    engine = make_engine(tokenizer, PositionRunner(word_ids(tokenizer)))
+    ids = tokenizer.encode("Hello")
+    params = SamplingParams(max_tokens=3)
+    engine.add_request("text", {"prompt": "Hello"}, params)
+    engine.add_request("tokens", {"prompt_token_ids": ids}, params)
+    engine.add_request("plain", "Hello", params)
+    with pytest.raises(ValueError, match=r"prompt keys \['multi_modal_data'\] are not supported"):
+        engine.add_request("image", {"prompt": "Hello", "multi_modal_data": {}}, params)
+    with pytest.raises(ValueError, match="prompt must be a str or a dict"):
+        engine.add_request("empty", {}, params)
+    final = run(engine)
+    assert sorted(final) == ["plain", "text", "tokens"]
+    assert final["text"].prompt == "Hello" and final["tokens"].prompt is None
+    assert final["text"].prompt_token_ids == final["tokens"].prompt_token_ids == ids
+    assert final["text"].outputs[0].token_ids == final["tokens"].outputs[0].token_ids == final["plain"].outputs[0].token_ids
+
+
 def _outputs_per_step(engine) -> list[list]:
     steps = []
     while engine.has_unfinished_requests():

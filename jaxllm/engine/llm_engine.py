@@ -13,6 +13,7 @@ from jaxllm.engine.detokenizer import IncrementalDetokenizer
 from jaxllm.engine.messages import RunnerOutput, SchedulerOutput
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import RequestUpdate, Scheduler
+from jaxllm.inputs import PromptType, prompt_input
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -146,13 +147,15 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: str | list[int],
+        prompt: PromptType | list[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         *,
         retain_blocks: bool = False,
     ) -> None:
         """Tokenize and queue a request; raises ValueError, queueing nothing, if it is invalid.
+
+        ``prompt`` is text, token ids, or vLLM's ``TextPrompt`` / ``TokensPrompt`` dict.
 
         ``retain_blocks`` keeps its KV blocks after it finishes, for :meth:`fork_request`, until
         :meth:`release_request` (beam search).
@@ -192,7 +195,9 @@ class LLMEngine:
         """Free the blocks a finished ``retain_blocks`` request kept."""
         self.scheduler.release(request_id)
 
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt: PromptType | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):  # vLLM's TextPrompt / TokensPrompt
+            prompt = prompt_input(prompt)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt is a string but the engine has no tokenizer; pass token ids")
