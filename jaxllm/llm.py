@@ -64,6 +64,11 @@ class LLM:
         overridden by the model's generation_config.json (``generation_config="auto"``, as vLLM)."""
         return SamplingParams(**self._sampling_defaults)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block, so the next requests compute their prompts afresh
+        (benchmarks; vLLM's name). False, with a warning, while requests hold blocks."""
+        return self.llm_engine.reset_prefix_cache()
+
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 

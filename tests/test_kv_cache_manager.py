@@ -77,6 +77,27 @@ def test_prefix_hit_reuses_freed_blocks_and_takes_them_out_of_the_free_queue():
     assert stats.hit_rate == pytest.approx(8 / 21)
 
 
+def test_reset_prefix_cache_forgets_contents_only_when_no_block_is_held():
+    kv = KVCacheManager(num_blocks=11, block_size=BS)
+    first = make_request("a", range(10))
+    admit(kv, first)
+    assert not kv.reset_prefix_cache()  # "a" holds blocks 1-3: refused
+    kv.free(first)
+    assert kv.block_hash(1) == hash_block(None, (0, 1, 2, 3))  # the refused reset forgot nothing
+    probe = make_request("probe", range(10))
+    assert admit(kv, probe).block_ids == (1, 2)
+    kv.free(probe)
+    assert kv.reset_prefix_cache()
+    assert kv.block_hash(1) is None and kv.block_hash(2) is None
+    assert kv.free_block_ids() == (5, 6, 7, 8, 9, 10, 3, 4, 2, 1)  # the free queue's order is kept
+    again = make_request("b", range(10))
+    assert admit(kv, again).num_tokens == 0  # computed afresh, in blocks from the LRU head
+    assert kv.block_ids("b") == (5, 6, 7)
+    assert (kv.prefix_cache_stats.queries, kv.prefix_cache_stats.hits) == (30, 8)  # counters are kept
+    kv.free(again)
+    assert kv.get_computed_blocks(make_request("c", range(10))).block_ids == (5, 6)  # "b" cached anew
+
+
 def test_hash_chain_equal_first_block_different_second_gives_one_hit():
     kv = KVCacheManager(num_blocks=11, block_size=BS)
     a = make_request("a", [1, 1, 1, 1, 2, 2, 2, 2, 9])

@@ -258,6 +258,31 @@ def test_vllm_engine_script_builds_from_cli_args(tmp_path):
     assert all(len(e.outputs[0].token_ids) == 6 for e in expected)
 
 
+def test_reset_prefix_cache(llm, caplog):
+    """A repeated prompt is served from the prefix cache until reset_prefix_cache; the output
+    does not change; while a request holds blocks the reset is refused."""
+    prompt = "The prefix cache keeps full blocks of sixteen tokens, so this prompt must be long enough."
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    llm.reset_prefix_cache()
+    first, second = (llm.generate(prompt, params, use_tqdm=False)[0] for _ in range(2))
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == 16 * (len(first.prompt_token_ids) // 16)
+    assert second.num_cached_tokens >= 16
+    assert llm.reset_prefix_cache()
+    third = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert third.num_cached_tokens == 0
+    assert first.outputs[0].token_ids == second.outputs[0].token_ids == third.outputs[0].token_ids
+    engine = llm.llm_engine
+    engine.add_request("held", prompt, params)
+    engine.step()
+    with caplog.at_level("WARNING", logger="jaxllm"):
+        assert not llm.reset_prefix_cache()
+    assert "prefix cache not reset" in caplog.text
+    engine.abort_request("held")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert llm.reset_prefix_cache()
+
+
 def test_generate_leaves_the_callers_params_as_given(llm):
     from jaxllm import RequestOutputKind
 

@@ -125,6 +125,11 @@ class BlockPool:
             self.hashes[block_id] = block_hash
             self.cached[block_hash] = block_id
 
+    def forget_contents(self) -> None:
+        """Drop every block's content hash: nothing is found by the prefix cache until registered again."""
+        self.cached.clear()
+        self.hashes = [None] * len(self.hashes)
+
     def _evict(self, block_id: int) -> None:
         block_hash = self.hashes[block_id]
         if block_hash is not None:
@@ -333,6 +338,15 @@ class KVCacheManager:
         child.block_hashes = list(parent.block_hashes)
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the content of every cached block (vLLM's: after new weights, or between
+        benchmark runs). Only while no request holds a block; returns False, changing nothing,
+        otherwise. Hit and query counts are kept (they are counters)."""
+        if self.num_used_blocks:
+            return False
+        self.pool.forget_contents()
+        return True
 
     def _record_lookup(self, request: Request, computed: ComputedBlocks) -> None:
         self._num_registered[request.request_id] = len(computed.block_ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
     from jaxllm.engine_args import EngineArgs
+
+logger = logging.getLogger("jaxllm")
 
 
 class Runner(Protocol):
@@ -372,6 +375,15 @@ class LLMEngine:
             members = [c.request.request_id for c in tracked.completions.values()] if tracked else [rid]
             for member in members:
                 self.scheduler.finish_request(member, RequestStatus.FINISHED_ABORTED)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (vLLM's name), so no later request reuses KV computed
+        before. Only possible while no request holds blocks: False, with a warning, otherwise."""
+        done = self.scheduler.kv.reset_prefix_cache()
+        if not done:
+            logger.warning("prefix cache not reset: %d KV blocks are still held by requests",
+                           self.scheduler.kv.num_used_blocks)
+        return done
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
