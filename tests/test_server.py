@@ -169,6 +169,34 @@ def test_streaming_chat_with_usage(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
 
 
+def test_continuous_usage_stats_put_each_choices_usage_in_every_chunk(client):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage of its choice so far."""
+    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True})
+    chunks = list(stream)
+    prompt_tokens = chunks[-1].usage.prompt_tokens
+    assert chunks[0].usage.completion_tokens == 0 and chunks[0].usage.prompt_tokens == prompt_tokens > 0
+    counts = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert counts == sorted(counts) and counts[-1] == 12 == chunks[-1].usage.completion_tokens
+    assert all(c.usage.total_tokens == prompt_tokens + c.usage.completion_tokens for c in chunks)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    stream = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True},
+                                       stream_options={"include_usage": True, "continuous_usage_stats": True})
+    chunks = list(stream)
+    lengths = [client.completions.create(model=MODEL, prompt=p, max_tokens=1).usage.prompt_tokens for p in prompts]
+    seen = {0: 0, 1: 0}
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        assert c.usage.prompt_tokens == lengths[choice.index]
+        assert c.usage.completion_tokens > seen[choice.index] or choice.finish_reason is not None
+        seen[choice.index] = c.usage.completion_tokens
+    assert seen == {0: 5, 1: 5} and chunks[-1].usage.completion_tokens == 10
+    plain = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, temperature=0, stream=True,
+                                           stream_options={"include_usage": True})
+    assert all(c.usage is None for c in list(plain)[:-1])
+
+
 def test_streaming_completion_equals_whole(client):
     prompt = "def fibonacci(n):"
     stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,

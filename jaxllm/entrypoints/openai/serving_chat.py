@@ -92,13 +92,13 @@ class OpenAIServingChat(OpenAIServing):
         num_tokens: dict[int, int] = {}  # choice -> generated tokens
         try:
             for index in range(n):  # OpenAI's first chunk of each choice carries the role alone
-                yield sse(self._chunk(request_id, ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant",
-                                                                                                    content=""))))
+                role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+                yield sse(self._chunk(request_id, role, self._usage(request, num_prompt_tokens, 0)))
             async for delta in deltas:
                 num_tokens[delta.index] = delta.num_tokens
                 choice = self._stream_choice(request, delta)
                 if choice is not None:
-                    yield sse(self._chunk(request_id, choice))
+                    yield sse(self._chunk(request_id, choice, self._usage(request, num_prompt_tokens, delta.num_tokens)))
             if request.include_usage:
                 usage = UsageInfo.of(num_prompt_tokens, sum(num_tokens.values()))
                 yield sse(ChatCompletionChunk(id=request_id, model=self.served.name, choices=[], usage=usage))
@@ -116,5 +116,10 @@ class OpenAIServingChat(OpenAIServing):
                                 logprobs=self._logprobs(request, delta.token_ids, delta.logprobs),
                                 finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
 
-    def _chunk(self, request_id: str, choice: ChatStreamChoice) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=request_id, model=self.served.name, choices=[choice])
+    def _chunk(self, request_id: str, choice: ChatStreamChoice, usage: UsageInfo | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=request_id, model=self.served.name, choices=[choice], usage=usage)
+
+    @staticmethod
+    def _usage(request: ChatCompletionRequest, num_prompt_tokens: int, num_tokens: int) -> UsageInfo | None:
+        """A chunk's usage under ``continuous_usage_stats``: its choice's tokens so far."""
+        return UsageInfo.of(num_prompt_tokens, num_tokens) if request.continuous_usage else None

@@ -120,7 +120,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 num_tokens[delta.index] = delta.num_tokens
                 choice = self._stream_choice(request, prompts, delta, first, text_offsets)
                 if choice is not None:
-                    yield sse(CompletionResponse(id=request_id, model=self.served.name, choices=[choice]))
+                    usage = (UsageInfo.of(len(prompts[delta.prompt_index]), delta.num_tokens)
+                             if request.continuous_usage else None)
+                    yield sse(CompletionResponse(id=request_id, model=self.served.name, choices=[choice], usage=usage))
             if request.include_usage:
                 usage = UsageInfo.of(sum(len(ids) for ids in prompts), sum(num_tokens.values()))
                 yield sse(CompletionResponse(id=request_id, model=self.served.name, choices=[], usage=usage))
