@@ -15,7 +15,7 @@ from converters.checkpoint import Checkpoint
 from jaxllm.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jaxllm.engine_args import EngineArgs, create_engine
 from jaxllm.entrypoints.chat_utils import render_chat
-from jaxllm.inputs import PromptType, prompt_input
+from jaxllm.inputs import PromptType, prompt_cache_salt, prompt_input
 from jaxllm.loader import Model
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
@@ -132,6 +132,8 @@ class LLM:
         return beam_search(self.llm_engine, [self._token_ids(p) for p in prompts], params)
 
     def _token_ids(self, prompt: PromptType) -> list[int]:
+        if prompt_cache_salt(prompt) is not None:
+            raise ValueError("cache_salt is not supported by beam_search")
         value = prompt_input(prompt)
         return value if isinstance(value, list) else list(self.get_tokenizer().encode(value))
 
@@ -153,7 +155,7 @@ class LLM:
                 request_id = str(next(self._counter))
                 if p.output_kind is not RequestOutputKind.FINAL_ONLY:  # only final outputs are read
                     p = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
-                engine.add_request(request_id, prompt_input(prompt), p)
+                engine.add_request(request_id, prompt if isinstance(prompt, dict) else prompt_input(prompt), p)
                 ids.append(request_id)
         except Exception:
             engine.abort_request(ids)  # a bad prompt leaves nothing half-queued behind

@@ -2,7 +2,14 @@
 
 import pytest
 
-from jaxllm.engine.kv_cache_manager import NULL_BLOCK_ID, Allocation, ComputedBlocks, KVCacheManager, hash_block
+from jaxllm.engine.kv_cache_manager import (
+    NULL_BLOCK_ID,
+    Allocation,
+    ComputedBlocks,
+    KVCacheManager,
+    hash_block,
+    salt_hash,
+)
 from jaxllm.engine.request import Request
 from jaxllm.sampling_params import SamplingParams
 
@@ -96,6 +103,20 @@ def test_reset_prefix_cache_forgets_contents_only_when_no_block_is_held():
     assert (kv.prefix_cache_stats.queries, kv.prefix_cache_stats.hits) == (30, 8)  # counters are kept
     kv.free(again)
     assert kv.get_computed_blocks(make_request("c", range(10))).block_ids == (5, 6)  # "b" cached anew
+
+
+def test_cache_salt_keeps_prefix_blocks_to_requests_with_the_same_salt():
+    kv = KVCacheManager(num_blocks=21, block_size=BS)
+    first = Request("a", list(range(10)), SamplingParams(max_tokens=8), arrival_time=0.0, cache_salt="tenant-1")
+    admit(kv, first)
+    kv.free(first)
+    assert kv.block_hash(1) == hash_block(salt_hash("tenant-1"), (0, 1, 2, 3)) != hash_block(None, (0, 1, 2, 3))
+    assert kv.block_hash(2) == hash_block(kv.block_hash(1), (4, 5, 6, 7))
+    same = Request("b", list(range(10)), SamplingParams(max_tokens=8), arrival_time=0.0, cache_salt="tenant-1")
+    other = Request("c", list(range(10)), SamplingParams(max_tokens=8), arrival_time=0.0, cache_salt="tenant-2")
+    assert kv.get_computed_blocks(same) == ComputedBlocks((1, 2), 8)
+    assert kv.get_computed_blocks(other) == ComputedBlocks((), 0)
+    assert kv.get_computed_blocks(make_request("d", range(10))) == ComputedBlocks((), 0)  # unsalted
 
 
 def test_hash_chain_equal_first_block_different_second_gives_one_hit():

@@ -7,7 +7,7 @@ import pytest
 from conftest import GREEDY_MAX_TOKENS as MAX_TOKENS
 from conftest import GREEDY_PROMPTS as PROMPTS
 
-from jaxllm import LLM, SamplingParams
+from jaxllm import LLM, BeamSearchParams, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 # Small limits keep the compiled bucket set (and the suite) small.
@@ -281,6 +281,31 @@ def test_reset_prefix_cache(llm, caplog):
     while engine.has_unfinished_requests():
         engine.step()
     assert llm.reset_prefix_cache()
+
+
+def test_cache_salt_shares_prefix_blocks_only_within_a_salt(llm, smollm2_model):
+    prompt = "The prefix cache keeps full blocks of sixteen tokens, so this prompt must be long enough."
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    llm.reset_prefix_cache()
+
+    def cached(**salt) -> tuple[int, list[int]]:
+        (out,) = llm.generate({"prompt": prompt, **salt}, params, use_tqdm=False)
+        return out.num_cached_tokens, out.outputs[0].token_ids
+
+    runs = [cached(cache_salt="a"), cached(cache_salt="a"), cached(cache_salt="b"), cached(), cached()]
+    hits = [n for n, _ in runs]
+    assert hits[0] == 0 and hits[1] >= 16 and hits[2:4] == [0, 0] and hits[4] == hits[1]
+    assert all(tokens == runs[0][1] for _, tokens in runs)
+    for bad in ("", 7):
+        with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+            llm.generate({"prompt": prompt, "cache_salt": bad}, params, use_tqdm=False)
+    with pytest.raises(ValueError, match="cache_salt is not supported by beam_search"):
+        llm.beam_search([{"prompt": prompt, "cache_salt": "a"}], BeamSearchParams(beam_width=2, max_tokens=2))
+    plain = LLM(smollm2_model, enable_prefix_caching=False, max_model_len=128, max_num_seqs=4, warmup=False,
+                compilation_cache_dir=None)
+    with pytest.raises(ValueError, match="cache_salt is only supported with prefix caching enabled"):
+        plain.generate({"prompt": prompt, "cache_salt": "a"}, params, use_tqdm=False)
+    assert not plain.llm_engine.has_unfinished_requests()
 
 
 def test_generate_leaves_the_callers_params_as_given(llm):

@@ -197,6 +197,24 @@ def test_continuous_usage_stats_put_each_choices_usage_in_every_chunk(client):
     assert all(c.usage is None for c in list(plain)[:-1])
 
 
+def test_cache_salt_shares_prefix_blocks_only_within_a_salt(client, http):
+    prompt = "Prefix caching shares whole blocks of sixteen tokens, so this prompt needs to be long enough."
+    wait_idle(http)
+
+    def hits_of(**extra) -> float:
+        before = metric(http, "prefix_cache_hits_total")
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, extra_body=extra)
+        assert out.choices[0].text
+        wait_idle(http)
+        return metric(http, "prefix_cache_hits_total") - before
+
+    first, again, other = hits_of(cache_salt="tenant-a"), hits_of(cache_salt="tenant-a"), hits_of(cache_salt="b")
+    assert first == 0 and again >= 16 and other == 0
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_body={"cache_salt": ""})
+    assert err.value.body["param"] == "cache_salt"
+
+
 def test_streaming_completion_equals_whole(client):
     prompt = "def fibonacci(n):"
     stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,

@@ -61,7 +61,7 @@ class RequestStream:
 @dataclass(frozen=True)
 class _Add:
     request_id: str
-    prompt: str | list[int]
+    prompt: str | list[int] | dict  # a dict: vLLM's prompt dict (e.g. with a cache_salt)
     params: SamplingParams
     stream: RequestStream
     accepted: asyncio.Future  # resolved with None, or failed with the reason the request was refused
@@ -114,7 +114,8 @@ class AsyncLLMEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping.is_set()
 
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+    async def add_request(self, request_id: str, prompt: str | list[int] | dict,
+                          params: SamplingParams) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it.
 
         Raises:

@@ -28,6 +28,13 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
     return digest.digest()
 
 
+def salt_hash(cache_salt: str | None) -> bytes | None:
+    """The parent hash of a salted request's first block (None: unsalted)."""
+    if cache_salt is None:
+        return None
+    return hashlib.sha256(b"jaxllm cache_salt\0" + cache_salt.encode()).digest()
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -377,5 +384,5 @@ class KVCacheManager:
         hashes, size = request.block_hashes, self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else salt_hash(request.cache_salt)
             hashes.append(hash_block(parent, request.token_ids_in(i * size, (i + 1) * size)))

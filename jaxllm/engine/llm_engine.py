@@ -14,7 +14,7 @@ from jaxllm.engine.detokenizer import IncrementalDetokenizer
 from jaxllm.engine.messages import RunnerOutput, SchedulerOutput
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import RequestUpdate, Scheduler
-from jaxllm.inputs import PromptType, prompt_input
+from jaxllm.inputs import PromptType, prompt_cache_salt, prompt_input
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -158,7 +158,8 @@ class LLMEngine:
     ) -> None:
         """Tokenize and queue a request; raises ValueError, queueing nothing, if it is invalid.
 
-        ``prompt`` is text, token ids, or vLLM's ``TextPrompt`` / ``TokensPrompt`` dict.
+        ``prompt`` is text, token ids, or vLLM's ``TextPrompt`` / ``TokensPrompt`` dict (with an
+        optional ``cache_salt``: only requests with the same salt share cached prefix blocks).
 
         ``retain_blocks`` keeps its KV blocks after it finishes, for :meth:`fork_request`, until
         :meth:`release_request` (beam search).
@@ -169,13 +170,17 @@ class LLMEngine:
         params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids, logit_bias ids checked
         if self.vocab_size is not None:
             params.check_vocabulary(self.vocab_size)
+        cache_salt = prompt_cache_salt(prompt)
+        if cache_salt is not None and not self.scheduler.kv.enable_prefix_caching:
+            raise ValueError("cache_salt is only supported with prefix caching enabled")
         prompt_text, token_ids = self._tokenize(prompt)
         max_model_len = self.scheduler.config.max_model_len
         token_ids = params.truncated_prompt(token_ids, max_model_len)
         if params.max_tokens is None:  # as many as fit (at least one: a full prompt is refused below)
             params = dataclasses.replace(params, max_tokens=max(1, max_model_len - len(token_ids)))
         arrival = time.time() if arrival_time is None else arrival_time
-        request = Request(str(request_id), token_ids, params, arrival, retain_blocks=retain_blocks)
+        request = Request(str(request_id), token_ids, params, arrival, retain_blocks=retain_blocks,
+                          cache_salt=cache_salt)
         self.scheduler.add_request(request)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         completions = {0: _Completion(request, detokenizer)}

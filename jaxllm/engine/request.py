@@ -63,6 +63,9 @@ class Request:
     has_forked: bool = False
     # Beam search: keep the blocks after finishing, until the scheduler is told to release them.
     retain_blocks: bool = False
+    # vLLM's cache_salt: mixed into the first block's hash, so that only requests with the same
+    # salt share cached prefix blocks (tenants of one server cannot probe each other's prompts).
+    cache_salt: str | None = None
     # Logprobs, when asked for: one entry per output token, and per prompt position (0 is None).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)

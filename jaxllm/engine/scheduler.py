@@ -168,6 +168,7 @@ class Scheduler:
         if child.all_token_ids[: parent.num_computed_tokens] != parent.all_token_ids[: parent.num_computed_tokens]:
             raise ValueError(f"request {child.request_id!r} does not extend the tokens of {parent_id!r}")
         self._validate(child)
+        child.cache_salt = parent.cache_salt  # its blocks extend the parent's hash chain
         self.kv.fork(parent, child)
         child.num_computed_tokens = parent.num_computed_tokens
         self.requests[child.request_id] = child
@@ -403,7 +404,8 @@ class Scheduler:
         params = parent.sampling_params
         child_params = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + index)
         child = Request(child_id, parent.prompt_token_ids, child_params, parent.arrival_time,
-                        parent_id=parent.request_id, completion_index=index, has_forked=True)
+                        parent_id=parent.request_id, completion_index=index, has_forked=True,
+                        cache_salt=parent.cache_salt)
         child.num_computed_tokens = parent.num_computed_tokens
         child.status = RequestStatus.RUNNING
         self.kv.fork(parent, child)

@@ -60,7 +60,7 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids = self.truncated(request, prompt_ids)
         params = self.sampling_params(request, prompt_ids)
         request_id = random_id("chatcmpl")
-        streams = await self.start([request_id], [prompt_ids], params)
+        streams = await self.start([request_id], [prompt_ids], params, request.cache_salt)
         if request.stream:
             body = self._stream(request, request_id, merged_deltas(self.engine, streams, params.n), params.n,
                                 len(prompt_ids))

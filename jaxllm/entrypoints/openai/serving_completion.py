@@ -37,7 +37,8 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = [self.truncated(request, ids) for ids in self._prompt_ids(request.prompt, request.add_special_tokens)]
         params = self._params(request, prompts)
         base_id = random_id("cmpl")
-        streams = await self.start([f"{base_id}-{i}" for i in range(len(prompts))], prompts, params)
+        streams = await self.start([f"{base_id}-{i}" for i in range(len(prompts))], prompts, params,
+                                  request.cache_salt)
         if request.stream:
             body = self._stream(request, base_id, prompts, merged_deltas(self.engine, streams, params.n))
             return StreamingResponse(body, media_type="text/event-stream")

@@ -169,12 +169,17 @@ class OpenAIServing:
         # Only what is new each step (DeltaTracker, WholeOutput): never the whole output so far.
         return dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
 
-    async def start(self, request_ids: list[str], prompts: list[list[int]], params) -> list[RequestStream]:
-        """Add all requests or none: a refused one aborts those already added."""
+    async def start(self, request_ids: list[str], prompts: list[list[int]], params,
+                    cache_salt: str | None = None) -> list[RequestStream]:
+        """Add all requests or none: a refused one aborts those already added. ``cache_salt``:
+        vLLM's, only requests with the same salt share cached prefix blocks."""
+        if cache_salt is not None and not cache_salt:
+            raise APIError("cache_salt must be a non-empty string", param="cache_salt")
         streams: list[RequestStream] = []
         try:
             for request_id, prompt in zip(request_ids, prompts, strict=True):
-                streams.append(await self.engine.add_request(request_id, prompt, params))
+                engine_prompt = prompt if cache_salt is None else {"prompt_token_ids": prompt, "cache_salt": cache_salt}
+                streams.append(await self.engine.add_request(request_id, engine_prompt, params))
         except BaseException:
             for stream in streams:
                 self.engine.abort(stream.request_id)
