@@ -293,36 +293,67 @@ inline void AttendBlock(const Problem& p, const V* k_block, const V* v_block, in
   }
 }
 
-// One unit: rows r = ((token - first) * heads + head - head_begin) * G + g for query head
-// head * G + g of kv heads head_begin..head_end-1, which is the order of q's and out's rows.
+// A unit's query rows in scratch: the scaled queries, each row's running output, max and sum,
+// and each token's first visible key; Finish writes the normalised rows out. Rows are
+// r = ((token - first) * heads + head - head_begin) * G + g, the order of q's and out's rows.
+struct UnitRows {
+  int64_t heads = 0, rows = 0;
+  int64_t key_lo = INT64_MAX, key_hi = -1;  // the union of the tokens' key ranges
+  int64_t lo[kTileTokens];                  // first visible key of each token
+  float* qs = nullptr;                      // scaled queries [rows, H]
+  float* acc = nullptr;                     // unnormalised outputs [rows, H]
+  float* peak = nullptr;                    // running max score of each row
+  float* total = nullptr;                   // running sum of weights of each row
+  float* extra = nullptr;                   // the caller's extra_floats after them
+
+  // False for a negative position or keys past the block table's width.
+  bool Begin(const Problem& p, const Unit& u, std::vector<float>& scratch, int64_t extra_floats) {
+    const int64_t H = p.H, G = p.G;
+    heads = u.head_end - u.head_begin;
+    rows = (u.last - u.first) * heads * G;
+    scratch.resize(rows * (2 * H + 2) + extra_floats);
+    qs = scratch.data();
+    acc = qs + rows * H;
+    peak = acc + rows * H;
+    total = peak + rows;
+    extra = total + rows;
+    for (int64_t t = u.first; t < u.last; ++t) {
+      const int64_t pos = p.positions[t];
+      if (pos < 0) return false;
+      lo[t - u.first] = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+      key_lo = std::min(key_lo, lo[t - u.first]);
+      key_hi = std::max(key_hi, pos);
+      const int64_t r0 = (t - u.first) * heads * G;
+      const float* src = p.q + (t * p.N + u.head_begin * G) * H;  // the unit's heads are adjacent
+      for (int64_t i = 0; i < heads * G * H; ++i) qs[r0 * H + i] = src[i] * p.scale;
+    }
+    std::fill(acc, acc + rows * H, 0.0f);
+    std::fill(peak, peak + rows, kNoScore);
+    std::fill(total, total + rows, 0.0f);
+    return key_hi / p.BS < p.B;
+  }
+
+  void Finish(const Problem& p, const Unit& u) const {
+    const int64_t H = p.H, G = p.G;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = u.first + r / (heads * G);
+      float* dst = p.out + (t * p.N + u.head_begin * G + r % (heads * G)) * H;
+      const float inv = 1.0f / total[r];  // every row saw its own key: total >= 1
+      for (int64_t h = 0; h < H; ++h) dst[h] = acc[r * H + h] * inv;
+    }
+  }
+};
+
+// One unit (its rows: UnitRows), block by block, each token's rows against each key in turn.
 template <typename V, int64_t kHeadDim>
 bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
   const int64_t H = p.H, G = p.G, K = p.K, BS = p.BS;
-  const int64_t heads = u.head_end - u.head_begin;
-  const int64_t rows = (u.last - u.first) * heads * G;
-  scratch.resize(rows * (2 * H + 2) + G * BS + 16);
-  float* qs = scratch.data();     // scaled queries [rows, H]
-  float* acc = qs + rows * H;     // unnormalised outputs [rows, H]
-  float* peak = acc + rows * H;   // running max score of each row
-  float* total = peak + rows;     // running sum of weights of each row
-  float* weights = total + rows;  // one (token, kv head)'s scores, then weights, in a block [G, BS]
-  int64_t lo[kTileTokens];        // first visible key of each token
-
-  int64_t key_lo = INT64_MAX, key_hi = -1;
-  for (int64_t t = u.first; t < u.last; ++t) {
-    const int64_t pos = p.positions[t];
-    if (pos < 0) return false;
-    lo[t - u.first] = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
-    key_lo = std::min(key_lo, lo[t - u.first]);
-    key_hi = std::max(key_hi, pos);
-    const int64_t r0 = (t - u.first) * heads * G;
-    const float* src = p.q + (t * p.N + u.head_begin * G) * H;  // the unit's heads are adjacent
-    for (int64_t i = 0; i < heads * G * H; ++i) qs[r0 * H + i] = src[i] * p.scale;
-  }
-  std::fill(acc, acc + rows * H, 0.0f);
-  std::fill(peak, peak + rows, kNoScore);
-  std::fill(total, total + rows, 0.0f);
-  if (key_hi / BS >= p.B) return false;
+  UnitRows ur;
+  if (!ur.Begin(p, u, scratch, G * BS + 16)) return false;
+  const int64_t heads = ur.heads, key_lo = ur.key_lo, key_hi = ur.key_hi;
+  const int64_t* lo = ur.lo;
+  float *qs = ur.qs, *acc = ur.acc, *peak = ur.peak, *total = ur.total;
+  float* weights = ur.extra;  // one (token, kv head)'s scores, then weights, in a block [G, BS]
 
   const V* k_pool = static_cast<const V*>(p.k);
   const V* v_pool = static_cast<const V*>(p.v);
@@ -346,12 +377,7 @@ bool RunUnit(const Problem& p, const Unit& u, std::vector<float>& scratch) {
       }
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = u.first + r / (heads * G);
-    float* dst = p.out + (t * p.N + u.head_begin * G + r % (heads * G)) * H;
-    const float inv = 1.0f / total[r];  // every row saw its own key: total >= 1
-    for (int64_t h = 0; h < H; ++h) dst[h] = acc[r * H + h] * inv;
-  }
+  ur.Finish(p, u);
   return true;
 }
 
@@ -426,34 +452,15 @@ template <typename V, int64_t kHeadDim>
 bool RunUnitChunked(const Problem& p, const Unit& u, std::vector<float>& scratch) {
   constexpr int64_t H = kHeadDim, kVecs = kHeadDim / 16;
   const int64_t G = p.G, K = p.K, BS = p.BS;
-  const int64_t heads = u.head_end - u.head_begin;
-  const int64_t rows = (u.last - u.first) * heads * G;
-  scratch.resize(rows * (2 * H + 2) + G * 16 + 16 * H * 2 + 4 * 256);
-  float* qs = scratch.data();     // scaled queries [rows, H]
-  float* acc = qs + rows * H;     // unnormalised outputs [rows, H]
-  float* peak = acc + rows * H;   // running max score of each row
-  float* total = peak + rows;     // running sum of weights of each row
-  float* weights = total + rows;  // one (token, kv head)'s scores, then weights, of 16 keys [G, 16]
-  float* kf = weights + G * 16;   // the 16 keys as floats [16, H] (pools other than float32)
-  float* vf = kf + 16 * H;        // their values as scaled floats [16, H]
-  float* part = vf + 16 * H;      // ScoreRows' partial sums [4, 16, 16]
-  int64_t lo[kTileTokens];        // first visible key of each token
-
-  int64_t key_lo = INT64_MAX, key_hi = -1;
-  for (int64_t t = u.first; t < u.last; ++t) {
-    const int64_t pos = p.positions[t];
-    if (pos < 0) return false;
-    lo[t - u.first] = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
-    key_lo = std::min(key_lo, lo[t - u.first]);
-    key_hi = std::max(key_hi, pos);
-    const int64_t r0 = (t - u.first) * heads * G;
-    const float* src = p.q + (t * p.N + u.head_begin * G) * H;  // the unit's heads are adjacent
-    for (int64_t i = 0; i < heads * G * H; ++i) qs[r0 * H + i] = src[i] * p.scale;
-  }
-  std::fill(acc, acc + rows * H, 0.0f);
-  std::fill(peak, peak + rows, kNoScore);
-  std::fill(total, total + rows, 0.0f);
-  if (key_hi / BS >= p.B) return false;
+  UnitRows ur;
+  if (!ur.Begin(p, u, scratch, G * 16 + 16 * H * 2 + 4 * 256)) return false;
+  const int64_t heads = ur.heads, key_lo = ur.key_lo, key_hi = ur.key_hi;
+  const int64_t* lo = ur.lo;
+  float *qs = ur.qs, *acc = ur.acc, *peak = ur.peak, *total = ur.total;
+  float* weights = ur.extra;     // one (token, kv head)'s scores, then weights, of 16 keys [G, 16]
+  float* kf = weights + G * 16;  // the 16 keys as floats [16, H] (pools other than float32)
+  float* vf = kf + 16 * H;       // their values as scaled floats [16, H]
+  float* part = vf + 16 * H;     // ScoreRows' partial sums [4, 16, 16]
 
   const V* k_pool = static_cast<const V*>(p.k);
   const V* v_pool = static_cast<const V*>(p.v);
@@ -509,12 +516,7 @@ bool RunUnitChunked(const Problem& p, const Unit& u, std::vector<float>& scratch
       }
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = u.first + r / (heads * G);
-    float* dst = p.out + (t * p.N + u.head_begin * G + r % (heads * G)) * H;
-    const float inv = 1.0f / total[r];  // every row saw its own key: total >= 1
-    for (int64_t h = 0; h < H; ++h) dst[h] = acc[r * H + h] * inv;
-  }
+  ur.Finish(p, u);
   return true;
 }
 
