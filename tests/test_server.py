@@ -215,6 +215,18 @@ def test_cache_salt_shares_prefix_blocks_only_within_a_salt(client, http):
     assert err.value.body["param"] == "cache_salt"
 
 
+def test_unknown_request_fields_are_logged_as_ignored(client, server):
+    """As vLLM: a field the server does not know is accepted and named in a warning, not dropped unseen."""
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2,
+                                    extra_body={"made_up_field": 1, "vllm_xargs": {"k": 1}})
+    assert out.choices[0].finish_reason == "length"
+    deadline = time.time() + 10
+    expected = "request fields ['made_up_field', 'vllm_xargs'] are not known to this server and were ignored"
+    while expected not in server["log"].read_text() and time.time() < deadline:
+        time.sleep(0.1)
+    assert expected in server["log"].read_text()
+
+
 def test_streaming_completion_equals_whole(client):
     prompt = "def fibonacci(n):"
     stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,

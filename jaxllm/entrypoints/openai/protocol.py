@@ -29,6 +29,16 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class RequestModel(OpenAIModel):
+    """A request body: unknown top-level fields are kept (``model_extra``) so that the server can
+    log them as ignored, as vLLM does, rather than drop them without a word."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or ())
+
+
 class ErrorInfo(OpenAIModel):
     message: str
     type: str
@@ -45,7 +55,7 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = False
 
 
-class SamplingRequest(OpenAIModel):
+class SamplingRequest(RequestModel):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -14,6 +15,8 @@ from jaxllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from jaxllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest
 from jaxllm.outputs import CompletionOutput, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams, truncate_prompt
+
+logger = logging.getLogger("jaxllm")
 
 
 class APIError(Exception):
@@ -139,6 +142,9 @@ class OpenAIServing:
                            status=400, type="NotFoundError", param="model")
 
     def check_supported(self, request: SamplingRequest) -> None:
+        ignored = request.ignored_fields()
+        if ignored:
+            logger.warning("request fields %s are not known to this server and were ignored", ignored)
         found = request.unsupported()
         if found is not None:
             message, param = found
