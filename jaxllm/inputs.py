@@ -29,8 +29,8 @@ def prompt_input(prompt: PromptType) -> str | list[int]:
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, dict):
-        # vLLM's prompt dicts carry more (multi_modal_data, mm_processor_kwargs, cache_salt, ...):
-        # refused rather than dropped, so a request never runs without what it asked for.
+        # vLLM's prompt dicts carry more (multi_modal_data, mm_processor_kwargs, ...): refused
+        # rather than dropped, so a request never runs without what it asked for.
         unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"})
         if unknown:
             raise ValueError(f"prompt keys {unknown} are not supported; a prompt dict holds 'prompt' or "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -53,3 +54,36 @@ class RequestOutput:
     prompt_logprobs: list | None = None
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class WholeOutput:
+    """Joins a request's consecutive DELTA outputs (``RequestOutputKind.DELTA``) into one output of
+    all they carry, in time linear in its length."""
+
+    def __init__(self):
+        self._last: RequestOutput | None = None
+        self._latest: dict[int, CompletionOutput] = {}  # completion index -> its latest delta
+        self._text: dict[int, list[str]] = {}
+        self._token_ids: dict[int, list[int]] = {}
+        self._logprobs: dict[int, list] = {}
+        self._prompt_logprobs: list = []
+
+    def add(self, output: RequestOutput) -> None:
+        self._last = output
+        self._prompt_logprobs.extend(output.prompt_logprobs or ())
+        for c in output.outputs:
+            self._latest[c.index] = c
+            self._text.setdefault(c.index, []).append(c.text)
+            self._token_ids.setdefault(c.index, []).extend(c.token_ids)
+            if c.logprobs is not None:
+                self._logprobs.setdefault(c.index, []).extend(c.logprobs)
+
+    def result(self) -> RequestOutput | None:
+        """The output so far (None before the first): completions in index order, each with all
+        of its text, tokens and logprobs, and the finish and cumulative logprob of its latest delta."""
+        if self._last is None:
+            return None
+        outputs = [dataclasses.replace(c, text="".join(self._text[i]), token_ids=self._token_ids[i],
+                                       logprobs=self._logprobs.get(i) if c.logprobs is not None else None)
+                   for i, c in sorted(self._latest.items())]
+        return dataclasses.replace(self._last, outputs=outputs, prompt_logprobs=self._prompt_logprobs or None)

@@ -176,7 +176,8 @@ def test_server_joins_delta_outputs_into_what_cumulative_outputs_say(tokenizer):
     answers (WholeOutput) must say what the CUMULATIVE outputs of the same requests say, and its
     latency metrics must count every token of completion 0 once."""
     from jaxllm.entrypoints.openai.metrics import ServerMetrics
-    from jaxllm.entrypoints.openai.serving_engine import DeltaTracker, WholeOutput
+    from jaxllm.entrypoints.openai.serving_engine import DeltaTracker
+    from jaxllm.outputs import WholeOutput
 
     runs = {}
     for kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA):

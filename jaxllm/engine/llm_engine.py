@@ -15,7 +15,7 @@ from jaxllm.engine.messages import RunnerOutput, SchedulerOutput
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import RequestUpdate, Scheduler
 from jaxllm.inputs import PromptType, prompt_cache_salt, prompt_input
-from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, WholeOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
@@ -426,19 +426,10 @@ def _merged(outputs: list[tuple[bool, RequestOutput]]) -> list[RequestOutput]:
     merged: dict[str, RequestOutput] = {}
     for delta, out in outputs:
         earlier = merged.get(out.request_id)
-        merged[out.request_id] = _joined(earlier, out) if delta and earlier is not None else out
+        if delta and earlier is not None:
+            joined = WholeOutput()
+            joined.add(earlier)
+            joined.add(out)
+            out = joined.result()
+        merged[out.request_id] = out
     return list(merged.values())
-
-
-def _joined(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """Two consecutive DELTA outputs of one request as one."""
-    by_index = {c.index: c for c in a.outputs}
-    for c in b.outputs:
-        first = by_index.get(c.index)
-        if first is not None:
-            logprobs = None if c.logprobs is None else [*(first.logprobs or []), *c.logprobs]
-            c = dataclasses.replace(c, text=first.text + c.text, token_ids=first.token_ids + c.token_ids,
-                                    logprobs=logprobs)
-        by_index[c.index] = c
-    prompt_logprobs = [*(a.prompt_logprobs or []), *(b.prompt_logprobs or [])] or None
-    return dataclasses.replace(b, outputs=[by_index[i] for i in sorted(by_index)], prompt_logprobs=prompt_logprobs)

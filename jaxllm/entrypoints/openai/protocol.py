@@ -81,7 +81,7 @@ class SamplingRequest(RequestModel):
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None  # the prompt's last k tokens; -1: the last max_model_len
     prompt_logprobs: int | None = None
-    cache_salt: str | None = None  # only requests with the same salt share cached prefix blocks
+    cache_salt: str | None = Field(None, min_length=1)  # only requests with the same salt share cached blocks
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from jaxllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from jaxllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest
-from jaxllm.outputs import CompletionOutput, RequestOutput
+from jaxllm.outputs import CompletionOutput, RequestOutput, WholeOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams, truncate_prompt
 
 logger = logging.getLogger("jaxllm")
@@ -96,38 +96,6 @@ class DeltaTracker:
                      self._prompt_logprobs)
 
 
-class WholeOutput:
-    """Joins a request's DELTA outputs into its whole output, in time linear in its length."""
-
-    def __init__(self):
-        self._last: RequestOutput | None = None
-        self._latest: dict[int, CompletionOutput] = {}  # completion index -> its latest delta
-        self._text: dict[int, list[str]] = {}
-        self._token_ids: dict[int, list[int]] = {}
-        self._logprobs: dict[int, list] = {}
-        self._prompt_logprobs: list = []
-
-    def add(self, output: RequestOutput) -> None:
-        self._last = output
-        self._prompt_logprobs.extend(output.prompt_logprobs or ())
-        for c in output.outputs:
-            self._latest[c.index] = c
-            self._text.setdefault(c.index, []).append(c.text)
-            self._token_ids.setdefault(c.index, []).extend(c.token_ids)
-            if c.logprobs is not None:
-                self._logprobs.setdefault(c.index, []).extend(c.logprobs)
-
-    def result(self) -> RequestOutput | None:
-        """The output so far (None before the first): completions in index order, each with all
-        of its text, tokens and logprobs, and the finish and cumulative logprob of its latest delta."""
-        if self._last is None:
-            return None
-        outputs = [dataclasses.replace(c, text="".join(self._text[i]), token_ids=self._token_ids[i],
-                                       logprobs=self._logprobs.get(i) if c.logprobs is not None else None)
-                   for i, c in sorted(self._latest.items())]
-        return dataclasses.replace(self._last, outputs=outputs, prompt_logprobs=self._prompt_logprobs or None)
-
-
 class OpenAIServing:
     """Base of the completion and chat handlers."""
 
@@ -179,8 +147,6 @@ class OpenAIServing:
                     cache_salt: str | None = None) -> list[RequestStream]:
         """Add all requests or none: a refused one aborts those already added. ``cache_salt``:
         vLLM's, only requests with the same salt share cached prefix blocks."""
-        if cache_salt is not None and not cache_salt:
-            raise APIError("cache_salt must be a non-empty string", param="cache_salt")
         streams: list[RequestStream] = []
         try:
             for request_id, prompt in zip(request_ids, prompts, strict=True):
