@@ -12,6 +12,7 @@ from dataclasses import dataclass
 ROPE_TYPES = ("default", "linear", "llama3")
 FAMILIES = ("llama", "gpt")
 PREEMPTION_MODES = ("recompute", "swap")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 # "auto": the model's dtype; "fp8" (e4m3) and "int8": quantised, with a scale per token and kv head.
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -146,9 +147,12 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
+    scheduling_policy: str = "fcfs"  # or "priority": by each request's priority, lower first
 
     def __post_init__(self):
         _check_positive(self, "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be one of {SCHEDULING_POLICIES}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from converters.checkpoint import Checkpoint
-from jaxllm.config import CacheConfig, SchedulerConfig
+from jaxllm.config import SCHEDULING_POLICIES, CacheConfig, SchedulerConfig
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.loader import load_checkpoint_as
 from jaxllm.models.attention import get_attention_backend
@@ -52,6 +52,7 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"  # "fp8" or "int8": quantised pool, see jaxllm/models/kv_quant.py
     swap_space: float = 4.0  # GiB of host memory for preemption_mode="swap"
     preemption_mode: str = "recompute"  # or "swap": preempted requests' KV goes to host memory
+    scheduling_policy: str = "fcfs"  # or "priority": requests' priority values order the queue
     seed: int = 0
     # Schedule step k+1 on the host while the device runs step k (outputs are the same).
     async_scheduling: bool = True
@@ -93,6 +94,7 @@ class EngineArgs:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens or max(tokens, max_num_seqs),
             max_model_len=max_model_len,
+            scheduling_policy=self.scheduling_policy,
         )
 
     def cache_config(self) -> CacheConfig:
@@ -108,6 +110,8 @@ class EngineArgs:
         )
 
     def __post_init__(self):
+        if self.scheduling_policy not in SCHEDULING_POLICIES:  # before the model loads
+            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be one of {SCHEDULING_POLICIES}")
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             value = getattr(self, name)
             if value != 1:

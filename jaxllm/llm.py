@@ -77,6 +77,7 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt; returns one RequestOutput per prompt, in input order.
 
@@ -85,10 +86,14 @@ class LLM:
             (``{"prompt": "..."}`` also works).
           sampling_params: one SamplingParams for all prompts, or one per prompt.
           use_tqdm: show a progress bar with requests done and tokens/s.
+          priority: one integer per prompt, lower first (needs ``scheduling_policy="priority"``).
         """
         prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
-        ids = self._add_all(prompts, params)
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priority values for {len(prompts)} prompts; pass one per prompt")
+        ids = self._add_all(prompts, params, priorities)
         return self._run(ids, use_tqdm)
 
     def chat(
@@ -148,14 +153,15 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling_params for {n} prompts; pass one or one per prompt")
         return params
 
-    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
+    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams], priorities: list[int]) -> list[str]:
         engine, ids = self.llm_engine, []
         try:
-            for prompt, p in zip(prompts, params, strict=True):
+            for prompt, p, priority in zip(prompts, params, priorities, strict=True):
                 request_id = str(next(self._counter))
                 if p.output_kind is not RequestOutputKind.FINAL_ONLY:  # only final outputs are read
                     p = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
-                engine.add_request(request_id, prompt if isinstance(prompt, dict) else prompt_input(prompt), p)
+                engine.add_request(request_id, prompt if isinstance(prompt, dict) else prompt_input(prompt), p,
+                                   priority=priority)
                 ids.append(request_id)
         except Exception:
             engine.abort_request(ids)  # a bad prompt leaves nothing half-queued behind

@@ -52,10 +52,11 @@ def test_prefix_caching_off(smollm2_model, expected):
     assert llm.llm_engine.stats.prefix_cache_hits == 0
 
 
-def test_tiny_pool_preempts_and_still_matches(smollm2_model, expected):
+@pytest.mark.parametrize("policy, priority", [("fcfs", None), ("priority", [3, 1, 2, 0])])
+def test_tiny_pool_preempts_and_still_matches(smollm2_model, expected, policy, priority):
     # 9 usable blocks of 16 tokens; the four requests need 2-4 blocks each.
-    llm = LLM(smollm2_model, num_kv_blocks=10, **LIMITS)
-    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    llm = LLM(smollm2_model, num_kv_blocks=10, scheduling_policy=policy, **LIMITS)
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False, priority=priority)) == expected
     stats = llm.llm_engine.stats
     assert stats.num_preemptions > 0
     assert stats.kv_blocks_used == 0
@@ -117,6 +118,10 @@ def test_bad_requests_are_rejected_and_leave_nothing_queued(llm):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="sampling_params"):
         llm.generate(PROMPTS, [GREEDY], use_tqdm=False)
+    with pytest.raises(ValueError, match="got 1 priority values for 4 prompts"):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False, priority=[0])
+    with pytest.raises(ValueError, match=r"priority=1 needs scheduling_policy='priority' \(this engine's is 'fcfs'\)"):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False, priority=[0, 0, 1, 0])
     with pytest.raises(ValueError, match=r"prompt keys \['multi_modal_data'\] are not supported"):
         llm.generate([PROMPTS[0], {"prompt": "Describe", "multi_modal_data": {"image": None}}], GREEDY, use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()

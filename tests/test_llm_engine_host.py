@@ -362,3 +362,24 @@ def test_max_tokens_none_runs_to_max_model_len(tokenizer):
     assert (len(completion.token_ids), completion.finish_reason) == (9, "length")
     with pytest.raises(ValueError, match="exceeds max_model_len=12"):
         engine.add_request("b", list(range(3, 15)), SamplingParams(max_tokens=None))
+
+
+def test_priority_policy_runs_requests_by_priority_and_fcfs_refuses_priorities(tokenizer):
+    def finish_order(policy, priorities):
+        engine = LLMEngine(tokenizer, PositionRunner(word_ids(tokenizer)),
+                           SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=16, max_model_len=128,
+                                           scheduling_policy=policy),
+                           CacheConfig(block_size=4), num_kv_blocks=64, eos_token_ids=(tokenizer.eos_token_id,))
+        for rid, (prompt, priority) in enumerate(zip(["Hello world", "The quick fox", "hello"], priorities, strict=True)):
+            engine.add_request(str(rid), prompt, SamplingParams(max_tokens=5, ignore_eos=True), priority=priority)
+        final = run(engine)  # one request at a time: the dict's order is the order they finished in
+        return list(final), {rid: o.outputs[0].token_ids for rid, o in final.items()}
+
+    by_priority, tokens = finish_order("priority", [2, 0, 1])
+    in_arrival, fcfs_tokens = finish_order("fcfs", [0, 0, 0])
+    assert by_priority == ["1", "2", "0"] and in_arrival == ["0", "1", "2"]
+    assert tokens == fcfs_tokens
+    engine = make_engine(tokenizer, PositionRunner(word_ids(tokenizer)))
+    with pytest.raises(ValueError, match=r"priority=3 needs scheduling_policy='priority'"):
+        engine.add_request("x", "hello", SamplingParams(max_tokens=2), priority=3)
+    assert not engine.has_unfinished_requests()

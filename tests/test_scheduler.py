@@ -70,17 +70,19 @@ class PagedSimRunner:
         return int(self.pool[block, offset])
 
 
-def make_scheduler(num_blocks=64, budget=32, max_num_seqs=8, max_model_len=256, caching=True) -> Scheduler:
+def make_scheduler(num_blocks=64, budget=32, max_num_seqs=8, max_model_len=256, caching=True,
+                   policy="fcfs") -> Scheduler:
     return Scheduler(
-        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len),
+        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
+                        scheduling_policy=policy),
         CacheConfig(block_size=BS, enable_prefix_caching=caching),
         num_kv_blocks=num_blocks,
         eos_token_ids=(EOS,),
     )
 
 
-def make_request(rid, prompt, arrival=0.0, **params) -> Request:
-    return Request(rid, list(prompt), SamplingParams(**params), arrival_time=arrival)
+def make_request(rid, prompt, arrival=0.0, priority=0, **params) -> Request:
+    return Request(rid, list(prompt), SamplingParams(**params), arrival_time=arrival, priority=priority)
 
 
 def run_all(scheduler: Scheduler, runner, max_steps=10_000, check=None) -> dict:
@@ -196,6 +198,85 @@ def test_preemption_picks_the_latest_arrival_and_requeues_it_at_the_front():
     scheduler.update(out, runner.execute(out))
     run_all(scheduler, runner, check=check_pool)
     assert b.output_token_ids == reference_output(range(11, 17), SamplingParams(max_tokens=6, ignore_eos=True))
+
+
+def test_priority_policy_admits_by_priority_then_arrival():
+    scheduler = make_scheduler(max_num_seqs=1, policy="priority")
+    runner = PagedSimRunner(64)
+    for rid, priority in [("a", 2), ("b", 0), ("c", 1), ("d", 0), ("e", -1)]:
+        scheduler.add_request(make_request(rid, [ord(rid), 5, 6], priority=priority, max_tokens=3, ignore_eos=True))
+    assert [r.request_id for r in scheduler.waiting] == ["e", "b", "d", "c", "a"]
+    admitted = []
+    while scheduler.has_unfinished_requests():
+        out = scheduler.schedule()
+        admitted += [s.request_id for s in out.sequences if s.request_id not in admitted]
+        scheduler.update(out, runner.execute(out))
+    assert admitted == ["e", "b", "d", "c", "a"]
+
+
+def test_priority_policy_preempts_the_lowest_priority_and_requeues_it_by_priority():
+    # As test_preemption_picks_the_latest_arrival_..., but "a" came first with a lower priority.
+    scheduler = make_scheduler(num_blocks=5, budget=16, max_num_seqs=4, policy="priority")
+    runner = PagedSimRunner(5)
+    scheduler.add_request(make_request("a", range(1, 7), arrival=1.0, priority=1, max_tokens=6, ignore_eos=True))
+    scheduler.add_request(make_request("b", range(11, 17), arrival=2.0, priority=0, max_tokens=6, ignore_eos=True))
+    scheduler.add_request(make_request("c", range(21, 24), arrival=3.0, priority=2, max_tokens=1))
+    for _ in range(3):
+        out = scheduler.schedule()
+        assert [s.request_id for s in out.sequences] == ["b", "a"] and out.preempted_ids == ()
+        scheduler.update(out, runner.execute(out))
+    out = scheduler.schedule()  # b's 9th token needs a third block; the pool has none left
+    assert out.preempted_ids == ("a",)
+    assert [s.request_id for s in out.sequences] == ["b"]
+    assert [r.request_id for r in scheduler.waiting] == ["a", "c"]
+    a = scheduler.requests["a"]
+    assert a.status is RequestStatus.PREEMPTED and a.num_computed_tokens == 0 and a.num_output_tokens == 3
+    scheduler.update(out, runner.execute(out))
+    outputs = run_all(scheduler, runner, check=check_pool)["outputs"]
+    assert a.output_token_ids == reference_output(range(1, 7), SamplingParams(max_tokens=6, ignore_eos=True))
+    assert outputs["c"] == reference_output(range(21, 24), SamplingParams(max_tokens=1))
+
+
+def test_priority_policy_schedules_running_requests_by_priority():
+    # "b" (higher priority) joins after "a"; when b's next block is missing it is a that goes,
+    # even though a, running longer, would come first in arrival order.
+    scheduler = make_scheduler(num_blocks=5, budget=16, max_num_seqs=4, policy="priority")
+    runner = PagedSimRunner(5)
+    scheduler.add_request(make_request("a", range(1, 7), arrival=1.0, priority=1, max_tokens=8, ignore_eos=True))
+    out = scheduler.schedule()
+    scheduler.update(out, runner.execute(out))
+    scheduler.add_request(make_request("b", range(11, 19), arrival=2.0, priority=0, max_tokens=4, ignore_eos=True))
+    out = scheduler.schedule()
+    assert [s.request_id for s in out.sequences] == ["a", "b"] and scheduler.kv.num_free_blocks == 0
+    scheduler.update(out, runner.execute(out))
+    out = scheduler.schedule()  # b's 9th token needs a third block
+    assert out.preempted_ids == ("a",) and [s.request_id for s in out.sequences] == ["b"]
+    a, b = scheduler.requests["a"], scheduler.requests["b"]
+    scheduler.update(out, runner.execute(out))
+    run_all(scheduler, runner, check=check_pool)
+    assert a.output_token_ids == reference_output(range(1, 7), SamplingParams(max_tokens=8, ignore_eos=True))
+    assert b.output_token_ids == reference_output(range(11, 19), SamplingParams(max_tokens=4, ignore_eos=True))
+    assert scheduler.num_preemptions == 1
+
+
+def test_priority_policy_children_inherit_the_parents_priority():
+    scheduler = make_scheduler(max_num_seqs=4, policy="priority")
+    scheduler.add_request(make_request("p", [1, 2, 3], priority=-4, n=2, max_tokens=2, ignore_eos=True))
+    out = scheduler.schedule()
+    assert out.sequences[0].fork_ids == ("p#1",)
+    scheduler.update(out, RunnerOutput({"p": 7, "p#1": 8}))  # the device samples each child's token
+    assert {r.request_id: r.priority for r in scheduler.running} == {"p": -4, "p#1": -4}
+
+
+def test_priority_needs_the_priority_policy():
+    scheduler = make_scheduler()
+    with pytest.raises(ValueError, match=r"priority=1 needs scheduling_policy='priority' \(this engine's is 'fcfs'\)"):
+        scheduler.add_request(make_request("x", [1, 2], priority=1))
+    with pytest.raises(ValueError, match="priority=0.5 must be an integer"):
+        make_scheduler(policy="priority").add_request(make_request("y", [1, 2], priority=0.5))
+    assert not scheduler.requests and not scheduler.waiting
+    with pytest.raises(ValueError, match=r"scheduling_policy='lifo' must be one of \('fcfs', 'priority'\)"):
+        make_scheduler(policy="lifo")
 
 
 def test_prefix_cache_hit_skips_computed_tokens_and_keeps_outputs_exact():

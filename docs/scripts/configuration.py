@@ -52,6 +52,10 @@ ENGINE_HELP = {
     "swap_space": "GiB of host memory for swapped-out blocks when `preemption_mode=\"swap\"`.",
     "preemption_mode": "`recompute`: a preempted request's blocks are freed and recomputed later; `swap`: "
                        "they are copied to host memory and back (recompute when swap space is full).",
+    "scheduling_policy": "`fcfs`: requests are admitted in arrival order; `priority`: by each request's "
+                         "`priority` (lower first, then arrival; `LLM.generate(priority=[...])`, "
+                         "`add_request(..., priority=)`, the server's `priority` field), and a preemption takes "
+                         "the running request with the largest. Under `fcfs` a non-zero priority is refused.",
     "seed": "Seed of the engine's sampling PRNG (requests without their own `seed`).",
     "async_scheduling": "Schedule and dispatch step k+1 before waiting for step k's sampled tokens; decode inputs "
     "are read on the device. Steps whose tokens the host needs first (penalties, `n > 1` forking, beam search) "

@@ -65,6 +65,7 @@ class _Add:
     params: SamplingParams
     stream: RequestStream
     accepted: asyncio.Future  # resolved with None, or failed with the reason the request was refused
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,9 @@ class AsyncLLMEngine:
         return self._thread.is_alive() and not self._stopping.is_set()
 
     async def add_request(self, request_id: str, prompt: str | list[int] | dict,
-                          params: SamplingParams) -> RequestStream:
-        """Queue a request; returns its stream once the engine accepted it.
+                          params: SamplingParams, priority: int = 0) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it (``priority``: see
+        :meth:`LLMEngine.add_request`).
 
         Raises:
             ValueError: the engine refused the request (invalid parameters, prompt too long).
@@ -128,7 +130,7 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop)
         accepted = loop.create_future()
-        self._send(_Add(request_id, prompt, params, stream, accepted))
+        self._send(_Add(request_id, prompt, params, stream, accepted, priority))
         try:
             await accepted
         except asyncio.CancelledError:
@@ -136,10 +138,10 @@ class AsyncLLMEngine:
             raise
         return stream
 
-    async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt: str | list[int] | dict,
+                       params: SamplingParams, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its outputs (as its params' ``output_kind`` asks); leaving early aborts it."""
-        stream = await self.add_request(request_id, prompt, params)
+        stream = await self.add_request(request_id, prompt, params, priority)
         try:
             async for output in stream:
                 yield output
@@ -205,7 +207,7 @@ class AsyncLLMEngine:
         if limit is not None and self.engine.stats.num_waiting >= limit:
             return EngineQueueFullError(f"the server is overloaded: {limit} requests are already waiting; retry later")
         try:
-            self.engine.add_request(command.request_id, command.prompt, command.params)
+            self.engine.add_request(command.request_id, command.prompt, command.params, priority=command.priority)
         except ValueError as exc:
             return exc
         return None

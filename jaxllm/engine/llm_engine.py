@@ -154,12 +154,16 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         *,
+        priority: int = 0,
         retain_blocks: bool = False,
     ) -> None:
         """Tokenize and queue a request; raises ValueError, queueing nothing, if it is invalid.
 
         ``prompt`` is text, token ids, or vLLM's ``TextPrompt`` / ``TokensPrompt`` dict (with an
         optional ``cache_salt``: only requests with the same salt share cached prefix blocks).
+
+        ``priority`` (``scheduling_policy="priority"`` only; lower is sooner) orders the waiting
+        queue and decides which running request is preempted first.
 
         ``retain_blocks`` keeps its KV blocks after it finishes, for :meth:`fork_request`, until
         :meth:`release_request` (beam search).
@@ -180,7 +184,7 @@ class LLMEngine:
             params = dataclasses.replace(params, max_tokens=max(1, max_model_len - len(token_ids)))
         arrival = time.time() if arrival_time is None else arrival_time
         request = Request(str(request_id), token_ids, params, arrival, retain_blocks=retain_blocks,
-                          cache_salt=cache_salt)
+                          cache_salt=cache_salt, priority=priority)
         self.scheduler.add_request(request)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         completions = {0: _Completion(request, detokenizer)}

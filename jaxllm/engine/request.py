@@ -66,6 +66,8 @@ class Request:
     # vLLM's cache_salt: mixed into the first block's hash, so that only requests with the same
     # salt share cached prefix blocks (tenants of one server cannot probe each other's prompts).
     cache_salt: str | None = None
+    # vLLM's request priority: lower values are scheduled first (scheduling_policy="priority").
+    priority: int = 0
     # Logprobs, when asked for: one entry per output token, and per prompt position (0 is None).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)

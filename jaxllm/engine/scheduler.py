@@ -4,7 +4,12 @@ Every step each scheduled request advances ``num_computed_tokens`` towards ``num
 tokens within one budget: a whole prompt, a chunk of one, or one decode token. Running requests go
 first, in order; then waiting ones, first come first served. When the pool runs out for a running
 request, the most recently arrived running request is preempted: its blocks are freed and it goes
-back to the front of the queue, to be recomputed from prompt + outputs later. With
+back to the front of the queue, to be recomputed from prompt + outputs later.
+
+``scheduling_policy="priority"`` (vLLM's): each request has an integer ``priority``, lower first.
+Waiting requests are admitted by (priority, arrival); running ones are scheduled in that order and
+the victim of a preemption is the running request with the largest key. As in vLLM, a waiting
+request never preempts running ones to get in: priority decides who goes next, not who leaves. With
 ``preemption_mode="swap"`` its computed blocks are first saved to host memory instead and copied
 back into fresh blocks when it is next at the head of the queue and they fit; when the swap space
 is full it falls back to recompute.
@@ -27,6 +32,7 @@ from jaxllm.config import CacheConfig, SchedulerConfig
 from jaxllm.engine.kv_cache_manager import NO_COMPUTED_BLOCKS, KVCacheManager
 from jaxllm.engine.messages import RunnerOutput, ScheduledSequence, SchedulerOutput
 from jaxllm.engine.request import Request, RequestStatus
+from jaxllm.engine.request_queue import RequestQueue
 from jaxllm.engine.swap_space import SwapSpace
 from jaxllm.engine.token_history import TokenHistories
 
@@ -84,11 +90,11 @@ class Scheduler:
         self._eos_tuple = tuple(eos_token_ids)
         self.kv = KVCacheManager(num_kv_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
         self._arrival_order: dict[str, int] = {}
+        self.waiting = RequestQueue(scheduler_config.scheduling_policy, self._priority_key)
         self._num_added = 0
         self._retained: dict[str, Request] = {}  # finished, blocks kept for forking (beam search)
         self._kv_waste_sum = 0.0  # per-step waste ratios, summed over steps that held blocks
@@ -107,7 +113,10 @@ class Scheduler:
         self.requests[request.request_id] = request
         self._arrival_order[request.request_id] = self._num_added
         self._num_added += 1
-        self.waiting.append(request)
+        self.waiting.push(request)
+
+    def _priority_key(self, request: Request) -> tuple[int, int]:
+        return request.priority, self._arrival_order[request.request_id]
 
     def _validate(self, request: Request) -> None:
         rid, params = request.request_id, request.sampling_params
@@ -115,6 +124,11 @@ class Scheduler:
             raise ValueError(f"request_id={rid!r} is already in use")
         if request.num_prompt_tokens == 0:
             raise ValueError(f"request {rid!r}: the prompt is empty")
+        if not isinstance(request.priority, int) or isinstance(request.priority, bool):
+            raise ValueError(f"request {rid!r}: priority={request.priority!r} must be an integer")
+        if request.priority != 0 and not self.waiting.by_priority:
+            raise ValueError(f"request {rid!r}: priority={request.priority} needs scheduling_policy='priority' "
+                             f"(this engine's is {self.config.scheduling_policy!r})")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"request {rid!r}: n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         total = request.num_prompt_tokens + params.max_tokens
@@ -169,12 +183,13 @@ class Scheduler:
             raise ValueError(f"request {child.request_id!r} does not extend the tokens of {parent_id!r}")
         self._validate(child)
         child.cache_salt = parent.cache_salt  # its blocks extend the parent's hash chain
+        child.priority = parent.priority
         self.kv.fork(parent, child)
         child.num_computed_tokens = parent.num_computed_tokens
         self.requests[child.request_id] = child
         self._arrival_order[child.request_id] = self._num_added
         self._num_added += 1
-        self.waiting.append(child)
+        self.waiting.push(child)
 
     def release(self, request_id: str) -> None:
         """Free the blocks of a finished request that kept them (``retain_blocks``)."""
@@ -225,6 +240,8 @@ class Scheduler:
         )
 
     def _schedule_running(self, step: _StepBuilder) -> None:
+        if self.waiting.by_priority:  # the budget and the pool go to the highest priority first
+            self.running.sort(key=self._priority_key)
         index = 0
         while index < len(self.running) and step.budget > 0:
             request = self.running[index]
@@ -246,6 +263,8 @@ class Scheduler:
 
     def _pick_victim(self, index: int) -> Request:
         # Requests before ``index`` are already in this step's batch and stay.
+        if self.waiting.by_priority:
+            return max(self.running[index:], key=self._priority_key)
         return max(self.running[index:], key=lambda r: (r.arrival_time, self._arrival_order[r.request_id]))
 
     def _preempt(self, request: Request, step: _StepBuilder) -> None:
@@ -256,7 +275,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.push_front(request)
         step.preempted_ids.append(request.request_id)
 
     def _swap_out(self, request: Request, step: _StepBuilder) -> bool:
@@ -277,15 +296,15 @@ class Scheduler:
         slots = self.swap_space.release(request.request_id)
         step.swap_in.extend(zip(slots, self.kv.swap_in(request, len(slots)), strict=True))
         allocation = self.kv.allocate_slots(request, num_new)  # fits: checked above, nothing shared
-        self.waiting.popleft()
+        self.waiting.pop()
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         step.add(self._sequence(request, num_new), allocation)
         return True
 
     def _schedule_waiting(self, step: _StepBuilder) -> None:
-        while self.waiting and step.budget > 0 and self._has_room_for(self.waiting[0]):
-            request = self.waiting[0]
+        while self.waiting and step.budget > 0 and self._has_room_for(self.waiting.peek()):
+            request = self.waiting.peek()
             if self.swap_space.holds(request.request_id):
                 if not self._swap_in(request, step):
                     return  # first come first served, as below
@@ -307,7 +326,7 @@ class Scheduler:
                 self.kv.free(holder)
                 holder.num_computed_tokens = 0  # recomputed from its tokens like a preempted request
                 continue
-            self.waiting.popleft()
+            self.waiting.pop()
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = computed.num_tokens
             request.num_computed_tokens = held + computed.num_tokens
@@ -405,7 +424,7 @@ class Scheduler:
         child_params = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + index)
         child = Request(child_id, parent.prompt_token_ids, child_params, parent.arrival_time,
                         parent_id=parent.request_id, completion_index=index, has_forked=True,
-                        cache_salt=parent.cache_salt)
+                        cache_salt=parent.cache_salt, priority=parent.priority)
         child.num_computed_tokens = parent.num_computed_tokens
         child.status = RequestStatus.RUNNING
         self.kv.fork(parent, child)
