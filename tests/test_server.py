@@ -4,6 +4,8 @@ driven with the official openai client and httpx."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.metadata
 import json
 import os
 import re
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -20,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import jaxllm
 from jaxllm.sampling_params import SamplingParams
 
 API_KEY = "sk-jaxllm-test"
@@ -73,13 +77,14 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
     raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def _serve(tmp_path_factory, *extra_args: str):
+    """A `jaxllm serve` subprocess with the module's limits (and ``extra_args``), stopped on exit."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "jaxllm.entrypoints.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--api-key", API_KEY, "--max-waiting-requests", str(MAX_WAITING), "--served-model-name", MODEL,
-           "--compilation-cache-dir", "/tmp/jaxllm-test-xla-cache", "--log-level", "warning", *LIMITS]
+           "--compilation-cache-dir", "/tmp/jaxllm-test-xla-cache", "--log-level", "warning", *LIMITS, *extra_args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -93,6 +98,12 @@ def server(tmp_path_factory):
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with _serve(tmp_path_factory) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +224,149 @@ def test_cache_salt_shares_prefix_blocks_only_within_a_salt(client, http):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_body={"cache_salt": ""})
     assert err.value.body["param"] == "cache_salt"
+
+
+BLOCK_SIZE = 16  # EngineArgs' default, which the servers here keep
+USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens"}
+# Prompts of several whole KV blocks whose first blocks differ, so neither shares a cached block with the other.
+# 53 tokens: a repeat finds its 3 whole blocks (48 tokens) cached.
+LONG_PROMPT = ("Prefix caching keeps every full block of sixteen prompt tokens in a table keyed by a hash of that "
+               "block and of all the blocks before it, so a later prompt that starts the same way skips computing "
+               "them again and goes straight on to the tokens that differ.")
+# 48 tokens, exactly 3 blocks: a repeat finds only 2 (32 tokens), as its last token is always recomputed.
+OTHER_PROMPT = ("Seven green lizards sat on a warm rock by the river, counting the boats that drifted past until the "
+                "sun went down behind the hills and the first stars came out over the quiet water, and then they all "
+                "went home to sleep until morning.")
+LONG_CHAT = [{"role": "user", "content": LONG_PROMPT}]
+
+
+def _sse_chunks(http: httpx.Client, path: str, body: dict) -> list[dict]:
+    response = http.post(path, json={**body, "stream": True})
+    assert response.status_code == 200, response.text
+    lines = [line for line in response.text.splitlines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def _cached_on_repeat(prompt_tokens: int) -> int:
+    """What a repeated prompt finds in the prefix cache: its whole blocks, except that the block holding its
+    last token is never taken (``KVCacheManager.get_computed_blocks`` recomputes that token to sample from)."""
+    return (prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE
+
+
+@pytest.fixture(scope="module")
+def details_http(tmp_path_factory):
+    """A second server, with --enable-prompt-tokens-details, --scheduling-policy priority and a
+    prefix cache of its own (empty: the test using it first sends the first prompt of >= 16 tokens)."""
+    with (_serve(tmp_path_factory, "--enable-prompt-tokens-details", "--scheduling-policy", "priority") as running,
+          httpx.Client(base_url=running["url"], headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c):
+        yield c
+
+
+def test_prompt_tokens_details_count_prefix_cache_hits(details_http):
+    http = details_http
+    body = {"max_tokens": 2, "temperature": 0, "ignore_eos": True}
+
+    def usage(path: str, **fields) -> dict:
+        response = http.post(path, json={**body, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]
+
+    first = usage("/v1/completions", prompt=LONG_PROMPT)
+    length = first["prompt_tokens"]
+    hit = _cached_on_repeat(length)
+    assert (length, hit) == (53, 48)
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}  # a fresh server: nothing cached yet
+    assert usage("/v1/completions", prompt=LONG_PROMPT)["prompt_tokens_details"] == {"cached_tokens": hit}
+    # The n choices share one prompt: counted once, as prompt_tokens counts it.
+    n2 = usage("/v1/completions", prompt=LONG_PROMPT, n=2)
+    assert n2["prompt_tokens"] == length and n2["prompt_tokens_details"] == {"cached_tokens": hit}
+    # Several prompts: summed over them, as prompt_tokens is; OTHER_PROMPT is new the first time.
+    both = usage("/v1/completions", prompt=[LONG_PROMPT, OTHER_PROMPT])
+    other_hit = _cached_on_repeat(both["prompt_tokens"] - length)
+    assert (both["prompt_tokens"] - length, other_hit) == (48, 32)
+    assert both["prompt_tokens_details"] == {"cached_tokens": hit}
+    again = usage("/v1/completions", prompt=[LONG_PROMPT, OTHER_PROMPT])
+    assert again["prompt_tokens_details"] == {"cached_tokens": hit + other_hit}
+
+    # Streams: every continuous-usage chunk carries its prompt's count, the final usage chunk the sum.
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = _sse_chunks(http, "/v1/completions", {**body, "prompt": [LONG_PROMPT, OTHER_PROMPT],
+                                                   "stream_options": options})
+    per_prompt = {0: hit, 1: other_hit}
+    assert len(chunks) > 2 and chunks[-1]["choices"] == []
+    for chunk in chunks[:-1]:
+        [choice] = chunk["choices"]
+        assert chunk["usage"]["prompt_tokens_details"] == {"cached_tokens": per_prompt[choice["index"]]}
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": hit + other_hit}
+    final_only = _sse_chunks(http, "/v1/completions", {**body, "prompt": LONG_PROMPT,
+                                                       "stream_options": {"include_usage": True}})
+    assert all(c["usage"] is None for c in final_only[:-1])
+    assert final_only[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": hit}
+
+    # Chat: the first conversation through the chat template finds nothing; its repeat, its whole blocks.
+    chat_first = usage("/v1/chat/completions", messages=LONG_CHAT)
+    chat_hit = _cached_on_repeat(chat_first["prompt_tokens"])
+    assert (chat_first["prompt_tokens"], chat_hit) == (83, 80)
+    assert chat_first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage("/v1/chat/completions", messages=LONG_CHAT)["prompt_tokens_details"] == {"cached_tokens": chat_hit}
+    chunks = _sse_chunks(http, "/v1/chat/completions", {**body, "messages": LONG_CHAT, "stream_options": options})
+    # The role chunk goes out before the engine has looked the prompt up: no count to give yet.
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and set(chunks[0]["usage"]) == USAGE_KEYS
+    assert all(c["usage"]["prompt_tokens_details"] == {"cached_tokens": chat_hit} for c in chunks[1:])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_priority_field_under_the_priority_policy(details_http):
+    # Priority only reorders the queue: any value gives the same greedy text. (The order itself is
+    # tested on the engine: tests/test_scheduler.py, tests/test_llm_engine_host.py.)
+    body = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    texts = []
+    for priority in (0, -3, 7):
+        response = details_http.post("/v1/completions", json={**body, "priority": priority})
+        assert response.status_code == 200, response.text
+        texts.append(response.json()["choices"][0]["text"])
+    assert texts[0] == texts[1] == texts[2] and len(texts[0]) > 0
+    response = details_http.post("/v1/completions", json={**body, "priority": "high"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "priority"
+
+
+def test_usage_has_no_prompt_tokens_details_without_the_flag(http):
+    """The flag is off by default: usage keeps its three keys, even when the prefix cache was hit."""
+    body = {"max_tokens": 2, "temperature": 0}
+    for path, fields in (("/v1/completions", {"prompt": LONG_PROMPT}), ("/v1/chat/completions", {"messages": CHAT})):
+        for _ in range(2):  # the repeat hits the prefix cache
+            response = http.post(path, json={**body, **fields})
+            assert response.status_code == 200, response.text
+            assert set(response.json()["usage"]) == USAGE_KEYS
+        options = {"include_usage": True, "continuous_usage_stats": True}
+        chunks = _sse_chunks(http, path, {**body, **fields, "stream_options": options})
+        assert chunks[-1]["choices"] == [] and all(set(c["usage"]) == USAGE_KEYS for c in chunks)
+
+
+def test_ping_and_version(server):
+    url = server["url"]
+    for response in (httpx.get(f"{url}/ping"), httpx.post(f"{url}/ping")):  # no API key needed, as /health
+        assert response.status_code == 200 and response.content == b""
+    response = httpx.get(f"{url}/version")
+    assert response.status_code == 200
+    assert response.json() == {"version": jaxllm.__version__} == {"version": importlib.metadata.version("jaxllm")}
+
+
+def test_ping_is_503_like_health_while_the_engine_is_down():
+    from fastapi.testclient import TestClient
+
+    from jaxllm.entrypoints.openai.api_server import build_app
+    from jaxllm.entrypoints.openai.metrics import ServerMetrics
+    from jaxllm.entrypoints.openai.serving_engine import ServedModel
+
+    engine = types.SimpleNamespace(is_running=False, tokenizer=None)  # the lifespan never runs: no `with`
+    app = build_app(engine, ServedModel(MODEL, MODEL, 256, 16), ServerMetrics(MODEL, lambda: None))
+    client = TestClient(app)
+    responses = [client.get("/health"), client.get("/ping"), client.post("/ping")]
+    assert [r.status_code for r in responses] == [503, 503, 503]
+    assert all(r.json()["error"]["type"] == "ServiceUnavailableError" for r in responses)
+    assert client.get("/version").json() == {"version": jaxllm.__version__}
 
 
 def test_unknown_request_fields_are_logged_as_ignored(client, server):
@@ -411,7 +565,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL], "tool_choice": "required"}, "tool_choice='required'"),
     ("/v1/chat/completions", {"messages": CHAT, "functions": [TOOL["function"]]}, "functions"),
     ("/v1/completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
-    ("/v1/completions", {"prompt": "x", "priority": 1}, "priority"),
+    ("/v1/completions", {"prompt": "x", "priority": 1}, "priority=1 needs the server started with --scheduling-policy"),
     ("/v1/completions", {"prompt": "x", "return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "not supported with stream"),
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs=21"),

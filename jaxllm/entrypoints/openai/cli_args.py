@@ -15,6 +15,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--served-model-name", default=None, help="the name clients use; default: the model")
     group.add_argument("--max-waiting-requests", type=int, default=None,
                        help="answer 503 while this many requests wait to be scheduled; default: unbounded")
+    group.add_argument("--enable-prompt-tokens-details", action="store_true",
+                       help="put prompt_tokens_details.cached_tokens (prompt tokens served from the prefix cache) "
+                            "in every response's usage")
     group.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
     group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

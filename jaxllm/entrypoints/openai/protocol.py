@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -95,6 +95,7 @@ class SamplingRequest(RequestModel):
     use_beam_search: bool = False
     logits_processors: list[Any] | None = None
     return_tokens_as_token_ids: bool = False
+    # vLLM's: lower is scheduled sooner; needs --scheduling-policy priority, else a non-zero one is a 400.
     priority: int = 0
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -110,7 +111,6 @@ class SamplingRequest(RequestModel):
             "use_beam_search": "use_beam_search is not supported by the server yet (LLM.beam_search has it)",
             "logits_processors": "logits_processors are not supported",
             "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported yet",
-            "priority": "priority needs priority scheduling, which the engine does not have (first come, first served)",
         }
         for name, message in refused.items():
             if getattr(self, name):
@@ -300,15 +300,31 @@ class ChatCompletionRequest(SamplingRequest):
         return top or 0
 
 
+class PromptTokenUsageInfo(OpenAIModel):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Only with ``--enable-prompt-tokens-details``; otherwise left out of the JSON altogether.
+    prompt_tokens_details: PromptTokenUsageInfo | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> UsageInfo:
+        """``cached_tokens``: None leaves ``prompt_tokens_details`` out."""
+        details = None if cached_tokens is None else PromptTokenUsageInfo(cached_tokens=cached_tokens)
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
+
+    @model_serializer(mode="wrap")
+    def _without_absent_details(self, handler):
+        # Without the flag the usage object keeps its three keys, as it had before the field existed.
+        data = handler(self)
+        if data.get("prompt_tokens_details") is None:
+            data.pop("prompt_tokens_details", None)
+        return data
 
 
 FinishReason = Literal["stop", "length", "abort"] | None

@@ -60,7 +60,7 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids = self.truncated(request, prompt_ids)
         params = self.sampling_params(request, prompt_ids)
         request_id = random_id("chatcmpl")
-        streams = await self.start([request_id], [prompt_ids], params, request.cache_salt)
+        streams = await self.start([request_id], [prompt_ids], params, request.cache_salt, request.priority)
         if request.stream:
             body = self._stream(request, request_id, merged_deltas(self.engine, streams, params.n), params.n,
                                 len(prompt_ids))
@@ -76,7 +76,8 @@ class OpenAIServingChat(OpenAIServing):
                        stop_reason=c.stop_reason)
             for c in output.outputs
         ]
-        usage = UsageInfo.of(len(output.prompt_token_ids), sum(len(c.token_ids) for c in output.outputs))
+        usage = self.usage(len(output.prompt_token_ids), sum(len(c.token_ids) for c in output.outputs),
+                           output.num_cached_tokens)
         prompt_logprobs = prompt_logprobs_body(output.prompt_logprobs) if request.prompt_logprobs is not None else None
         return ChatCompletionResponse(id=request_id, model=self.served.name, choices=choices, usage=usage,
                                       prompt_logprobs=prompt_logprobs)
@@ -90,17 +91,21 @@ class OpenAIServingChat(OpenAIServing):
     async def _stream(self, request: ChatCompletionRequest, request_id: str, deltas: AsyncIterator[Delta], n: int,
                       num_prompt_tokens: int) -> AsyncIterator[str]:
         num_tokens: dict[int, int] = {}  # choice -> generated tokens
+        cached_tokens = 0  # of the prompt, served from the prefix cache
         try:
             for index in range(n):  # OpenAI's first chunk of each choice carries the role alone
                 role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
-                yield sse(self._chunk(request_id, role, self._usage(request, num_prompt_tokens, 0)))
+                # Sent before the engine has scheduled the request: its cache hits are not known yet.
+                yield sse(self._chunk(request_id, role, self._usage(request, num_prompt_tokens, 0, None)))
             async for delta in deltas:
                 num_tokens[delta.index] = delta.num_tokens
+                cached_tokens = delta.num_cached_tokens
                 choice = self._stream_choice(request, delta)
                 if choice is not None:
-                    yield sse(self._chunk(request_id, choice, self._usage(request, num_prompt_tokens, delta.num_tokens)))
+                    usage = self._usage(request, num_prompt_tokens, delta.num_tokens, cached_tokens)
+                    yield sse(self._chunk(request_id, choice, usage))
             if request.include_usage:
-                usage = UsageInfo.of(num_prompt_tokens, sum(num_tokens.values()))
+                usage = self.usage(num_prompt_tokens, sum(num_tokens.values()), cached_tokens)
                 yield sse(ChatCompletionChunk(id=request_id, model=self.served.name, choices=[], usage=usage))
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error can only go in the stream
             yield sse(APIError(str(exc), status=500, type="InternalServerError").response_body())
@@ -119,7 +124,7 @@ class OpenAIServingChat(OpenAIServing):
     def _chunk(self, request_id: str, choice: ChatStreamChoice, usage: UsageInfo | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=request_id, model=self.served.name, choices=[choice], usage=usage)
 
-    @staticmethod
-    def _usage(request: ChatCompletionRequest, num_prompt_tokens: int, num_tokens: int) -> UsageInfo | None:
+    def _usage(self, request: ChatCompletionRequest, num_prompt_tokens: int, num_tokens: int,
+               cached_tokens: int | None) -> UsageInfo | None:
         """A chunk's usage under ``continuous_usage_stats``: its choice's tokens so far."""
-        return UsageInfo.of(num_prompt_tokens, num_tokens) if request.continuous_usage else None
+        return self.usage(num_prompt_tokens, num_tokens, cached_tokens) if request.continuous_usage else None

@@ -13,7 +13,6 @@ from jaxllm.entrypoints.openai.protocol import (
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
-    UsageInfo,
     random_id,
 )
 from jaxllm.entrypoints.openai.serving_engine import (
@@ -38,7 +37,7 @@ class OpenAIServingCompletion(OpenAIServing):
         params = self._params(request, prompts)
         base_id = random_id("cmpl")
         streams = await self.start([f"{base_id}-{i}" for i in range(len(prompts))], prompts, params,
-                                  request.cache_salt)
+                                  request.cache_salt, request.priority)
         if request.stream:
             body = self._stream(request, base_id, prompts, merged_deltas(self.engine, streams, params.n))
             return StreamingResponse(body, media_type="text/event-stream")
@@ -84,7 +83,9 @@ class OpenAIServingCompletion(OpenAIServing):
             for i, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)) for c in output.outputs
         ]
         completion_tokens = sum(len(c.token_ids) for output in outputs for c in output.outputs)
-        usage = UsageInfo.of(sum(len(ids) for ids in prompts), completion_tokens)
+        # Per prompt, as prompt_tokens: its n choices share one prompt (and its cached blocks).
+        cached_tokens = sum(output.num_cached_tokens for output in outputs)
+        usage = self.usage(sum(len(ids) for ids in prompts), completion_tokens, cached_tokens)
         return CompletionResponse(id=request_id, model=self.served.name, choices=choices, usage=usage)
 
     def _choice(self, request: CompletionRequest, index: int, prompt: list[int], prompt_logprobs: list | None,
@@ -114,18 +115,21 @@ class OpenAIServingCompletion(OpenAIServing):
     async def _stream(self, request: CompletionRequest, request_id: str, prompts: list[list[int]],
                       deltas: AsyncIterator[Delta]) -> AsyncIterator[str]:
         num_tokens: dict[int, int] = {}  # choice -> generated tokens
+        cached_tokens: dict[int, int] = {}  # prompt -> its tokens served from the prefix cache
         text_offsets: dict[int, int] = {}  # choice -> characters its logprobs' tokens covered so far
         try:
             async for delta in deltas:
                 first = delta.index not in num_tokens
                 num_tokens[delta.index] = delta.num_tokens
+                cached_tokens[delta.prompt_index] = delta.num_cached_tokens
                 choice = self._stream_choice(request, prompts, delta, first, text_offsets)
                 if choice is not None:
-                    usage = (UsageInfo.of(len(prompts[delta.prompt_index]), delta.num_tokens)
+                    usage = (self.usage(len(prompts[delta.prompt_index]), delta.num_tokens, delta.num_cached_tokens)
                              if request.continuous_usage else None)
                     yield sse(CompletionResponse(id=request_id, model=self.served.name, choices=[choice], usage=usage))
             if request.include_usage:
-                usage = UsageInfo.of(sum(len(ids) for ids in prompts), sum(num_tokens.values()))
+                usage = self.usage(sum(len(ids) for ids in prompts), sum(num_tokens.values()),
+                                   sum(cached_tokens.values()))
                 yield sse(CompletionResponse(id=request_id, model=self.served.name, choices=[], usage=usage))
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error can only go in the stream
             yield sse(APIError(str(exc), status=500, type="InternalServerError").response_body())

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from jaxllm.engine.async_engine import AsyncLLMEngine, RequestStream
-from jaxllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest
+from jaxllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest, UsageInfo
 from jaxllm.outputs import CompletionOutput, RequestOutput, WholeOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams, truncate_prompt
 
@@ -41,6 +41,7 @@ class ServedModel:
     root: str  # the checkpoint it was loaded from
     max_model_len: int
     max_num_seqs: int  # the n completions of a request run side by side, so n can be no larger
+    scheduling_policy: str = "fcfs"  # "priority": requests' ``priority`` field orders the queue
     # SamplingParams fields from the model's generation config, for requests that leave them out.
     sampling_defaults: dict = field(default_factory=dict)
 
@@ -58,6 +59,7 @@ class Delta:
     finish_reason: str | None
     stop_reason: int | str | None
     prompt_logprobs: list | None  # the request's, for echo
+    num_cached_tokens: int = 0  # of its prompt, served from the prefix cache
 
 
 class DeltaTracker:
@@ -74,9 +76,11 @@ class DeltaTracker:
         self._num_tokens: dict[int, int] = {}  # completion index -> tokens handed out
         self._finished: set[int] = set()
         self._prompt_logprobs: list | None = None  # all of the request's so far
+        self._num_cached_tokens = 0
 
     def deltas(self, output: RequestOutput) -> list[Delta]:
         """The choices that changed: new text or tokens, or a finish not yet reported."""
+        self._num_cached_tokens = output.num_cached_tokens
         if output.prompt_logprobs:
             self._prompt_logprobs = self._prompt_logprobs or []
             self._prompt_logprobs.extend(output.prompt_logprobs)
@@ -93,16 +97,24 @@ class DeltaTracker:
         self._num_tokens[i] = num_tokens
         return Delta(self.first_index + i, self.prompt_index, completion.text, completion.token_ids,
                      completion.logprobs, num_tokens, completion.finish_reason, completion.stop_reason,
-                     self._prompt_logprobs)
+                     self._prompt_logprobs, self._num_cached_tokens)
 
 
 class OpenAIServing:
     """Base of the completion and chat handlers."""
 
-    def __init__(self, engine: AsyncLLMEngine, served: ServedModel):
+    def __init__(self, engine: AsyncLLMEngine, served: ServedModel, enable_prompt_tokens_details: bool = False):
         self.engine = engine
         self.served = served
         self.tokenizer = engine.tokenizer
+        self.enable_prompt_tokens_details = enable_prompt_tokens_details
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> UsageInfo:
+        """A response's usage; ``prompt_tokens_details.cached_tokens`` only with
+        ``--enable-prompt-tokens-details`` and a known count (None: not scheduled yet)."""
+        if not self.enable_prompt_tokens_details:
+            cached_tokens = None
+        return UsageInfo.of(prompt_tokens, completion_tokens, cached_tokens)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served.name:
@@ -140,18 +152,22 @@ class OpenAIServing:
             raise APIError(str(exc)) from exc
         if params.n > self.served.max_num_seqs:  # the scheduler would never admit it
             raise APIError(f"n={params.n} must be <= max_num_seqs={self.served.max_num_seqs}", param="n")
+        if request.priority != 0 and self.served.scheduling_policy != "priority":
+            raise APIError(f"priority={request.priority} needs the server started with --scheduling-policy priority",
+                           param="priority")
         # Only what is new each step (DeltaTracker, WholeOutput): never the whole output so far.
         return dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
 
     async def start(self, request_ids: list[str], prompts: list[list[int]], params,
-                    cache_salt: str | None = None) -> list[RequestStream]:
+                    cache_salt: str | None = None, priority: int = 0) -> list[RequestStream]:
         """Add all requests or none: a refused one aborts those already added. ``cache_salt``:
-        vLLM's, only requests with the same salt share cached prefix blocks."""
+        vLLM's, only requests with the same salt share cached prefix blocks; ``priority``: lower
+        is scheduled sooner (``--scheduling-policy priority``)."""
         streams: list[RequestStream] = []
         try:
             for request_id, prompt in zip(request_ids, prompts, strict=True):
                 engine_prompt = prompt if cache_salt is None else {"prompt_token_ids": prompt, "cache_salt": cache_salt}
-                streams.append(await self.engine.add_request(request_id, engine_prompt, params))
+                streams.append(await self.engine.add_request(request_id, engine_prompt, params, priority))
         except BaseException:
             for stream in streams:
                 self.engine.abort(stream.request_id)
