@@ -256,9 +256,10 @@ def _cached_on_repeat(prompt_tokens: int) -> int:
 
 @pytest.fixture(scope="module")
 def details_http(tmp_path_factory):
-    """A second server, with --enable-prompt-tokens-details, --scheduling-policy priority and a
-    prefix cache of its own (empty: the test using it first sends the first prompt of >= 16 tokens)."""
-    with (_serve(tmp_path_factory, "--enable-prompt-tokens-details", "--scheduling-policy", "priority") as running,
+    """A second server, with --enable-prompt-tokens-details, --scheduling-policy priority,
+    --return-tokens-as-token-ids and a prefix cache of its own (empty: the test using it first sends the first prompt of >= 16 tokens)."""
+    with (_serve(tmp_path_factory, "--enable-prompt-tokens-details", "--scheduling-policy", "priority",
+                 "--return-tokens-as-token-ids") as running,
           httpx.Client(base_url=running["url"], headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c):
         yield c
 
@@ -315,6 +316,53 @@ def test_prompt_tokens_details_count_prefix_cache_hits(details_http):
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and set(chunks[0]["usage"]) == USAGE_KEYS
     assert all(c["usage"]["prompt_tokens_details"] == {"cached_tokens": chat_hit} for c in chunks[1:])
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+
+
+def _token_ids_shown(http: httpx.Client, tokens: list[str]) -> list[int]:
+    assert all(t.startswith("token_id:") for t in tokens), tokens
+    return [int(t.removeprefix("token_id:")) for t in tokens]
+
+
+def _as_ids_matches_text(http: httpx.Client, as_text: dict, as_ids: dict) -> None:
+    """Completions logprobs shown as "token_id:<id>" say what the same ones shown as text say."""
+    ids = _token_ids_shown(http, as_ids["tokens"])
+    texts = [http.post("/detokenize", json={"tokens": [i]}).json()["prompt"] for i in ids]
+    assert texts == as_text["tokens"]
+    assert as_ids["text_offset"] == as_text["text_offset"] and as_ids["token_logprobs"] == as_text["token_logprobs"]
+    for top_ids, top_text in zip(as_ids["top_logprobs"], as_text["top_logprobs"], strict=True):
+        assert list(top_ids.values()) == list(top_text.values())
+        keys = _token_ids_shown(http, list(top_ids))
+        assert [http.post("/detokenize", json={"tokens": [i]}).json()["prompt"] for i in keys] == list(top_text)
+
+
+def test_return_tokens_as_token_ids(http, details_http):
+    body = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 2,
+            "ignore_eos": True}
+    as_text = http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert as_text["tokens"] == PARIS_TOKENS
+    as_ids = http.post("/v1/completions", json={**body, "return_tokens_as_token_ids": True}).json()
+    _as_ids_matches_text(http, as_text, as_ids["choices"][0]["logprobs"])
+    # A stream: offsets continue across chunks from the tokens' text, not from "token_id:..".
+    chunks = _sse_chunks(http, "/v1/completions", {**body, "return_tokens_as_token_ids": True})
+    joined = {key: [x for c in chunks if c["choices"] for x in c["choices"][0]["logprobs"][key]]
+              for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert joined == as_ids["choices"][0]["logprobs"]
+    # The server's --return-tokens-as-token-ids is the default a request may override.
+    default = details_http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    _as_ids_matches_text(http, as_text, default)
+    off = details_http.post("/v1/completions", json={**body, "return_tokens_as_token_ids": False}).json()
+    assert off["choices"][0]["logprobs"] == as_text
+    chat = {"messages": CHAT, "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    content = http.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]
+    body = {**chat, "return_tokens_as_token_ids": True}
+    id_content = http.post("/v1/chat/completions", json=body).json()["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == CHAT_TOKENS[:4]
+    ids = _token_ids_shown(http, [c["token"] for c in id_content])
+    assert [http.post("/detokenize", json={"tokens": [i]}).json()["prompt"] for i in ids] == CHAT_TOKENS[:4]
+    for text_entry, id_entry in zip(content, id_content, strict=True):
+        assert (id_entry["logprob"], id_entry["bytes"]) == (text_entry["logprob"], text_entry["bytes"])
+        assert [t["logprob"] for t in id_entry["top_logprobs"]] == [t["logprob"] for t in text_entry["top_logprobs"]]
+        assert id_entry["top_logprobs"][0]["token"] == id_entry["token"]  # greedy
 
 
 def test_priority_field_under_the_priority_policy(details_http):
@@ -566,7 +614,6 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": CHAT, "functions": [TOOL["function"]]}, "functions"),
     ("/v1/completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
     ("/v1/completions", {"prompt": "x", "priority": 1}, "priority=1 needs the server started with --scheduling-policy"),
-    ("/v1/completions", {"prompt": "x", "return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "not supported with stream"),
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs=21"),
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": []}, "allowed_token_ids=[]"),

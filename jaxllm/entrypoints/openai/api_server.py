@@ -123,10 +123,9 @@ async def cancel_on_disconnect(request: Request, coro):
     return Response(status_code=499)  # nobody is listening any more
 
 
-def _add_openai_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel,
-                       enable_prompt_tokens_details: bool = False) -> None:
-    completions = OpenAIServingCompletion(engine, served, enable_prompt_tokens_details)
-    chat = OpenAIServingChat(engine, served, enable_prompt_tokens_details)
+def _add_openai_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel) -> None:
+    completions = OpenAIServingCompletion(engine, served)
+    chat = OpenAIServingChat(engine, served)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -182,9 +181,8 @@ def _add_utility_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedMode
 
 
 def build_app(engine: AsyncLLMEngine, served: ServedModel, metrics: ServerMetrics,
-              api_key: str | None = None, enable_prompt_tokens_details: bool = False) -> FastAPI:
-    """The app over an engine; the engine thread starts with the app and stops when it shuts down.
-    ``enable_prompt_tokens_details``: usage carries ``prompt_tokens_details.cached_tokens`` (vLLM's flag)."""
+              api_key: str | None = None) -> FastAPI:
+    """The app over an engine; the engine thread starts with the app and stops when it shuts down."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -196,7 +194,7 @@ def build_app(engine: AsyncLLMEngine, served: ServedModel, metrics: ServerMetric
     app = FastAPI(title="jaxllm", lifespan=lifespan)
     _add_error_handlers(app)
     _add_auth(app, api_key)
-    _add_openai_routes(app, engine, served, enable_prompt_tokens_details)
+    _add_openai_routes(app, engine, served)
     _add_utility_routes(app, engine, served, metrics)
     return app
 
@@ -210,6 +208,8 @@ def build_async_engine(args: argparse.Namespace) -> tuple[AsyncLLMEngine, Served
     served = ServedModel(name=name, root=engine_args.model or DEFAULT_MODEL_NAME,
                          max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
                          scheduling_policy=config.scheduling_policy,
+                         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+                         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                          sampling_defaults=engine_args.sampling_defaults())
     # The collector reads the stats the engine thread publishes, never the engine itself.
     holder: dict[str, AsyncLLMEngine] = {}
@@ -221,7 +221,7 @@ def build_async_engine(args: argparse.Namespace) -> tuple[AsyncLLMEngine, Served
 def run_server(args: argparse.Namespace) -> int:
     """Build the engine, then serve until SIGINT/SIGTERM (uvicorn lets in-flight requests finish)."""
     engine, served, metrics = build_async_engine(args)
-    app = build_app(engine, served, metrics, args.api_key, args.enable_prompt_tokens_details)
+    app = build_app(engine, served, metrics, args.api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout)
     logger.info("serving %s on http://%s:%d", served.name, args.host, args.port)

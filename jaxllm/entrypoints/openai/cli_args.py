@@ -18,6 +18,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-prompt-tokens-details", action="store_true",
                        help="put prompt_tokens_details.cached_tokens (prompt tokens served from the prefix cache) "
                             "in every response's usage")
+    group.add_argument("--return-tokens-as-token-ids", action="store_true",
+                       help="logprobs show tokens as 'token_id:<id>' (requests may say otherwise with "
+                            "return_tokens_as_token_ids)")
     group.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
     group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -94,7 +94,8 @@ class SamplingRequest(RequestModel):
     structured_outputs: dict[str, Any] | None = None
     use_beam_search: bool = False
     logits_processors: list[Any] | None = None
-    return_tokens_as_token_ids: bool = False
+    # vLLM's: logprobs show tokens as "token_id:<id>"; None: the server's --return-tokens-as-token-ids.
+    return_tokens_as_token_ids: bool | None = None
     # vLLM's: lower is scheduled sooner; needs --scheduling-policy priority, else a non-zero one is a 400.
     priority: int = 0
 
@@ -110,7 +111,6 @@ class SamplingRequest(RequestModel):
         refused = {
             "use_beam_search": "use_beam_search is not supported by the server yet (LLM.beam_search has it)",
             "logits_processors": "logits_processors are not supported",
-            "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported yet",
         }
         for name, message in refused.items():
             if getattr(self, name):

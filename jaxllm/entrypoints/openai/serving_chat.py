@@ -86,7 +86,7 @@ class OpenAIServingChat(OpenAIServing):
                   logprobs: list | None) -> ChatChoiceLogProbs | None:
         if not request.logprobs or logprobs is None:
             return None
-        return chat_logprobs(token_ids, logprobs, request.top_logprobs or 0, self.tokenizer)
+        return chat_logprobs(token_ids, logprobs, request.top_logprobs or 0, self.tokenizer, self.as_token_ids(request))
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, deltas: AsyncIterator[Delta], n: int,
                       num_prompt_tokens: int) -> AsyncIterator[str]:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
-from jaxllm.entrypoints.openai.logprobs import completion_logprobs, next_text_offset
+from jaxllm.entrypoints.openai.logprobs import completion_logprobs
 from jaxllm.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -106,10 +106,16 @@ class OpenAIServingCompletion(OpenAIServing):
         return self.tokenizer.decode(prompt) + text, [*prompt, *token_ids], logprobs
 
     def _logprobs(self, request: CompletionRequest, token_ids: list[int], logprobs: list | None,
-                  initial_offset: int = 0) -> CompletionLogProbs | None:
+                  text_offsets: dict[int, int] | None = None, index: int = 0) -> CompletionLogProbs | None:
+        """``text_offsets``: a stream's offset after each choice's tokens so far, advanced here."""
         if request.logprobs is None or logprobs is None:
             return None
-        return completion_logprobs(token_ids, logprobs, self.tokenizer, initial_offset)
+        offset = 0 if text_offsets is None else text_offsets.get(index, 0)
+        out, end = completion_logprobs(token_ids, logprobs, self.tokenizer, offset,
+                                       self.as_token_ids(request))
+        if text_offsets is not None:
+            text_offsets[index] = end
+        return out
 
     # -- streams ---------------------------------------------------------------------------------
     async def _stream(self, request: CompletionRequest, request_id: str, prompts: list[list[int]],
@@ -146,9 +152,6 @@ class OpenAIServingCompletion(OpenAIServing):
         carries_logprobs = request.logprobs is not None and token_ids
         if not text and delta.finish_reason is None and not carries_logprobs:
             return None
-        offset = text_offsets.get(delta.index, 0)
-        choice_logprobs = self._logprobs(request, token_ids, logprobs, offset)
-        if choice_logprobs is not None:
-            text_offsets[delta.index] = next_text_offset(choice_logprobs, offset)
+        choice_logprobs = self._logprobs(request, token_ids, logprobs, text_offsets, delta.index)
         return CompletionChoice(index=delta.index, text=text, logprobs=choice_logprobs,
                                 finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)

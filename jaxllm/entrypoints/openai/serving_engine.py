@@ -42,6 +42,10 @@ class ServedModel:
     max_model_len: int
     max_num_seqs: int  # the n completions of a request run side by side, so n can be no larger
     scheduling_policy: str = "fcfs"  # "priority": requests' ``priority`` field orders the queue
+    # How the server answers (vLLM's flags): usage.prompt_tokens_details.cached_tokens; logprobs'
+    # tokens as "token_id:<id>" for requests that do not say.
+    enable_prompt_tokens_details: bool = False
+    return_tokens_as_token_ids: bool = False
     # SamplingParams fields from the model's generation config, for requests that leave them out.
     sampling_defaults: dict = field(default_factory=dict)
 
@@ -103,18 +107,22 @@ class DeltaTracker:
 class OpenAIServing:
     """Base of the completion and chat handlers."""
 
-    def __init__(self, engine: AsyncLLMEngine, served: ServedModel, enable_prompt_tokens_details: bool = False):
+    def __init__(self, engine: AsyncLLMEngine, served: ServedModel):
         self.engine = engine
         self.served = served
         self.tokenizer = engine.tokenizer
-        self.enable_prompt_tokens_details = enable_prompt_tokens_details
 
     def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> UsageInfo:
         """A response's usage; ``prompt_tokens_details.cached_tokens`` only with
         ``--enable-prompt-tokens-details`` and a known count (None: not scheduled yet)."""
-        if not self.enable_prompt_tokens_details:
+        if not self.served.enable_prompt_tokens_details:
             cached_tokens = None
         return UsageInfo.of(prompt_tokens, completion_tokens, cached_tokens)
+
+    def as_token_ids(self, request: SamplingRequest) -> bool:
+        """Whether logprobs show tokens as ``"token_id:<id>"``: the request's choice, else the server's."""
+        chosen = request.return_tokens_as_token_ids
+        return self.served.return_tokens_as_token_ids if chosen is None else chosen
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served.name:
