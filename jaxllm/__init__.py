@@ -24,6 +24,8 @@ _EXPORTS = {
     "RequestOutput": "jaxllm.outputs",
     "SamplingParams": "jaxllm.sampling_params",
     "RequestOutputKind": "jaxllm.sampling_params",
+    "StructuredOutputsParams": "jaxllm.sampling_params",
+    "GuidedDecodingParams": "jaxllm.sampling_params",
     "TextPrompt": "jaxllm.inputs",
     "TokensPrompt": "jaxllm.inputs",
     "LLMEngine": "jaxllm.engine.llm_engine",

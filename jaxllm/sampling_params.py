@@ -19,6 +19,9 @@ from jaxllm.engine.messages import (
     MAX_LOGIT_BIAS,
     SamplingOptions,
 )
+from jaxllm.structured.params import GuidedDecodingParams, StructuredOutputsParams
+
+__all__ = ["GuidedDecodingParams", "RequestOutputKind", "SamplingParams", "StructuredOutputsParams"]
 
 # field -> the only value accepted until the feature exists.
 _UNSUPPORTED_UNLESS_NEUTRAL = {
@@ -96,6 +99,10 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     # Keep only the prompt's last k tokens (left truncation); -1: the last max_model_len tokens.
     truncate_prompt_tokens: int | None = None
+    # The output must match a regex, a JSON schema, any JSON object or one of some strings
+    # (jaxllm.structured); ``guided_decoding`` is vLLM's older name for the same thing.
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # bad_words as token id sequences, set by update_from_tokenizer (a field so that copies keep it).
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False, compare=False)
@@ -107,6 +114,7 @@ class SamplingParams:
         self._check_penalties()
         self.stop_token_ids = _as_int_list("stop_token_ids", self.stop_token_ids)
         self._check_allowed_token_ids()
+        self._check_structured_outputs()
         self._check_unsupported()
         self._check_logprobs()
         self._check_sampling()
@@ -122,6 +130,21 @@ class SamplingParams:
         for name, neutral in _UNSUPPORTED_UNLESS_NEUTRAL.items():
             if getattr(self, name) != neutral:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported yet; leave it at {neutral!r}")
+
+    def _check_structured_outputs(self) -> None:
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("give structured_outputs or guided_decoding (its older name), not both")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        value = self.structured_outputs
+        if isinstance(value, dict):
+            try:
+                value = StructuredOutputsParams(**value)
+            except TypeError as exc:
+                raise ValueError(f"structured_outputs={value!r}: {exc}") from exc
+        if value is not None and not isinstance(value, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs={value!r} must be a StructuredOutputsParams (or a dict of its fields)")
+        self.structured_outputs = value
 
     def _check_allowed_token_ids(self) -> None:
         if self.allowed_token_ids is None:

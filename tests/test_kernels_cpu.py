@@ -222,10 +222,10 @@ def test_one_block_bucket_compiles_one_program_per_token_bucket(tmp_path):
     llm = LLM(model, attention_backend="cpu", **limits)
     runner = llm.llm_engine.runner
     assert runner.buckets.token_buckets == (8, 16, 24, 32) and runner.buckets.block_buckets == (8,)
-    assert llm.llm_engine.stats.num_compiles == 4 + 1  # + the block copy
+    assert llm.llm_engine.stats.num_compiles == 4 + 2  # + the block copy and the mask-table write
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-    assert llm.llm_engine.stats.num_compiles == 5
+    assert llm.llm_engine.stats.num_compiles == 6
     xla = LLM(model, attention_backend="xla", **limits)
     assert xla.llm_engine.runner.buckets.block_buckets == (4, 8)
     expected = xla.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)

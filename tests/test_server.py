@@ -606,8 +606,15 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": CHAT, "top_p": 0}, "top_p"),
     # Known to vLLM, not built here: refused, never silently ignored.
-    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format type"),
-    ("/v1/completions", {"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "xml"}}, "response_format type 'xml'"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema"}}, "needs a 'json_schema'"),
+    ("/v1/completions", {"prompt": "x", "guided_grammar": "root ::= 'a'"}, "context-free grammars"),
+    ("/v1/completions", {"prompt": "x", "guided_regex": "a(?=b)"}, "guided_regex: regex 'a(?=b)': lookaround"),
+    ("/v1/completions", {"prompt": "x", "guided_choice": []}, "non-empty list"),
+    ("/v1/completions", {"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, "give one structured-output"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regexp": "a"}}, "unexpected keyword"),
+    ("/v1/completions", {"prompt": "x", "guided_json": {"type": "object", "patternProperties": {}}},
+     "patternProperties"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix is not supported yet"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL]}, "tool_choice='auto' is not supported"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL], "tool_choice": "required"}, "tool_choice='required'"),
@@ -706,6 +713,34 @@ def test_generation_config_defaults_fill_only_what_a_request_leaves_out():
     # Completions default to OpenAI's max_tokens=16, which the generation config does not change.
     assert CompletionRequest(prompt="x").to_sampling_params(100, defaults).max_tokens == 16
     assert ChatCompletionRequest(messages=CHAT).to_sampling_params(100).temperature == 1.0
+
+
+def test_structured_outputs_through_each_field(client, http):
+    import jsonschema
+
+    ask = [{"role": "user", "content": "Is Paris in France? Answer yes or no."}]
+    chat = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=5, temperature=0,
+                                          extra_body={"guided_choice": ["yes", "no"]})
+    assert chat.choices[0].message.content in ("yes", "no") and chat.choices[0].finish_reason == "stop"
+    body = {"prompt": "My phone number is", "max_tokens": 16, "temperature": 0}
+    for fields in ({"guided_regex": r" \d{3}-\d{4}"}, {"structured_outputs": {"regex": r" \d{3}-\d{4}"}}):
+        text = http.post("/v1/completions", json={**body, **fields}).json()["choices"][0]["text"]
+        assert re.fullmatch(r" \d{3}-\d{4}", text), text
+    chunks = _sse_chunks(http, "/v1/completions", {**body, "guided_regex": r" \d{3}-\d{4}"})
+    assert re.fullmatch(r" \d{3}-\d{4}", "".join(c["choices"][0]["text"] for c in chunks if c["choices"]))
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "country": {"type": "string", "enum": ["France", "Italy"]}},
+              "required": ["city", "country"]}
+    ask = [{"role": "user", "content": "Name a city in France as JSON."}]
+    answer = client.chat.completions.create(
+        model=MODEL, messages=ask, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
+    free = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=60, temperature=0,
+                                          response_format={"type": "json_object"})
+    assert isinstance(json.loads(free.choices[0].message.content), dict)
+    error = http.post("/v1/completions", json={**body, "guided_regex": "a(?=b)"}).json()["error"]
+    assert error["param"] == "guided_regex"
 
 
 def test_tools_with_tool_choice_none_and_text_response_format_are_served(http):

@@ -97,6 +97,10 @@ SAMPLING_HELP = {
     "logit_bias": "Token id -> bias added to its logit, clamped to [-100, 100].",
     "allowed_token_ids": "Only these token ids can be generated (at most 300); None: any.",
     "truncate_prompt_tokens": "Keep only the prompt's last k tokens; -1: the last `max_model_len`.",
+    "structured_outputs": "`StructuredOutputsParams(json=SCHEMA | regex=... | choice=[...] | json_object=True)`: "
+                          "the whole output matches it (`jaxllm.structured`; tokens outside the pattern are masked "
+                          "on the device). A dict of its fields also works. `grammar` is refused.",
+    "guided_decoding": "vLLM's older name for `structured_outputs` (`GuidedDecodingParams` is the same class).",
     "output_kind": "What `LLMEngine.step` returns: CUMULATIVE (all so far), DELTA (only the new part) or "
                    "FINAL_ONLY (nothing until the end).",
 }

@@ -17,6 +17,7 @@ from jaxllm.engine.scheduler import RequestUpdate, Scheduler
 from jaxllm.inputs import PromptType, prompt_cache_salt, prompt_input
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, WholeOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+from jaxllm.structured.token_masks import TokenDFACache, TokenMatcher
 
 if TYPE_CHECKING:
     from jaxllm.engine_args import EngineArgs
@@ -135,6 +136,7 @@ class LLMEngine:
         self.async_scheduling = async_scheduling and hasattr(runner, "dispatch")
         self._in_flight: tuple[SchedulerOutput, object] | None = None  # dispatched, not yet resolved
         self.num_overlapped_steps = 0  # steps dispatched while the previous one was in flight
+        self._token_dfas: TokenDFACache | None = None  # structured outputs' compiled patterns
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
@@ -184,12 +186,28 @@ class LLMEngine:
             params = dataclasses.replace(params, max_tokens=max(1, max_model_len - len(token_ids)))
         arrival = time.time() if arrival_time is None else arrival_time
         request = Request(str(request_id), token_ids, params, arrival, retain_blocks=retain_blocks,
-                          cache_salt=cache_salt, priority=priority)
+                          cache_salt=cache_salt, priority=priority, matcher=self._matcher(params))
         self.scheduler.add_request(request)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         completions = {0: _Completion(request, detokenizer)}
         self._tracked[request.request_id] = _Tracked(request, prompt_text, RequestMetrics(arrival), completions)
         self._num_prompt_tokens += len(token_ids)
+
+    def _matcher(self, params: SamplingParams) -> TokenMatcher | None:
+        """The start of a structured-output request's pattern (compiled once per pattern)."""
+        wanted = params.structured_outputs
+        if wanted is None:
+            return None
+        if self._token_dfas is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs need a tokenizer; this engine takes token ids only")
+            vocab_size = self.vocab_size or len(self.tokenizer)
+            eos = tuple(sorted(self.scheduler.eos_token_ids))
+            self._token_dfas = TokenDFACache(self.tokenizer, vocab_size, eos)
+        try:
+            return TokenMatcher(self._token_dfas.get(wanted.pattern()))
+        except ValueError as exc:
+            raise ValueError(f"structured_outputs ({wanted.kind}): {exc}") from exc
 
     def fork_request(self, parent_id: str, request_id: str, token_ids: list[int], params: SamplingParams) -> None:
         """Queue ``token_ids``, which extend the retained request ``parent_id``'s computed tokens,

@@ -70,6 +70,9 @@ class ScheduledSequence:
     fork_ids: tuple[str, ...] = ()
     # Prompt + output ids so far (read-only int32), only when ``sampling.needs_token_history``.
     token_history: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # Structured outputs: (TokenDFA, state) whose mask of allowed next tokens applies to this
+    # sequence's samples (see jaxllm.structured.token_masks); None: any token.
+    token_mask_key: Any = field(default=None, compare=False, repr=False)
     # The scheduler's own Request (host only): a step's results apply to the request it scheduled,
     # not to a later one that reuses the id. The runner ignores it.
     request: Any = field(default=None, compare=False, repr=False)

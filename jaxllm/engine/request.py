@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from jaxllm.engine.messages import TokenLogprobs
 from jaxllm.sampling_params import SamplingParams
@@ -68,6 +69,9 @@ class Request:
     cache_salt: str | None = None
     # vLLM's request priority: lower values are scheduled first (scheduling_policy="priority").
     priority: int = 0
+    # Structured outputs: where the outputs so far stand in the request's pattern (a
+    # jaxllm.structured.token_masks.TokenMatcher), advanced by each sampled token; None: free text.
+    matcher: Any = None
     # Logprobs, when asked for: one entry per output token, and per prompt position (0 is None).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)

@@ -361,6 +361,7 @@ class Scheduler:
             following_token_id=request.token_ids_in(stop, stop + 1)[0] if stop < request.num_tokens else None,
             fork_ids=self._fork_ids(request) if sample else (),
             token_history=self._histories.view(request) if sample and options.needs_token_history else None,
+            token_mask_key=request.matcher.key if sample and request.matcher is not None else None,
             request=request,
         )
 
@@ -392,9 +393,10 @@ class Scheduler:
     def can_overlap(self, scheduler_output: SchedulerOutput) -> bool:
         """Whether the next step may be scheduled before this one's sampled tokens are known:
         not when they are needed on the host first (token histories for penalties, forking
-        parallel samples, beam search's retained requests)."""
+        parallel samples, beam search's retained requests, structured outputs' next masks)."""
         for seq in scheduler_output.sequences:
-            if seq.sample and (seq.fork_ids or seq.sampling.needs_token_history or seq.request.retain_blocks):
+            needs_host = seq.sampling.needs_token_history or seq.token_mask_key is not None
+            if seq.sample and (seq.fork_ids or needs_host or seq.request.retain_blocks):
                 return False
         return True
 
@@ -424,7 +426,8 @@ class Scheduler:
         child_params = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + index)
         child = Request(child_id, parent.prompt_token_ids, child_params, parent.arrival_time,
                         parent_id=parent.request_id, completion_index=index, has_forked=True,
-                        cache_salt=parent.cache_salt, priority=parent.priority)
+                        cache_salt=parent.cache_salt, priority=parent.priority,
+                        matcher=None if parent.matcher is None else parent.matcher.copy())
         child.num_computed_tokens = parent.num_computed_tokens
         child.status = RequestStatus.RUNNING
         self.kv.fork(parent, child)
@@ -465,6 +468,8 @@ class Scheduler:
             outputs[-1] = int(token)
         else:
             outputs.append(int(token))
+        if request.matcher is not None:
+            request.matcher.advance(int(token))
         token_logprobs = runner_output.logprobs.get(request.request_id)
         if token_logprobs is not None:
             request.output_logprobs.append(token_logprobs)

@@ -106,12 +106,14 @@ def build_batch(
     vocab_size: int,
     shape: tuple[int, int] | None = None,
     prev_rows: dict[str, int] | None = None,
+    mask_slots: dict[str, int] | None = None,
 ) -> StepBatch:
     """Pad and flatten ``sched`` into numpy arrays; unseeded rows draw a seed from ``rng``.
 
     ``shape`` forces the (T, B) bucket (warm-up); by default the smallest that fits is used.
     ``prev_rows`` maps sample ids of the previous step to their sampling rows: a negative token id
-    (a placeholder) is read on the device from that step's output instead.
+    (a placeholder) is read on the device from that step's output instead. ``mask_slots`` maps
+    request ids to the mask-table row that limits their samples (structured outputs).
     """
     seqs = sched.sequences
     rows = sample_rows(sched)
@@ -156,7 +158,7 @@ def build_batch(
     logits_indices = np.zeros(S, np.int32)
     logits_indices[: len(rows)] = [last_index[r.sequence.request_id] for r in rows]
     return StepBatch(
-        token_ids, md, logits_indices, _sampling_tensors(rows, S, vocab_size, rng, B * block_size),
+        token_ids, md, logits_indices, _sampling_tensors(rows, S, vocab_size, rng, B * block_size, mask_slots or {}),
         want_logprobs=np.array(any(r.sequence.logprobs is not None for r in rows)),
         want_prompt_logprobs=np.array(any(s.prompt_logprobs is not None for s in seqs)),
         next_token_ids=next_ids,
@@ -166,7 +168,8 @@ def build_batch(
 
 
 def _sampling_tensors(
-    rows: list[SampleRow], S: int, vocab_size: int, rng: np.random.Generator, history_width: int
+    rows: list[SampleRow], S: int, vocab_size: int, rng: np.random.Generator, history_width: int,
+    mask_slots: dict[str, int],
 ) -> SamplingTensors:
     temperature = np.zeros(S, np.float32)
     top_k = np.zeros(S, np.int32)
@@ -175,7 +178,9 @@ def _sampling_tensors(
     seeds = np.zeros(S, np.uint32)
     steps = np.zeros(S, np.int32)
     banned = np.full((S, MAX_BANNED_IDS), vocab_size, np.int32)  # vocab_size: out of range, dropped
+    mask_rows = np.full(S, -1, np.int32)
     for i, row in enumerate(rows):
+        mask_rows[i] = mask_slots.get(row.sequence.request_id, -1)
         s, o = row.sequence, row.sequence.sampling
         temperature[i], top_k[i], top_p[i], min_p[i] = o.temperature, max(o.top_k, 0), o.top_p, o.min_p
         seeds[i] = (o.seed + row.fork_index if o.seed is not None else rng.integers(2**32)) % 2**32
@@ -186,4 +191,4 @@ def _sampling_tensors(
                 raise ValueError(f"at most {MAX_BANNED_IDS} eos/stop_token_ids can be held back by min_tokens")
             banned[i, : len(ids)] = ids
     penalties = penalty_tensors([r.sequence for r in rows], S, history_width, vocab_size)
-    return SamplingTensors(temperature, top_k, top_p, min_p, seeds, steps, banned, penalties)
+    return SamplingTensors(temperature, top_k, top_p, min_p, seeds, steps, banned, penalties, mask_rows)

@@ -27,6 +27,7 @@ from jaxllm.models.layers import pack_params
 from jaxllm.runner import kv_pool
 from jaxllm.runner.batch import Buckets, SampleRow, StepBatch, build_batch, sample_rows
 from jaxllm.runner.logprobs import host_prompt_logprobs, host_sample_logprobs, logprobs_if, prompt_logprobs_if
+from jaxllm.runner.mask_table import DeviceMaskTable
 from jaxllm.runner.sampler import sample
 from jaxllm.runner.swap import HostSwapSpace, num_swap_slots
 
@@ -35,15 +36,17 @@ logger = logging.getLogger("jaxllm")
 _COPY_SLOTS = 64  # block copies per call, padded with the null block copying onto itself
 
 
-def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, *, cfg: ModelConfig, attend: AttentionFn):
+def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, mask_table, *, cfg: ModelConfig, attend: AttentionFn):
     """One engine step. ``prev_tokens`` [max_num_seqs] are the previous step's sampled tokens, still
     on the device: positions with ``feed_rows >= 0`` take their input from there. The sampled
-    tokens come back padded to the same fixed length, to feed the next step."""
+    tokens come back padded to the same fixed length, to feed the next step. ``mask_table``:
+    structured outputs' allowed-token bitmasks (``DeviceMaskTable``), indexed by
+    ``batch.sampling.mask_rows``."""
     model = model_module(cfg)
     token_ids = jnp.where(batch.feed_rows >= 0, prev_tokens[jnp.maximum(batch.feed_rows, 0)], batch.token_ids)
     hidden, kv = model.forward(params, cfg, kv, token_ids, batch.md, attend)
     logits = model.logits(params, cfg, hidden[batch.logits_indices], batch.num_rows)
-    tokens = sample(logits, batch.sampling)
+    tokens = sample(logits, batch.sampling, mask_table)
     sample_lp = logprobs_if(batch.want_logprobs, logits, tokens)
     logits_fn = functools.partial(model.logits, params, cfg)
     prompt_lp = prompt_logprobs_if(batch.want_prompt_logprobs, logits_fn, hidden, batch.next_token_ids)
@@ -99,6 +102,8 @@ class ModelRunner:
         self.kv = kv_pool.allocate(cfg, self.num_blocks, cache.block_size, self.kv_dtype)
         self.num_swap_blocks = num_swap_slots(cache, cfg, self.kv_dtype)
         self._swap = HostSwapSpace(self.kv, self.num_swap_blocks) if self.num_swap_blocks else None
+        # Each step's rows refer to at most max_num_seqs masks; twice that keeps recent ones.
+        self.masks = DeviceMaskTable(cfg.vocab_size, capacity=2 * sched.max_num_seqs)
 
     # -- set-up --------------------------------------------------------------------------------
     def _size_pool(self, max_model_len: int) -> int:
@@ -114,7 +119,8 @@ class ModelRunner:
         """Scratch memory of the largest bucket, compiled against a 2-block pool."""
         T, B = self.buckets.token_buckets[-1], self.buckets.block_buckets[-1]
         kv = jax.eval_shape(lambda: kv_pool.allocate(self.cfg, 2, self.cache.block_size, self.kv_dtype))
-        compiled = self._jit_step.lower(self.params, kv, self._dummy_batch(T, B), self._no_tokens).compile()
+        compiled = self._jit_step.lower(self.params, kv, self._dummy_batch(T, B), self._no_tokens,
+                                        self.masks.table).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     def _dummy_batch(self, T: int, B: int) -> StepBatch:
@@ -133,14 +139,15 @@ class ModelRunner:
         self.num_compiles += len(compiled)
         pad = jnp.zeros(_COPY_SLOTS, jnp.int32)
         self.kv = self._jit_copy(self.kv, pad, pad)  # its one fixed shape, compiled here
-        self.num_compiles += 1
+        self.masks.warmup()  # the mask table's row write: one fixed shape too
+        self.num_compiles += 2
         if self._swap is not None:
             self.kv = self._swap.warmup(self.kv)  # swap-out and swap-in: one fixed shape each
             self.num_compiles += 2
         logger.info("warm-up: %d programs compiled in %.1f s", self.num_compiles, time.perf_counter() - start)
 
     def _lower(self, T: int, B: int):
-        return self._jit_step.lower(self.params, self.kv, self._dummy_batch(T, B), self._no_tokens)
+        return self._jit_step.lower(self.params, self.kv, self._dummy_batch(T, B), self._no_tokens, self.masks.table)
 
     def _executable(self, T: int, B: int):
         if (T, B) not in self._compiled:
@@ -167,10 +174,11 @@ class ModelRunner:
             return InFlightStep(sched)
         prev_rows = prev.row_of if prev is not None and prev.tokens is not None else None
         batch = build_batch(sched, self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size,
-                            prev_rows=prev_rows)
+                            prev_rows=prev_rows, mask_slots=self.masks.rows_for(sched))
         T, B = batch.token_ids.shape[0], batch.md.block_tables.shape[1]
         prev_tokens = self._no_tokens if prev_rows is None else prev.tokens
-        (tokens, sample_lp, prompt_lp), self.kv = self._executable(T, B)(self.params, self.kv, batch, prev_tokens)
+        (tokens, sample_lp, prompt_lp), self.kv = self._executable(T, B)(self.params, self.kv, batch, prev_tokens,
+                                                                         self.masks.table)
         return InFlightStep(sched, sample_rows(sched), tokens, sample_lp, prompt_lp,
                             bool(batch.want_logprobs), bool(batch.want_prompt_logprobs))
 

@@ -31,6 +31,8 @@ class SamplingTensors:
     # stop tokens); padded with vocab_size, which is out of range and dropped.
     banned: jax.Array
     penalties: PenaltyTensors | None = None  # None: no penalty, bias or bad word in this program
+    # [S] int32: the row of the mask table (structured outputs) that limits each row's tokens; -1 none.
+    mask_rows: jax.Array | None = None
 
 
 _BISECT_STEPS = 32  # halvings of the logit range: far below float32 spacing at logit scale
@@ -143,9 +145,22 @@ def _draw(logits, st: SamplingTensors):
     return categorical(keys, scaled)
 
 
-def sample(logits: jax.Array, st: SamplingTensors) -> jax.Array:
-    """logits [S, V] float32 -> token ids [S] int32."""
+def apply_token_masks(logits: jax.Array, mask_rows: jax.Array, table: jax.Array) -> jax.Array:
+    """-inf for the tokens a row's mask does not allow. ``table`` [M, ceil(V / 32)] uint32 holds
+    allowed-token bitmasks (bit i % 32 of word i // 32); ``mask_rows`` [S] picks one per row, -1: none."""
+    S, V = logits.shape
+    words = table[jnp.maximum(mask_rows, 0)]
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+    allowed = bits.reshape(S, -1)[:, :V] != 0
+    return jnp.where((mask_rows[:, None] < 0) | allowed, logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, st: SamplingTensors, mask_table: jax.Array | None = None) -> jax.Array:
+    """logits [S, V] float32 -> token ids [S] int32 (``mask_table``: see :func:`apply_token_masks`)."""
     rows = jnp.arange(logits.shape[0])[:, None]
+    if mask_table is not None and st.mask_rows is not None:
+        logits = jax.lax.cond(jnp.any(st.mask_rows >= 0), apply_token_masks, lambda x, *_: x,
+                              logits, st.mask_rows, mask_table)
     if st.penalties is not None:
         logits = apply_penalties(logits, st.penalties)
     logits = logits.at[rows, st.banned].set(-jnp.inf, mode="drop")

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 
 _INT32_MAX = 2**31 - 1
 
@@ -37,6 +37,21 @@ class RequestModel(OpenAIModel):
 
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or ())
+
+
+def _response_format_params(response_format: dict[str, Any], whitespace: dict) -> StructuredOutputsParams | None:
+    """OpenAI's ``response_format``: text (no constraint), json_object or json_schema."""
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True, **whitespace)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise ValueError("response_format json_schema needs a 'json_schema' object with a 'schema'")
+        return StructuredOutputsParams(json=spec["schema"], **whitespace)
+    raise ValueError(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'")
 
 
 class ErrorInfo(OpenAIModel):
@@ -85,13 +100,16 @@ class SamplingRequest(RequestModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Fields vLLM honours that this engine cannot yet: refused (see ``unsupported``), never ignored.
+    # Structured outputs (see structured_outputs_params): OpenAI's response_format, vLLM's
+    # structured_outputs and its older guided_* fields. One of them per request.
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    structured_outputs: dict[str, Any] | None = None
+    guided_whitespace_pattern: str | None = None
+    # Fields vLLM honours that this engine cannot yet: refused (see ``unsupported``), never ignored.
     use_beam_search: bool = False
     logits_processors: list[Any] | None = None
     # vLLM's: logprobs show tokens as "token_id:<id>"; None: the server's --return-tokens-as-token-ids.
@@ -99,15 +117,30 @@ class SamplingRequest(RequestModel):
     # vLLM's: lower is scheduled sooner; needs --scheduling-policy priority, else a non-zero one is a 400.
     priority: int = 0
 
+    def structured_outputs_params(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The request's structured-output constraint and the field that gave it; ValueError
+        names a malformed one, or two fields asking at once."""
+        found: list[tuple[StructuredOutputsParams, str]] = []
+        whitespace = {"whitespace_pattern": self.guided_whitespace_pattern} if self.guided_whitespace_pattern else {}
+        if self.response_format is not None:
+            params = _response_format_params(self.response_format, whitespace)
+            if params is not None:
+                found.append((params, "response_format"))
+        if self.structured_outputs is not None:
+            try:
+                found.append((StructuredOutputsParams(**self.structured_outputs), "structured_outputs"))
+            except TypeError as exc:
+                raise ValueError(f"structured_outputs: {exc}") from exc
+        guided = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+        for name, kind in guided.items():
+            if getattr(self, name) is not None:
+                found.append((StructuredOutputsParams(**{kind: getattr(self, name)}, **whitespace), name))
+        if len(found) > 1:
+            raise ValueError(f"give one structured-output field, not {[name for _, name in found]}")
+        return found[0] if found else (None, None)
+
     def unsupported(self) -> tuple[str, str] | None:
         """(message, field) when the request asks for a feature the engine does not have yet."""
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            return (f"response_format type {kind!r} (structured output) is not supported yet; only 'text'",
-                    "response_format")
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
-            if getattr(self, name) is not None:
-                return f"{name} (structured output) is not supported yet", name
         refused = {
             "use_beam_search": "use_beam_search is not supported by the server yet (LLM.beam_search has it)",
             "logits_processors": "logits_processors are not supported",
@@ -144,8 +177,10 @@ class SamplingRequest(RequestModel):
             "repetition_penalty": self.repetition_penalty,
         }
         optional = {name: defaults.get(name) if value is None else value for name, value in optional.items()}
+        structured, _ = self.structured_outputs_params()
         return SamplingParams(
             n=self.n,
+            structured_outputs=structured,
             best_of=self.best_of,
             seed=self.seed,
             stop=self.stop,

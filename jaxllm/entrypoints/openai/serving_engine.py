@@ -15,6 +15,7 @@ from jaxllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from jaxllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest, UsageInfo
 from jaxllm.outputs import CompletionOutput, RequestOutput, WholeOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams, truncate_prompt
+from jaxllm.structured.regex import compile_regex
 
 logger = logging.getLogger("jaxllm")
 
@@ -137,6 +138,25 @@ class OpenAIServing:
         if found is not None:
             message, param = found
             raise APIError(message, param=param)
+        self._check_structured_outputs(request)
+
+    @staticmethod
+    def _check_structured_outputs(request: SamplingRequest) -> None:
+        """A 400 naming the field for a structured-output constraint the engine would refuse (an
+        unsupported schema keyword or regex construct), before anything is queued. The compiled
+        automaton is cached, so the engine does not compile it again."""
+        fields = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                  "guided_grammar", "guided_whitespace_pattern")
+        try:
+            params, field = request.structured_outputs_params()
+        except ValueError as exc:
+            raise APIError(str(exc), param=next((f for f in fields if getattr(request, f) is not None), None)) from exc
+        if params is None:
+            return
+        try:
+            compile_regex(params.pattern())
+        except ValueError as exc:
+            raise APIError(f"{field}: {exc}", param=field) from exc
 
     def truncated(self, request: SamplingRequest, prompt_ids: list[int]) -> list[int]:
         """The prompt's ids after ``truncate_prompt_tokens`` (vLLM's left truncation)."""

@@ -1,0 +1,84 @@
+"""vLLM's ``StructuredOutputsParams`` (formerly ``GuidedDecodingParams``): what a request's output
+must match. Every kind becomes one regular expression (:meth:`StructuredOutputsParams.pattern`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from jaxllm.structured.regex import literal
+
+_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+DEFAULT_WHITESPACE = "[ ]?"  # one optional space after ':' and ',' in generated JSON
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Exactly one of ``json`` (a JSON schema: dict, JSON text or a pydantic model class),
+    ``regex``, ``choice`` (a list of strings), ``json_object`` (True: any JSON object) or
+    ``grammar`` (refused: context-free grammars are not supported).
+
+    In generated JSON, ``whitespace_pattern`` (a regex; default one optional space) may follow each
+    ':' and ',' and nothing else adds whitespace; ``disable_any_whitespace`` allows none.
+    """
+
+    json: Any = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self):
+        given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of {list(_KINDS)}; got {given or 'none'}")
+        if self.grammar is not None:
+            raise ValueError("structured_outputs.grammar (context-free grammars) is not supported; "
+                             "use json, regex, choice or json_object")
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError(f"structured_outputs.regex={self.regex!r} must be a string")
+        if self.choice is not None:
+            if (not isinstance(self.choice, list | tuple) or not self.choice
+                    or not all(isinstance(c, str) for c in self.choice)):
+                raise ValueError(f"structured_outputs.choice={self.choice!r} must be a non-empty list of strings")
+            self.choice = list(self.choice)
+        if self.json_object not in (None, True):
+            raise ValueError(f"structured_outputs.json_object={self.json_object!r} must be True or None")
+        if hasattr(self.json, "model_json_schema"):  # a pydantic model class, as vLLM accepts
+            self.json = self.json.model_json_schema()
+        if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
+            raise ValueError(f"structured_outputs.whitespace_pattern={self.whitespace_pattern!r} must be a regex string")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def whitespace(self) -> str:
+        if self.disable_any_whitespace:
+            return ""
+        return DEFAULT_WHITESPACE if self.whitespace_pattern is None else self.whitespace_pattern
+
+    def pattern(self) -> str:
+        """The regular expression the whole output must match; ValueError names what is unsupported."""
+        if self.regex is not None:
+            return self.regex
+        if self.choice is not None:
+            return "|".join(f"(?:{literal(c)})" for c in self.choice)
+        from jaxllm.structured.json_schema import json_object_regex, json_schema_regex
+
+        if self.json_object:
+            return json_object_regex(whitespace=self.whitespace)
+        schema = self.json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from exc
+        return json_schema_regex(schema, whitespace=self.whitespace)
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's name before 0.11

@@ -1,0 +1,461 @@
+"""Regular expressions compiled to a deterministic automaton over characters.
+
+Structured outputs need, for every state a generation can be in, the set of tokens that keep the
+text a prefix of some match. Python's ``re`` cannot answer "is this a prefix of a match?", so
+patterns are compiled here: parsed into a tree, built into a Thompson NFA, then determinised by
+subset construction over an alphabet compressed into classes (code point ranges every character
+of which the pattern treats alike). States from which no accepting state can be reached are
+merged into the dead state, so "not dead" means "still a prefix of a match".
+
+Syntax: what JSON schema patterns and vLLM's guided_regex use in practice. Literals; ``.`` (any
+character but a newline); classes ``[...]`` / ``[^...]`` with ranges; escapes ``\\d \\w \\s`` and
+their negations (ASCII meanings, as in ECMAScript), ``\\n \\t \\r \\f \\v``, ``\\xHH``,
+``\\uXXXX``, ``\\UXXXXXXXX`` and escaped punctuation; groups ``(...)``, ``(?:...)``,
+``(?P<name>...)``; ``|``; ``* + ? {n} {n,} {,m} {n,m}`` (a lazy ``?`` suffix matches the same
+strings). A pattern always matches the whole text: ``^`` at its start and ``$`` at its end are
+accepted and mean nothing more. Anchors elsewhere, backreferences, lookaround, possessive
+quantifiers, ``\\b`` and inline flags raise ValueError.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_CODEPOINT = 0x10FFFF
+MAX_NFA_STATES = 200_000
+MAX_DFA_STATES = 50_000
+
+Ranges = tuple[tuple[int, int], ...]  # sorted, disjoint, inclusive code point ranges
+
+_DIGIT: Ranges = ((48, 57),)
+_WORD: Ranges = ((48, 57), (65, 90), (95, 95), (97, 122))
+_SPACE: Ranges = ((9, 13), (32, 32))
+_ANY_BUT_NEWLINE: Ranges = ((0, 9), (11, MAX_CODEPOINT))
+_SIMPLE_ESCAPES = {"n": 10, "t": 9, "r": 13, "f": 12, "v": 11, "0": 0}
+_CLASS_ESCAPES = {"d": _DIGIT, "w": _WORD, "s": _SPACE}
+
+
+def _normalize(ranges) -> Ranges:
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in merged)
+
+
+def _complement(ranges: Ranges) -> Ranges:
+    out, start = [], 0
+    for lo, hi in ranges:
+        if lo > start:
+            out.append((start, lo - 1))
+        start = hi + 1
+    if start <= MAX_CODEPOINT:
+        out.append((start, MAX_CODEPOINT))
+    return tuple(out)
+
+
+# -- parsing: pattern -> tree ------------------------------------------------------------------
+# Nodes: ("chars", Ranges), ("cat", [nodes]), ("alt", [nodes]), ("repeat", node, lo, hi | None).
+_EMPTY = ("cat", [])
+
+
+class _Parser:
+    def __init__(self, pattern: str):
+        self.p, self.i = pattern, 0
+
+    def error(self, message: str) -> ValueError:
+        return ValueError(f"regex {self.p!r}: {message} at position {self.i}")
+
+    def peek(self, k: int = 0) -> str | None:
+        j = self.i + k
+        return self.p[j] if j < len(self.p) else None
+
+    def take(self) -> str:
+        c = self.p[self.i]
+        self.i += 1
+        return c
+
+    def parse(self):
+        node = self.alternation()
+        if self.i < len(self.p):
+            raise self.error("unbalanced ')'")
+        return node
+
+    def alternation(self):
+        branches = [self.sequence()]
+        while self.peek() == "|":
+            self.i += 1
+            branches.append(self.sequence())
+        return branches[0] if len(branches) == 1 else ("alt", branches)
+
+    def sequence(self):
+        items = []
+        while self.peek() is not None and self.peek() not in "|)":
+            atom = self.atom()
+            if atom is None:
+                continue
+            items.append(self.quantified(atom))
+        return items[0] if len(items) == 1 else ("cat", items)
+
+    def quantified(self, atom):
+        bounds = self.quantifier()
+        if bounds is None:
+            return atom
+        if self.peek() == "?":  # lazy: same strings
+            self.i += 1
+        elif self.peek() == "+":
+            raise self.error("possessive quantifiers are not supported")
+        if self.quantifier_ahead():
+            raise self.error("multiple repeat")
+        return ("repeat", atom, *bounds)
+
+    def quantifier_ahead(self) -> bool:
+        c = self.peek()
+        return c in ("*", "+", "?") or (c == "{" and self._braces() is not None)
+
+    def quantifier(self):
+        c = self.peek()
+        if c in ("*", "+", "?"):
+            self.i += 1
+            return {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
+        if c == "{":
+            braces = self._braces()
+            if braces is not None:
+                (lo, hi), self.i = braces
+                if hi is not None and hi < lo:
+                    raise self.error(f"bad repeat {{{lo},{hi}}}")
+                return lo, hi
+        return None
+
+    def _braces(self):
+        """((lo, hi), end) when a valid {n}, {n,}, {,m} or {n,m} starts here, else None (a literal '{')."""
+        end = self.p.find("}", self.i)
+        if end < 0:
+            return None
+        body = self.p[self.i + 1 : end]
+        lo, comma, hi = body.partition(",")
+        if not (lo.isdigit() or (comma and lo == "")) or not (hi.isdigit() or hi == ""):
+            return None
+        if not comma:
+            return (int(lo), int(lo)), end + 1
+        return (int(lo or 0), int(hi) if hi else None), end + 1
+
+    def atom(self):
+        c = self.take()
+        if c == "(":
+            return self.group()
+        if c == "[":
+            return ("chars", self.char_class())
+        if c == ".":
+            return ("chars", _ANY_BUT_NEWLINE)
+        if c == "\\":
+            return ("chars", self.escape(in_class=False))
+        if c == "^":
+            if self.i == 1:
+                return None
+            raise self.error("'^' is only supported at the start of the pattern")
+        if c == "$":
+            if self.i == len(self.p):
+                return None
+            raise self.error("'$' is only supported at the end of the pattern")
+        if c in "*+?" or (c == "{" and self._braces_at(self.i - 1)):
+            self.i -= 1
+            raise self.error("nothing to repeat")
+        return ("chars", ((ord(c), ord(c)),))
+
+    def _braces_at(self, i: int) -> bool:
+        saved, self.i = self.i, i
+        try:
+            return self._braces() is not None
+        finally:
+            self.i = saved
+
+    def group(self):
+        if self.peek() == "?":
+            if self.p.startswith("?:", self.i):
+                self.i += 2
+            elif self.p.startswith("?P<", self.i):
+                end = self.p.find(">", self.i)
+                if end < 0:
+                    raise self.error("unterminated group name")
+                self.i = end + 1
+            elif self.p.startswith(("?=", "?!", "?<=", "?<!"), self.i):
+                raise self.error("lookaround is not supported")
+            else:
+                raise self.error("inline flags and other (?...) groups are not supported")
+        node = self.alternation()
+        if self.peek() != ")":
+            raise self.error("missing ')'")
+        self.i += 1
+        return node
+
+    def char_class(self) -> Ranges:
+        negate = self.peek() == "^"
+        if negate:
+            self.i += 1
+        ranges: list[tuple[int, int]] = []
+        first = True
+        while True:
+            c = self.peek()
+            if c is None:
+                raise self.error("unterminated character class")
+            if c == "]" and not first:
+                self.i += 1
+                break
+            first = False
+            lo = self.class_item()
+            if isinstance(lo, tuple):  # \d, \w, \s inside a class
+                ranges.extend(lo)
+                continue
+            if self.peek() == "-" and self.peek(1) not in (None, "]"):
+                self.i += 1
+                hi = self.class_item()
+                if isinstance(hi, tuple):
+                    raise self.error("a class escape cannot end a range")
+                if hi < lo:
+                    raise self.error(f"bad character range {chr(lo)!r}-{chr(hi)!r}")
+                ranges.append((lo, hi))
+            else:
+                ranges.append((lo, lo))
+        out = _normalize(ranges)
+        return _complement(out) if negate else out
+
+    def class_item(self):
+        """A code point, or Ranges for a class escape."""
+        c = self.take()
+        if c != "\\":
+            return ord(c)
+        if self.peek() == "b":  # backspace inside a class
+            self.i += 1
+            return 8
+        ranges = self.escape(in_class=True)
+        return ranges[0][0] if len(ranges) == 1 and ranges[0][0] == ranges[0][1] else ranges
+
+    def escape(self, in_class: bool) -> Ranges:
+        if self.peek() is None:
+            raise self.error("a pattern cannot end with '\\'")
+        c = self.take()
+        if c in _CLASS_ESCAPES:
+            return _CLASS_ESCAPES[c]
+        if c.lower() in _CLASS_ESCAPES and c.isupper():
+            return _complement(_CLASS_ESCAPES[c.lower()])
+        if c in _SIMPLE_ESCAPES:
+            if c == "0" and self.peek() is not None and self.peek().isdigit():
+                raise self.error("octal escapes are not supported")
+            return ((_SIMPLE_ESCAPES[c],) * 2,)
+        for letter, width in (("x", 2), ("u", 4), ("U", 8)):
+            if c == letter:
+                digits = self.p[self.i : self.i + width]
+                if len(digits) != width or any(d not in "0123456789abcdefABCDEF" for d in digits):
+                    raise self.error(f"\\{letter} needs {width} hex digits")
+                self.i += width
+                cp = int(digits, 16)
+                if cp > MAX_CODEPOINT:
+                    raise self.error("code point out of range")
+                return ((cp, cp),)
+        if c.isdigit():
+            raise self.error("backreferences are not supported")
+        if c.isalnum():
+            raise self.error(f"the escape \\{c} is not supported")
+        return ((ord(c), ord(c)),)
+
+
+# -- NFA ------------------------------------------------------------------------------------------
+class _NFA:
+    def __init__(self):
+        self.eps: list[list[int]] = []
+        self.edges: list[list[tuple[Ranges, int]]] = []
+
+    def state(self) -> int:
+        if len(self.eps) >= MAX_NFA_STATES:
+            raise ValueError(f"the pattern is too large (over {MAX_NFA_STATES} automaton states); "
+                             "lower its repetition counts or lengths")
+        self.eps.append([])
+        self.edges.append([])
+        return len(self.eps) - 1
+
+    def build(self, node) -> tuple[int, int]:
+        kind = node[0]
+        if kind == "chars":
+            a, b = self.state(), self.state()
+            if node[1]:
+                self.edges[a].append((node[1], b))
+            return a, b
+        if kind == "cat":
+            a = b = self.state()
+            for child in node[1]:
+                s, e = self.build(child)
+                self.eps[b].append(s)
+                b = e
+            return a, b
+        if kind == "alt":
+            a, b = self.state(), self.state()
+            for child in node[1]:
+                s, e = self.build(child)
+                self.eps[a].append(s)
+                self.eps[e].append(b)
+            return a, b
+        _, child, lo, hi = node
+        a = b = self.state()
+        for _ in range(lo):
+            s, e = self.build(child)
+            self.eps[b].append(s)
+            b = e
+        if hi is None:  # b -> child -> b, any number of times
+            s, e = self.build(child)
+            end = self.state()
+            self.eps[b] += [s, end]
+            self.eps[e] += [s, end]
+            return a, end
+        end = self.state()
+        for _ in range(hi - lo):  # each optional copy may be skipped straight to the end
+            self.eps[b].append(end)
+            s, e = self.build(child)
+            self.eps[b].append(s)
+            b = e
+        self.eps[b].append(end)
+        return a, end
+
+    def closure(self, states) -> frozenset[int]:
+        seen, stack = set(states), list(states)
+        while stack:
+            for t in self.eps[stack.pop()]:
+                if t not in seen:
+                    seen.add(t)
+                    stack.append(t)
+        return frozenset(seen)
+
+
+# -- DFA ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DFA:
+    """A deterministic automaton over character classes.
+
+    ``transitions[s, c]`` is the state after a character of class ``c`` in state ``s``; the last
+    row is the dead state (every transition stays dead). ``class_starts[c]`` is the first code point
+    of class ``c`` (classes tile 0..MAX_CODEPOINT in order). States are live: from each, some
+    accepting state is reachable.
+    """
+
+    transitions: np.ndarray  # [num_states + 1, num_classes] int32
+    accepting: np.ndarray  # [num_states + 1] bool
+    class_starts: np.ndarray  # [num_classes] int64
+    start: int
+
+    @property
+    def dead(self) -> int:
+        return self.transitions.shape[0] - 1
+
+    def classes_of(self, code_points: np.ndarray) -> np.ndarray:
+        return (np.searchsorted(self.class_starts, code_points, side="right") - 1).astype(np.int32)
+
+    def step(self, state: int, text: str) -> int:
+        for ch in text:
+            if state == self.dead:
+                break
+            state = int(self.transitions[state, bisect.bisect_right(self.class_starts, ord(ch)) - 1])
+        return state
+
+    def fullmatch(self, text: str) -> bool:
+        return bool(self.accepting[self.step(self.start, text)])
+
+    def is_final(self, state: int) -> bool:
+        """Accepting with no way to go on: only the end of the text may follow."""
+        return bool(self.accepting[state]) and bool(np.all(self.transitions[state] == self.dead))
+
+
+def compile_regex(pattern: str) -> DFA:
+    """The DFA of the strings ``pattern`` matches in full; ValueError names unsupported syntax.
+    Cached: the server checks a request's pattern before the engine uses it."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"a regex must be a string, got {type(pattern).__name__}")
+    return _compile(pattern)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(pattern: str) -> DFA:
+    tree = _Parser(pattern).parse()
+    nfa = _NFA()
+    start, accept = nfa.build(tree)
+    # Alphabet compression: class boundaries are the ends of every range the pattern uses.
+    cuts = {0}
+    for edges in nfa.edges:
+        for ranges, _ in edges:
+            for lo, hi in ranges:
+                cuts.add(lo)
+                if hi < MAX_CODEPOINT:
+                    cuts.add(hi + 1)
+    class_starts = sorted(cuts)
+    spans = [[(bisect.bisect_left(class_starts, lo), bisect.bisect_right(class_starts, hi) - 1, target)
+              for ranges, target in edges for lo, hi in ranges] for edges in nfa.edges]
+    num_classes = len(class_starts)
+    first = nfa.closure([start])
+    index = {first: 0}
+    order, rows = [first], []
+    while len(rows) < len(order):
+        current = order[len(rows)]
+        moves: dict[int, set[int]] = {}
+        for s in current:
+            for c_lo, c_hi, target in spans[s]:
+                for c in range(c_lo, c_hi + 1):
+                    moves.setdefault(c, set()).add(target)
+        row = [-1] * num_classes
+        closures: dict[frozenset, frozenset] = {}
+        for c, targets in moves.items():
+            key = frozenset(targets)
+            nxt = closures.get(key)
+            if nxt is None:
+                nxt = closures[key] = nfa.closure(key)
+            if nxt not in index:
+                if len(order) >= MAX_DFA_STATES:
+                    raise ValueError(f"the pattern is too large (over {MAX_DFA_STATES} DFA states)")
+                index[nxt] = len(order)
+                order.append(nxt)
+            row[c] = index[nxt]
+        rows.append(row)
+    accepting = [accept in s for s in order]
+    return _prune(rows, accepting, np.asarray(class_starts, np.int64))
+
+
+def _prune(rows: list[list[int]], accepting: list[bool], class_starts: np.ndarray) -> DFA:
+    """Drop states that cannot reach acceptance (they become the dead state) and renumber."""
+    n = len(rows)
+    incoming: list[list[int]] = [[] for _ in range(n)]
+    for s, row in enumerate(rows):
+        for t in set(row):
+            if t >= 0:
+                incoming[t].append(s)
+    live = [False] * n
+    stack = [s for s in range(n) if accepting[s]]
+    for s in stack:
+        live[s] = True
+    while stack:
+        for s in incoming[stack.pop()]:
+            if not live[s]:
+                live[s] = True
+                stack.append(s)
+    if not live[0]:
+        raise ValueError("the pattern matches nothing")
+    new_id = np.cumsum(live) - 1
+    dead = int(sum(live))
+    table = np.full((dead + 1, len(class_starts)), dead, np.int32)
+    for s, row in enumerate(rows):
+        if live[s]:
+            table[new_id[s]] = [new_id[t] if t >= 0 and live[t] else dead for t in row]
+    acc = np.zeros(dead + 1, bool)
+    acc[:dead] = [a for a, keep in zip(accepting, live, strict=True) if keep]
+    return DFA(table, acc, class_starts, 0)
+
+
+def literal(text: str) -> str:
+    """A pattern matching exactly ``text``."""
+    return "".join("\\" + c if c in _METACHARACTERS else c for c in text)
+
+
+_METACHARACTERS = set("\\.[]{}()*+?|^$")
