@@ -82,19 +82,29 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
 
 
+def test_token_bytes_spell_any_text(tokenizer, smollm2_model):
+    for tok in (tokenizer, smollm2_model.tokenizer):
+        vocab = TokenVocabulary(tok, len(tok))
+        for text in ["Paris, London!", " naïve café 🙂 über", "你好, 世界", "{\"a\": [1, 2]}\n\t"]:
+            ids = tok.encode(text, add_special_tokens=False)
+            assert b"".join(vocab.token_bytes[i] for i in ids) == text.encode()
+        assert vocab.token_bytes[tok.eos_token_id] is None  # special tokens are never spelled
+
+
 def test_masks_allow_exactly_the_tokens_that_keep_a_choice_reachable(tokenizer):
-    choices = ["Paris", " London", "naïve café", "no", "nope"]
+    choices = ["Paris", " London", "naïve café", "no", "nope", "🙂!", "你好"]
     vocab = TokenVocabulary(tokenizer, len(tokenizer))
     eos = tokenizer.eos_token_id
     token_dfa = TokenDFA(compile_regex("|".join(literal(c) for c in choices)), vocab, (eos,))
-    texts = vocab.texts
-    partial = [i for i, t in enumerate(texts) if "\ufffd" in t]
-    assert partial, "the byte-level vocabulary has tokens holding part of a character"
-    for prefix in ["", "Pa", " Lon", "na", "naïve", "no", "Paris", "x"]:
+    spelled = vocab.token_bytes
+    encoded = [c.encode() for c in choices]
+    partial = [i for i, b in enumerate(spelled) if b and any(e.startswith(b) and len(b) < len(e) for e in encoded)
+               and b.decode(errors="replace").count("\ufffd")]
+    assert partial, "some allowed tokens hold part of a character's bytes"
+    for prefix in [b"", b"Pa", b" Lon", b"na", "naï".encode(), b"no", b"Paris", b"x", "🙂".encode()[:2], b"\xe4"]:
         state = token_dfa.dfa.step(token_dfa.start, prefix)
-        want = {i for i, t in enumerate(texts) if t and "\ufffd" not in t and i != eos
-                and any(c.startswith(prefix + t) for c in choices)}
-        if prefix in choices or state == token_dfa.dfa.dead:
+        want = {i for i, b in enumerate(spelled) if b and any(e.startswith(prefix + b) for e in encoded)}
+        if prefix in encoded or state == token_dfa.dfa.dead:
             want.add(eos)
         assert set(np.flatnonzero(token_dfa.allowed(state))) == want, prefix
         words = token_dfa.mask_words(state)
@@ -261,18 +271,22 @@ def test_smollm2_follows_choices_and_regexes_and_free_neighbours_keep_their_gree
     def constrained(**kind):
         return SamplingParams(temperature=0.0, max_tokens=24, structured_outputs=StructuredOutputsParams(**kind))
 
-    prompts = ["The capital of France is", "Phone: ", "Is the sky blue? Answer:", "Today's date (YYYY-MM-DD):"]
+    prompts = ["The capital of France is", "Phone: ", "Is the sky blue? Answer:", "Today's date (YYYY-MM-DD):",
+               "Hello in Chinese is"]
+    greetings = [" 你好", " 您好", " 早上好"]  # SmolLM2 spells these with tokens holding parts of characters
     params = [constrained(choice=[" Paris", " London", " Berlin"]), constrained(regex=r"\(\d{3}\) \d{3}-\d{4}"),
-              constrained(choice=[" yes", " no"]), constrained(regex=r" \d{4}-\d{2}-\d{2}")]
+              constrained(choice=[" yes", " no"]), constrained(regex=r" \d{4}-\d{2}-\d{2}"),
+              constrained(choice=greetings)]
+    n = len(prompts)
     outputs = llm.generate(prompts + GREEDY_PROMPTS, params + [greedy] * len(GREEDY_PROMPTS), use_tqdm=False)
     texts = [o.outputs[0].text for o in outputs]
-    assert texts[0] == " Paris" and texts[2] in (" yes", " no")
+    assert texts[0] == " Paris" and texts[2] in (" yes", " no") and texts[4] in greetings
     assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", texts[1]) and re.fullmatch(r" \d{4}-\d{2}-\d{2}", texts[3])
-    assert all(o.outputs[0].finish_reason == "stop" for o in outputs[:4])
-    assert [o.outputs[0].token_ids for o in outputs[4:]] == smollm2_expected_greedy
+    assert all(o.outputs[0].finish_reason == "stop" for o in outputs[:n])
+    assert [o.outputs[0].token_ids for o in outputs[n:]] == smollm2_expected_greedy
     # The same requests again give the same tokens (greedy), with no new program compiled.
     again = llm.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outputs[:4]]
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outputs[:n]]
     assert llm.llm_engine.stats.num_compiles == compiles
 
 

@@ -1,11 +1,16 @@
-"""Regular expressions compiled to a deterministic automaton over characters.
+"""Regular expressions compiled to a deterministic automaton over UTF-8 bytes.
 
 Structured outputs need, for every state a generation can be in, the set of tokens that keep the
 text a prefix of some match. Python's ``re`` cannot answer "is this a prefix of a match?", so
-patterns are compiled here: parsed into a tree, built into a Thompson NFA, then determinised by
-subset construction over an alphabet compressed into classes (code point ranges every character
-of which the pattern treats alike). States from which no accepting state can be reached are
-merged into the dead state, so "not dead" means "still a prefix of a match".
+patterns are compiled here: parsed into a tree of code point ranges, built into a Thompson NFA
+whose character edges are spelled out as the UTF-8 byte sequences of their ranges, then
+determinised by subset construction over the byte values compressed into classes (bytes the
+pattern treats alike). States from which no accepting state can be reached are merged into the
+dead state, so "not dead" means "still a prefix of a match".
+
+Why bytes and not characters: a byte-level vocabulary spells many characters (most CJK, emoji)
+only with tokens that each hold part of the character's UTF-8 bytes. Over bytes such a token is
+an ordinary step of the automaton, so a constrained output can contain any character.
 
 Syntax: what JSON schema patterns and vLLM's guided_regex use in practice. Literals; ``.`` (any
 character but a newline); classes ``[...]`` / ``[^...]`` with ranges; escapes ``\\d \\w \\s`` and
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_CODEPOINT = 0x10FFFF
+_SURROGATES = (0xD800, 0xDFFF)  # code points UTF-8 cannot encode: never matched
 MAX_NFA_STATES = 200_000
 MAX_DFA_STATES = 50_000
 
@@ -282,10 +288,14 @@ class _NFA:
 
     def build(self, node) -> tuple[int, int]:
         kind = node[0]
-        if kind == "chars":
+        if kind == "chars":  # one path of byte ranges per UTF-8 sequence of the code point ranges
             a, b = self.state(), self.state()
-            if node[1]:
-                self.edges[a].append((node[1], b))
+            for sequence in utf8_sequences(node[1]):
+                at = a
+                for k, byte_range in enumerate(sequence):
+                    nxt = b if k == len(sequence) - 1 else self.state()
+                    self.edges[at].append(((byte_range,), nxt))
+                    at = nxt
             return a, b
         if kind == "cat":
             a = b = self.state()
@@ -333,14 +343,47 @@ class _NFA:
 
 
 # -- DFA ------------------------------------------------------------------------------------------
+def utf8_sequences(ranges: Ranges) -> list[tuple[tuple[int, int], ...]]:
+    """Sequences of byte ranges whose byte strings are exactly the UTF-8 encodings of the code
+    points in ``ranges`` (surrogates, which UTF-8 cannot encode, left out)."""
+    out: list[tuple[tuple[int, int], ...]] = []
+    for lo, hi in ranges:
+        pieces = [(lo, min(hi, _SURROGATES[0] - 1)), (max(lo, _SURROGATES[1] + 1), hi)]
+        for a, b in pieces:
+            for top in (0x7F, 0x7FF, 0xFFFF, MAX_CODEPOINT):  # one encoded length at a time
+                if a <= min(b, top):
+                    _split_same_length(a, min(b, top), out)
+                a = max(a, top + 1)
+    return out
+
+
+def _split_same_length(lo: int, hi: int, out: list) -> None:
+    """Split ``lo..hi`` (code points of one UTF-8 length) until each piece's encodings are the
+    products of one byte range per position, then append those."""
+    n = len(chr(lo).encode())
+    for i in range(1, n):
+        low_bits = (1 << (6 * i)) - 1  # the bits the last i continuation bytes carry
+        if lo & ~low_bits != hi & ~low_bits:
+            if lo & low_bits:
+                _split_same_length(lo, lo | low_bits, out)
+                _split_same_length((lo | low_bits) + 1, hi, out)
+                return
+            if hi & low_bits != low_bits:
+                _split_same_length(lo, (hi & ~low_bits) - 1, out)
+                _split_same_length(hi & ~low_bits, hi, out)
+                return
+    a, b = chr(lo).encode(), chr(hi).encode()
+    out.append(tuple(zip(a, b, strict=True)))
+
+
 @dataclass(frozen=True)
 class DFA:
-    """A deterministic automaton over character classes.
+    """A deterministic automaton over UTF-8 bytes.
 
-    ``transitions[s, c]`` is the state after a character of class ``c`` in state ``s``; the last
-    row is the dead state (every transition stays dead). ``class_starts[c]`` is the first code point
-    of class ``c`` (classes tile 0..MAX_CODEPOINT in order). States are live: from each, some
-    accepting state is reachable.
+    ``transitions[s, c]`` is the state after a byte of class ``c`` in state ``s``; the last row is
+    the dead state (every transition stays dead). ``class_starts[c]`` is the first byte value of
+    class ``c`` (classes tile 0..255 in order). States are live: from each, some accepting state is
+    reachable.
     """
 
     transitions: np.ndarray  # [num_states + 1, num_classes] int32
@@ -352,17 +395,24 @@ class DFA:
     def dead(self) -> int:
         return self.transitions.shape[0] - 1
 
-    def classes_of(self, code_points: np.ndarray) -> np.ndarray:
-        return (np.searchsorted(self.class_starts, code_points, side="right") - 1).astype(np.int32)
+    def classes_of(self, byte_values: np.ndarray) -> np.ndarray:
+        return (np.searchsorted(self.class_starts, byte_values, side="right") - 1).astype(np.int32)
 
-    def step(self, state: int, text: str) -> int:
-        for ch in text:
+    def step(self, state: int, data: bytes | str) -> int:
+        """The state after ``data`` (text is taken as its UTF-8 bytes)."""
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogatepass")
+        for byte in data:
             if state == self.dead:
                 break
-            state = int(self.transitions[state, bisect.bisect_right(self.class_starts, ord(ch)) - 1])
+            state = int(self.transitions[state, self._class_of_byte[byte]])
         return state
 
-    def fullmatch(self, text: str) -> bool:
+    @functools.cached_property
+    def _class_of_byte(self) -> list[int]:
+        return self.classes_of(np.arange(256)).tolist()
+
+    def fullmatch(self, text: bytes | str) -> bool:
         return bool(self.accepting[self.step(self.start, text)])
 
     def is_final(self, state: int) -> bool:
@@ -383,13 +433,13 @@ def _compile(pattern: str) -> DFA:
     tree = _Parser(pattern).parse()
     nfa = _NFA()
     start, accept = nfa.build(tree)
-    # Alphabet compression: class boundaries are the ends of every range the pattern uses.
+    # Alphabet compression: class boundaries are the ends of every byte range the pattern uses.
     cuts = {0}
     for edges in nfa.edges:
         for ranges, _ in edges:
             for lo, hi in ranges:
                 cuts.add(lo)
-                if hi < MAX_CODEPOINT:
+                if hi < 255:
                     cuts.add(hi + 1)
     class_starts = sorted(cuts)
     spans = [[(bisect.bisect_left(class_starts, lo), bisect.bisect_right(class_starts, hi) - 1, target)

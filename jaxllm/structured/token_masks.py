@@ -1,24 +1,24 @@
 """From a character automaton to the tokens a request may sample next.
 
-A :class:`TokenVocabulary` holds every token's text as code points, longest first. For a DFA
-state, :meth:`TokenDFA.mask_words` runs all tokens through the automaton at once (numpy, one
-gather per character position over the tokens still that long) and keeps those that end in a
-live state; end-of-sequence ids are allowed where the state accepts. The result is a bitmask of
-the vocabulary packed into uint32 words (bit ``i % 32`` of word ``i // 32``), cached per state:
-a request pays for each state once, and requests with the same pattern share the cache.
+A :class:`TokenVocabulary` holds every token's bytes, longest first: the UTF-8 bytes it adds to
+the text (a byte-level BPE token's own bytes, which may be part of a character; a SentencePiece
+piece with its word-start mark as a space, or its byte-fallback byte). For a DFA state,
+:meth:`TokenDFA.mask_words` runs all tokens through the automaton (which reads UTF-8 bytes) at
+once: numpy, one gather per byte position over the tokens still that long; it keeps those that
+end in a live state, and allows end-of-sequence ids where the state accepts. The result is a
+bitmask of the vocabulary packed into uint32 words (bit ``i % 32`` of word ``i // 32``), cached
+per state: a request pays for each state once, and requests with the same pattern share the cache.
 
-Tokens whose text alone is not whole characters (a byte-level token holding part of a UTF-8
-sequence) and special tokens are never allowed by a mask: a constrained output is spelled with
-tokens of whole characters, which every character of a byte-level vocabulary has.
+Special tokens are never allowed by a mask (end-of-sequence only where the pattern may end).
 
-SmolLM2's vocabulary (49,152 tokens): building the vocabulary takes about a second once per
-engine; a state's mask a few milliseconds (``tests/test_structured_outputs.py`` measures nothing;
-these are from development runs on the 2-core CPU).
+SmolLM2's vocabulary (49,152 tokens), on the 2-core CPU in development runs: the vocabulary
+builds in about 0.2 s once per engine, a state's mask in a few milliseconds.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import threading
 
 import numpy as np
@@ -29,43 +29,83 @@ _SENTENCEPIECE_SPACE = "\u2581"
 
 
 class TokenVocabulary:
-    """Every token's text, as code points in a [tokens, longest] array sorted longest first."""
+    """Every token's bytes, in a [tokens, longest] array sorted longest first."""
 
     def __init__(self, tokenizer, vocab_size: int):
         self.vocab_size = vocab_size
-        texts = token_texts(tokenizer, vocab_size)
-        special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-        usable = [i for i, t in enumerate(texts) if t and "\ufffd" not in t and i not in special]
-        usable.sort(key=lambda i: -len(texts[i]))
+        self.token_bytes = token_bytes(tokenizer, vocab_size)
+        usable = [i for i, b in enumerate(self.token_bytes) if b]
+        usable.sort(key=lambda i: -len(self.token_bytes[i]))
         self.token_ids = np.asarray(usable, np.int64)
-        lengths = np.asarray([len(texts[i]) for i in usable], np.int64)
+        lengths = np.asarray([len(self.token_bytes[i]) for i in usable], np.int64)
         longest = int(lengths[0]) if len(usable) else 0
-        self.code_points = np.zeros((len(usable), longest), np.int64)
+        self.byte_values = np.zeros((len(usable), longest), np.uint8)
         for row, i in enumerate(usable):
-            self.code_points[row, : len(texts[i])] = [ord(c) for c in texts[i]]
+            self.byte_values[row, : lengths[row]] = np.frombuffer(self.token_bytes[i], np.uint8)
         # How many tokens are longer than each position: the rows still walking at that position.
         self.longer_than = np.asarray([(lengths > pos).sum() for pos in range(longest)], np.int64)
-        self.texts = texts
 
     @property
     def num_words(self) -> int:
         return -(-self.vocab_size // 32)
 
 
-def token_texts(tokenizer, vocab_size: int) -> list[str]:
-    """The text each token id stands for inside a longer text ('' for ids the tokenizer lacks)."""
-    pieces = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
-    texts = []
-    for piece in pieces:
-        if piece is None:
-            texts.append("")
-            continue
-        text = tokenizer.convert_tokens_to_string([piece])
-        # SentencePiece drops a word's leading space when a token is decoded alone.
-        if piece.startswith(_SENTENCEPIECE_SPACE) and not text.startswith(" "):
-            text = " " + text
-        texts.append(text)
-    return texts + [""] * (vocab_size - len(texts))
+def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
+    """The UTF-8 bytes each token id adds to a text; None for special tokens and missing ids."""
+    ids = list(range(min(vocab_size, len(tokenizer))))
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ()) | {i for i, t in added.items() if t.special}
+    byte_level = _is_byte_level(tokenizer)
+    out: list[bytes | None] = []
+    for i, piece in zip(ids, pieces, strict=True):
+        if piece is None or i in special:
+            out.append(None)
+        elif i in added:  # an added, non-special token is its literal text
+            out.append(added[i].content.encode())
+        elif byte_level:
+            try:
+                out.append(bytes(_BYTE_OF_CHAR[c] for c in piece))
+            except KeyError:  # not a byte-level piece after all
+                out.append(tokenizer.convert_tokens_to_string([piece]).encode())
+        else:
+            out.append(_sentencepiece_bytes(piece, tokenizer))
+    return out + [None] * (vocab_size - len(out))
+
+
+def _is_byte_level(tokenizer) -> bool:
+    """Whether the tokenizer's pieces are GPT-2 style byte-level (each char one byte)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    return '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
+
+
+def _sentencepiece_bytes(piece: str, tokenizer) -> bytes:
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            pass
+    if _SENTENCEPIECE_SPACE in piece:
+        return piece.replace(_SENTENCEPIECE_SPACE, " ").encode()
+    return tokenizer.convert_tokens_to_string([piece]).encode()
+
+
+def _gpt2_byte_chars() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte (the byte-level BPE alphabet)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _gpt2_byte_chars()
 
 
 class TokenDFA:
@@ -73,7 +113,7 @@ class TokenDFA:
 
     def __init__(self, dfa: DFA, vocab: TokenVocabulary, eos_token_ids: tuple[int, ...]):
         self.dfa, self.vocab, self.eos_token_ids = dfa, vocab, tuple(eos_token_ids)
-        self._classes = dfa.classes_of(vocab.code_points) if vocab.code_points.size else vocab.code_points
+        self._classes = dfa.classes_of(vocab.byte_values)
         self._masks: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -85,9 +125,8 @@ class TokenDFA:
         """The state after ``token_id``; an end-of-sequence id in an accepting state keeps it."""
         if token_id in self.eos_token_ids:
             return state if self.dfa.accepting[state] else self.dfa.dead
-        if not 0 <= token_id < len(self.vocab.texts):
-            return self.dfa.dead
-        return self.dfa.step(state, self.vocab.texts[token_id]) if self.vocab.texts[token_id] else self.dfa.dead
+        data = self.vocab.token_bytes[token_id] if 0 <= token_id < len(self.vocab.token_bytes) else None
+        return self.dfa.dead if not data else self.dfa.step(state, data)
 
     def allowed(self, state: int) -> np.ndarray:
         """[vocab_size] bool: the tokens that may follow in ``state``."""
