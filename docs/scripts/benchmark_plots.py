@@ -364,6 +364,36 @@ def section_async_scheduling(name: str, r: dict) -> list[str]:
     return lines + ["", f"Median speed-up: {r['speedup_median']:.2f}x.", ""]
 
 
+def section_structured_outputs(name: str, r: dict) -> list[str]:
+    env, w = r["environment"], r["workload"]
+    lines = [
+        f"### `{name}`", "",
+        f"`{r['command']}` at commit `{env['git_commit'][:10]}` on {env['device']} ({env['cpu_count']} cores): "
+        f"{r['model']}, {w['num_requests']} chat requests asking for JSON, {w['max_tokens']} output tokens each "
+        "(greedy, ignore_eos), free and constrained, runs alternating. Constrained steps run synchronously "
+        "(each mask depends on the token just sampled).",
+        "",
+        "| arm | elapsed per run (s) | output tok/s (median) | time vs free | complete valid JSON | "
+        "overlapped steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, times in r["elapsed_s"].items():
+        runs = ", ".join(f"{t:.2f}" for t in times)
+        steps = r["steps"][arm]
+        valid = "" if arm == "free" else f"{r['valid_outputs'][arm]}/{w['num_requests']}"
+        lines.append(f"| {arm} | {runs} | {r['output_tokens_per_s_median'][arm]:.1f} | "
+                     f"{r['time_vs_free_median'][arm]:.3f}x | {valid} | {steps['num_overlapped_steps']} of "
+                     f"{steps['num_steps']} |")
+    cold = r["cold_costs"]
+    lines += ["", f"One-off costs, cold: the vocabulary's byte table {cold['vocabulary_s']:.2f} s;", ""]
+    lines += [f"- {arm}: a {c['pattern_chars']}-character pattern, {c['dfa_states']} DFA states, compiled in "
+              f"{c['compile_s']:.2f} s; the outputs visit {c['visited_states']} states, whose masks take "
+              f"{c['masks_s']:.2f} s in all." for arm, c in cold.items() if isinstance(c, dict)]
+    lines += ["", "Valid JSON counts only outputs that completed within max_tokens; every constrained output "
+              "is a prefix of a valid text.", ""]
+    return lines
+
+
 # -- attention kernels -------------------------------------------------------------------------
 
 def plot_attention(r: dict, ax) -> None:
@@ -444,6 +474,9 @@ def render() -> str:
     lines += ["## Async scheduling", ""]
     lines += [x for name, r in _globbed("async_scheduling_*.json") for x in section_async_scheduling(name, r)] or \
         _missing("async_scheduling_cpu_small.json", "python benchmarks/async_scheduling.py")
+    lines += ["## Structured outputs", ""]
+    lines += [x for name, r in _globbed("structured_outputs_*.json") for x in section_structured_outputs(name, r)] or \
+        _missing("structured_outputs_cpu.json", "python benchmarks/structured_outputs.py")
     lines += ["## Online serving", ""]
     serving = _globbed("serving_*.json")
     lines += [x for name, r in serving for x in section_serving(name, r)] or _missing(
