@@ -257,9 +257,9 @@ def _cached_on_repeat(prompt_tokens: int) -> int:
 @pytest.fixture(scope="module")
 def details_http(tmp_path_factory):
     """A second server, with --enable-prompt-tokens-details, --scheduling-policy priority,
-    --return-tokens-as-token-ids and a prefix cache of its own (empty: the test using it first sends the first prompt of >= 16 tokens)."""
+    --return-tokens-as-token-ids, --enable-auto-tool-choice --tool-call-parser hermes, and a prefix cache of its own (empty: the test using it first sends the first prompt of >= 16 tokens)."""
     with (_serve(tmp_path_factory, "--enable-prompt-tokens-details", "--scheduling-policy", "priority",
-                 "--return-tokens-as-token-ids") as running,
+                 "--return-tokens-as-token-ids", "--enable-auto-tool-choice", "--tool-call-parser", "hermes") as running,
           httpx.Client(base_url=running["url"], headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c):
         yield c
 
@@ -363,6 +363,28 @@ def test_return_tokens_as_token_ids(http, details_http):
         assert (id_entry["logprob"], id_entry["bytes"]) == (text_entry["logprob"], text_entry["bytes"])
         assert [t["logprob"] for t in id_entry["top_logprobs"]] == [t["logprob"] for t in text_entry["top_logprobs"]]
         assert id_entry["top_logprobs"][0]["token"] == id_entry["token"]  # greedy
+
+
+def test_auto_tool_choice_with_the_hermes_parser(details_http):
+    # The reply is forced into the hermes format (a regex), so the parser has a call to find.
+    call = '<tool_call>{"name": "get_time", "arguments": {"timezone": "CET"}}</tool_call>'
+    forced = re.escape("Let me look.") + re.escape(call)
+    body = {"messages": ASK_WEATHER, "tools": TOOLS, "max_tokens": 120, "temperature": 0, "guided_regex": forced}
+    response = details_http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["message"]["content"] == "Let me look." and choice["finish_reason"] == "tool_calls"
+    assert [c["function"] for c in choice["message"]["tool_calls"]] == [
+        {"name": "get_time", "arguments": '{"timezone": "CET"}'}]
+    content, calls, finish = _streamed_calls(_sse_chunks(details_http, "/v1/chat/completions", body))
+    assert content == "Let me look." and finish == "tool_calls"
+    assert [calls[i]["function"] for i in sorted(calls)] == [c["function"] for c in choice["message"]["tool_calls"]]
+    # A reply without a call is plain content, streamed or not.
+    plain = {"messages": ASK_WEATHER, "tools": TOOLS, "max_tokens": 8, "temperature": 0}
+    whole = details_http.post("/v1/chat/completions", json=plain).json()["choices"][0]
+    assert whole["message"].get("tool_calls") is None and whole["finish_reason"] == "length"
+    content, calls, finish = _streamed_calls(_sse_chunks(details_http, "/v1/chat/completions", plain))
+    assert (content, calls, finish) == (whole["message"]["content"], {}, "length")
 
 
 def test_priority_field_under_the_priority_policy(details_http):
@@ -616,8 +638,15 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "guided_json": {"type": "object", "patternProperties": {}}},
      "patternProperties"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix is not supported yet"),
-    ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL]}, "tool_choice='auto' is not supported"),
-    ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL], "tool_choice": "required"}, "tool_choice='required'"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL]},
+     '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser'),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "needs tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL], "tool_choice": {"type": "function",
+                                                                                  "function": {"name": "fly"}}},
+     "'fly', which is not in tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {}}]}, "tools[0]"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL], "tool_choice": "required", "guided_regex": "a"},
+     "constrains the reply itself"),
     ("/v1/chat/completions", {"messages": CHAT, "functions": [TOOL["function"]]}, "functions"),
     ("/v1/completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
     ("/v1/completions", {"prompt": "x", "priority": 1}, "priority=1 needs the server started with --scheduling-policy"),
@@ -756,6 +785,60 @@ def test_tools_with_tool_choice_none_and_text_response_format_are_served(http):
     for response, text in ((plain, contents), (with_tools, "get_weather " + contents)):
         count = http.post("/tokenize", json={"prompt": text}).json()["count"]
         assert response.json()["usage"]["prompt_tokens"] == count
+
+
+WEATHER_ARGS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_ARGS}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"timezone": {"enum": ["UTC", "CET"]}}, "required": ["timezone"]}}}]
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _streamed_calls(chunks: list[dict]) -> tuple[str, dict[int, dict], str | None]:
+    """A streamed choice 0's content, its tool calls joined from their pieces, and its finish reason."""
+    content, calls, finish = "", {}, None
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            delta = choice["delta"]
+            content += delta.get("content") or ""
+            for piece in delta.get("tool_calls") or []:
+                call = calls.setdefault(piece["index"], {"function": {"name": "", "arguments": ""}})
+                call.update({k: v for k, v in piece.items() if k in ("id", "type")})
+                call["function"]["name"] += piece["function"].get("name") or ""
+                call["function"]["arguments"] += piece["function"].get("arguments") or ""
+            finish = choice["finish_reason"] or finish
+    return content, calls, finish
+
+
+def test_named_and_required_tool_calls(client, http):
+    import jsonschema
+
+    named = client.chat.completions.create(
+        model=MODEL, messages=ASK_WEATHER, tools=TOOLS, max_tokens=40, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
+    [call] = named.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("chatcmpl-tool-") and call.type == "function"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_ARGS)
+    assert named.message.content is None and named.finish_reason == "stop"
+    body = {"messages": ASK_WEATHER, "tools": TOOLS, "max_tokens": 40, "temperature": 0,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    content, calls, finish = _streamed_calls(_sse_chunks(http, "/v1/chat/completions", body))
+    assert content == "" and finish == "stop" and list(calls) == [0]
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": call.function.arguments}
+    required = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, max_tokens=80,
+                                              temperature=0, tool_choice="required").choices[0]
+    assert required.finish_reason == "tool_calls" and required.message.content is None
+    assert len(required.message.tool_calls) >= 1
+    for c in required.message.tool_calls:
+        schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == c.function.name)
+        jsonschema.validate(json.loads(c.function.arguments), schema)
+    content, calls, finish = _streamed_calls(_sse_chunks(http, "/v1/chat/completions",
+                                                         {**body, "max_tokens": 80, "tool_choice": "required"}))
+    assert finish == "tool_calls" and content == ""
+    assert [calls[i]["function"] for i in sorted(calls)] == [
+        {"name": c.function.name, "arguments": c.function.arguments} for c in required.message.tool_calls]
 
 
 TOOL_HISTORY = [

@@ -201,6 +201,8 @@ def build_app(engine: AsyncLLMEngine, served: ServedModel, metrics: ServerMetric
 
 def build_async_engine(args: argparse.Namespace) -> tuple[AsyncLLMEngine, ServedModel, ServerMetrics]:
     """Load and compile the model (slow), and wrap it for serving."""
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise SystemExit("error: --enable-auto-tool-choice requires --tool-call-parser")
     engine_args = EngineArgs.from_cli_args(args)
     engine = LLMEngine.from_engine_args(engine_args)
     name = args.served_model_name or engine_args.model or DEFAULT_MODEL_NAME
@@ -210,6 +212,7 @@ def build_async_engine(args: argparse.Namespace) -> tuple[AsyncLLMEngine, Served
                          scheduling_policy=config.scheduling_policy,
                          enable_prompt_tokens_details=args.enable_prompt_tokens_details,
                          return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                          sampling_defaults=engine_args.sampling_defaults())
     # The collector reads the stats the engine thread publishes, never the engine itself.
     holder: dict[str, AsyncLLMEngine] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jaxllm.engine_args import EngineArgs
+from jaxllm.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +22,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--return-tokens-as-token-ids", action="store_true",
                        help="logprobs show tokens as 'token_id:<id>' (requests may say otherwise with "
                             "return_tokens_as_token_ids)")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="let the model decide when to call tools (tool_choice 'auto'); needs --tool-call-parser")
+    group.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                       help="how tool calls are read out of 'auto' replies (hermes: <tool_call>{...}</tool_call>)")
     group.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
     group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from jaxllm.entrypoints.openai.tool_calls import ToolChoice, constraint, resolve_tool_choice
 from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 
 _INT32_MAX = 2**31 - 1
@@ -296,9 +297,8 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template
     echo: bool = False
     add_special_tokens: bool = False
-    # Tool definitions reach the chat template; calling them needs a tool-call parser, which the
-    # server does not have, so only tool_choice="none" is accepted (vLLM without --enable-auto-tool-choice
-    # refuses "auto" the same way).
+    # Tools reach the chat template; tool_choice "none", a named function, "required", or "auto"
+    # (with a tool-call parser: --enable-auto-tool-choice --tool-call-parser); see tool_calls.py.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools
@@ -314,12 +314,26 @@ class ChatCompletionRequest(SamplingRequest):
             return ("add_special_tokens=true is not supported for chat completions; the chat template "
                     "writes the special tokens"), "add_special_tokens"
         if self.functions is not None or self.function_call is not None:
-            return "functions and function_call are not supported; send tools with tool_choice='none'", "functions"
-        choice = self.tool_choice if self.tool_choice is not None else "auto" if self.tools else "none"
-        if choice != "none":
-            return (f"tool_choice={choice!r} is not supported yet (the server has no tool-call parser); "
-                    "only 'none'", "tool_choice")
+            return "functions and function_call (OpenAI's deprecated forms) are not supported; send tools", "functions"
+        try:
+            self.resolved_tool_choice()
+        except ValueError as exc:
+            return str(exc), "tools" if str(exc).startswith("tools") else "tool_choice"
         return None
+
+    def resolved_tool_choice(self) -> ToolChoice:
+        return resolve_tool_choice(self.tools, self.tool_choice)
+
+    def structured_outputs_params(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """As for completions, plus the constraint a named or required tool choice imposes."""
+        found, field = super().structured_outputs_params()
+        whitespace = {"whitespace_pattern": self.guided_whitespace_pattern} if self.guided_whitespace_pattern else {}
+        tool_constraint = constraint(self.tools, self.resolved_tool_choice(), **whitespace)
+        if tool_constraint is None:
+            return found, field
+        if found is not None:
+            raise ValueError(f"tool_choice={self.tool_choice!r} constrains the reply itself; {field} cannot too")
+        return tool_constraint, "tool_choice"
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -362,7 +376,7 @@ class UsageInfo(OpenAIModel):
         return data
 
 
-FinishReason = Literal["stop", "length", "abort"] | None
+FinishReason = Literal["stop", "length", "abort", "tool_calls"] | None
 
 
 class CompletionLogProbs(OpenAIModel):
@@ -414,6 +428,16 @@ class ChatChoiceLogProbs(OpenAIModel):
 class DeltaMessage(OpenAIModel):
     role: str | None = None
     content: str | None = None
+    # OpenAI's tool calls: {"id", "type": "function", "function": {"name", "arguments"}} in a
+    # message; in a stream's delta each also has its "index" and later pieces only what is new.
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_tool_calls(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(OpenAIModel):

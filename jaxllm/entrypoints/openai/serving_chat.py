@@ -30,7 +30,24 @@ from jaxllm.entrypoints.openai.serving_engine import (
     prompt_logprobs_body,
     sse,
 )
+from jaxllm.entrypoints.openai.tool_calls import StreamedReply, ToolChoice, parse_reply
 from jaxllm.outputs import RequestOutput
+
+
+def _finish_reason(choice: ToolChoice, finish_reason: str | None, called: bool) -> str | None:
+    """vLLM's: "tool_calls" when auto's parser found calls, or a required reply ended normally."""
+    if called and (choice.mode == "auto" or (choice.mode == "required" and finish_reason == "stop")):
+        return "tool_calls"
+    return finish_reason
+
+
+def _named_piece(reply: StreamedReply, text: str) -> dict:
+    """A streamed piece of a named call's arguments; the first one carries its id and name."""
+    if not reply.named_sent:
+        reply.named_sent = True
+        return {"index": 0, "id": reply.call_id, "type": "function",
+                "function": {"name": reply.choice.name, "arguments": text}}
+    return {"index": 0, "function": {"arguments": text}}
 
 
 def apply_chat_template(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
@@ -54,6 +71,10 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
         self.check_model(request.model)
         self.check_supported(request)
+        choice = request.resolved_tool_choice()
+        if choice.mode == "auto" and self.served.tool_call_parser is None:
+            raise APIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                           param="tool_choice")
         prompt_ids = apply_chat_template(self.tokenizer, request.messages, request.add_generation_prompt,
                                          request.chat_template, request.tools, request.continue_final_message,
                                          request.chat_template_kwargs)
@@ -63,19 +84,21 @@ class OpenAIServingChat(OpenAIServing):
         streams = await self.start([request_id], [prompt_ids], params, request.cache_salt, request.priority)
         if request.stream:
             body = self._stream(request, request_id, merged_deltas(self.engine, streams, params.n), params.n,
-                                len(prompt_ids))
+                                len(prompt_ids), choice)
             return StreamingResponse(body, media_type="text/event-stream")
         [output] = await final_outputs(self.engine, streams)
-        return self._response(request, request_id, output)
+        return self._response(request, request_id, output, choice)
 
-    def _response(self, request: ChatCompletionRequest, request_id: str,
-                  output: RequestOutput) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(index=c.index, message=DeltaMessage(role="assistant", content=c.text),
-                       logprobs=self._logprobs(request, c.token_ids, c.logprobs), finish_reason=c.finish_reason,
-                       stop_reason=c.stop_reason)
-            for c in output.outputs
-        ]
+    def _response(self, request: ChatCompletionRequest, request_id: str, output: RequestOutput,
+                  choice: ToolChoice) -> ChatCompletionResponse:
+        choices = []
+        for c in output.outputs:
+            reply = parse_reply(c.text, choice, self.served.tool_call_parser)
+            message = DeltaMessage(role="assistant", content=reply.content, tool_calls=reply.tool_calls or None)
+            choices.append(ChatChoice(index=c.index, message=message,
+                                      logprobs=self._logprobs(request, c.token_ids, c.logprobs),
+                                      finish_reason=_finish_reason(choice, c.finish_reason, bool(reply.tool_calls)),
+                                      stop_reason=c.stop_reason))
         usage = self.usage(len(output.prompt_token_ids), sum(len(c.token_ids) for c in output.outputs),
                            output.num_cached_tokens)
         prompt_logprobs = prompt_logprobs_body(output.prompt_logprobs) if request.prompt_logprobs is not None else None
@@ -89,9 +112,10 @@ class OpenAIServingChat(OpenAIServing):
         return chat_logprobs(token_ids, logprobs, request.top_logprobs or 0, self.tokenizer, self.as_token_ids(request))
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, deltas: AsyncIterator[Delta], n: int,
-                      num_prompt_tokens: int) -> AsyncIterator[str]:
+                      num_prompt_tokens: int, choice: ToolChoice) -> AsyncIterator[str]:
         num_tokens: dict[int, int] = {}  # choice -> generated tokens
         cached_tokens = 0  # of the prompt, served from the prefix cache
+        replies = {index: StreamedReply(choice, self.served.tool_call_parser) for index in range(n)}
         try:
             for index in range(n):  # OpenAI's first chunk of each choice carries the role alone
                 role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
@@ -100,10 +124,10 @@ class OpenAIServingChat(OpenAIServing):
             async for delta in deltas:
                 num_tokens[delta.index] = delta.num_tokens
                 cached_tokens = delta.num_cached_tokens
-                choice = self._stream_choice(request, delta)
-                if choice is not None:
+                chunk_choice = self._stream_choice(request, delta, replies[delta.index])
+                if chunk_choice is not None:
                     usage = self._usage(request, num_prompt_tokens, delta.num_tokens, cached_tokens)
-                    yield sse(self._chunk(request_id, choice, usage))
+                    yield sse(self._chunk(request_id, chunk_choice, usage))
             if request.include_usage:
                 usage = self.usage(num_prompt_tokens, sum(num_tokens.values()), cached_tokens)
                 yield sse(ChatCompletionChunk(id=request_id, model=self.served.name, choices=[], usage=usage))
@@ -111,15 +135,26 @@ class OpenAIServingChat(OpenAIServing):
             yield sse(APIError(str(exc), status=500, type="InternalServerError").response_body())
         yield SSE_DONE
 
-    def _stream_choice(self, request: ChatCompletionRequest, delta: Delta) -> ChatStreamChoice | None:
-        """None: nothing to send (text held back for a possible stop string or an incomplete
-        character, and no logprobs to carry)."""
+    def _stream_choice(self, request: ChatCompletionRequest, delta: Delta, reply: StreamedReply) -> ChatStreamChoice | None:
+        """None: nothing to send (text held back for a possible stop string, an incomplete
+        character or a possible tool call, and no logprobs to carry)."""
+        content = reply.content_delta(delta.text)
+        calls: list[dict] = []
+        if reply.choice.mode == "named" and (delta.text or (delta.finish_reason and not reply.text)):
+            calls = [_named_piece(reply, delta.text)]
+        finish_reason = delta.finish_reason
+        if finish_reason is not None:
+            rest, parsed = reply.finish()
+            content += rest
+            calls += [{"index": i, **call} for i, call in enumerate(parsed)]
+            finish_reason = _finish_reason(reply.choice, finish_reason, bool(parsed))
         carries_logprobs = request.logprobs and delta.token_ids
-        if not delta.text and delta.finish_reason is None and not carries_logprobs:
+        if not content and not calls and finish_reason is None and not carries_logprobs:
             return None
-        return ChatStreamChoice(index=delta.index, delta=DeltaMessage(content=delta.text),
+        message = DeltaMessage(content=content if content or not calls else None, tool_calls=calls or None)
+        return ChatStreamChoice(index=delta.index, delta=message,
                                 logprobs=self._logprobs(request, delta.token_ids, delta.logprobs),
-                                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+                                finish_reason=finish_reason, stop_reason=delta.stop_reason)
 
     def _chunk(self, request_id: str, choice: ChatStreamChoice, usage: UsageInfo | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=request_id, model=self.served.name, choices=[choice], usage=usage)

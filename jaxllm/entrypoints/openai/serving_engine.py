@@ -47,6 +47,7 @@ class ServedModel:
     # tokens as "token_id:<id>" for requests that do not say.
     enable_prompt_tokens_details: bool = False
     return_tokens_as_token_ids: bool = False
+    tool_call_parser: str | None = None  # reads tool calls out of "auto" replies (--enable-auto-tool-choice)
     # SamplingParams fields from the model's generation config, for requests that leave them out.
     sampling_defaults: dict = field(default_factory=dict)
 

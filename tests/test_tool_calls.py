@@ -1,0 +1,139 @@
+"""Tool calling: tool_choice resolution, the constraints of named and required calls, the hermes
+parser, and streamed replies that hold back what may be a tool call."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from jaxllm.entrypoints.openai.tool_calls import (
+    StreamedReply,
+    ToolChoice,
+    constraint,
+    parse_hermes,
+    parse_reply,
+    resolve_tool_choice,
+)
+from jaxllm.structured.regex import compile_regex
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"enum": ["C", "F"]}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"$ref": "#/$defs/Zone"}}, "required": ["zone"],
+    "$defs": {"Zone": {"type": "string", "enum": ["UTC", "CET"]}}}}}
+NO_PARAMETERS = {"type": "function", "function": {"name": "ping"}}
+TOOLS = [WEATHER, TIME, NO_PARAMETERS]
+
+
+@pytest.mark.parametrize("tools, tool_choice, want", [
+    (None, None, ToolChoice("none")),
+    (TOOLS, None, ToolChoice("auto")),
+    (TOOLS, "none", ToolChoice("none")),
+    (TOOLS, "required", ToolChoice("required")),
+    (TOOLS, {"type": "function", "function": {"name": "get_time"}}, ToolChoice("named", "get_time")),
+])
+def test_tool_choice_resolution(tools, tool_choice, want):
+    assert resolve_tool_choice(tools, tool_choice) == want
+
+
+@pytest.mark.parametrize("tools, tool_choice, message", [
+    (TOOLS, "sometimes", "must be 'none', 'auto', 'required' or a named function"),
+    (None, "required", "needs tools"),
+    (TOOLS, {"type": "function", "function": {"name": "fly"}}, "'fly', which is not in tools"),
+    (TOOLS, {"function": {"name": "ping"}}, "a named tool_choice must be"),
+    ([WEATHER, WEATHER], "auto", "duplicate function names: ['get_weather']"),
+    ([{"type": "function", "function": {"name": ""}}], "auto", "tools[0].function.name"),
+    ([{"type": "retrieval"}], "auto", "tools[0] must be"),
+    ([{"type": "function", "function": {"name": "x", "parameters": "none"}}], "auto", "parameters must be"),
+])
+def test_bad_tools_and_tool_choices_are_named(tools, tool_choice, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_tool_choice(tools, tool_choice)
+
+
+def test_named_and_required_constraints_match_calls_and_only_calls():
+    named = compile_regex(constraint(TOOLS, ToolChoice("named", "get_weather")).pattern())
+    assert named.fullmatch('{"city": "Paris", "unit": "C"}') and named.fullmatch('{"city":"Oslo"}')
+    assert not named.fullmatch('{"unit": "C"}') and not named.fullmatch('{"city": "Paris", "unit": "K"}')
+    required = compile_regex(constraint(TOOLS, ToolChoice("required")).pattern())
+    good = [{"name": "get_weather", "parameters": {"city": "Rome"}},
+            {"name": "get_time", "parameters": {"zone": "CET"}}, {"name": "ping", "parameters": {}}]
+    for calls in (good[:1], good, good[1:]):
+        assert required.fullmatch(json.dumps(calls)), calls
+    for bad in ([], [{"name": "get_time", "parameters": {"zone": "PST"}}], [{"name": "fly", "parameters": {}}],
+                [{"name": "ping"}]):
+        assert not required.fullmatch(json.dumps(bad)), bad
+    assert constraint(TOOLS, ToolChoice("auto")) is None and constraint(TOOLS, ToolChoice("none")) is None
+
+
+def test_parse_reply_per_choice():
+    named = parse_reply('{"city": "Paris"}', ToolChoice("named", "get_weather"), None)
+    assert named.content is None and [c["function"] for c in named.tool_calls] == [
+        {"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    assert named.tool_calls[0]["id"].startswith("chatcmpl-tool-") and named.tool_calls[0]["type"] == "function"
+    required = parse_reply('[{"name": "ping", "parameters": {}}, {"name": "get_time", "parameters": {"zone": "UTC"}}]',
+                           ToolChoice("required"), None)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in required.tool_calls] == [
+        ("ping", {}), ("get_time", {"zone": "UTC"})]
+    cut = parse_reply('[{"name": "ping", "param', ToolChoice("required"), None)
+    assert cut.content == '[{"name": "ping", "param' and cut.tool_calls == []
+    assert parse_reply("<tool_call>{}</tool_call>", ToolChoice("auto"), None).tool_calls == []  # no parser
+    assert parse_reply("hi", ToolChoice("none"), "hermes").content == "hi"
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ("Just text.", "Just text.", []),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', None,
+     [("get_weather", {"city": "Paris"})]),
+    ('Let me check.\n<tool_call>{"name": "ping", "arguments": {}}</tool_call>\n'
+     '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>', "Let me check.",
+     [("ping", {}), ("get_time", {"zone": "UTC"})]),
+    ('<tool_call>{"name": "ping", "arguments": {"a": "ü"}}', None, [("ping", {"a": "ü"})]),  # left open at eos
+    ("<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>", []),
+    ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
+])
+def test_hermes_parser(text, content, calls):
+    parsed = parse_hermes(text)
+    assert parsed.content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.tool_calls] == calls
+
+
+@pytest.mark.parametrize("text", [
+    "Plain answer with < and <tool and <tool_cal but no call.",
+    'Checking <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+    '<tool_call>{"name": "ping", "arguments": {}}</tool_call>',
+    "Almost <tool_call>broken</tool_call> call",
+    "ends with a partial marker <tool_c",
+])
+def test_streamed_auto_reply_equals_the_whole_reply_however_it_is_cut(text):
+    whole = parse_hermes(text)
+    rng = random.Random(text)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randrange(0, 8))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        reply = StreamedReply(ToolChoice("auto"), "hermes")
+        sent = "".join(reply.content_delta(p) for p in pieces)
+        rest, calls = reply.finish()
+        if whole.tool_calls:
+            assert (sent + rest).strip() == (whole.content or "")
+            assert [c["function"] for c in calls] == [c["function"] for c in whole.tool_calls]
+        else:
+            assert sent + rest == text and calls == []
+        if "<tool_call>" in text:
+            assert "<tool_call>" not in sent  # a call's text is never streamed as content
+
+
+def test_streamed_named_and_required_replies_send_no_content():
+    named = StreamedReply(ToolChoice("named", "ping"), None)
+    assert named.content_delta("{}") == "" and named.finish() == ("", [])
+    required = StreamedReply(ToolChoice("required"), None)
+    assert required.content_delta('[{"name": "ping", ') == "" and required.content_delta('"parameters": {}}]') == ""
+    rest, calls = required.finish()
+    assert rest == "" and [c["function"] for c in calls] == [{"name": "ping", "arguments": "{}"}]
+    free = StreamedReply(ToolChoice("auto"), None)
+    assert free.content_delta("<tool_call>") == "<tool_call>" and free.finish() == ("", [])
