@@ -113,7 +113,7 @@ class TokenDFA:
 
     def __init__(self, dfa: DFA, vocab: TokenVocabulary, eos_token_ids: tuple[int, ...]):
         self.dfa, self.vocab, self.eos_token_ids = dfa, vocab, tuple(eos_token_ids)
-        self._classes = dfa.classes_of(vocab.byte_values)
+        self._class_of_byte = dfa.classes_of(np.arange(256)).astype(np.intp)  # the vocabulary's table is shared
         self._masks: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -133,9 +133,9 @@ class TokenDFA:
         mask = np.zeros(self.vocab.vocab_size, bool)
         if state != self.dfa.dead:
             current = np.full(len(self.vocab.token_ids), state, np.int32)
-            trans = self.dfa.transitions
+            trans, byte_values = self.dfa.transitions, self.vocab.byte_values
             for pos, k in enumerate(self.vocab.longer_than):
-                current[:k] = trans[current[:k], self._classes[:k, pos]]
+                current[:k] = trans[current[:k], self._class_of_byte[byte_values[:k, pos]]]
             mask[self.vocab.token_ids[current != self.dfa.dead]] = True
         if state == self.dfa.dead or self.dfa.accepting[state]:
             # Accepting: the text may end here. Dead (a token the mask did not allow was forced
