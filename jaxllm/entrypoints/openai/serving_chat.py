@@ -70,7 +70,7 @@ def apply_chat_template(tokenizer, messages: list[ChatMessage], add_generation_p
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
         self.check_model(request.model)
-        self.check_supported(request)
+        await self.check_supported(request)
         choice = request.resolved_tool_choice()
         if choice.mode == "auto" and self.served.tool_call_parser is None:
             raise APIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',

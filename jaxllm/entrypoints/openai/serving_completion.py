@@ -32,7 +32,7 @@ from jaxllm.sampling_params import SamplingParams
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | StreamingResponse:
         self.check_model(request.model)
-        self.check_supported(request)
+        await self.check_supported(request)
         prompts = [self.truncated(request, ids) for ids in self._prompt_ids(request.prompt, request.add_special_tokens)]
         params = self._params(request, prompts)
         base_id = random_id("cmpl")

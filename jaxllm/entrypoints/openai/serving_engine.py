@@ -131,7 +131,7 @@ class OpenAIServing:
             raise APIError(f"The model `{model}` does not exist; this server serves `{self.served.name}`",
                            status=400, type="NotFoundError", param="model")
 
-    def check_supported(self, request: SamplingRequest) -> None:
+    async def check_supported(self, request: SamplingRequest) -> None:
         ignored = request.ignored_fields()
         if ignored:
             logger.warning("request fields %s are not known to this server and were ignored", ignored)
@@ -139,13 +139,14 @@ class OpenAIServing:
         if found is not None:
             message, param = found
             raise APIError(message, param=param)
-        self._check_structured_outputs(request)
+        # Compiling a pattern may take up to a second (a large one): not on the event loop.
+        await asyncio.to_thread(self._check_structured_outputs, request)
 
     @staticmethod
     def _check_structured_outputs(request: SamplingRequest) -> None:
         """A 400 naming the field for a structured-output constraint the engine would refuse (an
-        unsupported schema keyword or regex construct), before anything is queued. The compiled
-        automaton is cached, so the engine does not compile it again."""
+        unsupported schema keyword or regex construct, one too large), before anything is queued.
+        The compiled automaton is cached, so the engine does not compile it again."""
         fields = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
                   "guided_grammar", "guided_whitespace_pattern")
         try:
