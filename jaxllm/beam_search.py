@@ -77,31 +77,97 @@ class _Beam:
     request_id: str  # the retained request whose next-token logprobs extend this beam
 
 
-@dataclass
-class _Group:
-    live: list[_Beam]
-    completed: list[BeamSearchSequence] = field(default_factory=list)
+@dataclass(frozen=True)
+class Fork:
+    """A new beam: request ``child`` of ``tokens`` continues the retained request ``parent``."""
+
+    parent: str
+    child: str
+    tokens: list[int]
+
+
+class BeamGroup:
+    """One prompt's search, apart from how its requests run (``LLM.beam_search`` drives the engine
+    itself; the server drives it through ``AsyncLLMEngine``).
+
+    Each iteration every live beam's request returns the top ``2 * beam_width`` logprobs of its
+    next token; :meth:`advance` ranks the candidates and says which new requests to fork from
+    which retained ones, and which retained ones to release.
+    """
+
+    def __init__(self, prompt: list[int], params: BeamSearchParams, eos_ids, ids):
+        self.params, self.eos, self._ids = params, frozenset(eos_ids), ids
+        self.num_prompt_tokens = len(prompt)
+        self.live = [_Beam(BeamSearchSequence(list(prompt)), next(ids))]
+        self.completed: list[BeamSearchSequence] = []
+
+    @property
+    def first_request_id(self) -> str:
+        return self.live[0].request_id
+
+    def advance(self, results: dict[str, dict], fork: bool) -> tuple[list[Fork], list[str]]:
+        """Rank the candidates of ``results`` (request id -> {token: Logprob}); returns the forks
+        to queue (none when ``fork`` is False: the last iteration) and the parents to release
+        after them (children hold their own references to the shared blocks by then)."""
+        candidates = []
+        for beam in self.live:
+            for token, lp in results[beam.request_id].items():
+                seq = BeamSearchSequence(beam.seq.tokens + [token], beam.seq.cum_logprob + lp.logprob,
+                                         beam.seq.logprobs + [results[beam.request_id]])
+                if token in self.eos and not self.params.ignore_eos:
+                    self.completed.append(seq)
+                else:
+                    candidates.append((seq, beam.request_id))
+        candidates.sort(key=lambda c: self._score(c[0]), reverse=True)
+        parents = [b.request_id for b in self.live]
+        self.live = [_Beam(seq, next(self._ids)) for seq, _ in candidates[: self.params.beam_width]]
+        forks = [Fork(parent, beam.request_id, beam.seq.tokens)
+                 for beam, (_, parent) in zip(self.live, candidates, strict=False)] if fork else []
+        return forks, parents
+
+    def _score(self, seq: BeamSearchSequence) -> float:
+        return beam_score(seq.tokens, seq.cum_logprob, self.eos, self.params.length_penalty)
+
+    def finish(self, tokenizer) -> BeamSearchOutput:
+        """The best ``beam_width`` of the finished and live beams, their texts decoded."""
+        for beam in self.live:
+            beam.seq.finish_reason = "length"
+        for seq in self.completed:
+            seq.finish_reason = "stop"
+        best = sorted(self.completed + [b.seq for b in self.live], key=self._score, reverse=True)
+        best = best[: self.params.beam_width]
+        for seq in best:
+            seq.text = None if tokenizer is None else tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        return BeamSearchOutput(best)
+
+
+def step_params(params: BeamSearchParams) -> SamplingParams:
+    """What each beam's one-token request asks for: its next token's top 2 * beam_width logprobs."""
+    return SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2 * params.beam_width,
+                          detokenize=False)
 
 
 class _Search:
     def __init__(self, engine: LLMEngine, params: BeamSearchParams):
         self.engine, self.params = engine, params
         self.eos = frozenset(engine.scheduler.eos_token_ids)
-        self.step_params = SamplingParams(
-            temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2 * params.beam_width, detokenize=False
-        )
+        self.step_params = step_params(params)
         self._ids = (f"beam-{i}" for i in itertools.count())
 
     def run(self, prompts: list[list[int]]) -> list[BeamSearchOutput]:
-        groups = [_Group([_Beam(BeamSearchSequence(list(p)), next(self._ids))]) for p in prompts]
+        groups = [BeamGroup(p, self.params, self.eos, self._ids) for p in prompts]
         for g in groups:
-            self.engine.add_request(g.live[0].request_id, g.live[0].seq.tokens, self.step_params, retain_blocks=True)
+            self.engine.add_request(g.first_request_id, g.live[0].seq.tokens, self.step_params, retain_blocks=True)
         for iteration in range(self.params.max_tokens):
             results = self._run_engine()
             last = iteration == self.params.max_tokens - 1
             for g in groups:
-                self._advance(g, results, fork=not last)
-        return [self._finish(g) for g in groups]
+                forks, released = g.advance(results, fork=not last)
+                for f in forks:
+                    self.engine.fork_request(f.parent, f.child, f.tokens, self.step_params)
+                for parent in released:
+                    self.engine.release_request(parent)
+        return [g.finish(self.engine.tokenizer) for g in groups]
 
     def _run_engine(self) -> dict[str, dict]:
         results = {}
@@ -110,43 +176,6 @@ class _Search:
                 if out.finished:
                     results[out.request_id] = out.outputs[0].logprobs[0]
         return results
-
-    def _advance(self, g: _Group, results: dict[str, dict], fork: bool) -> None:
-        candidates = []
-        for beam in g.live:
-            for token, lp in results[beam.request_id].items():
-                seq = BeamSearchSequence(beam.seq.tokens + [token], beam.seq.cum_logprob + lp.logprob,
-                                         beam.seq.logprobs + [results[beam.request_id]])
-                if token in self.eos and not self.params.ignore_eos:
-                    g.completed.append(seq)
-                else:
-                    candidates.append((seq, beam.request_id))
-        candidates.sort(key=lambda c: self._score(c[0]), reverse=True)
-        parents = [b.request_id for b in g.live]
-        g.live = [self._fork(seq, parent, fork) for seq, parent in candidates[: self.params.beam_width]]
-        for parent in parents:  # children hold their own references to the shared blocks now
-            self.engine.release_request(parent)
-
-    def _fork(self, seq: BeamSearchSequence, parent: str, fork: bool) -> _Beam:
-        beam = _Beam(seq, next(self._ids))
-        if fork:
-            self.engine.fork_request(parent, beam.request_id, seq.tokens, self.step_params)
-        return beam
-
-    def _score(self, seq: BeamSearchSequence) -> float:
-        return beam_score(seq.tokens, seq.cum_logprob, self.eos, self.params.length_penalty)
-
-    def _finish(self, g: _Group) -> BeamSearchOutput:
-        for beam in g.live:
-            beam.seq.finish_reason = "length"
-        for seq in g.completed:
-            seq.finish_reason = "stop"
-        best = sorted(g.completed + [b.seq for b in g.live], key=self._score, reverse=True)
-        best = best[: self.params.beam_width]
-        tokenizer = self.engine.tokenizer
-        for seq in best:
-            seq.text = None if tokenizer is None else tokenizer.decode(seq.tokens, skip_special_tokens=True)
-        return BeamSearchOutput(best)
 
 
 def beam_search(engine: LLMEngine, prompts: list[list[int]], params: BeamSearchParams) -> list[BeamSearchOutput]:

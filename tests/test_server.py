@@ -648,7 +648,14 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL], "tool_choice": "required", "guided_regex": "a"},
      "constrains the reply itself"),
     ("/v1/chat/completions", {"messages": CHAT, "functions": [TOOL["function"]]}, "functions"),
-    ("/v1/completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ("/v1/completions", {"prompt": "x", "use_beam_search": True, "temperature": 0.7}, "temperature cannot be combined"),
+    ("/v1/completions", {"prompt": "x", "use_beam_search": True, "logprobs": 1}, "logprobs cannot be combined"),
+    ("/v1/completions", {"prompt": "x", "use_beam_search": True, "stop": ["."]}, "stop cannot be combined"),
+    ("/v1/completions", {"prompt": "x", "use_beam_search": True, "echo": True}, "echo cannot be combined"),
+    ("/v1/completions", {"prompt": "x", "use_beam_search": True, "n": 11}, "beam_width=11"),
+    ("/v1/completions", {"prompt": "x", "length_penalty": 0.5}, "length_penalty only applies"),
+    ("/v1/chat/completions", {"messages": CHAT, "use_beam_search": True, "tools": [TOOL], "tool_choice": "required"},
+     "cannot be combined with use_beam_search"),
     ("/v1/completions", {"prompt": "x", "priority": 1}, "priority=1 needs the server started with --scheduling-policy"),
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "not supported with stream"),
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs=21"),
@@ -841,6 +848,41 @@ def test_named_and_required_tool_calls(client, http):
         {"name": c.function.name, "arguments": c.function.arguments} for c in required.message.tool_calls]
 
 
+def test_use_beam_search_equals_llm_beam_search(http, smollm2_model):
+    from jaxllm import LLM, BeamSearchParams
+    from jaxllm.entrypoints.chat_utils import render_chat
+
+    llm = LLM(smollm2_model, max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64)
+    tokenizer = llm.get_tokenizer()
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    ids = [http.post("/tokenize", json={"prompt": p}).json()["tokens"] for p in prompts]
+    want = llm.beam_search([{"prompt_token_ids": i} for i in ids], BeamSearchParams(beam_width=3, max_tokens=8))
+    want_texts = [tokenizer.decode(s.tokens[len(i):], skip_special_tokens=True) for i, out in zip(ids, want, strict=True)
+                  for s in out.sequences]
+    body = {"prompt": prompts, "n": 3, "max_tokens": 8, "use_beam_search": True}
+    response = http.post("/v1/completions", json=body).json()
+    assert [c["text"] for c in response["choices"]] == want_texts
+    assert [c["index"] for c in response["choices"]] == list(range(6))
+    assert [c["finish_reason"] for c in response["choices"]] == [
+        s.finish_reason for out in want for s in out.sequences]
+    assert response["usage"]["completion_tokens"] == sum(len(s.tokens) - len(i) for i, out in zip(ids, want, strict=True)
+                                                         for s in out.sequences)
+    streamed = _sse_chunks(http, "/v1/completions", body)
+    texts = {}
+    for chunk in streamed:
+        for c in chunk["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert [texts[i] for i in range(6)] == want_texts
+    chat = {"messages": CHAT, "n": 2, "max_tokens": 6, "use_beam_search": True, "length_penalty": 0.5}
+    conversation = render_chat(tokenizer, CHAT, add_generation_prompt=True)  # what the server renders
+    want_chat = llm.beam_search([{"prompt_token_ids": conversation}],
+                                BeamSearchParams(beam_width=2, max_tokens=6, length_penalty=0.5))[0].sequences
+    got = http.post("/v1/chat/completions", json=chat).json()["choices"]
+    assert [c["message"]["content"] for c in got] == [
+        tokenizer.decode(s.tokens[len(conversation):], skip_special_tokens=True) for s in want_chat]
+    assert metric(http, "kv_cache_usage_perc") == 0  # every beam's retained blocks were released
+
+
 TOOL_HISTORY = [
     {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "content": None, "tool_calls": [
@@ -960,6 +1002,14 @@ def test_disconnect_mid_stream_frees_blocks(server, http):
                 break
         assert metric(http, "num_requests_running") == 1 and metric(http, "kv_cache_usage_perc") > 0
     wait_idle(http, timeout=10)
+
+
+def test_disconnect_during_beam_search_releases_every_beam(server, http):
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "n": 4, "use_beam_search": True, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json=body, timeout=1.5)
+    wait_idle(http, timeout=10)
+    assert metric(http, "kv_cache_usage_perc") == 0  # retained beams too, which no running request holds
 
 
 def test_disconnect_while_waiting_for_whole_response_frees_blocks(server, http):

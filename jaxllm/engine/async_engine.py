@@ -66,6 +66,22 @@ class _Add:
     stream: RequestStream
     accepted: asyncio.Future  # resolved with None, or failed with the reason the request was refused
     priority: int = 0
+    retain_blocks: bool = False  # keep its KV blocks when it finishes, for forks (beam search)
+
+
+@dataclass(frozen=True)
+class _Fork:
+    parent_id: str  # a finished request that kept its blocks
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    stream: RequestStream
+    accepted: asyncio.Future
+
+
+@dataclass(frozen=True)
+class _Release:
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -100,7 +116,7 @@ class AsyncLLMEngine:
         self.tokenizer = engine.tokenizer
         self.max_waiting_requests = max_waiting_requests
         self._observer = observer
-        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Fork | _Abort | _Release] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._streams: dict[str, RequestStream] = {}  # owned by the engine thread
@@ -116,9 +132,10 @@ class AsyncLLMEngine:
         return self._thread.is_alive() and not self._stopping.is_set()
 
     async def add_request(self, request_id: str, prompt: str | list[int] | dict,
-                          params: SamplingParams, priority: int = 0) -> RequestStream:
-        """Queue a request; returns its stream once the engine accepted it (``priority``: see
-        :meth:`LLMEngine.add_request`).
+                          params: SamplingParams, priority: int = 0, retain_blocks: bool = False) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it (``priority``,
+        ``retain_blocks``: see :meth:`LLMEngine.add_request`; a request that retains its blocks
+        must be released with :meth:`release` once done).
 
         Raises:
             ValueError: the engine refused the request (invalid parameters, prompt too long).
@@ -130,13 +147,30 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop)
         accepted = loop.create_future()
-        self._send(_Add(request_id, prompt, params, stream, accepted, priority))
+        return await self._queued(_Add(request_id, prompt, params, stream, accepted, priority, retain_blocks))
+
+    async def fork_request(self, parent_id: str, request_id: str, token_ids: list[int],
+                           params: SamplingParams) -> RequestStream:
+        """Queue ``token_ids``, which extend the finished, retained request ``parent_id``, sharing
+        its KV blocks (see :meth:`LLMEngine.fork_request`); the new request retains its blocks too."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, loop)
+        return await self._queued(_Fork(parent_id, request_id, list(token_ids), params, stream, loop.create_future()))
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks a finished request retained; runs on the engine thread."""
+        self._send(_Release(request_id))
+
+    async def _queued(self, command: _Add | _Fork) -> RequestStream:
+        self._send(command)
         try:
-            await accepted
+            await command.accepted
         except asyncio.CancelledError:
-            self.abort(request_id)  # the client left while the request was being queued
+            self.abort(command.request_id)  # the client left while the request was being queued
             raise
-        return stream
+        return command.stream
 
     async def generate(self, request_id: str, prompt: str | list[int] | dict,
                        params: SamplingParams, priority: int = 0) -> AsyncIterator[RequestOutput]:
@@ -160,7 +194,7 @@ class AsyncLLMEngine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _send(self, command: _Add | _Abort) -> None:
+    def _send(self, command: _Add | _Fork | _Abort | _Release) -> None:
         self._commands.put(command)
         self._wakeup.set()
 
@@ -188,28 +222,35 @@ class AsyncLLMEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(command, _Add):
+            if isinstance(command, _Add | _Fork):
                 self._add(command)
+            elif isinstance(command, _Release):
+                self.engine.release_request(command.request_id)
             else:
                 self._abort(command.request_id)
 
-    def _add(self, command: _Add) -> None:
+    def _add(self, command: _Add | _Fork) -> None:
         error = self._refusal(command)
         if error is None:
             self._streams[command.request_id] = command.stream
         loop = command.stream._loop
         loop.call_soon_threadsafe(_resolve, command.accepted, error)
 
-    def _refusal(self, command: _Add) -> BaseException | None:
+    def _refusal(self, command: _Add | _Fork) -> BaseException | None:
         if self._stopping.is_set():
             return EngineDeadError("the server is shutting down")
-        limit = self.max_waiting_requests
-        if limit is not None and self.engine.stats.num_waiting >= limit:
-            return EngineQueueFullError(f"the server is overloaded: {limit} requests are already waiting; retry later")
         try:
-            self.engine.add_request(command.request_id, command.prompt, command.params, priority=command.priority)
-        except ValueError as exc:
-            return exc
+            if isinstance(command, _Fork):  # a search under way continues, whatever the queue holds
+                self.engine.fork_request(command.parent_id, command.request_id, command.token_ids, command.params)
+                return None
+            limit = self.max_waiting_requests
+            if limit is not None and self.engine.stats.num_waiting >= limit:
+                return EngineQueueFullError(f"the server is overloaded: {limit} requests are already waiting; "
+                                            "retry later")
+            self.engine.add_request(command.request_id, command.prompt, command.params, priority=command.priority,
+                                    retain_blocks=command.retain_blocks)
+        except (ValueError, KeyError) as exc:
+            return exc if isinstance(exc, ValueError) else ValueError(f"no retained request {exc}")
         return None
 
     def _abort(self, request_id: str) -> None:

@@ -110,8 +110,10 @@ class SamplingRequest(RequestModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
-    # Fields vLLM honours that this engine cannot yet: refused (see ``unsupported``), never ignored.
+    # vLLM's beam search: n is the beam width; the n best sequences are the choices (beam_search.py).
     use_beam_search: bool = False
+    length_penalty: float = 1.0
+    # Fields vLLM honours that this engine cannot yet: refused (see ``unsupported``), never ignored.
     logits_processors: list[Any] | None = None
     # vLLM's: logprobs show tokens as "token_id:<id>"; None: the server's --return-tokens-as-token-ids.
     return_tokens_as_token_ids: bool | None = None
@@ -142,15 +144,34 @@ class SamplingRequest(RequestModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(message, field) when the request asks for a feature the engine does not have yet."""
-        refused = {
-            "use_beam_search": "use_beam_search is not supported by the server yet (LLM.beam_search has it)",
-            "logits_processors": "logits_processors are not supported",
-        }
-        for name, message in refused.items():
-            if getattr(self, name):
-                return message, name
+        if self.logits_processors:
+            return "logits_processors are not supported", "logits_processors"
+        if self.use_beam_search:
+            found = self._beam_search_conflict()
+            if found is not None:
+                return found
+        elif self.length_penalty != 1.0:
+            return "length_penalty only applies with use_beam_search=true", "length_penalty"
+
         if self.prompt_logprobs and self.stream:  # as vLLM: 0 asks for nothing a stream would carry
             return "prompt_logprobs > 0 is not supported with stream=true", "prompt_logprobs"
+        return None
+
+    # Fields beam search cannot honour (it ranks the model's own log-probabilities), at their neutral values.
+    _BEAM_NEUTRAL = {"temperature": (None, 0.0), "top_p": (None, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0.0),
+                     "presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0),
+                     "repetition_penalty": (None, 1.0), "logit_bias": (None, {}), "bad_words": (None, [], ""),
+                     "stop": (None, [], ""), "stop_token_ids": (None, []), "min_tokens": (0,),
+                     "allowed_token_ids": (None,), "prompt_logprobs": (None,), "response_format": (None,),
+                     "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,),
+                     "guided_choice": (None,), "guided_grammar": (None,)}
+
+    def _beam_search_conflict(self) -> tuple[str, str] | None:
+        for name, neutral in self._BEAM_NEUTRAL.items():
+            if getattr(self, name) not in neutral:
+                return f"{name} cannot be combined with use_beam_search", name
+        if self.requested_logprobs() is not None:
+            return "logprobs cannot be combined with use_beam_search", "logprobs"
         return None
 
     def requested_max_tokens(self) -> int | None:
@@ -223,6 +244,8 @@ class CompletionRequest(SamplingRequest):
         found = super().unsupported()
         if found is None and self.suffix:
             return "suffix is not supported yet", "suffix"
+        if found is None and self.use_beam_search and self.echo:
+            return "echo cannot be combined with use_beam_search", "echo"
         return found
 
     def requested_max_tokens(self) -> int | None:
@@ -316,9 +339,11 @@ class ChatCompletionRequest(SamplingRequest):
         if self.functions is not None or self.function_call is not None:
             return "functions and function_call (OpenAI's deprecated forms) are not supported; send tools", "functions"
         try:
-            self.resolved_tool_choice()
+            choice = self.resolved_tool_choice()
         except ValueError as exc:
             return str(exc), "tools" if str(exc).startswith("tools") else "tool_choice"
+        if self.use_beam_search and choice.mode != "none":
+            return f"tool_choice={choice.mode!r} cannot be combined with use_beam_search", "tool_choice"
         return None
 
     def resolved_tool_choice(self) -> ToolChoice:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 
 from jaxllm.entrypoints.chat_utils import ChatTemplateError, render_chat
+from jaxllm.entrypoints.openai.beam_search import as_deltas, beam_search_output
 from jaxllm.entrypoints.openai.logprobs import chat_logprobs
 from jaxllm.entrypoints.openai.protocol import (
     ChatChoice,
@@ -81,6 +82,12 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids = self.truncated(request, prompt_ids)
         params = self.sampling_params(request, prompt_ids)
         request_id = random_id("chatcmpl")
+        if request.use_beam_search:
+            output = await beam_search_output(self.engine, request_id, prompt_ids, self.beam_search_params(request, params))
+            if request.stream:
+                return StreamingResponse(self._stream(request, request_id, as_deltas([output], params.n), params.n,
+                                                      len(prompt_ids), choice), media_type="text/event-stream")
+            return self._response(request, request_id, output, choice)
         streams = await self.start([request_id], [prompt_ids], params, request.cache_salt, request.priority)
         if request.stream:
             body = self._stream(request, request_id, merged_deltas(self.engine, streams, params.n), params.n,

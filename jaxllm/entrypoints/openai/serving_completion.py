@@ -3,10 +3,12 @@ server-sent events. Choice ``i * n + j`` is completion j of prompt i, as in vLLM
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
+from jaxllm.entrypoints.openai.beam_search import as_deltas, beam_search_output
 from jaxllm.entrypoints.openai.logprobs import completion_logprobs
 from jaxllm.entrypoints.openai.protocol import (
     CompletionChoice,
@@ -36,6 +38,14 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = [self.truncated(request, ids) for ids in self._prompt_ids(request.prompt, request.add_special_tokens)]
         params = self._params(request, prompts)
         base_id = random_id("cmpl")
+        if request.use_beam_search:
+            beams = self.beam_search_params(request, params)
+            outputs = list(await asyncio.gather(*(beam_search_output(self.engine, f"{base_id}-{i}", ids, beams)
+                                                  for i, ids in enumerate(prompts))))
+            if request.stream:
+                body = self._stream(request, base_id, prompts, as_deltas(outputs, params.n))
+                return StreamingResponse(body, media_type="text/event-stream")
+            return self._response(request, base_id, prompts, outputs)
         streams = await self.start([f"{base_id}-{i}" for i in range(len(prompts))], prompts, params,
                                   request.cache_salt, request.priority)
         if request.stream:

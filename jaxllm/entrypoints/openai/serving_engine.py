@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from jaxllm.beam_search import BeamSearchParams
 from jaxllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from jaxllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest, UsageInfo
 from jaxllm.outputs import CompletionOutput, RequestOutput, WholeOutput
@@ -125,6 +126,15 @@ class OpenAIServing:
         """Whether logprobs show tokens as ``"token_id:<id>"``: the request's choice, else the server's."""
         chosen = request.return_tokens_as_token_ids
         return self.served.return_tokens_as_token_ids if chosen is None else chosen
+
+    @staticmethod
+    def beam_search_params(request: SamplingRequest, params: SamplingParams) -> BeamSearchParams:
+        """``use_beam_search``: ``n`` beams, the request's max_tokens, ignore_eos and length_penalty."""
+        try:
+            return BeamSearchParams(beam_width=params.n, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
+                                    length_penalty=request.length_penalty)
+        except ValueError as exc:
+            raise APIError(f"use_beam_search: {exc}", param="n" if "beam_width" in str(exc) else None) from exc
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served.name:
