@@ -331,8 +331,6 @@ class ChatCompletionRequest(SamplingRequest):
         found = super().unsupported()
         if found is not None:
             return found
-        if self.echo:
-            return "echo is not supported for chat completions yet", "echo"
         if self.add_special_tokens:
             return ("add_special_tokens=true is not supported for chat completions; the chat template "
                     "writes the special tokens"), "add_special_tokens"
@@ -345,6 +343,13 @@ class ChatCompletionRequest(SamplingRequest):
         if self.use_beam_search and choice.mode != "none":
             return f"tool_choice={choice.mode!r} cannot be combined with use_beam_search", "tool_choice"
         return None
+
+    def echoed_content(self) -> str:
+        """vLLM's chat ``echo``: the last message's text when it is the assistant's (the reply
+        continues it), put in front of each choice's content; else nothing."""
+        if not self.echo or not self.messages or self.messages[-1].role != "assistant":
+            return ""
+        return self.messages[-1].template_dict()["content"]
 
     def resolved_tool_choice(self) -> ToolChoice:
         return resolve_tool_choice(self.tools, self.tool_choice)

@@ -99,9 +99,11 @@ class OpenAIServingChat(OpenAIServing):
     def _response(self, request: ChatCompletionRequest, request_id: str, output: RequestOutput,
                   choice: ToolChoice) -> ChatCompletionResponse:
         choices = []
+        echoed = request.echoed_content()
         for c in output.outputs:
             reply = parse_reply(c.text, choice, self.served.tool_call_parser)
-            message = DeltaMessage(role="assistant", content=reply.content, tool_calls=reply.tool_calls or None)
+            content = reply.content if reply.content is None else echoed + reply.content
+            message = DeltaMessage(role="assistant", content=content, tool_calls=reply.tool_calls or None)
             choices.append(ChatChoice(index=c.index, message=message,
                                       logprobs=self._logprobs(request, c.token_ids, c.logprobs),
                                       finish_reason=_finish_reason(choice, c.finish_reason, bool(reply.tool_calls)),
@@ -128,6 +130,10 @@ class OpenAIServingChat(OpenAIServing):
                 role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
                 # Sent before the engine has scheduled the request: its cache hits are not known yet.
                 yield sse(self._chunk(request_id, role, self._usage(request, num_prompt_tokens, 0, None)))
+                echoed = request.echoed_content()
+                if echoed:
+                    echo = ChatStreamChoice(index=index, delta=DeltaMessage(content=echoed))
+                    yield sse(self._chunk(request_id, echo, self._usage(request, num_prompt_tokens, 0, None)))
             async for delta in deltas:
                 num_tokens[delta.index] = delta.num_tokens
                 cached_tokens = delta.num_cached_tokens
