@@ -322,3 +322,29 @@ def test_smollm2_json_schema_and_json_object(llm):
                        use_tqdm=False)[0].outputs[0]
     assert obj.finish_reason == "stop", obj.text
     assert isinstance(json.loads(obj.text), dict)
+
+
+def test_smollm2_constrained_outputs_are_the_same_under_preemption_and_chunked_prefill(llm, smollm2_model):
+    """Masks follow each request through preemption (recompute), chunked prefill, prefix-cache hits and
+    parallel-sampling forks: the tight engine's tokens equal the roomy one's."""
+    def params(so, **kw):  # ignore_eos: a finished pattern repeats eos, so every request grows to 40 tokens
+        return SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, structured_outputs=so, **kw)
+
+    requests = [
+        ("Describe Paris as JSON:", params(StructuredOutputsParams(json=_PERSON))),
+        ("A list of three fruits as JSON:", params(StructuredOutputsParams(json_object=True))),
+        ("My phone number is", params(StructuredOutputsParams(regex=r" \(\d{3}\) \d{3}-\d{4}"))),
+        ("Describe Paris as JSON:", params(None)),
+        ("The capital of France is", params(StructuredOutputsParams(choice=[" Paris", " Lyon"]))),
+        ("Name two colors:", SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=20, ignore_eos=True,
+                                            structured_outputs=StructuredOutputsParams(regex=r" [a-z]{3,8}, [a-z]{3,8}"))),
+    ]
+    prompts, sampling = [p for p, _ in requests], [s for _, s in requests]
+    want = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, sampling, use_tqdm=False)]
+    tight = LLM(smollm2_model, max_model_len=256, max_num_seqs=8, max_num_batched_tokens=16, num_kv_blocks=7)
+    got = tight.generate(prompts, sampling, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in got] == want
+    assert tight.llm_engine.stats.num_preemptions > 0 and tight.llm_engine.stats.kv_blocks_used == 0
+    assert re.fullmatch(r" \(\d{3}\) \d{3}-\d{4}", got[2].outputs[0].text)  # eos tokens are not text
+    assert all(re.fullmatch(r" [a-z]{3,8}, [a-z]{3,8}", c.text) for c in got[5].outputs)
+    jsonschema.validate(json.loads(got[0].outputs[0].text), _PERSON)
