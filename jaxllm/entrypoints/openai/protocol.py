@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -383,7 +383,25 @@ class PromptTokenUsageInfo(OpenAIModel):
     cached_tokens: int  # prompt tokens whose KV came from the prefix cache
 
 
-class UsageInfo(OpenAIModel):
+class _OmitsAbsent(OpenAIModel):
+    """A response object whose ``OMITTED_WHEN_NONE`` fields are left out of the JSON while None
+    (optional parts of OpenAI's shapes, absent unless asked for)."""
+
+    OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_absent(self, handler):
+        data = handler(self)
+        for name in self.OMITTED_WHEN_NONE:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+
+class UsageInfo(_OmitsAbsent):
+    # Without --enable-prompt-tokens-details usage keeps its three keys.
+    OMITTED_WHEN_NONE = ("prompt_tokens_details",)
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -396,14 +414,6 @@ class UsageInfo(OpenAIModel):
         details = None if cached_tokens is None else PromptTokenUsageInfo(cached_tokens=cached_tokens)
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
-
-    @model_serializer(mode="wrap")
-    def _without_absent_details(self, handler):
-        # Without the flag the usage object keeps its three keys, as it had before the field existed.
-        data = handler(self)
-        if data.get("prompt_tokens_details") is None:
-            data.pop("prompt_tokens_details", None)
-        return data
 
 
 FinishReason = Literal["stop", "length", "abort", "tool_calls"] | None
@@ -455,19 +465,14 @@ class ChatChoiceLogProbs(OpenAIModel):
     content: list[ChatLogProbsContent] | None = None
 
 
-class DeltaMessage(OpenAIModel):
+class DeltaMessage(_OmitsAbsent):
+    OMITTED_WHEN_NONE = ("tool_calls",)
+
     role: str | None = None
     content: str | None = None
     # OpenAI's tool calls: {"id", "type": "function", "function": {"name", "arguments"}} in a
     # message; in a stream's delta each also has its "index" and later pieces only what is new.
     tool_calls: list[dict[str, Any]] | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_absent_tool_calls(self, handler):
-        data = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
-        return data
 
 
 class ChatChoice(OpenAIModel):
