@@ -58,8 +58,8 @@ ENGINE_HELP = {
                          "the running request with the largest. Under `fcfs` a non-zero priority is refused.",
     "seed": "Seed of the engine's sampling PRNG (requests without their own `seed`).",
     "async_scheduling": "Schedule and dispatch step k+1 before waiting for step k's sampled tokens; decode inputs "
-    "are read on the device. Steps whose tokens the host needs first (penalties, `n > 1` forking, beam search) "
-    "run synchronously. Outputs are the same either way.",
+    "are read on the device. Steps whose tokens the host needs first (penalties, `n > 1` forking, beam search, "
+    "structured outputs) run synchronously. Outputs are the same either way.",
     "download_dir": "Directory where converted weights are cached with orbax; the second start skips "
                     "conversion.",
     "warmup": "Compile every (tokens, blocks) bucket at start-up so a running engine never compiles. "
