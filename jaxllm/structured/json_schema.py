@@ -4,8 +4,15 @@
 ``json_schema_regex(schema)`` returns a regex whose full matches are JSON texts valid under the
 schema, written in one canonical layout:
 
-- no whitespace anywhere, except that ``whitespace`` (itself a regex; default ``[ ]?``, one optional
-  space; ``""`` for none) may follow every ``:`` and every ``,`` between members or items;
+- whitespace only where ``whitespace`` (itself a regex; default ``[ ]?``, one optional space; ``""``
+  for none) matches it: once in every gap between two tokens of an object or array, i.e. after
+  ``{`` and ``[``, before ``}`` and ``]``, before and after every ``:`` and every ``,`` (an empty
+  container is ``{`` ws ``}`` / ``[`` ws ``]``, one ``whitespace``, not two), as outlines' and vLLM's
+  ``guided_whitespace_pattern``; none before or after the top-level value, and none inside a token
+  (a number, ``true`` / ``false`` / ``null``, an enum/const value; what a string holds is its
+  content, as the schema allows it). E.g. with ``[ ]?``:
+  ``{ "a" : 1 , "b" : [ 1 , 2 ] }``, ``{"a":1,"b":[1,2]}`` and any mix of the two; with ``[\n ]*``
+  also ``json.dumps(v, indent=2)``;
 - object members appear in the order the schema declares them (``properties``, then any key that
   is ``required`` but not declared, in ``required`` order), each at most once; keys not declared are
   never generated when the object has ``properties`` or ``required``: the text is valid under the
@@ -86,7 +93,9 @@ Constrained nesting is limited only by the schema (and $ref recursion by ``max_d
 
 Size: arrays and objects mention each item / member regex at most twice, so the regex grows
 linearly with the number of properties, and by a factor of at most 2 per level of nesting (4 per
-level for unconstrained values, which may be an array or an object).
+level for unconstrained values, which may be an array or an object). ``whitespace`` is repeated
+in every gap (up to four times per member or item), so a long ``whitespace`` adds to the length
+linearly too.
 """
 
 from __future__ import annotations
@@ -485,9 +494,11 @@ class _Compiler:
     def __init__(self, root, whitespace: str, max_depth: int):
         self.root = root
         self.max_depth = max_depth
-        ws = "(?:" + whitespace + ")" if _has_top_alternation(whitespace) else whitespace
-        self.sep = "," + ws
-        self.colon = ":" + ws
+        # Insignificant whitespace: one ``ws`` in every gap between two tokens of a container (after
+        # '{' / '[', before '}' / ']', around ':' and ','), never two in a row.
+        self.ws = "(?:" + whitespace + ")" if _has_top_alternation(whitespace) else whitespace
+        self.sep = self.ws + "," + self.ws
+        self.colon = self.ws + ":" + self.ws
         self.refs: list[str] = []  # the $refs being expanded, outermost first
         self.cut: str | None = None  # a recursive $ref that was cut at max_depth
         self._any: dict[int, str | None] = {}
@@ -509,15 +520,22 @@ class _Compiler:
         if hi is not None and hi < lo:
             return None
         if item is None or hi == 0:
-            return r"\[\]" if lo == 0 else None
+            return self.container(r"\[", None, r"\]") if lo == 0 else None
         body = item + _repeat("(?:" + self.sep + item + ")", max(lo - 1, 0), None if hi is None else hi - 1)
-        return r"\[" + (body if lo > 0 else _repeat(body, 0, 1)) + r"\]"
+        return self.container(r"\[", body, r"\]", optional=lo == 0)
 
     def map_of(self, value: str | None) -> str:
         if value is None:
-            return r"\{\}"
+            return self.container(r"\{", None, r"\}")
         member = _STRING + self.colon + value
-        return r"\{" + _repeat(member + _repeat("(?:" + self.sep + member + ")", 0, None), 0, 1) + r"\}"
+        return self.container(r"\{", member + _repeat("(?:" + self.sep + member + ")", 0, None), r"\}", optional=True)
+
+    def container(self, open_: str, body: str | None, close: str, optional: bool = False) -> str:
+        """``open_ ws body ws close``; body None: empty (``open_ ws close``); optional: body may be
+        left out, with its trailing ``ws`` (so an empty container has one ``ws``, not two)."""
+        if body is None:
+            return open_ + self.ws + close
+        return open_ + self.ws + (_repeat(body + self.ws, 0, 1) if optional else body + self.ws) + close
 
     def unconstrained(self, schema) -> bool:
         return schema is True or (isinstance(schema, dict) and not any(
@@ -780,8 +798,8 @@ class _Compiler:
                     tail = head + "(?:" + self.sep + member + ")?"
                     head = "(?:" + tail + "|" + member + ")" if empty_ok else tail
         if head is None:
-            return r"\{\}"
-        return r"\{" + (_repeat(head, 0, 1) if empty_ok else head) + r"\}"
+            return self.container(r"\{", None, r"\}")
+        return self.container(r"\{", head, r"\}", optional=empty_ok)
 
 
 def _check_args(whitespace: str, max_depth: int) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from jaxllm.structured.regex import literal
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
-DEFAULT_WHITESPACE = "[ ]?"  # one optional space after ':' and ',' in generated JSON
+DEFAULT_WHITESPACE = "[ ]?"  # one optional space in each gap JSON allows inside objects and arrays
 
 
 @dataclass
@@ -19,8 +19,10 @@ class StructuredOutputsParams:
     ``regex``, ``choice`` (a list of strings), ``json_object`` (True: any JSON object) or
     ``grammar`` (refused: context-free grammars are not supported).
 
-    In generated JSON, ``whitespace_pattern`` (a regex; default one optional space) may follow each
-    ':' and ',' and nothing else adds whitespace; ``disable_any_whitespace`` allows none.
+    In generated JSON, ``whitespace_pattern`` (a regex; default one optional space) may fill each gap
+    JSON allows inside objects and arrays (after '{' and '[', before '}' and ']', around ':' and ','),
+    as outlines' and vLLM's ``guided_whitespace_pattern``; ``r"[\n ]*"`` allows pretty-printed JSON;
+    ``disable_any_whitespace`` allows none.
     """
 
     json: Any = None
