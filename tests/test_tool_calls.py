@@ -137,3 +137,12 @@ def test_streamed_named_and_required_replies_send_no_content():
     assert rest == "" and [c["function"] for c in calls] == [{"name": "ping", "arguments": "{}"}]
     free = StreamedReply(ToolChoice("auto"), None)
     assert free.content_delta("<tool_call>") == "<tool_call>" and free.finish() == ("", [])
+
+
+def test_auto_tool_choice_flag_needs_a_parser():
+    import argparse
+
+    from jaxllm.entrypoints.openai.api_server import build_async_engine
+
+    with pytest.raises(SystemExit, match="--enable-auto-tool-choice requires --tool-call-parser"):
+        build_async_engine(argparse.Namespace(enable_auto_tool_choice=True, tool_call_parser=None))
