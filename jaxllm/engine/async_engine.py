@@ -249,8 +249,8 @@ class AsyncLLMEngine:
                                             "retry later")
             self.engine.add_request(command.request_id, command.prompt, command.params, priority=command.priority,
                                     retain_blocks=command.retain_blocks)
-        except (ValueError, KeyError) as exc:
-            return exc if isinstance(exc, ValueError) else ValueError(f"no retained request {exc}")
+        except ValueError as exc:
+            return exc
         return None
 
     def _abort(self, request_id: str) -> None:

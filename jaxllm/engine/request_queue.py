@@ -12,17 +12,14 @@ import bisect
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from jaxllm.config import SCHEDULING_POLICIES
 from jaxllm.engine.request import Request
 
 
 class RequestQueue:
-    """Waiting requests; ``key(request)`` orders them under the ``"priority"`` policy."""
+    """Waiting requests; with ``by_priority``, ``key(request)`` orders them."""
 
-    def __init__(self, policy: str, key: Callable[[Request], tuple]):
-        if policy not in SCHEDULING_POLICIES:
-            raise ValueError(f"scheduling_policy={policy!r} must be one of {SCHEDULING_POLICIES}")
-        self.by_priority = policy == "priority"
+    def __init__(self, by_priority: bool, key: Callable[[Request], tuple]):
+        self.by_priority = by_priority
         self._key = key
         self._items: deque[Request] | list[Request] = [] if self.by_priority else deque()
 

@@ -94,7 +94,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
         self._arrival_order: dict[str, int] = {}
-        self.waiting = RequestQueue(scheduler_config.scheduling_policy, self._priority_key)
+        self.waiting = RequestQueue(scheduler_config.scheduling_policy == "priority", self._priority_key)
         self._num_added = 0
         self._retained: dict[str, Request] = {}  # finished, blocks kept for forking (beam search)
         self._kv_waste_sum = 0.0  # per-step waste ratios, summed over steps that held blocks
@@ -178,7 +178,9 @@ class Scheduler:
     def add_forked_request(self, child: Request, parent_id: str) -> None:
         """Queue ``child``, whose tokens extend a retained finished request's computed tokens,
         sharing that request's blocks (beam search); it computes only what the parent did not."""
-        parent = self._retained[parent_id]
+        parent = self._retained.get(parent_id)
+        if parent is None:
+            raise ValueError(f"request {parent_id!r} is not a finished request that kept its blocks")
         if child.all_token_ids[: parent.num_computed_tokens] != parent.all_token_ids[: parent.num_computed_tokens]:
             raise ValueError(f"request {child.request_id!r} does not extend the tokens of {parent_id!r}")
         self._validate(child)

@@ -43,8 +43,8 @@ class DeviceMaskTable:
         out: dict[str, int] = {}
         used: set[int] = set()
         for seq in sched.sequences:
-            key = seq.token_mask_key
-            if key is None or not seq.sample:
+            key = seq.token_mask_key  # set on sampling sequences only
+            if key is None:
                 continue
             row = self._rows.get(key)
             if row is None:

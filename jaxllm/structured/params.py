@@ -3,10 +3,12 @@ must match. Every kind becomes one regular expression (:meth:`StructuredOutputsP
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
 
+from jaxllm.structured.json_schema import json_object_regex, json_schema_regex
 from jaxllm.structured.regex import literal
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -70,17 +72,30 @@ class StructuredOutputsParams:
             return self.regex
         if self.choice is not None:
             return "|".join(f"(?:{literal(c)})" for c in self.choice)
-        from jaxllm.structured.json_schema import json_object_regex, json_schema_regex
-
         if self.json_object:
-            return json_object_regex(whitespace=self.whitespace)
+            return _json_object_pattern(self.whitespace)
         schema = self.json
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from exc
-        return json_schema_regex(schema, whitespace=self.whitespace)
+        try:
+            text = json.dumps(schema)  # insertion order kept: it is the order keys are generated in
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"structured_outputs.json is not a JSON schema: {exc}") from exc
+        return _json_schema_pattern(text, self.whitespace)
+
+
+# Cached: the server converts a request's schema to check it, and the engine thread then finds it here.
+@functools.lru_cache(maxsize=64)
+def _json_schema_pattern(schema_text: str, whitespace: str) -> str:
+    return json_schema_regex(json.loads(schema_text), whitespace=whitespace)
+
+
+@functools.lru_cache(maxsize=8)
+def _json_object_pattern(whitespace: str) -> str:
+    return json_object_regex(whitespace=whitespace)
 
 
 GuidedDecodingParams = StructuredOutputsParams  # vLLM's name before 0.11

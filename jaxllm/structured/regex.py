@@ -380,23 +380,19 @@ def _split_same_length(lo: int, hi: int, out: list) -> None:
 class DFA:
     """A deterministic automaton over UTF-8 bytes.
 
-    ``transitions[s, c]`` is the state after a byte of class ``c`` in state ``s``; the last row is
-    the dead state (every transition stays dead). ``class_starts[c]`` is the first byte value of
-    class ``c`` (classes tile 0..255 in order). States are live: from each, some accepting state is
-    reachable.
+    ``transitions[s, byte_class[b]]`` is the state after byte ``b`` in state ``s``; the last row
+    is the dead state (every transition stays dead). States are live: from each, some accepting
+    state is reachable.
     """
 
     transitions: np.ndarray  # [num_states + 1, num_classes] int32
     accepting: np.ndarray  # [num_states + 1] bool
-    class_starts: np.ndarray  # [num_classes] int64
+    byte_class: np.ndarray  # [256] intp: each byte value's class
     start: int
 
     @property
     def dead(self) -> int:
         return self.transitions.shape[0] - 1
-
-    def classes_of(self, byte_values: np.ndarray) -> np.ndarray:
-        return (np.searchsorted(self.class_starts, byte_values, side="right") - 1).astype(np.int32)
 
     def step(self, state: int, data: bytes | str) -> int:
         """The state after ``data`` (text is taken as its UTF-8 bytes)."""
@@ -405,19 +401,11 @@ class DFA:
         for byte in data:
             if state == self.dead:
                 break
-            state = int(self.transitions[state, self._class_of_byte[byte]])
+            state = int(self.transitions[state, self.byte_class[byte]])
         return state
-
-    @functools.cached_property
-    def _class_of_byte(self) -> list[int]:
-        return self.classes_of(np.arange(256)).tolist()
 
     def fullmatch(self, text: bytes | str) -> bool:
         return bool(self.accepting[self.step(self.start, text)])
-
-    def is_final(self, state: int) -> bool:
-        """Accepting with no way to go on: only the end of the text may follow."""
-        return bool(self.accepting[state]) and bool(np.all(self.transitions[state] == self.dead))
 
 
 def compile_regex(pattern: str) -> DFA:
@@ -500,7 +488,8 @@ def _prune(rows: list[list[int]], accepting: list[bool], class_starts: np.ndarra
             table[new_id[s]] = [new_id[t] if t >= 0 and live[t] else dead for t in row]
     acc = np.zeros(dead + 1, bool)
     acc[:dead] = [a for a, keep in zip(accepting, live, strict=True) if keep]
-    return DFA(table, acc, class_starts, 0)
+    byte_class = np.searchsorted(class_starts, np.arange(256), side="right") - 1
+    return DFA(table, acc, byte_class.astype(np.intp), 0)
 
 
 def literal(text: str) -> str:

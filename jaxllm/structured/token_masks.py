@@ -11,15 +11,14 @@ per state: a request pays for each state once, and requests with the same patter
 
 Special tokens are never allowed by a mask (end-of-sequence only where the pattern may end).
 
-SmolLM2's vocabulary (49,152 tokens), on the 2-core CPU in development runs: the vocabulary
-builds in about 0.2 s once per engine, a state's mask in a few milliseconds.
+What this costs on SmolLM2's vocabulary is measured by ``benchmarks/structured_outputs.py``
+(cold: the vocabulary's byte table, each pattern's compile, the masks of the states visited).
 """
 
 from __future__ import annotations
 
 import collections
 import json
-import threading
 
 import numpy as np
 
@@ -113,9 +112,7 @@ class TokenDFA:
 
     def __init__(self, dfa: DFA, vocab: TokenVocabulary, eos_token_ids: tuple[int, ...]):
         self.dfa, self.vocab, self.eos_token_ids = dfa, vocab, tuple(eos_token_ids)
-        self._class_of_byte = dfa.classes_of(np.arange(256)).astype(np.intp)  # the vocabulary's table is shared
         self._masks: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
 
     @property
     def start(self) -> int:
@@ -135,7 +132,7 @@ class TokenDFA:
             current = np.full(len(self.vocab.token_ids), state, np.int32)
             trans, byte_values = self.dfa.transitions, self.vocab.byte_values
             for pos, k in enumerate(self.vocab.longer_than):
-                current[:k] = trans[current[:k], self._class_of_byte[byte_values[:k, pos]]]
+                current[:k] = trans[current[:k], self.dfa.byte_class[byte_values[:k, pos]]]
             mask[self.vocab.token_ids[current != self.dfa.dead]] = True
         if state == self.dfa.dead or self.dfa.accepting[state]:
             # Accepting: the text may end here. Dead (a token the mask did not allow was forced
@@ -149,9 +146,7 @@ class TokenDFA:
         if words is None:
             bits = np.zeros(self.vocab.num_words * 32, bool)
             bits[: self.vocab.vocab_size] = self.allowed(state)
-            words = np.packbits(bits, bitorder="little").view("<u4").astype(np.uint32)
-            with self._lock:
-                self._masks[state] = words
+            words = self._masks[state] = np.packbits(bits, bitorder="little").view("<u4").astype(np.uint32)
         return words
 
 

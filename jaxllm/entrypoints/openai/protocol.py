@@ -162,9 +162,7 @@ class SamplingRequest(RequestModel):
                      "presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0),
                      "repetition_penalty": (None, 1.0), "logit_bias": (None, {}), "bad_words": (None, [], ""),
                      "stop": (None, [], ""), "stop_token_ids": (None, []), "min_tokens": (0,),
-                     "allowed_token_ids": (None,), "prompt_logprobs": (None,), "response_format": (None,),
-                     "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,),
-                     "guided_choice": (None,), "guided_grammar": (None,)}
+                     "allowed_token_ids": (None,), "prompt_logprobs": (None,)}
 
     def _beam_search_conflict(self) -> tuple[str, str] | None:
         for name, neutral in self._BEAM_NEUTRAL.items():
@@ -172,6 +170,9 @@ class SamplingRequest(RequestModel):
                 return f"{name} cannot be combined with use_beam_search", name
         if self.requested_logprobs() is not None:
             return "logprobs cannot be combined with use_beam_search", "logprobs"
+        _, field = SamplingRequest.structured_outputs_params(self)  # chat's tool choices are checked apart
+        if field is not None:
+            return f"{field} (structured outputs) cannot be combined with use_beam_search", field
         return None
 
     def requested_max_tokens(self) -> int | None:

@@ -125,12 +125,12 @@ class OpenAIServingChat(OpenAIServing):
         num_tokens: dict[int, int] = {}  # choice -> generated tokens
         cached_tokens = 0  # of the prompt, served from the prefix cache
         replies = {index: StreamedReply(choice, self.served.tool_call_parser) for index in range(n)}
+        echoed = request.echoed_content()
         try:
             for index in range(n):  # OpenAI's first chunk of each choice carries the role alone
                 role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
                 # Sent before the engine has scheduled the request: its cache hits are not known yet.
                 yield sse(self._chunk(request_id, role, self._usage(request, num_prompt_tokens, 0, None)))
-                echoed = request.echoed_content()
                 if echoed:
                     echo = ChatStreamChoice(index=index, delta=DeltaMessage(content=echoed))
                     yield sse(self._chunk(request_id, echo, self._usage(request, num_prompt_tokens, 0, None)))

@@ -15,7 +15,7 @@ from jaxllm.beam_search import BeamSearchParams
 from jaxllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from jaxllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest, UsageInfo
 from jaxllm.outputs import CompletionOutput, RequestOutput, WholeOutput
-from jaxllm.sampling_params import RequestOutputKind, SamplingParams, truncate_prompt
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams, truncate_prompt
 from jaxllm.structured.regex import compile_regex
 
 logger = logging.getLogger("jaxllm")
@@ -149,22 +149,20 @@ class OpenAIServing:
         if found is not None:
             message, param = found
             raise APIError(message, param=param)
-        # Compiling a pattern may take up to a second (a large one): not on the event loop.
-        await asyncio.to_thread(self._check_structured_outputs, request)
-
-    @staticmethod
-    def _check_structured_outputs(request: SamplingRequest) -> None:
-        """A 400 naming the field for a structured-output constraint the engine would refuse (an
-        unsupported schema keyword or regex construct, one too large), before anything is queued.
-        The compiled automaton is cached, so the engine does not compile it again."""
         fields = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
                   "guided_grammar", "guided_whitespace_pattern")
         try:
             params, field = request.structured_outputs_params()
         except ValueError as exc:
             raise APIError(str(exc), param=next((f for f in fields if getattr(request, f) is not None), None)) from exc
-        if params is None:
-            return
+        if params is not None:  # compiling a large pattern takes a while: not on the event loop
+            await asyncio.to_thread(self._check_pattern, params, field)
+
+    @staticmethod
+    def _check_pattern(params: StructuredOutputsParams, field: str) -> None:
+        """A 400 naming the field for a constraint the engine would refuse (an unsupported schema
+        keyword or regex construct, one too large), before anything is queued. The pattern and its
+        automaton are cached, so the engine thread does not build them again."""
         try:
             compile_regex(params.pattern())
         except ValueError as exc:
