@@ -16,6 +16,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 # "auto": the model's dtype; "fp8" (e4m3) and "int8": quantised, with a scale per token and kv head.
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+SPECULATIVE_METHODS = ("ngram",)
 
 
 def _check_positive(obj, *names: str) -> None:
@@ -158,3 +159,54 @@ class SchedulerConfig:
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                 f"max_num_seqs={self.max_num_seqs} so every running request can decode each step"
             )
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's ``speculative_config``: propose up to ``num_speculative_tokens`` tokens after each
+    request's last one and verify them all in the next step (see jaxllm/engine/ngram_proposer.py).
+
+    ``method="ngram"`` (prompt lookup): the proposal is what followed the latest earlier occurrence
+    of the sequence's last n tokens, the longest n in ``prompt_lookup_min .. prompt_lookup_max``
+    that occurs; as in vLLM both default to 5, or to each other when only one is given.
+    """
+
+    num_speculative_tokens: int
+    method: str = "ngram"
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+
+    def __post_init__(self):
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config method={self.method!r} is not supported; supported: "
+                             f"{SPECULATIVE_METHODS} (draft models, EAGLE and MTP are not built)")
+        _check_positive(self, "num_speculative_tokens")
+        _check_positive(self, *(n for n in ("prompt_lookup_min", "prompt_lookup_max") if getattr(self, n) is not None))
+        if self.prompt_lookup_max is None and self.prompt_lookup_min is None:
+            object.__setattr__(self, "prompt_lookup_max", 5)
+            object.__setattr__(self, "prompt_lookup_min", 5)
+        elif self.prompt_lookup_min is None:
+            object.__setattr__(self, "prompt_lookup_min", self.prompt_lookup_max)
+        elif self.prompt_lookup_max is None:
+            object.__setattr__(self, "prompt_lookup_max", self.prompt_lookup_min)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} must be <= "
+                             f"prompt_lookup_max={self.prompt_lookup_max}")
+
+    @classmethod
+    def from_dict(cls, value: dict | SpeculativeConfig | None) -> SpeculativeConfig | None:
+        """The config of vLLM's dict form (``LLM(speculative_config={...})``, ``--speculative-config``)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(value).__name__}")
+        if value.get("model") is not None:
+            raise ValueError(f"speculative_config model={value['model']!r}: draft models are not supported; "
+                             "use method='ngram', which needs none")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known - {"model"})
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: {sorted(known)}")
+        if value.get("num_speculative_tokens") is None:
+            raise ValueError("speculative_config num_speculative_tokens is required (a positive integer)")
+        return cls(**{k: v for k, v in value.items() if k in known and v is not None})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import types
 import typing
@@ -17,7 +18,7 @@ from typing import Any
 import jax
 
 from converters.checkpoint import Checkpoint
-from jaxllm.config import SCHEDULING_POLICIES, CacheConfig, SchedulerConfig
+from jaxllm.config import SCHEDULING_POLICIES, CacheConfig, SchedulerConfig, SpeculativeConfig
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.loader import load_checkpoint_as
 from jaxllm.models.attention import get_attention_backend
@@ -58,6 +59,9 @@ class EngineArgs:
     async_scheduling: bool = True
     download_dir: str | None = None  # where converted weights are cached with orbax
     warmup: bool = True  # compile every bucket at start-up
+    # vLLM's speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 4,
+    # "prompt_lookup_max": 4}: see jaxllm.config.SpeculativeConfig. On the command line, JSON.
+    speculative_config: dict | None = None
     # JAX's persistent compilation cache: a second start loads compiled programs from disk.
     compilation_cache_dir: str | None = "~/.cache/jaxllm/xla"
     # Default sampling parameters: "auto" takes the model's generation_config.json (as vLLM),
@@ -109,7 +113,11 @@ class EngineArgs:
             preemption_mode=self.preemption_mode,
         )
 
+    def speculative(self) -> SpeculativeConfig | None:
+        return SpeculativeConfig.from_dict(self.speculative_config)
+
     def __post_init__(self):
+        self.speculative()  # a bad speculative_config fails before the model loads
         if self.scheduling_policy not in SCHEDULING_POLICIES:  # before the model loads
             raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be one of {SCHEDULING_POLICIES}")
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
@@ -131,6 +139,8 @@ class EngineArgs:
             if kind is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
                                    help=help_default)
+            elif kind is dict:
+                group.add_argument(flag, type=_json_object, default=field.default, help=help_default + " (JSON)")
             else:
                 null_note = " (none: engine decides)" if nullable else ""
                 group.add_argument(flag, type=kind, default=field.default, help=help_default + null_note)
@@ -160,6 +170,16 @@ def _flag_type(annotation) -> tuple[type, bool]:
             raise TypeError(f"cannot derive a flag from {annotation}")
         return scalars[0], True
     return annotation, False
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def _load_tokenizer(name_or_path: str):
@@ -192,7 +212,9 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     if args.tokenizer is not None:
         ckpt = dataclasses.replace(ckpt, tokenizer=_load_tokenizer(args.tokenizer))
     sched = args.scheduler_config(ckpt.config.max_position_embeddings)
-    runner = ModelRunner(ckpt.config, ckpt.params, cache, sched, attend, seed=args.seed)
+    speculative = args.speculative()
+    runner = ModelRunner(ckpt.config, ckpt.params, cache, sched, attend, seed=args.seed,
+                         num_speculative_tokens=0 if speculative is None else speculative.num_speculative_tokens)
     if args.warmup:
         runner.warmup()
     eos = set(ckpt.config.eos_token_ids)
@@ -200,4 +222,4 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
         eos.add(ckpt.tokenizer.eos_token_id)
     return engine_cls(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, tuple(sorted(eos)),
                      num_swap_blocks=runner.num_swap_blocks, async_scheduling=args.async_scheduling,
-                     vocab_size=ckpt.config.vocab_size)
+                     vocab_size=ckpt.config.vocab_size, speculative_config=speculative)

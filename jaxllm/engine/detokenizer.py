@@ -9,6 +9,7 @@ difference, holding it back while it still ends in an incomplete character.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from jaxllm.sampling_params import SamplingParams
@@ -21,6 +22,9 @@ _REPLACEMENT_CHAR = "\ufffd"
 @dataclass(frozen=True)
 class StopStringMatch:
     stop: str  # the stop string found; it becomes the request's stop_reason
+    # Which of the tokens given to ``update`` completed it (several come at once with speculative
+    # decoding: the ones after it are dropped).
+    token_index: int = 0
 
 
 class IncrementalDetokenizer:
@@ -52,13 +56,13 @@ class IncrementalDetokenizer:
         """
         if not self.enabled or self._stopped:
             return None
-        for token_id in new_token_ids:
+        for index, token_id in enumerate(new_token_ids):
             delta = self._decode_next(token_id)
             self.text += delta
             match = self._find_stop(len(delta))
             if match is not None:
                 self._stopped = True
-                return match
+                return dataclasses.replace(match, token_index=index)
         return None
 
     def output_text(self, finished: bool) -> str:

@@ -9,11 +9,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from jaxllm.config import CacheConfig, SchedulerConfig
+from jaxllm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from jaxllm.engine.detokenizer import IncrementalDetokenizer
 from jaxllm.engine.messages import RunnerOutput, SchedulerOutput
 from jaxllm.engine.request import Request, RequestStatus
-from jaxllm.engine.scheduler import RequestUpdate, Scheduler
+from jaxllm.engine.scheduler import RequestUpdate, Scheduler, SpecDecodeStats
 from jaxllm.inputs import PromptType, prompt_cache_salt, prompt_input
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, WholeOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
@@ -57,6 +57,7 @@ class EngineStats:
     kv_blocks_shared: int = 0  # blocks held by more than one request (prefix, n > 1, beams)
     kv_blocks_saved: int = 0  # blocks the requests would need without sharing, minus those held
     num_overlapped_steps: int = 0  # steps dispatched while the previous one still ran (async scheduling)
+    spec_decode: SpecDecodeStats | None = None  # speculative decoding's counters, when it is on
 
 
 @dataclass
@@ -109,6 +110,8 @@ class LLMEngine:
             its input tokens are read on the device. Outputs are the same either way.
         vocab_size: the model's vocabulary (embedding rows): prompt token ids must lie below it.
             None leaves them unchecked.
+        speculative_config: propose tokens by n-gram lookup and verify them in each request's
+            next step (vLLM's ``speculative_config``); steps then run one at a time.
     """
 
     def __init__(
@@ -122,12 +125,14 @@ class LLMEngine:
         num_swap_blocks: int = 0,
         async_scheduling: bool = True,
         vocab_size: int | None = None,
+        speculative_config: SpeculativeConfig | None = None,
     ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.runner = runner
         self.scheduler = Scheduler(
-            scheduler_config, cache_config, num_kv_blocks, tuple(eos_token_ids), num_swap_blocks=num_swap_blocks
+            scheduler_config, cache_config, num_kv_blocks, tuple(eos_token_ids), num_swap_blocks=num_swap_blocks,
+            speculative_config=speculative_config,
         )
         self._tracked: dict[str, _Tracked] = {}
         self._num_steps = 0
@@ -308,6 +313,12 @@ class LLMEngine:
             # A stop string wins over a length cap reached by the same token, as in vLLM.
             finish_reason, stop_reason = "stop", match.stop
             self.scheduler.finish_request(update.request_id, RequestStatus.FINISHED_STOPPED, match.stop)
+            # Accepted drafts after the one that completed it are not part of the output.
+            dropped = len(update.new_token_ids) - 1 - match.token_index
+            if dropped:
+                del request.output_token_ids[-dropped:]
+                del request.output_logprobs[len(request.output_token_ids):]
+                self._num_generated_tokens -= dropped
         completion.finish_reason, completion.stop_reason = finish_reason, stop_reason
         if tracked.finished:
             tracked.metrics.finished_time = time.time()
@@ -439,6 +450,7 @@ class LLMEngine:
             kv_blocks_shared=s.kv_blocks_shared,
             kv_blocks_saved=s.kv_blocks_saved,
             num_overlapped_steps=self.num_overlapped_steps,
+            spec_decode=s.spec_decode,
         )
 
 

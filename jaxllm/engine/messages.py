@@ -76,11 +76,25 @@ class ScheduledSequence:
     # The scheduler's own Request (host only): a step's results apply to the request it scheduled,
     # not to a later one that reuses the id. The runner ignores it.
     request: Any = field(default=None, compare=False, repr=False)
+    # Speculative decoding: the last ``num_draft_tokens`` of ``token_ids`` are proposed tokens, not
+    # yet the request's. A token is sampled after each position from the last real token on; the
+    # samples decide how many proposals the request keeps (see ``draft_sample_id``).
+    num_draft_tokens: int = 0
 
     @property
     def sample_ids(self) -> tuple[str, ...]:
         """Ids that get a sampled token from this sequence's last position."""
         return (self.request_id, *self.fork_ids) if self.sample else ()
+
+    @property
+    def draft_token_ids(self) -> tuple[int, ...]:
+        return self.token_ids[len(self.token_ids) - self.num_draft_tokens:]
+
+
+def draft_sample_id(request_id: str, index: int) -> str:
+    """The sample id of the token sampled after a sequence's ``index``-th draft token (1-based;
+    the sample after its last real token has the request's own id)."""
+    return f"{request_id}\x1fdraft{index}"
 
 
 @dataclass(frozen=True)

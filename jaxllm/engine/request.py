@@ -72,6 +72,8 @@ class Request:
     # Structured outputs: where the outputs so far stand in the request's pattern (a
     # jaxllm.structured.token_masks.TokenMatcher), advanced by each sampled token; None: free text.
     matcher: Any = None
+    # Speculative decoding: tokens proposed to follow the sequence, verified by its next step.
+    spec_token_ids: tuple[int, ...] = ()
     # Logprobs, when asked for: one entry per output token, and per prompt position (0 is None).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from jaxllm.config import CacheConfig, SchedulerConfig
+from jaxllm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from jaxllm.engine.kv_cache_manager import NO_COMPUTED_BLOCKS, KVCacheManager
-from jaxllm.engine.messages import RunnerOutput, ScheduledSequence, SchedulerOutput
+from jaxllm.engine.messages import RunnerOutput, ScheduledSequence, SchedulerOutput, draft_sample_id
+from jaxllm.engine.ngram_proposer import propose_ngram
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.request_queue import RequestQueue
 from jaxllm.engine.swap_space import SwapSpace
@@ -65,6 +66,35 @@ class SchedulerStats:
     kv_blocks_saved: int = 0  # blocks sharing saves now: references to blocks - blocks held
     kv_waste: float = 0.0  # allocated but unfilled slots / allocated slots, mean over steps
     num_swaps: int = 0  # preemptions that saved the request's blocks to host memory (swap-outs)
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding
+
+
+@dataclass
+class SpecDecodeStats:
+    """Speculative decoding's counters, as vLLM reports them."""
+
+    num_drafts: int = 0  # sequence-steps that verified proposed tokens
+    num_draft_tokens: int = 0  # proposed tokens verified
+    num_accepted_tokens: int = 0  # of them, those the target model agreed with
+    accepted_per_position: list[int] = field(default_factory=list)  # accepted drafts, by position
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a verifying step gains per sequence: its own sample plus the accepted drafts."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def record(self, num_drafted: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafted
+        self.num_accepted_tokens += num_accepted
+        grow = num_drafted - len(self.accepted_per_position)
+        self.accepted_per_position.extend([0] * max(grow, 0))
+        for position in range(num_accepted):
+            self.accepted_per_position[position] += 1
 
 
 class Scheduler:
@@ -75,6 +105,8 @@ class Scheduler:
         cache_config: ``block_size`` and ``enable_prefix_caching``.
         num_kv_blocks: blocks in the pool, including the null block.
         eos_token_ids: the model's end-of-sequence ids.
+        speculative_config: propose tokens after each sampled one (see ``_propose``) and verify
+            them in the request's next step.
     """
 
     def __init__(
@@ -84,8 +116,11 @@ class Scheduler:
         num_kv_blocks: int,
         eos_token_ids: tuple[int, ...] = (),
         num_swap_blocks: int = 0,
+        speculative_config: SpeculativeConfig | None = None,
     ):
         self.config = scheduler_config
+        self.speculative_config = speculative_config
+        self.spec_stats = SpecDecodeStats() if speculative_config is not None else None
         self.eos_token_ids = frozenset(eos_token_ids)
         self._eos_tuple = tuple(eos_token_ids)
         self.kv = KVCacheManager(num_kv_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
@@ -221,6 +256,8 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             kv_waste=self._kv_waste_sum / self._kv_waste_steps if self._kv_waste_steps else 0.0,
             num_swaps=self.num_swaps,
+            spec_decode=None if self.spec_stats is None else dataclasses.replace(
+                self.spec_stats, accepted_per_position=list(self.spec_stats.accepted_per_position)),
         )
 
     # -- schedule ----------------------------------------------------------------------------
@@ -251,7 +288,11 @@ class Scheduler:
             if num_new == 0:  # its last token is being sampled by the step in flight; it ends there
                 index += 1
                 continue
-            allocation = self.kv.allocate_slots(request, num_new)
+            drafts = self._drafts_to_verify(request, step.budget)
+            allocation = self.kv.allocate_slots(request, num_new + len(drafts))
+            if allocation is None and drafts:  # proposals never preempt anyone: drop them first
+                drafts = ()
+                allocation = self.kv.allocate_slots(request, num_new)
             while allocation is None:
                 victim = self._pick_victim(index)
                 self._preempt(victim, step)
@@ -260,8 +301,16 @@ class Scheduler:
                 allocation = self.kv.allocate_slots(request, num_new)
             if allocation is None:
                 continue  # the request preempted itself; running[index] is now the next one
-            step.add(self._sequence(request, num_new), allocation)
+            step.add(self._sequence(request, num_new, drafts), allocation)
             index += 1
+
+    def _drafts_to_verify(self, request: Request, budget: int) -> tuple[int, ...]:
+        """The proposals a decoding request verifies this step, within the budget (one token of
+        which is its own), and consumed: a step verifies a proposal once."""
+        drafts, request.spec_token_ids = request.spec_token_ids, ()
+        if request.num_tokens - request.num_computed_tokens != 1:  # recomputing after a preemption
+            return ()
+        return drafts[: max(budget - 1, 0)]
 
     def _pick_victim(self, index: int) -> Request:
         # Requests before ``index`` are already in this step's batch and stay.
@@ -271,6 +320,7 @@ class Scheduler:
 
     def _preempt(self, request: Request, step: _StepBuilder) -> None:
         self.running.remove(request)
+        request.spec_token_ids = ()
         if not self._swap_out(request, step):
             self.kv.free(request)
             request.num_computed_tokens = 0
@@ -344,14 +394,14 @@ class Scheduler:
         seqs = sum(1 + r.num_pending_forks for r in self.running)
         return seqs + 1 + request.num_pending_forks <= self.config.max_num_seqs
 
-    def _sequence(self, request: Request, num_new: int) -> ScheduledSequence:
+    def _sequence(self, request: Request, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledSequence:
         start, stop = request.num_computed_tokens, request.num_computed_tokens + num_new
         params = request.sampling_params
         sample = stop == request.num_tokens
         options = params.sampling_options(self._eos_tuple)
         return ScheduledSequence(
             request_id=request.request_id,
-            token_ids=request.token_ids_in(start, stop),
+            token_ids=request.token_ids_in(start, stop) + drafts,
             start_pos=start,
             block_ids=self.kv.block_ids(request.request_id),
             sample=sample,
@@ -365,6 +415,7 @@ class Scheduler:
             token_history=self._histories.view(request) if sample and options.needs_token_history else None,
             token_mask_key=request.matcher.key if sample and request.matcher is not None else None,
             request=request,
+            num_draft_tokens=len(drafts),
         )
 
     @staticmethod
@@ -385,7 +436,8 @@ class Scheduler:
             request = seq.request
             if self.requests.get(seq.request_id) is not request:  # ended since it was scheduled
                 continue
-            request.num_computed_tokens += len(seq.token_ids)
+            # Drafts count once verified (resolve), and only those the samples agree with.
+            request.num_computed_tokens += len(seq.token_ids) - seq.num_draft_tokens
             if seq.sample and not seq.fork_ids and not self._at_length_limit(request, pending=1):
                 request.output_token_ids.append(PLACEHOLDER)
         # What the pool holds while this step runs; resolve() turns it into the step's KV waste.
@@ -396,6 +448,8 @@ class Scheduler:
         """Whether the next step may be scheduled before this one's sampled tokens are known:
         not when they are needed on the host first (token histories for penalties, forking
         parallel samples, beam search's retained requests, structured outputs' next masks)."""
+        if self.speculative_config is not None:  # the next proposals start from this step's tokens
+            return False
         for seq in scheduler_output.sequences:
             needs_host = seq.sampling.needs_token_history or seq.token_mask_key is not None
             if seq.sample and (seq.fork_ids or needs_host or seq.request.retain_blocks):
@@ -414,7 +468,13 @@ class Scheduler:
             family = [request, *(self._fork(request, cid, i) for i, cid in enumerate(seq.fork_ids, 1))]
             if seq.sample:
                 updates += [self._append_sample(r, runner_output) for r in family]
+            if seq.num_draft_tokens and updates and updates[-1].request is request:
+                updates[-1] = self._verify_drafts(seq, updates[-1], runner_output)
         self._record_kv_waste(scheduler_output)
+        if self.speculative_config is not None:
+            for update in updates:
+                if not update.finished:
+                    self._propose(update.request)
         return updates
 
     def _at_length_limit(self, request: Request, pending: int = 0) -> bool:
@@ -467,19 +527,61 @@ class Scheduler:
             raise ValueError(f"the runner returned no sampled token for request {request.request_id!r}")
         outputs = request.output_token_ids
         if outputs and outputs[-1] == PLACEHOLDER:
-            outputs[-1] = int(token)
-        else:
-            outputs.append(int(token))
-        if request.matcher is not None:
-            request.matcher.advance(int(token))
-        token_logprobs = runner_output.logprobs.get(request.request_id)
-        if token_logprobs is not None:
-            request.output_logprobs.append(token_logprobs)
+            outputs.pop()
+        self._append_token(request, int(token), runner_output.logprobs.get(request.request_id))
         status, stop_reason = self._check_stop(request, int(token))
         if status is not None:
             self._end(request, status, stop_reason)
         return RequestUpdate(request.request_id, (int(token),), status is not None,
                              status.finish_reason if status else None, stop_reason, request)
+
+    def _verify_drafts(self, seq: ScheduledSequence, update: RequestUpdate,
+                       runner_output: RunnerOutput) -> RequestUpdate:
+        """Keep the drafts the samples agree with. The token sampled after a draft's position is
+        kept when the draft equals the token sampled before it (the draft then was the request's
+        token there, so the K/V computed from it stand); the first disagreement ends it. Every kept
+        token was sampled as it would have been without proposals: same logits, same key."""
+        request, tokens, status = update.request, list(update.new_token_ids), None
+        accepted = 0
+        for index, draft in enumerate(seq.draft_token_ids, 1):
+            if update.finished or draft != tokens[-1]:
+                break
+            sample_id = draft_sample_id(request.request_id, index)
+            accepted += 1
+            request.num_computed_tokens += 1
+            token = int(runner_output.sampled[sample_id])
+            self._append_token(request, token, runner_output.logprobs.get(sample_id))
+            tokens.append(token)
+            status, stop_reason = self._check_stop(request, token)
+            if status is not None:
+                self._end(request, status, stop_reason)
+                update = RequestUpdate(request.request_id, (), True, status.finish_reason, stop_reason, request)
+        self.spec_stats.record(seq.num_draft_tokens, accepted)
+        return dataclasses.replace(update, new_token_ids=tuple(tokens))
+
+    def _propose(self, request: Request) -> None:
+        """Proposals for a request's next step (n-gram lookup over its prompt and outputs).
+
+        None for requests whose samples the host must see one at a time: penalties and multi-token
+        bad words (their device-side history would need each draft), structured outputs (each draft
+        would need its own mask), beam search; nor past max_tokens or max_model_len."""
+        config, params = self.speculative_config, request.sampling_params
+        options = params.sampling_options(self._eos_tuple)
+        if request.matcher is not None or request.retain_blocks or options.needs_token_history:
+            return
+        room = min(params.max_tokens - request.num_output_tokens, self.config.max_model_len - request.num_tokens) - 1
+        k = min(config.num_speculative_tokens, room)
+        if k > 0:
+            request.spec_token_ids = propose_ngram(self._histories.view(request), config.prompt_lookup_min,
+                                                   config.prompt_lookup_max, k)
+
+    @staticmethod
+    def _append_token(request: Request, token: int, token_logprobs) -> None:
+        request.output_token_ids.append(token)
+        if request.matcher is not None:
+            request.matcher.advance(token)
+        if token_logprobs is not None:
+            request.output_logprobs.append(token_logprobs)
 
     def _check_stop(self, request: Request, token: int) -> tuple[RequestStatus | None, int | None]:
         params = request.sampling_params

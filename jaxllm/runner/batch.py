@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxllm.engine.messages import ScheduledSequence, SchedulerOutput
+from jaxllm.engine.messages import ScheduledSequence, SchedulerOutput, draft_sample_id
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.runner.penalties import penalty_tensors
 from jaxllm.runner.sampler import MAX_BANNED_IDS, SamplingTensors
@@ -25,7 +25,7 @@ from jaxllm.runner.sampler import MAX_BANNED_IDS, SamplingTensors
 class StepBatch:
     token_ids: np.ndarray  # [T] int32
     md: AttentionMetadata
-    logits_indices: np.ndarray  # [S] int32 flat index of the token each sampling row samples after
+    logits_indices: np.ndarray  # [R] int32 flat index of the token each sampling row samples after
     sampling: SamplingTensors
     want_logprobs: np.ndarray  # [] bool: some row asked for logprobs
     want_prompt_logprobs: np.ndarray  # [] bool: some sequence asked for prompt_logprobs
@@ -33,20 +33,32 @@ class StepBatch:
     # [T] int32: for a position whose input is a token the previous step sampled and has not yet
     # copied to the host (a scheduler PLACEHOLDER), that step's sampling row; else -1.
     feed_rows: np.ndarray
-    num_rows: np.ndarray  # [] int32 sampling rows in use; the rest of the S rows are padding
+    num_rows: np.ndarray  # [] int32 sampling rows in use; the rest of the R rows are padding
 
 
 @dataclass(frozen=True)
 class SampleRow:
-    """One sampled token of a step: a sequence's own, or a parallel-sampling fork's."""
+    """One sampled token of a step: a sequence's own, a parallel-sampling fork's, or the one
+    after a speculative decoding draft."""
 
     sample_id: str
     sequence: ScheduledSequence
     fork_index: int  # 0 for the request itself
+    draft_index: int = 0  # j > 0: sampled after the sequence's j-th draft token
+
+    @property
+    def token_offset(self) -> int:
+        """Where the row samples: this many tokens before the sequence's last one."""
+        return self.sequence.num_draft_tokens - self.draft_index
 
 
 def sample_rows(sched: SchedulerOutput) -> list[SampleRow]:
-    return [SampleRow(sid, s, i) for s in sched.sequences for i, sid in enumerate(s.sample_ids)]
+    rows = []
+    for s in sched.sequences:
+        rows += [SampleRow(sid, s, i) for i, sid in enumerate(s.sample_ids)]
+        if s.sample:
+            rows += [SampleRow(draft_sample_id(s.request_id, j), s, 0, j) for j in range(1, s.num_draft_tokens + 1)]
+    return rows
 
 
 def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -64,10 +76,15 @@ class Buckets:
     token_buckets: tuple[int, ...]
     block_buckets: tuple[int, ...]
     max_num_seqs: int
+    max_num_rows: int = 0  # sampling rows: max_num_seqs, times 1 + k with k speculative tokens
+
+    def __post_init__(self):
+        if self.max_num_rows < self.max_num_seqs:
+            object.__setattr__(self, "max_num_rows", self.max_num_seqs)
 
     @classmethod
     def make(cls, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
-             one_block_bucket: bool = False) -> Buckets:
+             one_block_bucket: bool = False, num_speculative_tokens: int = 0) -> Buckets:
         """Powers of two from 16 tokens and 4 blocks up to the limits.
 
         ``one_block_bucket``: every step gets the full block-table width (for attention backends
@@ -81,10 +98,14 @@ class Buckets:
             tokens = tuple(sorted({*tokens, *range(8, min(64, max_num_batched_tokens), 8)}))
         else:
             blocks = _powers_of_two(min(4, max_blocks_per_seq), max_blocks_per_seq)
-        return cls(tokens, blocks, max_num_seqs)
+        return cls(tokens, blocks, max_num_seqs, max_num_seqs * (1 + num_speculative_tokens))
 
     def num_seqs(self, num_tokens_bucket: int) -> int:
         return min(num_tokens_bucket, self.max_num_seqs)
+
+    def num_rows(self, num_tokens_bucket: int) -> int:
+        """Sampling rows of a bucket: each row samples after a distinct token (or is a fork)."""
+        return min(num_tokens_bucket, self.max_num_rows)
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (T, B) pair, smallest first."""
@@ -123,7 +144,7 @@ def build_batch(
         B = buckets.pick(buckets.block_buckets, max(-(-n // block_size) for n in kv_lens))
     else:
         T, B = shape
-    S = buckets.num_seqs(T)
+    S, R = buckets.num_seqs(T), buckets.num_rows(T)
     token_ids, positions, slots, seq_ids = (np.zeros(T, np.int32) for _ in range(4))
     tables = np.zeros((S, B), np.int32)
     cu = np.zeros(S + 1, np.int32)
@@ -155,10 +176,10 @@ def build_batch(
         cu[i + 1] = start
     cu[len(seqs) + 1 :] = start
     md = AttentionMetadata(positions, slots, seq_ids, tables, cu, lens)
-    logits_indices = np.zeros(S, np.int32)
-    logits_indices[: len(rows)] = [last_index[r.sequence.request_id] for r in rows]
+    logits_indices = np.zeros(R, np.int32)
+    logits_indices[: len(rows)] = [last_index[r.sequence.request_id] - r.token_offset for r in rows]
     return StepBatch(
-        token_ids, md, logits_indices, _sampling_tensors(rows, S, vocab_size, rng, B * block_size, mask_slots or {}),
+        token_ids, md, logits_indices, _sampling_tensors(rows, R, vocab_size, rng, B * block_size, mask_slots or {}),
         want_logprobs=np.array(any(r.sequence.logprobs is not None for r in rows)),
         want_prompt_logprobs=np.array(any(s.prompt_logprobs is not None for s in seqs)),
         next_token_ids=next_ids,
@@ -184,8 +205,8 @@ def _sampling_tensors(
         s, o = row.sequence, row.sequence.sampling
         temperature[i], top_k[i], top_p[i], min_p[i] = o.temperature, max(o.top_k, 0), o.top_p, o.min_p
         seeds[i] = (o.seed + row.fork_index if o.seed is not None else rng.integers(2**32)) % 2**32
-        steps[i] = s.num_generated
-        if s.num_generated < o.min_tokens:
+        steps[i] = s.num_generated + row.draft_index  # the key of the output index it samples
+        if s.num_generated + row.draft_index < o.min_tokens:
             ids = o.min_tokens_masked_ids
             if len(ids) > MAX_BANNED_IDS:
                 raise ValueError(f"at most {MAX_BANNED_IDS} eos/stop_token_ids can be held back by min_tokens")

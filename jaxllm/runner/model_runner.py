@@ -37,7 +37,7 @@ _COPY_SLOTS = 64  # block copies per call, padded with the null block copying on
 
 
 def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, mask_table, *, cfg: ModelConfig, attend: AttentionFn):
-    """One engine step. ``prev_tokens`` [max_num_seqs] are the previous step's sampled tokens, still
+    """One engine step. ``prev_tokens`` [max_num_rows] are the previous step's sampled tokens, still
     on the device: positions with ``feed_rows >= 0`` take their input from there. The sampled
     tokens come back padded to the same fixed length, to feed the next step. ``mask_table``:
     structured outputs' allowed-token bitmasks (``DeviceMaskTable``), indexed by
@@ -60,7 +60,7 @@ class InFlightStep:
 
     sched: SchedulerOutput
     rows: list[SampleRow] = field(default_factory=list)
-    tokens: jax.Array | None = None  # [max_num_seqs] sampled token of each row, padded
+    tokens: jax.Array | None = None  # [max_num_rows] sampled token of each row, padded
     sample_lp: object = None
     prompt_lp: object = None
     want_logprobs: bool = False
@@ -80,6 +80,7 @@ class ModelRunner:
         sched: SchedulerConfig,
         attend: AttentionFn,
         seed: int = 0,
+        num_speculative_tokens: int = 0,
     ):
         self.cfg, self.cache = cfg, cache
         self.dtype = np.dtype(params["embed"].dtype)
@@ -91,9 +92,10 @@ class ModelRunner:
         self.buckets = Buckets.make(
             sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size),
             one_block_bucket=getattr(attend, "one_block_bucket", False),
+            num_speculative_tokens=num_speculative_tokens,  # a verifying sequence samples 1 + k rows
         )
         self._rng = np.random.default_rng(seed)
-        self._no_tokens = jnp.zeros(self.buckets.max_num_seqs, jnp.int32)  # no previous step to feed
+        self._no_tokens = jnp.zeros(self.buckets.max_num_rows, jnp.int32)  # no previous step to feed
         self._jit_step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend), donate_argnums=1)
         self._jit_copy = jax.jit(kv_pool.copy_blocks, donate_argnums=0)
         self._compiled: dict[tuple[int, int], object] = {}
