@@ -29,6 +29,7 @@ from jaxllm.sampling_params import SamplingParams
 API_KEY = "sk-jaxllm-test"
 MODEL = "SmolLM2-135M-Instruct"
 LIMITS = ["--max-model-len", "256", "--max-num-seqs", "16", "--max-num-batched-tokens", "64"]
+SPECULATIVE_CONFIG = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
 MAX_WAITING = 32
 # What LLM.generate / LLM.chat return greedily with the same limits (computed once with
 # LLM(None, max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64); test_llm.py checks
@@ -257,9 +258,12 @@ def _cached_on_repeat(prompt_tokens: int) -> int:
 @pytest.fixture(scope="module")
 def details_http(tmp_path_factory):
     """A second server, with --enable-prompt-tokens-details, --scheduling-policy priority,
-    --return-tokens-as-token-ids, --enable-auto-tool-choice --tool-call-parser hermes, and a prefix cache of its own (empty: the test using it first sends the first prompt of >= 16 tokens)."""
+    --return-tokens-as-token-ids, --enable-auto-tool-choice --tool-call-parser hermes, n-gram
+    speculative decoding (outputs are the same with it), and a prefix cache of its own (empty: the
+    test using it first sends the first prompt of >= 16 tokens)."""
     with (_serve(tmp_path_factory, "--enable-prompt-tokens-details", "--scheduling-policy", "priority",
-                 "--return-tokens-as-token-ids", "--enable-auto-tool-choice", "--tool-call-parser", "hermes") as running,
+                 "--return-tokens-as-token-ids", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                 "--speculative-config", SPECULATIVE_CONFIG) as running,
           httpx.Client(base_url=running["url"], headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c):
         yield c
 
@@ -399,6 +403,25 @@ def test_priority_field_under_the_priority_policy(details_http):
     assert texts[0] == texts[1] == texts[2] and len(texts[0]) > 0
     response = details_http.post("/v1/completions", json={**body, "priority": "high"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "priority"
+
+
+def test_speculative_decoding_streams_the_same_text_several_tokens_at_a_time(http, details_http):
+    """The details server verifies n-gram proposals; a copying reply streams as the plain server's
+    whole reply, in fewer chunks than tokens, and the acceptance counters move."""
+    passage = "The river rose after three days of rain, flooding the low fields and the old mill by the bridge."
+    body = {"messages": [{"role": "user", "content": f"Repeat this text exactly:\n\n{passage}"}],
+            "max_tokens": 40, "temperature": 0}
+    whole = http.post("/v1/chat/completions", json=body)
+    assert whole.status_code == 200, whole.text
+    want = whole.json()["choices"][0]["message"]["content"]
+    accepted = metric(details_http, "spec_decode_num_accepted_tokens_total")
+    chunks = _sse_chunks(details_http, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
+    pieces = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
+    assert "".join(pieces) == want and passage[:40] in want
+    assert len([p for p in pieces if p]) < chunks[-1]["usage"]["completion_tokens"]
+    assert metric(details_http, "spec_decode_num_accepted_tokens_total") > accepted
+    drafted = metric(details_http, "spec_decode_num_draft_tokens_total")
+    assert drafted >= metric(details_http, "spec_decode_num_accepted_tokens_total")
 
 
 def test_usage_has_no_prompt_tokens_details_without_the_flag(http):

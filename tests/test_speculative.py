@@ -96,6 +96,24 @@ def test_speculative_config_defaults_and_errors():
             SpeculativeConfig.from_dict(bad)
 
 
+def test_speculative_config_from_the_command_line_and_engine_args():
+    import argparse
+
+    from jaxllm.engine_args import EngineArgs
+
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser(exit_on_error=False))
+    args = parser.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
+    engine_args = EngineArgs.from_cli_args(args)
+    assert engine_args.speculative() == SpeculativeConfig(3, prompt_lookup_max=5, prompt_lookup_min=5)
+    assert EngineArgs().speculative() is None
+    for bad in ("{not json", "[3]"):
+        with pytest.raises(argparse.ArgumentError, match="speculative-config"):
+            parser.parse_args(["--speculative-config", bad])
+    # Checked before any model loads.
+    with pytest.raises(ValueError, match="num_speculative_tokens=-1 must be a positive integer"):
+        EngineArgs(speculative_config={"num_speculative_tokens": -1})
+
+
 def repetitive_next_token(context) -> int:
     """Mostly repeats what came 3 tokens back (n-gram proposals then often hold), sometimes not."""
     h = zlib.crc32(np.asarray(context, dtype=np.int64).tobytes())

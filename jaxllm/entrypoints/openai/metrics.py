@@ -42,6 +42,19 @@ class _StatsCollector(Collector):
         yield self._counter("engine_steps", "Engine steps run.", s.num_steps)
         yield self._counter("overlapped_steps", "Steps dispatched while the previous step still ran (async "
                             "scheduling).", s.num_overlapped_steps)
+        if s.spec_decode is not None:  # vLLM's speculative decoding counters
+            spec = s.spec_decode
+            yield self._counter("spec_decode_num_drafts", "Sequence steps that verified proposed tokens.",
+                                spec.num_drafts)
+            yield self._counter("spec_decode_num_draft_tokens", "Proposed tokens verified.", spec.num_draft_tokens)
+            yield self._counter("spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                                spec.num_accepted_tokens)
+            per_position = CounterMetricFamily("jaxllm:spec_decode_num_accepted_tokens_per_pos",
+                                               "Accepted proposed tokens, by position in the proposal.",
+                                               labels=["model_name", "position"])
+            for position, count in enumerate(spec.accepted_per_position):
+                per_position.add_metric([self.model_name, str(position)], count)
+            yield per_position
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         metric = GaugeMetricFamily(f"jaxllm:{name}", doc, labels=["model_name"])
