@@ -169,19 +169,26 @@ class SpeculativeConfig:
     ``method="ngram"`` (prompt lookup): the proposal is what followed the latest earlier occurrence
     of the sequence's last n tokens, the longest n in ``prompt_lookup_min .. prompt_lookup_max``
     that occurs; as in vLLM both default to 5, or to each other when only one is given.
+
+    ``disable_by_batch_size`` (vLLM's): no proposals while this many requests or more are running.
+    Verifying k proposals makes a sequence's step k + 1 tokens; where the device is already busy
+    with a large batch (compute-bound, as a CPU is from a few sequences on), that costs more than
+    the accepted tokens save (``benchmarks/speculative.py``).
     """
 
     num_speculative_tokens: int
     method: str = "ngram"
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self):
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_config method={self.method!r} is not supported; supported: "
                              f"{SPECULATIVE_METHODS} (draft models, EAGLE and MTP are not built)")
         _check_positive(self, "num_speculative_tokens")
-        _check_positive(self, *(n for n in ("prompt_lookup_min", "prompt_lookup_max") if getattr(self, n) is not None))
+        optional = ("prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size")
+        _check_positive(self, *(n for n in optional if getattr(self, n) is not None))
         if self.prompt_lookup_max is None and self.prompt_lookup_min is None:
             object.__setattr__(self, "prompt_lookup_max", 5)
             object.__setattr__(self, "prompt_lookup_min", 5)

@@ -254,12 +254,49 @@ def test_drafts_are_dropped_rather_than_preempting_another_request():
     scheduler.add_request(b)
     out = scheduler.schedule()
     scheduler.update(out, runner.execute(out))
-    a.spec_token_ids = (9, 9)  # positions 4 and 5 would need a second block: b holds it
+    a.spec_token_ids, a.spec_num_tokens = (9, 9), a.num_tokens  # positions 4, 5 need a block b holds
     out = scheduler.schedule()
     assert [(s.request_id, s.num_draft_tokens) for s in out.sequences] == [("a", 0), ("b", 0)]
     assert out.preempted_ids == () and scheduler.num_preemptions == 0
     scheduler.update(out, runner.execute(out))
     check_pool(scheduler)
+
+
+def test_a_proposal_made_for_a_shorter_sequence_is_not_verified():
+    scheduler = spec_scheduler(k=2)
+    runner = DraftSimRunner(64)
+    a = Request("a", [1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True), arrival_time=0.0)
+    scheduler.add_request(a)
+    out = scheduler.schedule()
+    scheduler.update(out, runner.execute(out))
+    a.spec_token_ids, a.spec_num_tokens = (9, 9), a.num_tokens - 1  # proposed before the last sample
+    (seq,) = scheduler.schedule().sequences
+    assert seq.num_draft_tokens == 0 and a.spec_token_ids == ()
+
+
+def test_disable_by_batch_size_stops_proposals_while_the_batch_is_large():
+    def drafts_per_step(disable):
+        config = SpeculativeConfig(3, prompt_lookup_min=1, prompt_lookup_max=3, disable_by_batch_size=disable)
+        scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128),
+                              CacheConfig(block_size=BS), num_kv_blocks=64, eos_token_ids=(EOS,),
+                              speculative_config=config)
+        runner = DraftSimRunner(64)
+        for i, max_tokens in enumerate((40, 8, 8)):  # three at first, one after the short two end
+            scheduler.add_request(Request(f"r{i}", [5, 6, 7] * 3, SamplingParams(max_tokens=max_tokens,
+                                                                                  ignore_eos=True), 0.0))
+        history = []
+        while scheduler.has_unfinished_requests():
+            out = scheduler.schedule()
+            history.append((len(out.sequences), sum(s.num_draft_tokens for s in out.sequences)))
+            scheduler.update(out, runner.execute(out))
+        return history
+
+    limited = drafts_per_step(2)
+    assert all(drafts == 0 for seqs, drafts in limited if seqs >= 2)
+    assert any(drafts > 0 for seqs, drafts in limited if seqs == 1)
+    assert any(drafts > 0 for seqs, drafts in drafts_per_step(None) if seqs == 3)
+    with pytest.raises(ValueError, match="disable_by_batch_size=0 must be a positive integer"):
+        SpeculativeConfig(2, disable_by_batch_size=0)
 
 
 def test_drafts_stay_within_max_tokens_max_model_len_and_the_budget():
@@ -391,6 +428,20 @@ def test_smollm2_structured_outputs_get_no_proposals_and_match(plain_llm, spec_l
     spec = spec_llm.chat(COPY_CHATS[1], params, use_tqdm=False)
     assert _ids(spec) == _ids(plain_llm.chat(COPY_CHATS[1], params, use_tqdm=False))
     assert spec_llm.llm_engine.stats.spec_decode.num_draft_tokens == drafted_before
+
+
+def test_smollm2_proposals_off_in_large_batches_overlap_steps_and_match(smollm2_model, plain_llm):
+    from jaxllm import LLM, SamplingParams
+
+    # Four chats of different lengths: proposals start once fewer than 3 are left; before that
+    # the steps overlap as without speculative decoding.
+    llm = LLM(smollm2_model, speculative_config={**NGRAM, "disable_by_batch_size": 3}, **LIMITS)
+    chats = COPY_CHATS + [[{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Count to 3."}]]
+    params = SamplingParams(temperature=0.0, max_tokens=80)
+    spec = llm.chat(chats, params, use_tqdm=False)
+    assert _ids(spec) == _ids(plain_llm.chat(chats, params, use_tqdm=False))
+    stats = llm.llm_engine.stats
+    assert stats.num_overlapped_steps > 0 and stats.spec_decode.num_accepted_tokens > 0
 
 
 def test_smollm2_tiny_pool_preempts_with_proposals_and_still_matches(smollm2_model, plain_llm):

@@ -111,7 +111,8 @@ class LLMEngine:
         vocab_size: the model's vocabulary (embedding rows): prompt token ids must lie below it.
             None leaves them unchecked.
         speculative_config: propose tokens by n-gram lookup and verify them in each request's
-            next step (vLLM's ``speculative_config``); steps then run one at a time.
+            next step (vLLM's ``speculative_config``); steps then run one at a time, except while
+            its ``disable_by_batch_size`` turns proposals off.
     """
 
     def __init__(

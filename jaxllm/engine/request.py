@@ -72,8 +72,10 @@ class Request:
     # Structured outputs: where the outputs so far stand in the request's pattern (a
     # jaxllm.structured.token_masks.TokenMatcher), advanced by each sampled token; None: free text.
     matcher: Any = None
-    # Speculative decoding: tokens proposed to follow the sequence, verified by its next step.
+    # Speculative decoding: tokens proposed to follow the sequence when it had ``spec_num_tokens``
+    # tokens, verified by its next step (only if it has not grown since).
     spec_token_ids: tuple[int, ...] = ()
+    spec_num_tokens: int = 0
     # Logprobs, when asked for: one entry per output token, and per prompt position (0 is None).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)

@@ -281,6 +281,7 @@ class Scheduler:
     def _schedule_running(self, step: _StepBuilder) -> None:
         if self.waiting.by_priority:  # the budget and the pool go to the highest priority first
             self.running.sort(key=self._priority_key)
+        speculate = self._speculating()
         index = 0
         while index < len(self.running) and step.budget > 0:
             request = self.running[index]
@@ -288,7 +289,7 @@ class Scheduler:
             if num_new == 0:  # its last token is being sampled by the step in flight; it ends there
                 index += 1
                 continue
-            drafts = self._drafts_to_verify(request, step.budget)
+            drafts = self._drafts_to_verify(request, step.budget, speculate)
             allocation = self.kv.allocate_slots(request, num_new + len(drafts))
             if allocation is None and drafts:  # proposals never preempt anyone: drop them first
                 drafts = ()
@@ -304,11 +305,22 @@ class Scheduler:
             step.add(self._sequence(request, num_new, drafts), allocation)
             index += 1
 
-    def _drafts_to_verify(self, request: Request, budget: int) -> tuple[int, ...]:
+    def _speculating(self) -> bool:
+        """Whether proposals are made and verified now (``disable_by_batch_size``)."""
+        config = self.speculative_config
+        if config is None:
+            return False
+        return config.disable_by_batch_size is None or len(self.running) < config.disable_by_batch_size
+
+    def _drafts_to_verify(self, request: Request, budget: int, speculate: bool) -> tuple[int, ...]:
         """The proposals a decoding request verifies this step, within the budget (one token of
         which is its own), and consumed: a step verifies a proposal once."""
         drafts, request.spec_token_ids = request.spec_token_ids, ()
-        if request.num_tokens - request.num_computed_tokens != 1:  # recomputing after a preemption
+        # Not while recomputing after a preemption (more than the last token to compute), nor when
+        # the sequence grew after the proposal (a step dispatched before its tokens were known).
+        if not speculate or request.num_tokens - request.num_computed_tokens != 1:
+            return ()
+        if request.spec_num_tokens != request.num_tokens or request.output_token_ids[-1] == PLACEHOLDER:
             return ()
         return drafts[: max(budget - 1, 0)]
 
@@ -448,7 +460,7 @@ class Scheduler:
         """Whether the next step may be scheduled before this one's sampled tokens are known:
         not when they are needed on the host first (token histories for penalties, forking
         parallel samples, beam search's retained requests, structured outputs' next masks)."""
-        if self.speculative_config is not None:  # the next proposals start from this step's tokens
+        if self._speculating():  # the next proposals start from this step's tokens
             return False
         for seq in scheduler_output.sequences:
             needs_host = seq.sampling.needs_token_history or seq.token_mask_key is not None
@@ -471,7 +483,7 @@ class Scheduler:
             if seq.num_draft_tokens and updates and updates[-1].request is request:
                 updates[-1] = self._verify_drafts(seq, updates[-1], runner_output)
         self._record_kv_waste(scheduler_output)
-        if self.speculative_config is not None:
+        if self._speculating():
             for update in updates:
                 if not update.finished:
                     self._propose(update.request)
@@ -566,6 +578,7 @@ class Scheduler:
         bad words (their device-side history would need each draft), structured outputs (each draft
         would need its own mask), beam search; nor past max_tokens or max_model_len."""
         config, params = self.speculative_config, request.sampling_params
+        request.spec_token_ids = ()
         options = params.sampling_options(self._eos_tuple)
         if request.matcher is not None or request.retain_blocks or options.needs_token_history:
             return
@@ -574,6 +587,7 @@ class Scheduler:
         if k > 0:
             request.spec_token_ids = propose_ngram(self._histories.view(request), config.prompt_lookup_min,
                                                    config.prompt_lookup_max, k)
+            request.spec_num_tokens = request.num_tokens
 
     @staticmethod
     def _append_token(request: Request, token: int, token_logprobs) -> None:
