@@ -262,6 +262,42 @@ def test_drafts_are_dropped_rather_than_preempting_another_request():
     check_pool(scheduler)
 
 
+def test_mask_rows_cover_forks_and_the_samples_after_drafts():
+    from jaxllm.engine.messages import SamplingOptions, ScheduledSequence, SchedulerOutput
+    from jaxllm.runner.batch import Buckets, build_batch
+    from jaxllm.runner.mask_table import DeviceMaskTable
+    from tests.test_structured_outputs import _FakeDFA
+
+    table, dfa = DeviceMaskTable(vocab_size=40, capacity=8), _FakeDFA(40)
+    sched = SchedulerOutput((
+        ScheduledSequence("a", (1,), 0, (1,), True, SamplingOptions(), 0, fork_ids=("a#1",), token_mask_key=(dfa, 5)),
+        ScheduledSequence("b", (1, 2, 3), 0, (2,), True, SamplingOptions(), 0, token_mask_key=(dfa, 7),
+                          num_draft_tokens=2, draft_mask_keys=((dfa, 8), (dfa, 5))),
+        ScheduledSequence("c", (4,), 0, (3,), True, SamplingOptions(), 0),
+    ))
+    rows = table.rows_for(sched)
+    assert rows == {"a": 0, "a#1": 0, "b": 1, draft_sample_id("b", 1): 2, draft_sample_id("b", 2): 0}
+    batch = build_batch(sched, Buckets.make(64, 4, 4, num_speculative_tokens=2), 4, np.random.default_rng(0), 40,
+                        mask_slots=rows)
+    # Rows: a, a#1, b, b after draft 1, b after draft 2, c; each samples after its own position.
+    assert batch.sampling.mask_rows[:6].tolist() == [0, 0, 1, 2, 0, -1]
+    assert batch.logits_indices[:6].tolist() == [0, 0, 1, 2, 3, 4]
+    assert batch.sampling.steps[:6].tolist() == [0, 0, 0, 1, 2, 0]
+
+
+def test_penalty_histories_of_the_rows_after_drafts_hold_the_drafts_before_them():
+    from jaxllm.engine.messages import SamplingOptions, ScheduledSequence
+    from jaxllm.runner.penalties import penalty_tensors
+
+    options = SamplingOptions(frequency_penalty=0.5)
+    seq = ScheduledSequence("a", (3, 4, 5), 2, (1,), True, options, 1, num_prompt_tokens=2,
+                            token_history=np.array([1, 2, 3], np.int32), num_draft_tokens=2)
+    pt = penalty_tensors([seq] * 3, 4, 8, vocab_size=9, drafts_before=[0, 1, 2])
+    V = 9
+    assert pt.history[:3].tolist() == [[1, 2, 3, V, V, V, V, V], [1, 2, 3, 4, V, V, V, V], [1, 2, 3, 4, 5, V, V, V]]
+    assert pt.num_tokens[:3].tolist() == [3, 4, 5] and pt.num_prompt[:3].tolist() == [2, 2, 2]
+
+
 def test_a_proposal_made_for_a_shorter_sequence_is_not_verified():
     scheduler = spec_scheduler(k=2)
     runner = DraftSimRunner(64)
@@ -393,7 +429,9 @@ def test_smollm2_copying_needs_fewer_steps_and_gives_the_same_text(plain_llm, sp
     dict(temperature=0.0, min_tokens=30, max_tokens=50),
     dict(temperature=0.0, stop=["bridge", "15,"], max_tokens=80),
     dict(temperature=0.0, stop=["bridge"], include_stop_str_in_output=True, max_tokens=80),
-    dict(temperature=0.0, repetition_penalty=1.3, max_tokens=30),  # no proposals: penalties
+    dict(temperature=0.0, repetition_penalty=1.3, max_tokens=30),
+    dict(temperature=0.7, seed=5, frequency_penalty=0.5, presence_penalty=0.3, max_tokens=40),
+    dict(temperature=0.0, bad_words=["bridge", " 7,"], logit_bias={11: 2.0}, max_tokens=60),
 ])
 def test_smollm2_outputs_with_proposals_equal_outputs_without(plain_llm, spec_llm, params):
     from jaxllm import SamplingParams
@@ -412,22 +450,28 @@ def test_smollm2_outputs_with_proposals_equal_outputs_without(plain_llm, spec_ll
                     assert a.keys() == b.keys()
                     assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
                 assert sc.cumulative_logprob == pytest.approx(pc.cumulative_logprob, abs=1e-3)
-    drafted = spec_llm.llm_engine.stats.spec_decode.num_draft_tokens - drafted_before
-    assert (drafted == 0) == ("repetition_penalty" in params)
+    assert spec_llm.llm_engine.stats.spec_decode.num_draft_tokens > drafted_before
     if "stop" in params:  # the copy stops at "bridge", in the middle of accepted proposals
         assert spec[0].outputs[0].finish_reason == "stop" and spec[0].outputs[0].stop_reason == "bridge"
 
 
-def test_smollm2_structured_outputs_get_no_proposals_and_match(plain_llm, spec_llm):
+@pytest.mark.parametrize(("chat", "constraint"), [
+    (COPY_CHATS[1], {"regex": r"([0-9]+, )+[0-9]+"}),
+    ([{"role": "user", "content": "List three people with their name and age as a JSON array."}],
+     {"json": {"type": "array", "items": {"type": "object", "properties": {
+         "name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}}, "required": ["name", "age"]}}}),
+])
+def test_smollm2_structured_outputs_with_proposals_match(plain_llm, spec_llm, chat, constraint):
     from jaxllm import SamplingParams
     from jaxllm.sampling_params import StructuredOutputsParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=30,
-                            structured_outputs=StructuredOutputsParams(regex=r"(1, ){3}[0-9, ]+"))
-    drafted_before = spec_llm.llm_engine.stats.spec_decode.num_draft_tokens
-    spec = spec_llm.chat(COPY_CHATS[1], params, use_tqdm=False)
-    assert _ids(spec) == _ids(plain_llm.chat(COPY_CHATS[1], params, use_tqdm=False))
-    assert spec_llm.llm_engine.stats.spec_decode.num_draft_tokens == drafted_before
+    params = SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=StructuredOutputsParams(**constraint))
+    before, compiles = spec_llm.llm_engine.stats.spec_decode, spec_llm.llm_engine.stats.num_compiles
+    spec = spec_llm.chat(chat, params, use_tqdm=False)
+    assert _ids(spec) == _ids(plain_llm.chat(chat, params, use_tqdm=False))
+    after = spec_llm.llm_engine.stats.spec_decode
+    assert after.num_accepted_tokens > before.num_accepted_tokens  # the pattern's repeats are proposed
+    assert spec_llm.llm_engine.stats.num_compiles == compiles
 
 
 def test_smollm2_proposals_off_in_large_batches_overlap_steps_and_match(smollm2_model, plain_llm):

@@ -394,6 +394,34 @@ def section_structured_outputs(name: str, r: dict) -> list[str]:
     return lines
 
 
+def section_speculative(name: str, r: dict) -> list[str]:
+    env, w, summary = r["environment"], r["workload"], r["summary"]
+    arms = list(next(iter(r["elapsed_s"].values())))
+    configs = "; ".join(f"{arm}: `{json.dumps(c)}`" for arm, c in r["speculative_config"].items())
+    lines = [
+        f"### `{name}`", "",
+        f"`{r['command']}` at commit `{env['git_commit'][:10]}` on {env['device']} ({env['cpu_count']} cores): "
+        f"{r['model']}, greedy, up to {w['max_tokens']} tokens per request. Workloads of "
+        f"{w['requests_per_case']} chats each: `copy` asks to repeat a passage (prose or code), `free` for a "
+        "short story; run one request at a time (`/1`) or all at once (`/8`). Outputs are the same token for "
+        f"token in every arm (the script checks). {configs}.",
+        "",
+        "| case | " + " | ".join(f"{a} output tok/s (median)" for a in arms) + " | "
+        + " | ".join(f"{a} vs plain" for a in arms if a != "plain") + " | acceptance | tokens per verifying step "
+        "| steps |",
+        "|---|" + "---|" * (2 * len(arms) + 2),
+    ]
+    for case, c in summary.items():
+        rates = " | ".join(f"{c['output_tokens_per_s_median'][a]:.1f}" for a in arms)
+        speeds = " | ".join(f"{c['speed_vs_plain_median'][a]:.2f}x" for a in arms if a != "plain")
+        steps = ", ".join(f"{a} {n}" for a, n in c["steps"].items())
+        lines.append(f"| {case} | {rates} | {speeds} | {c['acceptance_rate']:.1%} | "
+                     f"{c['mean_acceptance_length']:.2f} | {steps} |")
+    lines += ["", "Acceptance: accepted proposed tokens / proposed tokens (the `ngram` arm). The plain engine "
+              "overlaps each step with the host's work for the next; verifying steps run one at a time.", ""]
+    return lines
+
+
 # -- attention kernels -------------------------------------------------------------------------
 
 def plot_attention(r: dict, ax) -> None:
@@ -477,6 +505,9 @@ def render() -> str:
     lines += ["## Structured outputs", ""]
     lines += [x for name, r in _globbed("structured_outputs_*.json") for x in section_structured_outputs(name, r)] or \
         _missing("structured_outputs_cpu.json", "python benchmarks/structured_outputs.py")
+    lines += ["## Speculative decoding", ""]
+    lines += [x for name, r in _globbed("speculative_*.json") for x in section_speculative(name, r)] or \
+        _missing("speculative_cpu.json", "python benchmarks/speculative.py")
     lines += ["## Online serving", ""]
     serving = _globbed("serving_*.json")
     lines += [x for name, r in serving for x in section_serving(name, r)] or _missing(

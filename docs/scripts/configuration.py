@@ -56,6 +56,15 @@ ENGINE_HELP = {
                          "`priority` (lower first, then arrival; `LLM.generate(priority=[...])`, "
                          "`add_request(..., priority=)`, the server's `priority` field), and a preemption takes "
                          "the running request with the largest. Under `fcfs` a non-zero priority is refused.",
+    "speculative_config": "vLLM's speculative decoding, as a dict (`--speculative-config` takes JSON): "
+                          "`{\"method\": \"ngram\", \"num_speculative_tokens\": k}` with optional "
+                          "`prompt_lookup_min` / `prompt_lookup_max` (the n-gram lengths looked up, both 5 by "
+                          "default, as vLLM) and `disable_by_batch_size` (no proposals while that many requests "
+                          "run). After each sample the engine proposes up to k tokens that followed the latest "
+                          "earlier occurrence of the sequence's last n tokens, and the next step verifies them; "
+                          "outputs are the same as without it (greedy and seeded sampling; penalties and structured "
+                          "outputs apply at every verified position). Those steps run synchronously. Beam search "
+                          "gets no proposals. Draft models, EAGLE and MTP are not built.",
     "seed": "Seed of the engine's sampling PRNG (requests without their own `seed`).",
     "async_scheduling": "Schedule and dispatch step k+1 before waiting for step k's sampled tokens; decode inputs "
     "are read on the device. Steps whose tokens the host needs first (penalties, `n > 1` forking, beam search, "

@@ -80,6 +80,9 @@ class ScheduledSequence:
     # yet the request's. A token is sampled after each position from the last real token on; the
     # samples decide how many proposals the request keeps (see ``draft_sample_id``).
     num_draft_tokens: int = 0
+    # Structured outputs: the mask key after each draft token (the state the sample after draft j
+    # is limited by), like ``token_mask_key``.
+    draft_mask_keys: tuple = field(default=(), compare=False, repr=False)
 
     @property
     def sample_ids(self) -> tuple[str, ...]:

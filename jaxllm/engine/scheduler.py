@@ -428,7 +428,18 @@ class Scheduler:
             token_mask_key=request.matcher.key if sample and request.matcher is not None else None,
             request=request,
             num_draft_tokens=len(drafts),
+            draft_mask_keys=self._draft_mask_keys(request, drafts),
         )
+
+    @staticmethod
+    def _draft_mask_keys(request: Request, drafts: tuple[int, ...]) -> tuple:
+        if request.matcher is None or not drafts:
+            return ()
+        matcher, keys = request.matcher.copy(), []
+        for token in drafts:
+            matcher.advance(token)
+            keys.append(matcher.key)
+        return tuple(keys)
 
     @staticmethod
     def _fork_ids(request: Request) -> tuple[str, ...]:
@@ -574,20 +585,26 @@ class Scheduler:
     def _propose(self, request: Request) -> None:
         """Proposals for a request's next step (n-gram lookup over its prompt and outputs).
 
-        None for requests whose samples the host must see one at a time: penalties and multi-token
-        bad words (their device-side history would need each draft), structured outputs (each draft
-        would need its own mask), beam search; nor past max_tokens or max_model_len."""
+        None for beam search (each beam takes one token at a time), nor past max_tokens or
+        max_model_len. Under structured outputs a proposal ends before the first token the pattern
+        does not allow (the sample there could never equal it)."""
         config, params = self.speculative_config, request.sampling_params
         request.spec_token_ids = ()
-        options = params.sampling_options(self._eos_tuple)
-        if request.matcher is not None or request.retain_blocks or options.needs_token_history:
+        if request.retain_blocks:
             return
         room = min(params.max_tokens - request.num_output_tokens, self.config.max_model_len - request.num_tokens) - 1
         k = min(config.num_speculative_tokens, room)
-        if k > 0:
-            request.spec_token_ids = propose_ngram(self._histories.view(request), config.prompt_lookup_min,
-                                                   config.prompt_lookup_max, k)
-            request.spec_num_tokens = request.num_tokens
+        if k <= 0:
+            return
+        drafts = propose_ngram(self._histories.view(request), config.prompt_lookup_min, config.prompt_lookup_max, k)
+        if request.matcher is not None:
+            token_dfa, state = request.matcher.key
+            for i, token in enumerate(drafts):
+                state = token_dfa.next_state(state, token)
+                if state == token_dfa.dfa.dead:
+                    drafts = drafts[:i]
+                    break
+        request.spec_token_ids, request.spec_num_tokens = drafts, request.num_tokens
 
     @staticmethod
     def _append_token(request: Request, token: int, token_logprobs) -> None:

@@ -134,7 +134,7 @@ def build_batch(
     ``shape`` forces the (T, B) bucket (warm-up); by default the smallest that fits is used.
     ``prev_rows`` maps sample ids of the previous step to their sampling rows: a negative token id
     (a placeholder) is read on the device from that step's output instead. ``mask_slots`` maps
-    request ids to the mask-table row that limits their samples (structured outputs).
+    sample ids to the mask-table row that limits them (structured outputs).
     """
     seqs = sched.sequences
     rows = sample_rows(sched)
@@ -201,7 +201,7 @@ def _sampling_tensors(
     banned = np.full((S, MAX_BANNED_IDS), vocab_size, np.int32)  # vocab_size: out of range, dropped
     mask_rows = np.full(S, -1, np.int32)
     for i, row in enumerate(rows):
-        mask_rows[i] = mask_slots.get(row.sequence.request_id, -1)
+        mask_rows[i] = mask_slots.get(row.sample_id, -1)
         s, o = row.sequence, row.sequence.sampling
         temperature[i], top_k[i], top_p[i], min_p[i] = o.temperature, max(o.top_k, 0), o.top_p, o.min_p
         seeds[i] = (o.seed + row.fork_index if o.seed is not None else rng.integers(2**32)) % 2**32
@@ -211,5 +211,6 @@ def _sampling_tensors(
             if len(ids) > MAX_BANNED_IDS:
                 raise ValueError(f"at most {MAX_BANNED_IDS} eos/stop_token_ids can be held back by min_tokens")
             banned[i, : len(ids)] = ids
-    penalties = penalty_tensors([r.sequence for r in rows], S, history_width, vocab_size)
+    penalties = penalty_tensors([r.sequence for r in rows], S, history_width, vocab_size,
+                                [r.draft_index for r in rows])
     return SamplingTensors(temperature, top_k, top_p, min_p, seeds, steps, banned, penalties, mask_rows)

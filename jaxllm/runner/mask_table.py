@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.engine.messages import SchedulerOutput
+from jaxllm.engine.messages import SchedulerOutput, draft_sample_id
 
 
 def _set_row(table: jax.Array, row: jax.Array, words: jax.Array) -> jax.Array:
@@ -38,29 +38,35 @@ class DeviceMaskTable:
         self.table = self._set(self.table, np.int32(0), np.zeros(self.num_words, np.uint32))
 
     def rows_for(self, sched: SchedulerOutput) -> dict[str, int]:
-        """The table row of each sequence of ``sched`` whose samples a mask limits (writing the
-        masks not on the device yet)."""
+        """The table row of each sample id of ``sched`` that a mask limits (writing the masks not
+        on the device yet): a sequence's own samples and its forks', and the samples after its
+        speculative drafts (each with the state after the drafts before it)."""
         out: dict[str, int] = {}
         used: set[int] = set()
         for seq in sched.sequences:
-            key = seq.token_mask_key  # set on sampling sequences only
-            if key is None:
+            if seq.token_mask_key is None:  # set on sampling sequences only
                 continue
-            row = self._rows.get(key)
-            if row is None:
-                row = self._free_row(used)
-                token_dfa, state = key
-                words = token_dfa.mask_words(state)
-                if words.shape != (self.num_words,):
-                    raise ValueError(f"a structured-output mask has {words.shape[0]} words; the model's "
-                                     f"vocabulary needs {self.num_words}")
-                self.table = self._set(self.table, np.int32(row), words)
-                self.num_writes += 1
-                self._rows[key] = row
-            self._rows.move_to_end(key)
-            used.add(row)
-            out[seq.request_id] = row
+            row = self._row(seq.token_mask_key, used)
+            out.update(dict.fromkeys(seq.sample_ids, row))
+            for j, key in enumerate(seq.draft_mask_keys, 1):
+                out[draft_sample_id(seq.request_id, j)] = self._row(key, used)
         return out
+
+    def _row(self, key, used: set[int]) -> int:
+        row = self._rows.get(key)
+        if row is None:
+            row = self._free_row(used)
+            token_dfa, state = key
+            words = token_dfa.mask_words(state)
+            if words.shape != (self.num_words,):
+                raise ValueError(f"a structured-output mask has {words.shape[0]} words; the model's "
+                                 f"vocabulary needs {self.num_words}")
+            self.table = self._set(self.table, np.int32(row), words)
+            self.num_writes += 1
+            self._rows[key] = row
+        self._rows.move_to_end(key)
+        used.add(row)
+        return row
 
     def _free_row(self, used: set[int]) -> int:
         if len(self._rows) < self.capacity:  # rows are handed out in order and only reused when full

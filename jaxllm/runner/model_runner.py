@@ -104,8 +104,8 @@ class ModelRunner:
         self.kv = kv_pool.allocate(cfg, self.num_blocks, cache.block_size, self.kv_dtype)
         self.num_swap_blocks = num_swap_slots(cache, cfg, self.kv_dtype)
         self._swap = HostSwapSpace(self.kv, self.num_swap_blocks) if self.num_swap_blocks else None
-        # Each step's rows refer to at most max_num_seqs masks; twice that keeps recent ones.
-        self.masks = DeviceMaskTable(cfg.vocab_size, capacity=2 * sched.max_num_seqs)
+        # Each step's rows refer to at most max_num_rows masks; twice that keeps recent ones.
+        self.masks = DeviceMaskTable(cfg.vocab_size, capacity=2 * self.buckets.max_num_rows)
 
     # -- set-up --------------------------------------------------------------------------------
     def _size_pool(self, max_model_len: int) -> int:

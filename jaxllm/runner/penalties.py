@@ -109,8 +109,11 @@ def _history_penalties(logits: jax.Array, pt: PenaltyTensors) -> jax.Array:
     return logits - pt.frequency[:, None] * counts - pt.presence[:, None] * (counts > 0)
 
 
-def penalty_tensors(seqs: Sequence[ScheduledSequence], S: int, W: int, vocab_size: int) -> PenaltyTensors:
-    """Numpy tensors for sampling rows ``seqs`` (one per row, a sequence repeated for its forks)."""
+def penalty_tensors(seqs: Sequence[ScheduledSequence], S: int, W: int, vocab_size: int,
+                    drafts_before: Sequence[int] | None = None) -> PenaltyTensors:
+    """Numpy tensors for sampling rows ``seqs`` (one per row, a sequence repeated for its forks
+    and its speculative drafts). ``drafts_before[i]``: how many of the sequence's draft tokens row
+    i samples after; they extend its token history, as they would be outputs by then."""
     history = np.full((S, W), vocab_size, np.int32)
     num_prompt, num_tokens = np.zeros(S, np.int32), np.zeros(S, np.int32)
     presence, frequency, repetition = np.zeros(S, np.float32), np.zeros(S, np.float32), np.ones(S, np.float32)
@@ -125,6 +128,10 @@ def penalty_tensors(seqs: Sequence[ScheduledSequence], S: int, W: int, vocab_siz
         if s.token_history is not None:
             n = len(s.token_history)
             history[i, :n], num_tokens[i], num_prompt[i] = s.token_history, n, s.num_prompt_tokens
+            extra = drafts_before[i] if drafts_before is not None else 0
+            if extra:
+                history[i, n : n + extra] = s.draft_token_ids[:extra]
+                num_tokens[i] = n + extra
         if o.logit_bias:
             ids, values = zip(*o.logit_bias, strict=True)
             bias_ids[i, : len(ids)], bias_values[i, : len(ids)] = ids, values
