@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -36,8 +37,7 @@ class StepBatch:
     num_rows: np.ndarray  # [] int32 sampling rows in use; the rest of the R rows are padding
 
 
-@dataclass(frozen=True)
-class SampleRow:
+class SampleRow(NamedTuple):
     """One sampled token of a step: a sequence's own, a parallel-sampling fork's, or the one
     after a speculative decoding draft."""
 
@@ -55,9 +55,13 @@ class SampleRow:
 def sample_rows(sched: SchedulerOutput) -> list[SampleRow]:
     rows = []
     for s in sched.sequences:
-        rows += [SampleRow(sid, s, i) for i, sid in enumerate(s.sample_ids)]
-        if s.sample:
-            rows += [SampleRow(draft_sample_id(s.request_id, j), s, 0, j) for j in range(1, s.num_draft_tokens + 1)]
+        if not s.sample:
+            continue
+        rows.append(SampleRow(s.request_id, s, 0))
+        for i, fork_id in enumerate(s.fork_ids, 1):
+            rows.append(SampleRow(fork_id, s, i))
+        for j in range(1, s.num_draft_tokens + 1):
+            rows.append(SampleRow(draft_sample_id(s.request_id, j), s, 0, j))
     return rows
 
 
