@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import _environment  # noqa: E402
+
 from jaxllm import LLM, SamplingParams  # noqa: E402
 from jaxllm.config import ModelConfig  # noqa: E402
 from jaxllm.loader import Model  # noqa: E402
@@ -96,12 +98,7 @@ def main() -> None:
     speedup = statistics.median(times[False]) / statistics.median(times[True])
     print(f"median speedup of async scheduling: {speedup:.3f}x; same tokens: {same}")
     report = {
-        "environment": {
-            "device": str(jax.devices()[0]), "platform": platform, "jax": jax.__version__,
-            "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
-            "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                         cwd=Path(__file__).parent).stdout.strip(),
-        },
+        "environment": {**_environment(), "device": str(jax.devices()[0]), "load_avg_1min": os.getloadavg()[0]},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": {"shape": args.shape, **_SHAPES[args.shape], "dtype": dtype, "weights": "random"},
         "workload": {"num_requests": len(prompts), "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts),

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,9 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import _environment  # noqa: E402
+
 from jaxllm import LLM, SamplingParams  # noqa: E402
 
 _LIMITS = dict(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128, compilation_cache_dir=None)
@@ -134,12 +136,7 @@ def main() -> None:
               f"{spec['mean_acceptance_length']:.2f} tokens per verifying step; steps {summary[case]['steps']}")
     platform = jax.devices()[0].platform
     report = {
-        "environment": {
-            "device": str(jax.devices()[0]), "platform": platform, "jax": jax.__version__,
-            "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
-            "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                         cwd=Path(__file__).parent).stdout.strip(),
-        },
+        "environment": {**_environment(), "device": str(jax.devices()[0]), "load_avg_1min": os.getloadavg()[0]},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": "SmolLM2-135M-Instruct (embedded), float32",
         "workload": {"requests_per_case": 8, "max_tokens": args.max_tokens, "greedy": True, "passages": _PASSAGES,

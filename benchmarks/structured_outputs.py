@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,9 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import _environment  # noqa: E402
+
 from jaxllm import LLM, SamplingParams, StructuredOutputsParams  # noqa: E402
 from jaxllm.structured.regex import _compile  # noqa: E402
 from jaxllm.structured.token_masks import TokenDFA, TokenVocabulary  # noqa: E402
@@ -131,12 +133,7 @@ def main() -> None:
     print(f"vocabulary byte table: {cold['vocabulary_s']:.2f} s")
     platform = jax.devices()[0].platform
     report = {
-        "environment": {
-            "device": str(jax.devices()[0]), "platform": platform, "jax": jax.__version__,
-            "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
-            "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                         cwd=Path(__file__).parent).stdout.strip(),
-        },
+        "environment": {**_environment(), "device": str(jax.devices()[0]), "load_avg_1min": os.getloadavg()[0]},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": "SmolLM2-135M-Instruct (embedded), float32",
         "workload": {"num_requests": args.requests, "max_tokens": args.max_tokens, "greedy": True,

@@ -400,7 +400,7 @@ def section_speculative(name: str, r: dict) -> list[str]:
     configs = "; ".join(f"{arm}: `{json.dumps(c)}`" for arm, c in r["speculative_config"].items())
     lines = [
         f"### `{name}`", "",
-        f"`{r['command']}` at commit `{env['git_commit'][:10]}` on {env['device']} ({env['cpu_count']} cores): "
+        f"`{r['command']}` at commit `{env['git_commit'][:10]}` on {env['device']} ({_host(env)}): "
         f"{r['model']}, greedy, up to {w['max_tokens']} tokens per request. Workloads of "
         f"{w['requests_per_case']} chats each: `copy` asks to repeat a passage (prose or code), `free` for a "
         "short story; run one request at a time (`/1`) or all at once (`/8`). Outputs are the same token for "
