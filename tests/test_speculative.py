@@ -498,3 +498,67 @@ def test_smollm2_tiny_pool_preempts_with_proposals_and_still_matches(smollm2_mod
     stats = llm.llm_engine.stats
     assert stats.num_preemptions > 0 and stats.spec_decode.num_accepted_tokens > 0
     assert stats.kv_blocks_used == 0
+
+
+class AsyncDraftRunner(DraftSimRunner):
+    """DraftSimRunner behind the runner's dispatch/fetch interface (as test_async_scheduling's):
+    a placeholder input is read from the step still in flight, and proposals never come with one."""
+
+    def __init__(self, num_blocks):
+        super().__init__(num_blocks)
+        self.last = None
+
+    def dispatch(self, sched, prev=None):
+        import dataclasses
+
+        from jaxllm.engine.scheduler import PLACEHOLDER
+
+        assert prev is None or prev is self.last
+        sequences = []
+        for seq in sched.sequences:
+            assert PLACEHOLDER not in seq.token_ids[:-1]
+            if seq.token_ids[-1] == PLACEHOLDER:
+                assert seq.num_draft_tokens == 0 and prev is not None and not prev["fetched"]
+                seq = dataclasses.replace(seq, token_ids=(*seq.token_ids[:-1], prev["sampled"][seq.request_id]))
+            sequences.append(seq)
+        sampled = DraftSimRunner.execute(self, dataclasses.replace(sched, sequences=tuple(sequences))).sampled
+        self.last = {"sampled": sampled, "fetched": False}
+        return self.last
+
+    def fetch(self, handle) -> RunnerOutput:
+        assert not handle["fetched"]
+        handle["fetched"] = True
+        return RunnerOutput(handle["sampled"])
+
+    def execute(self, sched) -> RunnerOutput:
+        return self.fetch(self.dispatch(sched))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_engine_alternates_overlapped_steps_and_verifying_steps_exactly(seed):
+    """disable_by_batch_size=3: steps overlap while 3+ requests run and verify proposals below
+    that; requests arrive while others run, so the engine switches back and forth."""
+    from jaxllm.engine.llm_engine import LLMEngine
+
+    rng = random.Random(seed)
+    requests = random_requests(rng, 10)
+    config = SpeculativeConfig(3, prompt_lookup_min=1, prompt_lookup_max=3, disable_by_batch_size=3)
+    engine = LLMEngine(None, AsyncDraftRunner(48), SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=24,
+                                                                  max_model_len=128),
+                       CacheConfig(block_size=BS), num_kv_blocks=48, eos_token_ids=(EOS,), speculative_config=config)
+    pending, outputs, steps = list(requests), {}, 0
+    while pending or engine.has_unfinished_requests():
+        while pending and (steps < 1 or steps % 5 == 0 or not engine.has_unfinished_requests()) and (
+                engine.get_num_unfinished_requests() < 5):
+            r = pending.pop(0)
+            engine.add_request(r.request_id, r.prompt_token_ids, r.sampling_params)
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0].token_ids
+        check_pool(engine.scheduler)
+        steps += 1
+        assert steps < 3000
+    assert outputs == {r.request_id: reference(r.prompt_token_ids, r.sampling_params) for r in requests}
+    stats = engine.stats
+    assert stats.num_overlapped_steps > 0 and stats.spec_decode.num_accepted_tokens > 0
+    assert stats.kv_blocks_used == 0

@@ -471,7 +471,10 @@ class Scheduler:
         """Whether the next step may be scheduled before this one's sampled tokens are known:
         not when they are needed on the host first (token histories for penalties, forking
         parallel samples, beam search's retained requests, structured outputs' next masks)."""
-        if self._speculating():  # the next proposals start from this step's tokens
+        # The next proposals start from this step's tokens, and a verifying step's number of new
+        # tokens is only known once they are (the batch may have grown past disable_by_batch_size
+        # since it was scheduled, so look at the step itself too).
+        if self._speculating() or any(seq.num_draft_tokens for seq in scheduler_output.sequences):
             return False
         for seq in scheduler_output.sequences:
             needs_host = seq.sampling.needs_token_history or seq.token_mask_key is not None
