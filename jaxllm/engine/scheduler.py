@@ -567,8 +567,7 @@ class Scheduler:
         kept when the draft equals the token sampled before it (the draft then was the request's
         token there, so the K/V computed from it stand); the first disagreement ends it. Every kept
         token was sampled as it would have been without proposals: same logits, same key."""
-        request, tokens, status = update.request, list(update.new_token_ids), None
-        accepted = 0
+        request, tokens, accepted = update.request, list(update.new_token_ids), 0
         for index, draft in enumerate(seq.draft_token_ids, 1):
             if update.finished or draft != tokens[-1]:
                 break
