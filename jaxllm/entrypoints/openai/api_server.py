@@ -213,6 +213,7 @@ def build_async_engine(args: argparse.Namespace) -> tuple[AsyncLLMEngine, Served
                          enable_prompt_tokens_details=args.enable_prompt_tokens_details,
                          return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                          tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+                         reasoning_parser=args.reasoning_parser,
                          sampling_defaults=engine_args.sampling_defaults())
     # The collector reads the stats the engine thread publishes, never the engine itself.
     holder: dict[str, AsyncLLMEngine] = {}

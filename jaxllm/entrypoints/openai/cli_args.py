@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jaxllm.engine_args import EngineArgs
+from jaxllm.entrypoints.openai.reasoning import REASONING_PARSERS
 from jaxllm.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS
 
 
@@ -26,6 +27,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="let the model decide when to call tools (tool_choice 'auto'); needs --tool-call-parser")
     group.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                        help="how tool calls are read out of 'auto' replies (hermes: <tool_call>{...}</tool_call>)")
+    group.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                       help="put a reasoning model's <think> ... </think> part of chat replies in the message's "
+                            "'reasoning' (and 'reasoning_content') instead of 'content'")
     group.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
     group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

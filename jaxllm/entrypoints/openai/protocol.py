@@ -327,6 +327,7 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools
     function_call: str | dict[str, Any] | None = None
+    include_reasoning: bool = True  # with --reasoning-parser: False leaves the reasoning out
 
     def unsupported(self) -> tuple[str, str] | None:
         found = super().unsupported()
@@ -467,10 +468,13 @@ class ChatChoiceLogProbs(OpenAIModel):
 
 
 class DeltaMessage(_OmitsAbsent):
-    OMITTED_WHEN_NONE = ("tool_calls",)
+    OMITTED_WHEN_NONE = ("tool_calls", "reasoning", "reasoning_content")
 
     role: str | None = None
     content: str | None = None
+    # With --reasoning-parser: the reply's <think> part (vLLM's field, and its older name).
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     # OpenAI's tool calls: {"id", "type": "function", "function": {"name", "arguments"}} in a
     # message; in a stream's delta each also has its "index" and later pieces only what is new.
     tool_calls: list[dict[str, Any]] | None = None

@@ -21,6 +21,7 @@ from jaxllm.entrypoints.openai.protocol import (
     UsageInfo,
     random_id,
 )
+from jaxllm.entrypoints.openai.reasoning import ReasoningSplitter
 from jaxllm.entrypoints.openai.serving_engine import (
     SSE_DONE,
     APIError,
@@ -96,14 +97,26 @@ class OpenAIServingChat(OpenAIServing):
         [output] = await final_outputs(self.engine, streams)
         return self._response(request, request_id, output, choice)
 
+    def _reasoning_parser(self, request: ChatCompletionRequest, choice: ToolChoice) -> str | None:
+        """The server's reasoning parser, unless the reply is constrained from its first token
+        (a named or required tool call, structured outputs): such a reply has no reasoning part."""
+        constrained = choice.mode in ("named", "required") or request.structured_outputs_params()[0] is not None
+        return None if constrained else self.served.reasoning_parser
+
     def _response(self, request: ChatCompletionRequest, request_id: str, output: RequestOutput,
                   choice: ToolChoice) -> ChatCompletionResponse:
         choices = []
         echoed = request.echoed_content()
+        parser = self._reasoning_parser(request, choice)
         for c in output.outputs:
-            reply = parse_reply(c.text, choice, self.served.tool_call_parser)
+            reasoning, text = ReasoningSplitter.split(parser, c.text) if parser else (None, c.text)
+            reply = parse_reply(text or "", choice, self.served.tool_call_parser)
             content = reply.content if reply.content is None else echoed + reply.content
-            message = DeltaMessage(role="assistant", content=content, tool_calls=reply.tool_calls or None)
+            if text is None and not echoed:  # all of it was reasoning
+                content = None
+            shown = reasoning if request.include_reasoning else None
+            message = DeltaMessage(role="assistant", content=content, tool_calls=reply.tool_calls or None,
+                                   reasoning=shown, reasoning_content=shown)
             choices.append(ChatChoice(index=c.index, message=message,
                                       logprobs=self._logprobs(request, c.token_ids, c.logprobs),
                                       finish_reason=_finish_reason(choice, c.finish_reason, bool(reply.tool_calls)),
@@ -125,6 +138,8 @@ class OpenAIServingChat(OpenAIServing):
         num_tokens: dict[int, int] = {}  # choice -> generated tokens
         cached_tokens = 0  # of the prompt, served from the prefix cache
         replies = {index: StreamedReply(choice, self.served.tool_call_parser) for index in range(n)}
+        parser = self._reasoning_parser(request, choice)
+        splitters = {index: ReasoningSplitter(parser) if parser else None for index in range(n)}
         echoed = request.echoed_content()
         try:
             for index in range(n):  # OpenAI's first chunk of each choice carries the role alone
@@ -137,7 +152,7 @@ class OpenAIServingChat(OpenAIServing):
             async for delta in deltas:
                 num_tokens[delta.index] = delta.num_tokens
                 cached_tokens = delta.num_cached_tokens
-                chunk_choice = self._stream_choice(request, delta, replies[delta.index])
+                chunk_choice = self._stream_choice(request, delta, replies[delta.index], splitters[delta.index])
                 if chunk_choice is not None:
                     usage = self._usage(request, num_prompt_tokens, delta.num_tokens, cached_tokens)
                     yield sse(self._chunk(request_id, chunk_choice, usage))
@@ -148,10 +163,16 @@ class OpenAIServingChat(OpenAIServing):
             yield sse(APIError(str(exc), status=500, type="InternalServerError").response_body())
         yield SSE_DONE
 
-    def _stream_choice(self, request: ChatCompletionRequest, delta: Delta, reply: StreamedReply) -> ChatStreamChoice | None:
+    def _stream_choice(self, request: ChatCompletionRequest, delta: Delta, reply: StreamedReply,
+                       splitter: ReasoningSplitter | None = None) -> ChatStreamChoice | None:
         """None: nothing to send (text held back for a possible stop string, an incomplete
-        character or a possible tool call, and no logprobs to carry)."""
-        content = reply.content_delta(delta.text)
+        character, a possible tool call or reasoning tag, and no logprobs to carry)."""
+        reasoning, text = splitter.feed(delta.text) if splitter is not None else ("", delta.text)
+        if splitter is not None and delta.finish_reason is not None:
+            more_reasoning, more_text = splitter.finish()
+            reasoning, text = reasoning + more_reasoning, text + more_text
+        reasoning = reasoning if request.include_reasoning else ""
+        content = reply.content_delta(text)
         calls: list[dict] = []
         if reply.choice.mode == "named" and (delta.text or (delta.finish_reason and not reply.text)):
             calls = [_named_piece(reply, delta.text)]
@@ -162,9 +183,10 @@ class OpenAIServingChat(OpenAIServing):
             calls += [{"index": i, **call} for i, call in enumerate(parsed)]
             finish_reason = _finish_reason(reply.choice, finish_reason, bool(parsed))
         carries_logprobs = request.logprobs and delta.token_ids
-        if not content and not calls and finish_reason is None and not carries_logprobs:
+        if not content and not calls and not reasoning and finish_reason is None and not carries_logprobs:
             return None
-        message = DeltaMessage(content=content if content or not calls else None, tool_calls=calls or None)
+        message = DeltaMessage(content=content if content or not (calls or reasoning) else None,
+                               tool_calls=calls or None, reasoning=reasoning or None, reasoning_content=reasoning or None)
         return ChatStreamChoice(index=delta.index, delta=message,
                                 logprobs=self._logprobs(request, delta.token_ids, delta.logprobs),
                                 finish_reason=finish_reason, stop_reason=delta.stop_reason)

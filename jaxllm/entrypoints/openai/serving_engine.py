@@ -49,6 +49,7 @@ class ServedModel:
     enable_prompt_tokens_details: bool = False
     return_tokens_as_token_ids: bool = False
     tool_call_parser: str | None = None  # reads tool calls out of "auto" replies (--enable-auto-tool-choice)
+    reasoning_parser: str | None = None  # splits chat replies' <think> part off (--reasoning-parser)
     # SamplingParams fields from the model's generation config, for requests that leave them out.
     sampling_defaults: dict = field(default_factory=dict)
 
