@@ -17,6 +17,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SPECULATIVE_METHODS = ("ngram",)
+POOLING_TYPES = ("LAST", "MEAN", "CLS")
 
 
 def _check_positive(obj, *names: str) -> None:
@@ -217,3 +218,37 @@ class SpeculativeConfig:
         if value.get("num_speculative_tokens") is None:
             raise ValueError("speculative_config num_speculative_tokens is required (a positive integer)")
         return cls(**{k: v for k, v in value.items() if k in known and v is not None})
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """vLLM's ``pooler_config``: how ``LLM.embed`` / ``/v1/embeddings`` turn a prompt's final hidden
+    states (after the model's last norm) into one vector. As vLLM's default for a causal LM used
+    for embeddings: the last token's, L2-normalised. MEAN averages every prompt token's; CLS takes
+    the first token's."""
+
+    pooling_type: str = "LAST"
+    normalize: bool = True
+
+    def __post_init__(self):
+        if self.pooling_type not in POOLING_TYPES:
+            raise ValueError(f"pooler_config pooling_type={self.pooling_type!r} must be one of {POOLING_TYPES}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"pooler_config normalize={self.normalize!r} must be a bool")
+
+    @classmethod
+    def from_dict(cls, value: dict | PoolerConfig | None) -> PoolerConfig:
+        if value is None:
+            return cls()
+        if isinstance(value, PoolerConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"pooler_config must be a dict, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"pooler_config: unknown key(s) {unknown}; known: {sorted(known)}")
+        fields = {k: v for k, v in value.items() if v is not None}
+        if isinstance(fields.get("pooling_type"), str):
+            fields["pooling_type"] = fields["pooling_type"].upper()
+        return cls(**fields)

@@ -18,13 +18,15 @@ from typing import Any
 import jax
 
 from converters.checkpoint import Checkpoint
-from jaxllm.config import SCHEDULING_POLICIES, CacheConfig, SchedulerConfig, SpeculativeConfig
+from jaxllm.config import SCHEDULING_POLICIES, CacheConfig, PoolerConfig, SchedulerConfig, SpeculativeConfig
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.loader import load_checkpoint_as
 from jaxllm.models.attention import get_attention_backend
 from jaxllm.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("jaxllm")
+
+RUNNERS = ("auto", "generate", "pooling")
 
 # Defaults of the step limits when not given: GPUs take big batches, a CPU small ones.
 _PLATFORM_LIMITS = {"gpu": (256, 8192), "cpu": (64, 512)}  # (max_num_seqs, max_num_batched_tokens)
@@ -62,6 +64,12 @@ class EngineArgs:
     # vLLM's speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 4,
     # "prompt_lookup_max": 4}: see jaxllm.config.SpeculativeConfig. On the command line, JSON.
     speculative_config: dict | None = None
+    # vLLM's runner: "auto", "generate" or "pooling". Every engine here serves both generation and
+    # pooling (LLM.embed, /v1/embeddings), so the value only documents the intent.
+    runner: str = "auto"
+    # How pooling requests pool: {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": bool};
+    # None: LAST, normalised (vLLM's default for a causal LM used for embeddings).
+    pooler_config: dict | None = None
     # JAX's persistent compilation cache: a second start loads compiled programs from disk.
     compilation_cache_dir: str | None = "~/.cache/jaxllm/xla"
     # Default sampling parameters: "auto" takes the model's generation_config.json (as vLLM),
@@ -116,8 +124,14 @@ class EngineArgs:
     def speculative(self) -> SpeculativeConfig | None:
         return SpeculativeConfig.from_dict(self.speculative_config)
 
+    def pooler(self) -> PoolerConfig:
+        return PoolerConfig.from_dict(self.pooler_config)
+
     def __post_init__(self):
         self.speculative()  # a bad speculative_config fails before the model loads
+        self.pooler()
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner={self.runner!r} must be one of {RUNNERS}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:  # before the model loads
             raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be one of {SCHEDULING_POLICIES}")
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
@@ -222,4 +236,5 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
         eos.add(ckpt.tokenizer.eos_token_id)
     return engine_cls(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, tuple(sorted(eos)),
                      num_swap_blocks=runner.num_swap_blocks, async_scheduling=args.async_scheduling,
-                     vocab_size=ckpt.config.vocab_size, speculative_config=speculative)
+                     vocab_size=ckpt.config.vocab_size, speculative_config=speculative,
+                     pooler_config=args.pooler())

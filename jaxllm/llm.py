@@ -17,7 +17,8 @@ from jaxllm.engine_args import EngineArgs, create_engine
 from jaxllm.entrypoints.chat_utils import render_chat
 from jaxllm.inputs import PromptType, prompt_cache_salt, prompt_input
 from jaxllm.loader import Model
-from jaxllm.outputs import RequestOutput
+from jaxllm.outputs import EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput
+from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -126,6 +127,58 @@ class LLM:
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def encode(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+        pooling_task: str = "embed",
+    ) -> list[PoolingRequestOutput]:
+        """Pool each prompt's final hidden states into one vector (the engine's ``pooler_config``:
+        the last token's by default, L2-normalised); returns one PoolingRequestOutput per prompt,
+        in input order, its vector in ``.outputs.data``. Prompts are batched with any other
+        requests, through the same paged KV pool and prefix cache.
+
+        ``pooling_task``: "embed", the one task built here.
+        """
+        if pooling_task != "embed":
+            raise ValueError(f"pooling_task={pooling_task!r} is not supported; supported: 'embed'")
+        prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params = [pooling_params or PoolingParams()] * len(prompts)
+        else:
+            params = list(pooling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} pooling_params for {len(prompts)} prompts; pass one or one per prompt")
+        engine, ids = self.llm_engine, []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                if not isinstance(p, PoolingParams):
+                    raise ValueError(f"pooling_params must be PoolingParams, got {type(p).__name__}")
+                ids.append(str(next(self._counter)))
+                engine.add_request(ids[-1], prompt if isinstance(prompt, dict) else prompt_input(prompt), p)
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        done = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[i] for i in ids]
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (``.outputs.embedding``, a list of floats): see :meth:`encode`."""
+        return [EmbeddingRequestOutput.from_base(out) for out in self.encode(prompts, pooling_params, use_tqdm)]
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams) -> list[BeamSearchOutput]:
         """Beam search for each prompt (vLLM's semantics; see :mod:`jaxllm.beam_search`).

@@ -56,6 +56,49 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
+@dataclass
+class PoolingOutput:
+    """vLLM's: the pooled vector of one prompt."""
+
+    data: object  # numpy float32 [hidden_size]
+
+
+@dataclass
+class PoolingRequestOutput:
+    """The result of a pooling request (``LLM.encode``; ``LLMEngine.add_request`` with PoolingParams)."""
+
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+@dataclass
+class EmbeddingOutput:
+    """vLLM's: one prompt's embedding as a list of floats."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """The result of ``LLM.embed`` for one prompt."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+    @classmethod
+    def from_base(cls, output: PoolingRequestOutput) -> EmbeddingRequestOutput:
+        return cls(output.request_id, EmbeddingOutput([float(x) for x in output.outputs.data]),
+                   output.prompt_token_ids, output.finished)
+
+
 class WholeOutput:
     """Joins a request's consecutive DELTA outputs (``RequestOutputKind.DELTA``) into one output of
     all they carry, in time linear in its length."""

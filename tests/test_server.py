@@ -424,6 +424,37 @@ def test_speculative_decoding_streams_the_same_text_several_tokens_at_a_time(htt
     assert drafted >= metric(details_http, "spec_decode_num_accepted_tokens_total")
 
 
+def test_embeddings_equal_transformers_in_both_encodings(client, http, smollm2_hf):
+    import base64
+
+    import numpy as np
+    import torch
+
+    texts = ["The capital of France is Paris.", "def add(a, b):\n    return a + b"]
+    ids = [http.post("/tokenize", json={"prompt": t}).json()["tokens"] for t in texts]
+    with torch.no_grad():
+        want = [smollm2_hf.model(torch.tensor([i])).last_hidden_state[0, -1].numpy() for i in ids]
+    want = [w / np.linalg.norm(w) for w in want]
+    # The official client asks for base64 and decodes it.
+    res = client.embeddings.create(model=MODEL, input=texts)
+    assert [d.index for d in res.data] == [0, 1] and res.model == MODEL
+    assert res.usage.prompt_tokens == res.usage.total_tokens == sum(len(i) for i in ids)
+    for d, w in zip(res.data, want, strict=True):
+        np.testing.assert_allclose(np.asarray(d.embedding), w, atol=2e-4)
+    as_floats = http.post("/v1/embeddings", json={"model": MODEL, "input": ids, "encoding_format": "float"}).json()
+    as_b64 = http.post("/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"}).json()
+    assert as_floats["object"] == "list" and as_floats["data"][0]["object"] == "embedding"
+    np.testing.assert_allclose(as_floats["data"][1]["embedding"], want[1], atol=2e-4)
+    decoded = np.frombuffer(base64.b64decode(as_b64["data"][0]["embedding"]), "<f4")
+    np.testing.assert_allclose(decoded, as_floats["data"][0]["embedding"], atol=1e-6)
+    for body, param in [({"input": "x", "dimensions": 32}, "dimensions"), ({"input": []}, "input"),
+                        ({"input": [[10**6]]}, "input"), ({"input": "word " * 300}, "input"),
+                        ({"input": "x", "priority": 3}, "priority")]:
+        response = http.post("/v1/embeddings", json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (body, response.text)
+    wait_idle(http)
+
+
 def test_usage_has_no_prompt_tokens_details_without_the_flag(http):
     """The flag is off by default: usage keeps its three keys, even when the prefix cache was hit."""
     body = {"max_tokens": 2, "temperature": 0}

@@ -65,6 +65,13 @@ ENGINE_HELP = {
                           "outputs are the same as without it (greedy and seeded sampling; penalties and structured "
                           "outputs apply at every verified position). Those steps run synchronously. Beam search "
                           "gets no proposals. Draft models, EAGLE and MTP are not built.",
+    "runner": "vLLM's runner (`auto`, `generate`, `pooling`). Every engine here serves both generation and "
+              "pooling requests (`LLM.embed` / `LLM.encode`, `/v1/embeddings`), so the value only states the intent; "
+              "others are refused.",
+    "pooler_config": "How pooling requests turn a prompt's final hidden states (after the model's last norm) into one "
+                     "vector, as a dict (`--pooler-config` takes JSON): `pooling_type` `LAST` (default, as vLLM for a "
+                     "causal LM), `MEAN` or `CLS`, and `normalize` (default true: L2). MEAN and CLS requests skip the "
+                     "prefix cache (they need every prompt position, or the first).",
     "seed": "Seed of the engine's sampling PRNG (requests without their own `seed`).",
     "async_scheduling": "Schedule and dispatch step k+1 before waiting for step k's sampled tokens; decode inputs "
     "are read on the device. Steps whose tokens the host needs first (penalties, `n > 1` forking, beam search, "

@@ -9,13 +9,24 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from jaxllm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+import numpy as np
+
+from jaxllm.config import CacheConfig, PoolerConfig, SchedulerConfig, SpeculativeConfig
 from jaxllm.engine.detokenizer import IncrementalDetokenizer
 from jaxllm.engine.messages import RunnerOutput, SchedulerOutput
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import RequestUpdate, Scheduler, SpecDecodeStats
 from jaxllm.inputs import PromptType, prompt_cache_salt, prompt_input
-from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, WholeOutput
+from jaxllm.outputs import (
+    CompletionOutput,
+    Logprob,
+    PoolingOutput,
+    PoolingRequestOutput,
+    RequestMetrics,
+    RequestOutput,
+    WholeOutput,
+)
+from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.structured.token_masks import TokenDFACache, TokenMatcher
 
@@ -110,6 +121,7 @@ class LLMEngine:
             its input tokens are read on the device. Outputs are the same either way.
         vocab_size: the model's vocabulary (embedding rows): prompt token ids must lie below it.
             None leaves them unchecked.
+        pooler_config: how pooling requests (``PoolingParams``) turn hidden states into a vector.
         speculative_config: propose tokens by n-gram lookup and verify them in each request's
             next step (vLLM's ``speculative_config``); steps then run one at a time, except while
             its ``disable_by_batch_size`` turns proposals off.
@@ -127,8 +139,10 @@ class LLMEngine:
         async_scheduling: bool = True,
         vocab_size: int | None = None,
         speculative_config: SpeculativeConfig | None = None,
+        pooler_config: PoolerConfig | None = None,
     ):
         self.tokenizer = tokenizer
+        self.pooler_config = pooler_config or PoolerConfig()
         self.vocab_size = vocab_size
         self.runner = runner
         self.scheduler = Scheduler(
@@ -176,9 +190,12 @@ class LLMEngine:
         ``retain_blocks`` keeps its KV blocks after it finishes, for :meth:`fork_request`, until
         :meth:`release_request` (beam search).
         """
+        if isinstance(params, PoolingParams):
+            self._add_pooling_request(str(request_id), prompt, params, arrival_time, priority)
+            return
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+            raise ValueError(f"params must be a SamplingParams or PoolingParams, got {type(params).__name__}")
         params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids, logit_bias ids checked
         if self.vocab_size is not None:
             params.check_vocabulary(self.vocab_size)
@@ -197,6 +214,25 @@ class LLMEngine:
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         completions = {0: _Completion(request, detokenizer)}
         self._tracked[request.request_id] = _Tracked(request, prompt_text, RequestMetrics(arrival), completions)
+        self._num_prompt_tokens += len(token_ids)
+
+    def _add_pooling_request(self, request_id: str, prompt, params: PoolingParams, arrival_time: float | None,
+                             priority: int) -> None:
+        """A prompt whose final hidden states are pooled into one vector (vLLM's pooling request):
+        it runs as a request of one output token, whose token is not returned."""
+        if prompt_cache_salt(prompt) is not None and not self.scheduler.kv.enable_prefix_caching:
+            raise ValueError("cache_salt is only supported with prefix caching enabled")
+        prompt_text, token_ids = self._tokenize(prompt)
+        token_ids = params.truncated_prompt(token_ids, self.scheduler.config.max_model_len)
+        sampling = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False,
+                                  output_kind=RequestOutputKind.FINAL_ONLY)
+        normalize = self.pooler_config.normalize if params.normalize is None else params.normalize
+        arrival = time.time() if arrival_time is None else arrival_time
+        request = Request(request_id, token_ids, sampling, arrival, cache_salt=prompt_cache_salt(prompt),
+                          priority=priority, pooling=(self.pooler_config.pooling_type, normalize))
+        self.scheduler.add_request(request)
+        completions = {0: _Completion(request, IncrementalDetokenizer(self.tokenizer, token_ids, sampling))}
+        self._tracked[request_id] = _Tracked(request, prompt_text, RequestMetrics(arrival), completions)
         self._num_prompt_tokens += len(token_ids)
 
     def _matcher(self, params: SamplingParams) -> TokenMatcher | None:
@@ -306,7 +342,8 @@ class LLMEngine:
         request = update.request
         tracked = self._tracked[request.group_id]
         completion = self._completion(tracked, request)
-        self._num_generated_tokens += len(update.new_token_ids)
+        if request.pooling is None:  # a pooling request's one sampled token is not an output
+            self._num_generated_tokens += len(update.new_token_ids)
         self._record_token_times(tracked.metrics)
         finish_reason, stop_reason = update.finish_reason, update.stop_reason
         match = completion.detokenizer.update(update.new_token_ids)
@@ -340,9 +377,11 @@ class LLMEngine:
             metrics.first_token_time = now
         metrics.last_token_time = now
 
-    def _output(self, tracked: _Tracked) -> RequestOutput | None:
+    def _output(self, tracked: _Tracked) -> RequestOutput | PoolingRequestOutput | None:
         request = tracked.request
         finished = tracked.finished
+        if request.pooling is not None:
+            return self._pooling_output(request) if finished else None
         kind = request.sampling_params.output_kind
         if kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
@@ -366,6 +405,18 @@ class LLMEngine:
             metrics=tracked.metrics,
             num_cached_tokens=request.num_cached_tokens,
         )
+
+    @staticmethod
+    def _pooling_output(request: Request) -> PoolingRequestOutput:
+        if request.pooled is None:
+            raise RuntimeError(f"pooling request {request.request_id!r} finished without its hidden states")
+        kind, normalize = request.pooling
+        vector = np.asarray(request.pooled, np.float32)
+        if kind == "MEAN":
+            vector = vector / request.num_pooled_tokens
+        if normalize:
+            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        return PoolingRequestOutput(request.request_id, PoolingOutput(vector), list(request.prompt_token_ids), True)
 
     @staticmethod
     def _moved(c: _Completion) -> bool:

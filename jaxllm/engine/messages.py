@@ -83,6 +83,8 @@ class ScheduledSequence:
     # Structured outputs: the mask key after each draft token (the state the sample after draft j
     # is limited by), like ``token_mask_key``.
     draft_mask_keys: tuple = field(default=(), compare=False, repr=False)
+    # Pooling requests: "LAST", "MEAN" or "CLS" (the runner returns this chunk's part of the vector).
+    pooling: str | None = None
 
     @property
     def sample_ids(self) -> tuple[str, ...]:
@@ -142,3 +144,7 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # For requests that asked for prompt_logprobs: (first position, one entry per position).
     prompt_logprobs: dict[str, tuple[int, tuple[TokenLogprobs, ...]]] = field(default_factory=dict)
+    # For pooling sequences: (the chunk's first position, float32 [hidden]: the last token's hidden
+    # state (LAST, on the prompt's last chunk), the first token's (CLS, on the first chunk) or the
+    # sum over the chunk's tokens (MEAN)).
+    pooled: dict[str, tuple[int, Any]] = field(default_factory=dict)

@@ -76,6 +76,11 @@ class Request:
     # tokens, verified by its next step (only if it has not grown since).
     spec_token_ids: tuple[int, ...] = ()
     spec_num_tokens: int = 0
+    # Pooling (LLM.embed, /v1/embeddings): (pooling type, normalise) and what the computed chunks
+    # gave so far (a sum of hidden states for MEAN); None: a generation request.
+    pooling: tuple[str, bool] | None = None
+    pooled: Any = None
+    num_pooled_tokens: int = 0
     # Logprobs, when asked for: one entry per output token, and per prompt position (0 is None).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)

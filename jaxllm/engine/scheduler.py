@@ -377,7 +377,9 @@ class Scheduler:
             held = request.num_computed_tokens if self.kv.block_ids(request.request_id) else 0
             # Prompt logprobs need every prompt position computed, so such requests skip the cache.
             wants_prompt_lp = request.sampling_params.prompt_logprobs is not None
-            skip_cache = wants_prompt_lp or held
+            # So do pooling requests that need more than the last token's hidden state.
+            pools_all = request.pooling is not None and request.pooling[0] != "LAST"
+            skip_cache = wants_prompt_lp or pools_all or held
             computed = NO_COMPUTED_BLOCKS if skip_cache else self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - held - computed.num_tokens, step.budget)
             allocation = self.kv.allocate_slots(request, num_new, computed)
@@ -429,6 +431,7 @@ class Scheduler:
             request=request,
             num_draft_tokens=len(drafts),
             draft_mask_keys=self._draft_mask_keys(request, drafts),
+            pooling=None if request.pooling is None else request.pooling[0],
         )
 
     @staticmethod
@@ -490,6 +493,8 @@ class Scheduler:
             if self.requests.get(seq.request_id) is not request:  # aborted or stopped since
                 continue
             self._record_prompt_logprobs(request, runner_output)
+            if seq.pooling is not None:
+                self._record_pooled(request, seq, runner_output)
             # Children fork before the parent's sample is appended: that may finish and free it.
             family = [request, *(self._fork(request, cid, i) for i, cid in enumerate(seq.fork_ids, 1))]
             if seq.sample:
@@ -533,6 +538,20 @@ class Scheduler:
         first, entries = chunk
         if first == len(request.prompt_logprobs):  # a recompute after preemption adds nothing
             request.prompt_logprobs.extend(entries)
+
+    @staticmethod
+    def _record_pooled(request: Request, seq: ScheduledSequence, runner_output: RunnerOutput) -> None:
+        chunk = runner_output.pooled.get(request.request_id)
+        if chunk is None:
+            return
+        start, vector = chunk
+        if start == 0:  # the first chunk, or a recompute after a preemption: start over
+            request.pooled, request.num_pooled_tokens = None, 0
+        if seq.pooling != "MEAN":
+            request.pooled = vector
+        elif start == request.num_pooled_tokens:
+            request.pooled = vector if request.pooled is None else request.pooled + vector
+            request.num_pooled_tokens += len(seq.token_ids)
 
     def _record_kv_waste(self, scheduler_output: SchedulerOutput) -> None:
         """One waste sample per step: the blocks running requests held while it ran, less those

@@ -35,6 +35,7 @@ class StepBatch:
     # copied to the host (a scheduler PLACEHOLDER), that step's sampling row; else -1.
     feed_rows: np.ndarray
     num_rows: np.ndarray  # [] int32 sampling rows in use; the rest of the R rows are padding
+    want_pooling: np.ndarray  # [] bool: some sequence is a pooling request's (LLM.embed)
 
 
 class SampleRow(NamedTuple):
@@ -189,6 +190,7 @@ def build_batch(
         next_token_ids=next_ids,
         feed_rows=feed_rows,
         num_rows=np.array(len(rows), np.int32),
+        want_pooling=np.array(any(s.pooling is not None for s in seqs)),
     )
 
 

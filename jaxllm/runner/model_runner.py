@@ -50,8 +50,27 @@ def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, mask_table, *, cfg:
     sample_lp = logprobs_if(batch.want_logprobs, logits, tokens)
     logits_fn = functools.partial(model.logits, params, cfg)
     prompt_lp = prompt_logprobs_if(batch.want_prompt_logprobs, logits_fn, hidden, batch.next_token_ids)
+    pooled = jax.lax.cond(batch.want_pooling, _pool, _no_pool, hidden, batch)
     padded = jnp.zeros(prev_tokens.shape, tokens.dtype).at[: tokens.shape[0]].set(tokens)
-    return (padded, sample_lp, prompt_lp), kv
+    return (padded, sample_lp, prompt_lp, pooled), kv
+
+
+def _no_pool(hidden, batch: StepBatch):
+    S, R, D = batch.md.cu_q_lens.shape[0] - 1, batch.logits_indices.shape[0], hidden.shape[1]
+    return jnp.zeros((S, D), jnp.float32), jnp.zeros((S, D), jnp.float32), jnp.zeros((R, D), jnp.float32)
+
+
+def _pool(hidden, batch: StepBatch):
+    """Pooling requests' parts of the final hidden states (after the model's last norm): per
+    sequence the sum over its real tokens [S, D] and its first token's [S, D]; per sampling row the
+    hidden state it samples after [R, D]. float32."""
+    h = hidden.astype(jnp.float32)
+    md = batch.md
+    real = jnp.arange(h.shape[0]) < md.cu_q_lens[-1]
+    num_seqs = md.cu_q_lens.shape[0] - 1
+    sums = jax.ops.segment_sum(jnp.where(real[:, None], h, 0.0), md.seq_ids, num_segments=num_seqs)
+    first = h[jnp.minimum(md.cu_q_lens[:-1], h.shape[0] - 1)]
+    return sums, first, h[batch.logits_indices]
 
 
 @dataclass
@@ -65,6 +84,7 @@ class InFlightStep:
     prompt_lp: object = None
     want_logprobs: bool = False
     want_prompt_logprobs: bool = False
+    pooled: object = None  # (sums [S, D], first [S, D], rows [R, D]) when a pooling request is in it
 
     @property
     def row_of(self) -> dict[str, int]:
@@ -179,10 +199,11 @@ class ModelRunner:
                             prev_rows=prev_rows, mask_slots=self.masks.rows_for(sched))
         T, B = batch.token_ids.shape[0], batch.md.block_tables.shape[1]
         prev_tokens = self._no_tokens if prev_rows is None else prev.tokens
-        (tokens, sample_lp, prompt_lp), self.kv = self._executable(T, B)(self.params, self.kv, batch, prev_tokens,
-                                                                         self.masks.table)
+        (tokens, sample_lp, prompt_lp, pooled), self.kv = self._executable(T, B)(
+            self.params, self.kv, batch, prev_tokens, self.masks.table)
         return InFlightStep(sched, sample_rows(sched), tokens, sample_lp, prompt_lp,
-                            bool(batch.want_logprobs), bool(batch.want_prompt_logprobs))
+                            bool(batch.want_logprobs), bool(batch.want_prompt_logprobs),
+                            pooled if batch.want_pooling else None)
 
     def fetch(self, step: InFlightStep) -> RunnerOutput:
         """Wait for a dispatched step; its sampled tokens are the only device -> host copy
@@ -195,6 +216,7 @@ class ModelRunner:
             sampled={r.sample_id: int(ids[i]) for i, r in enumerate(rows)},
             logprobs=host_sample_logprobs(rows, step.sample_lp, ids) if step.want_logprobs else {},
             prompt_logprobs=host_prompt_logprobs(step.sched, step.prompt_lp) if step.want_prompt_logprobs else {},
+            pooled=_host_pooled(step) if step.pooled is not None else {},
         )
 
     def _copy_blocks(self, copies) -> None:
@@ -204,3 +226,18 @@ class ModelRunner:
             chunk[: len(pairs[i : i + _COPY_SLOTS])] = pairs[i : i + _COPY_SLOTS]
             self.kv = self._jit_copy(self.kv, chunk[:, 0], chunk[:, 1])
 
+
+
+def _host_pooled(step: InFlightStep) -> dict:
+    """Each pooling sequence's part of its vector (see ``RunnerOutput.pooled``)."""
+    sums, first, rows = (np.asarray(x) for x in step.pooled)
+    row_of = step.row_of
+    out = {}
+    for i, seq in enumerate(step.sched.sequences):
+        if seq.pooling == "MEAN":
+            out[seq.request_id] = (seq.start_pos, sums[i].copy())
+        elif seq.pooling == "CLS" and seq.start_pos == 0:
+            out[seq.request_id] = (0, first[i].copy())
+        elif seq.pooling == "LAST" and seq.sample:
+            out[seq.request_id] = (seq.start_pos, rows[row_of[seq.request_id]].copy())
+    return out

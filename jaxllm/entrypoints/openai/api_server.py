@@ -29,6 +29,7 @@ from jaxllm.entrypoints.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -36,6 +37,7 @@ from jaxllm.entrypoints.openai.protocol import (
 )
 from jaxllm.entrypoints.openai.serving_chat import OpenAIServingChat, apply_chat_template
 from jaxllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from jaxllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from jaxllm.entrypoints.openai.serving_engine import APIError, ServedModel, error_body
 
 logger = logging.getLogger("jaxllm")
@@ -126,6 +128,7 @@ async def cancel_on_disconnect(request: Request, coro):
 def _add_openai_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel) -> None:
     completions = OpenAIServingCompletion(engine, served)
     chat = OpenAIServingChat(engine, served)
+    embeddings = OpenAIServingEmbedding(engine, served)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -138,6 +141,10 @@ def _add_openai_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw: Request):
         return await cancel_on_disconnect(raw, chat.create_chat_completion(request))
+
+    @app.post("/v1/embeddings")
+    async def create_embedding(request: EmbeddingRequest, raw: Request):
+        return await cancel_on_disconnect(raw, embeddings.create_embedding(request))
 
 
 def _add_utility_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel, metrics: ServerMetrics) -> None:

@@ -85,6 +85,8 @@ class ServerMetrics:
     def observe(self, output: RequestOutput, now: float) -> None:
         """Called on the engine thread for every output: a DELTA output (the server asks for them),
         whose completion 0, when it moved, carries only its new tokens."""
+        if not isinstance(output, RequestOutput):  # a pooling request's vector: no tokens to time
+            return
         previous = self._last_token_time.get(output.request_id)
         new_tokens = sum(len(c.token_ids) for c in output.outputs if c.index == 0)
         num_tokens = (previous[1] if previous else 0) + new_tokens

@@ -553,3 +553,32 @@ class DetokenizeRequest(OpenAIModel):
 
 class DetokenizeResponse(OpenAIModel):
     prompt: str
+
+
+class EmbeddingRequest(RequestModel):
+    """POST /v1/embeddings (OpenAI's, with vLLM's extra fields)."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None
+    normalize: bool | None = None  # vLLM's: None leaves it to --pooler-config
+    add_special_tokens: bool = True
+    priority: int = 0
+
+
+class EmbeddingData(OpenAIModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str  # a base64 string of little-endian float32 with encoding_format="base64"
+
+
+class EmbeddingResponse(OpenAIModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo
