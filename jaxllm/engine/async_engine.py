@@ -28,6 +28,9 @@ class EngineQueueFullError(RuntimeError):
     """The bounded waiting queue is full; the server answers 503."""
 
 
+_DEAD_CHECK_S = 0.5  # how often a request waiting to be taken checks that the engine thread lives
+
+
 class EngineDeadError(RuntimeError):
     """The engine thread has stopped (shut down or crashed); no request can be served."""
 
@@ -166,7 +169,12 @@ class AsyncLLMEngine:
     async def _queued(self, command: _Add | _Fork) -> RequestStream:
         self._send(command)
         try:
-            await command.accepted
+            # A thread that dies after the check in add_request never answers: look again now and then.
+            while not (await asyncio.wait({command.accepted}, timeout=_DEAD_CHECK_S))[0]:
+                if not self._thread.is_alive():
+                    command.accepted.cancel()
+                    raise EngineDeadError("the engine stopped before it took the request")
+            command.accepted.result()
         except asyncio.CancelledError:
             self.abort(command.request_id)  # the client left while the request was being queued
             raise
