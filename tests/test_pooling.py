@@ -10,7 +10,8 @@ import pytest
 from jaxllm.config import PoolerConfig
 from jaxllm.pooling_params import PoolingParams
 
-LIMITS = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64)
+# 128 blocks (2k tokens) instead of the CPU default of 1 GiB: small pools keep the suite's memory down.
+LIMITS = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64, num_kv_blocks=128)
 TEXTS = [
     "The capital of France is Paris.",
     "A paged KV cache stores keys and values in fixed-size blocks, so that sequences of any length share one pool "

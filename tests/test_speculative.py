@@ -362,7 +362,8 @@ def test_drafts_stay_within_max_tokens_max_model_len_and_the_budget():
 
 # -- on the embedded SmolLM2 ----------------------------------------------------------------------
 
-LIMITS = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64)
+# 128 blocks (2k tokens) instead of the CPU default of 1 GiB: small pools keep the suite's memory down.
+LIMITS = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64, num_kv_blocks=128)
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 PASSAGE = ("The committee met on Tuesday to review the budget. After a long discussion, the members agreed "
            "to fund the new library, repair the old bridge, and plant two hundred trees along the river.")
@@ -492,7 +493,7 @@ def test_smollm2_tiny_pool_preempts_with_proposals_and_still_matches(smollm2_mod
     from jaxllm import LLM, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=80)
-    llm = LLM(smollm2_model, speculative_config=NGRAM, num_kv_blocks=16, **LIMITS)
+    llm = LLM(smollm2_model, speculative_config=NGRAM, **{**LIMITS, "num_kv_blocks": 16})
     spec = llm.chat(COPY_CHATS * 2, params, use_tqdm=False)
     assert _ids(spec) == _ids(plain_llm.chat(COPY_CHATS * 2, params, use_tqdm=False))
     stats = llm.llm_engine.stats
