@@ -206,18 +206,13 @@ class SpeculativeConfig:
         """The config of vLLM's dict form (``LLM(speculative_config={...})``, ``--speculative-config``)."""
         if value is None or isinstance(value, SpeculativeConfig):
             return value
-        if not isinstance(value, dict):
-            raise ValueError(f"speculative_config must be a dict, got {type(value).__name__}")
-        if value.get("model") is not None:
+        fields = _given_fields(cls, "speculative_config", value, also_known=("model",))
+        if fields.pop("model", None) is not None:
             raise ValueError(f"speculative_config model={value['model']!r}: draft models are not supported; "
                              "use method='ngram', which needs none")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known - {"model"})
-        if unknown:
-            raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: {sorted(known)}")
-        if value.get("num_speculative_tokens") is None:
+        if "num_speculative_tokens" not in fields:
             raise ValueError("speculative_config num_speculative_tokens is required (a positive integer)")
-        return cls(**{k: v for k, v in value.items() if k in known and v is not None})
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -242,13 +237,18 @@ class PoolerConfig:
             return cls()
         if isinstance(value, PoolerConfig):
             return value
-        if not isinstance(value, dict):
-            raise ValueError(f"pooler_config must be a dict, got {type(value).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"pooler_config: unknown key(s) {unknown}; known: {sorted(known)}")
-        fields = {k: v for k, v in value.items() if v is not None}
+        fields = _given_fields(cls, "pooler_config", value)
         if isinstance(fields.get("pooling_type"), str):
             fields["pooling_type"] = fields["pooling_type"].upper()
         return cls(**fields)
+
+
+def _given_fields(cls, name: str, value, also_known: tuple[str, ...] = ()) -> dict:
+    """The non-None entries of a config given as a dict (vLLM's form); unknown keys are refused."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known - set(also_known))
+    if unknown:
+        raise ValueError(f"{name}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return {k: v for k, v in value.items() if v is not None}

@@ -151,25 +151,9 @@ class LLM:
             params = list(pooling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} pooling_params for {len(prompts)} prompts; pass one or one per prompt")
-        engine, ids = self.llm_engine, []
-        try:
-            for prompt, p in zip(prompts, params, strict=True):
-                if not isinstance(p, PoolingParams):
-                    raise ValueError(f"pooling_params must be PoolingParams, got {type(p).__name__}")
-                ids.append(str(next(self._counter)))
-                engine.add_request(ids[-1], prompt if isinstance(prompt, dict) else prompt_input(prompt), p)
-        except Exception:
-            engine.abort_request(ids)
-            raise
-        done = {}
-        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-                    bar.update(1)
-        bar.close()
-        return [done[i] for i in ids]
+        if not all(isinstance(p, PoolingParams) for p in params):
+            raise ValueError("pooling_params must be PoolingParams")
+        return self._run(self._add_all(prompts, params, [0] * len(prompts)), use_tqdm)
 
     def embed(
         self,
@@ -206,12 +190,13 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling_params for {n} prompts; pass one or one per prompt")
         return params
 
-    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams], priorities: list[int]) -> list[str]:
+    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams | PoolingParams],
+                 priorities: list[int]) -> list[str]:
         engine, ids = self.llm_engine, []
         try:
             for prompt, p, priority in zip(prompts, params, priorities, strict=True):
                 request_id = str(next(self._counter))
-                if p.output_kind is not RequestOutputKind.FINAL_ONLY:  # only final outputs are read
+                if isinstance(p, SamplingParams) and p.output_kind is not RequestOutputKind.FINAL_ONLY:  # only final outputs are read
                     p = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
                 engine.add_request(request_id, prompt if isinstance(prompt, dict) else prompt_input(prompt), p,
                                    priority=priority)
@@ -221,7 +206,7 @@ class LLM:
             raise
         return ids
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, ids: list[str], use_tqdm: bool) -> list:
         engine, done = self.llm_engine, {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         start, generated = time.perf_counter(), 0
@@ -229,7 +214,7 @@ class LLM:
             for out in engine.step():
                 if out.finished:
                     done[out.request_id] = out
-                    generated += sum(len(o.token_ids) for o in out.outputs)
+                    generated += sum(len(o.token_ids) for o in out.outputs) if isinstance(out, RequestOutput) else 0
                     bar.update(1)
                     bar.set_postfix_str(f"output {generated / (time.perf_counter() - start):.1f} toks/s")
         bar.close()

@@ -173,7 +173,7 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: PromptType | list[int],
-        params: SamplingParams | None = None,
+        params: SamplingParams | PoolingParams | None = None,
         arrival_time: float | None = None,
         *,
         priority: int = 0,
@@ -189,10 +189,12 @@ class LLMEngine:
 
         ``retain_blocks`` keeps its KV blocks after it finishes, for :meth:`fork_request`, until
         :meth:`release_request` (beam search).
+
+        With ``PoolingParams`` the request returns a ``PoolingRequestOutput`` (see ``_as_pooling``).
         """
+        pooling = None
         if isinstance(params, PoolingParams):
-            self._add_pooling_request(str(request_id), prompt, params, arrival_time, priority)
-            return
+            params, pooling = self._as_pooling(params)
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or PoolingParams, got {type(params).__name__}")
@@ -209,31 +211,22 @@ class LLMEngine:
             params = dataclasses.replace(params, max_tokens=max(1, max_model_len - len(token_ids)))
         arrival = time.time() if arrival_time is None else arrival_time
         request = Request(str(request_id), token_ids, params, arrival, retain_blocks=retain_blocks,
-                          cache_salt=cache_salt, priority=priority, matcher=self._matcher(params))
+                          cache_salt=cache_salt, priority=priority, matcher=self._matcher(params), pooling=pooling)
         self.scheduler.add_request(request)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         completions = {0: _Completion(request, detokenizer)}
         self._tracked[request.request_id] = _Tracked(request, prompt_text, RequestMetrics(arrival), completions)
         self._num_prompt_tokens += len(token_ids)
 
-    def _add_pooling_request(self, request_id: str, prompt, params: PoolingParams, arrival_time: float | None,
-                             priority: int) -> None:
-        """A prompt whose final hidden states are pooled into one vector (vLLM's pooling request):
-        it runs as a request of one output token, whose token is not returned."""
-        if prompt_cache_salt(prompt) is not None and not self.scheduler.kv.enable_prefix_caching:
-            raise ValueError("cache_salt is only supported with prefix caching enabled")
-        prompt_text, token_ids = self._tokenize(prompt)
-        token_ids = params.truncated_prompt(token_ids, self.scheduler.config.max_model_len)
+    def _as_pooling(self, params: PoolingParams) -> tuple[SamplingParams, tuple[str, bool]]:
+        """A pooling request (vLLM's: the prompt's final hidden states pooled into one vector) runs
+        as a request of one output token, which is not returned: its SamplingParams, and what
+        ``Request.pooling`` holds."""
         sampling = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False,
+                                  truncate_prompt_tokens=params.truncate_prompt_tokens,
                                   output_kind=RequestOutputKind.FINAL_ONLY)
         normalize = self.pooler_config.normalize if params.normalize is None else params.normalize
-        arrival = time.time() if arrival_time is None else arrival_time
-        request = Request(request_id, token_ids, sampling, arrival, cache_salt=prompt_cache_salt(prompt),
-                          priority=priority, pooling=(self.pooler_config.pooling_type, normalize))
-        self.scheduler.add_request(request)
-        completions = {0: _Completion(request, IncrementalDetokenizer(self.tokenizer, token_ids, sampling))}
-        self._tracked[request_id] = _Tracked(request, prompt_text, RequestMetrics(arrival), completions)
-        self._num_prompt_tokens += len(token_ids)
+        return sampling, (self.pooler_config.pooling_type, normalize)
 
     def _matcher(self, params: SamplingParams) -> TokenMatcher | None:
         """The start of a structured-output request's pattern (compiled once per pattern)."""

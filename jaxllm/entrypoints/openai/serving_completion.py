@@ -35,7 +35,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | StreamingResponse:
         self.check_model(request.model)
         await self.check_supported(request)
-        prompts = [self.truncated(request, ids) for ids in self._prompt_ids(request.prompt, request.add_special_tokens)]
+        prompts = [self.truncated(request, ids) for ids in self.prompt_token_lists(request.prompt, request.add_special_tokens)]
         params = self._params(request, prompts)
         base_id = random_id("cmpl")
         if request.use_beam_search:
@@ -60,29 +60,6 @@ class OpenAIServingCompletion(OpenAIServing):
             # only differ when max_tokens was left to its default, so fill it from the longest.
             return self.sampling_params(request, max(prompts, key=len))
         return params[0]
-
-    def _prompt_ids(self, prompt, add_special_tokens: bool = True) -> list[list[int]]:
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif prompt and all(isinstance(p, int) for p in prompt):
-            prompts = [prompt]
-        else:
-            prompts = list(prompt)
-        if not prompts:
-            raise APIError("prompt must not be empty", param="prompt")
-        return [self._encode(p, add_special_tokens) for p in prompts]
-
-    def _encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
-        else:
-            ids = list(prompt)
-            vocab = len(self.tokenizer)
-            if any(t < 0 or t >= vocab for t in ids):
-                raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        if not ids:
-            raise APIError("prompt must not be empty", param="prompt")
-        return ids
 
     # -- whole responses -------------------------------------------------------------------------
     def _response(self, request: CompletionRequest, request_id: str, prompts: list[list[int]],

@@ -191,11 +191,37 @@ class OpenAIServing:
             raise APIError(str(exc)) from exc
         if params.n > self.served.max_num_seqs:  # the scheduler would never admit it
             raise APIError(f"n={params.n} must be <= max_num_seqs={self.served.max_num_seqs}", param="n")
-        if request.priority != 0 and self.served.scheduling_policy != "priority":
-            raise APIError(f"priority={request.priority} needs the server started with --scheduling-policy priority",
-                           param="priority")
+        self.check_priority(request.priority)
         # Only what is new each step (DeltaTracker, WholeOutput): never the whole output so far.
         return dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
+
+    def check_priority(self, priority: int) -> None:
+        if priority != 0 and self.served.scheduling_policy != "priority":
+            raise APIError(f"priority={priority} needs the server started with --scheduling-policy priority",
+                           param="priority")
+
+    def prompt_token_lists(self, value, add_special_tokens: bool = True, param: str = "prompt") -> list[list[int]]:
+        """OpenAI's prompt / input forms (a string, token ids, or a list of either) as token id lists;
+        an empty one or an id outside the vocabulary is a 400 naming ``param``."""
+        if isinstance(value, str) or (value and all(isinstance(t, int) for t in value)):
+            value = [value]
+        else:
+            value = list(value)
+        if not value:
+            raise APIError(f"{param} must not be empty", param=param)
+        vocab = len(self.tokenizer)
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                ids = list(self.tokenizer.encode(item, add_special_tokens=add_special_tokens))
+            else:
+                ids = list(item)
+                if any(t < 0 or t >= vocab for t in ids):
+                    raise APIError(f"{param} token ids must be in [0, {vocab})", param=param)
+            if not ids:
+                raise APIError(f"{param} must not be empty", param=param)
+            out.append(ids)
+        return out
 
     async def start(self, request_ids: list[str], prompts: list[list[int]], params,
                     cache_salt: str | None = None, priority: int = 0) -> list[RequestStream]:
@@ -255,9 +281,10 @@ async def _pump(tracker: DeltaTracker, stream: RequestStream, queue: asyncio.Que
     queue.put_nowait(None)
 
 
-async def final_outputs(engine: AsyncLLMEngine, streams: list[RequestStream]) -> list[RequestOutput]:
-    """The whole (finished) output of every request; leaving early aborts every unfinished one."""
-    tasks = [asyncio.ensure_future(_whole_output(stream)) for stream in streams]
+async def final_outputs(engine: AsyncLLMEngine, streams: list[RequestStream], collect=None) -> list:
+    """The whole (finished) output of every request (``collect(stream)`` reads one; default: joins
+    a generation request's DELTA outputs); leaving early aborts every unfinished one."""
+    tasks = [asyncio.ensure_future((collect or _whole_output)(stream)) for stream in streams]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
