@@ -37,6 +37,7 @@ _EXPORTS = {
     "Model": "jaxllm.loader",
     "load_model": "jaxllm.loader",
     "register_attention_backend": "jaxllm.models.attention",
+    "LoRARequest": "jaxllm.lora.request",
 }
 
 __all__ = sorted(_EXPORTS)

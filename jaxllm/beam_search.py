@@ -148,8 +148,8 @@ def step_params(params: BeamSearchParams) -> SamplingParams:
 
 
 class _Search:
-    def __init__(self, engine: LLMEngine, params: BeamSearchParams):
-        self.engine, self.params = engine, params
+    def __init__(self, engine: LLMEngine, params: BeamSearchParams, lora_request=None):
+        self.engine, self.params, self.lora_request = engine, params, lora_request
         self.eos = frozenset(engine.scheduler.eos_token_ids)
         self.step_params = step_params(params)
         self._ids = (f"beam-{i}" for i in itertools.count())
@@ -157,7 +157,8 @@ class _Search:
     def run(self, prompts: list[list[int]]) -> list[BeamSearchOutput]:
         groups = [BeamGroup(p, self.params, self.eos, self._ids) for p in prompts]
         for g in groups:
-            self.engine.add_request(g.first_request_id, g.live[0].seq.tokens, self.step_params, retain_blocks=True)
+            self.engine.add_request(g.first_request_id, g.live[0].seq.tokens, self.step_params, retain_blocks=True,
+                                    lora_request=self.lora_request)  # forks inherit it
         for iteration in range(self.params.max_tokens):
             results = self._run_engine()
             last = iteration == self.params.max_tokens - 1
@@ -178,8 +179,10 @@ class _Search:
         return results
 
 
-def beam_search(engine: LLMEngine, prompts: list[list[int]], params: BeamSearchParams) -> list[BeamSearchOutput]:
-    """Beam search for each prompt (token ids) on an idle engine; see the module docstring."""
+def beam_search(engine: LLMEngine, prompts: list[list[int]], params: BeamSearchParams,
+                lora_request=None) -> list[BeamSearchOutput]:
+    """Beam search for each prompt (token ids) on an idle engine, with ``lora_request``'s adapter
+    when given; see the module docstring."""
     if engine.has_unfinished_requests():
         raise ValueError("beam_search needs an idle engine: finish or abort the running requests first")
-    return _Search(engine, params).run(prompts)
+    return _Search(engine, params, lora_request).run(prompts)

@@ -243,6 +243,26 @@ class PoolerConfig:
         return cls(**fields)
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    """vLLM's LoRA engine arguments (``enable_lora=True``): how many adapters one step can serve
+    (``max_loras``, each a slot of the device's adapter stacks), the largest rank a slot holds
+    (``max_lora_rank``; smaller adapters are zero-padded), and how many loaded adapters are kept
+    in host memory (``max_cpu_loras``, default ``max_loras``; others are read again from disk)."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self):
+        _check_positive(self, "max_loras", "max_lora_rank")
+        if self.max_cpu_loras is None:
+            object.__setattr__(self, "max_cpu_loras", self.max_loras)
+        _check_positive(self, "max_cpu_loras")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras={self.max_cpu_loras} must be >= max_loras={self.max_loras}")
+
+
 def _given_fields(cls, name: str, value, also_known: tuple[str, ...] = ()) -> dict:
     """The non-None entries of a config given as a dict (vLLM's form); unknown keys are refused."""
     if not isinstance(value, dict):

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 
 from converters.checkpoint import Checkpoint
-from jaxllm.config import SCHEDULING_POLICIES, CacheConfig, PoolerConfig, SchedulerConfig, SpeculativeConfig
+from jaxllm.config import SCHEDULING_POLICIES, CacheConfig, LoRAConfig, PoolerConfig, SchedulerConfig, SpeculativeConfig
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.loader import load_checkpoint_as
 from jaxllm.models.attention import get_attention_backend
@@ -75,6 +75,12 @@ class EngineArgs:
     # Default sampling parameters: "auto" takes the model's generation_config.json (as vLLM),
     # "vllm" leaves SamplingParams' own, a directory reads its generation_config.json.
     generation_config: str = "auto"
+    # vLLM's LoRA arguments: requests may name an adapter (LoRARequest); up to max_loras run in one
+    # step, each of rank <= max_lora_rank; max_cpu_loras stay loaded in host memory (None: max_loras).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def sampling_defaults(self) -> dict:
         """SamplingParams fields that requests without their own take from the generation config."""
@@ -127,9 +133,15 @@ class EngineArgs:
     def pooler(self) -> PoolerConfig:
         return PoolerConfig.from_dict(self.pooler_config)
 
+    def lora(self) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
+
     def __post_init__(self):
         self.speculative()  # a bad speculative_config fails before the model loads
         self.pooler()
+        self.lora()
         if self.runner not in RUNNERS:
             raise ValueError(f"runner={self.runner!r} must be one of {RUNNERS}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:  # before the model loads
@@ -226,9 +238,10 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     if args.tokenizer is not None:
         ckpt = dataclasses.replace(ckpt, tokenizer=_load_tokenizer(args.tokenizer))
     sched = args.scheduler_config(ckpt.config.max_position_embeddings)
-    speculative = args.speculative()
+    speculative, lora = args.speculative(), args.lora()
     runner = ModelRunner(ckpt.config, ckpt.params, cache, sched, attend, seed=args.seed,
-                         num_speculative_tokens=0 if speculative is None else speculative.num_speculative_tokens)
+                         num_speculative_tokens=0 if speculative is None else speculative.num_speculative_tokens,
+                         lora_config=lora)
     if args.warmup:
         runner.warmup()
     eos = set(ckpt.config.eos_token_ids)
@@ -237,4 +250,4 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     return engine_cls(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, tuple(sorted(eos)),
                      num_swap_blocks=runner.num_swap_blocks, async_scheduling=args.async_scheduling,
                      vocab_size=ckpt.config.vocab_size, speculative_config=speculative,
-                     pooler_config=args.pooler())
+                     pooler_config=args.pooler(), lora_config=lora)

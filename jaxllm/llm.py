@@ -17,6 +17,7 @@ from jaxllm.engine_args import EngineArgs, create_engine
 from jaxllm.entrypoints.chat_utils import render_chat
 from jaxllm.inputs import PromptType, prompt_cache_salt, prompt_input
 from jaxllm.loader import Model
+from jaxllm.lora.request import LoRARequest
 from jaxllm.outputs import EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput
 from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
@@ -79,6 +80,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt; returns one RequestOutput per prompt, in input order.
 
@@ -88,13 +90,15 @@ class LLM:
           sampling_params: one SamplingParams for all prompts, or one per prompt.
           use_tqdm: show a progress bar with requests done and tokens/s.
           priority: one integer per prompt, lower first (needs ``scheduling_policy="priority"``).
+          lora_request: a LoRA adapter for all prompts, or one (or None) per prompt (needs
+            ``enable_lora=True``).
         """
         prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
         priorities = [0] * len(prompts) if priority is None else list(priority)
         if len(priorities) != len(prompts):
             raise ValueError(f"got {len(priorities)} priority values for {len(prompts)} prompts; pass one per prompt")
-        ids = self._add_all(prompts, params, priorities)
+        ids = self._add_all(prompts, params, priorities, self._loras_per_prompt(lora_request, len(prompts)))
         return self._run(ids, use_tqdm)
 
     def chat(
@@ -107,6 +111,7 @@ class LLM:
         continue_final_message: bool = False,
         tools: list[dict] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them through the chat template.
 
@@ -126,7 +131,7 @@ class LLM:
             )}
             for conv in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
     def encode(
         self,
@@ -134,6 +139,7 @@ class LLM:
         pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
         use_tqdm: bool = True,
         pooling_task: str = "embed",
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[PoolingRequestOutput]:
         """Pool each prompt's final hidden states into one vector (the engine's ``pooler_config``:
         the last token's by default, L2-normalised); returns one PoolingRequestOutput per prompt,
@@ -153,25 +159,29 @@ class LLM:
                 raise ValueError(f"got {len(params)} pooling_params for {len(prompts)} prompts; pass one or one per prompt")
         if not all(isinstance(p, PoolingParams) for p in params):
             raise ValueError("pooling_params must be PoolingParams")
-        return self._run(self._add_all(prompts, params, [0] * len(prompts)), use_tqdm)
+        loras = self._loras_per_prompt(lora_request, len(prompts))
+        return self._run(self._add_all(prompts, params, [0] * len(prompts), loras), use_tqdm)
 
     def embed(
         self,
         prompts: PromptType | Sequence[PromptType],
         pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt (``.outputs.embedding``, a list of floats): see :meth:`encode`."""
-        return [EmbeddingRequestOutput.from_base(out) for out in self.encode(prompts, pooling_params, use_tqdm)]
+        outputs = self.encode(prompts, pooling_params, use_tqdm, lora_request=lora_request)
+        return [EmbeddingRequestOutput.from_base(out) for out in outputs]
 
-    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    lora_request: LoRARequest | None = None) -> list[BeamSearchOutput]:
         """Beam search for each prompt (vLLM's semantics; see :mod:`jaxllm.beam_search`).
 
         Returns one BeamSearchOutput per prompt, its ``.sequences`` best first, each with
         ``.tokens`` (prompt + generated ids), ``.text`` and ``.cum_logprob``.
         """
         prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
-        return beam_search(self.llm_engine, [self._token_ids(p) for p in prompts], params)
+        return beam_search(self.llm_engine, [self._token_ids(p) for p in prompts], params, lora_request)
 
     def _token_ids(self, prompt: PromptType) -> list[int]:
         if prompt_cache_salt(prompt) is not None:
@@ -190,16 +200,25 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling_params for {n} prompts; pass one or one per prompt")
         return params
 
+    @staticmethod
+    def _loras_per_prompt(lora_request, n: int) -> list[LoRARequest | None]:
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            return [lora_request] * n
+        loras = list(lora_request)
+        if len(loras) != n:
+            raise ValueError(f"got {len(loras)} lora_request values for {n} prompts; pass one or one per prompt")
+        return loras
+
     def _add_all(self, prompts: list[PromptType], params: list[SamplingParams | PoolingParams],
-                 priorities: list[int]) -> list[str]:
+                 priorities: list[int], loras: list[LoRARequest | None]) -> list[str]:
         engine, ids = self.llm_engine, []
         try:
-            for prompt, p, priority in zip(prompts, params, priorities, strict=True):
+            for prompt, p, priority, lora in zip(prompts, params, priorities, loras, strict=True):
                 request_id = str(next(self._counter))
                 if isinstance(p, SamplingParams) and p.output_kind is not RequestOutputKind.FINAL_ONLY:  # only final outputs are read
                     p = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
                 engine.add_request(request_id, prompt if isinstance(prompt, dict) else prompt_input(prompt), p,
-                                   priority=priority)
+                                   priority=priority, lora_request=lora)
                 ids.append(request_id)
         except Exception:
             engine.abort_request(ids)  # a bad prompt leaves nothing half-queued behind

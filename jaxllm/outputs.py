@@ -54,6 +54,7 @@ class RequestOutput:
     prompt_logprobs: list | None = None
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    lora_request: object = None  # the request's jaxllm.lora.LoRARequest, None for the base model
 
 
 @dataclass

@@ -79,15 +79,16 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
 
 
 @contextlib.contextmanager
-def _serve(tmp_path_factory, *extra_args: str):
-    """A `jaxllm serve` subprocess with the module's limits (and ``extra_args``), stopped on exit."""
+def _serve(tmp_path_factory, *extra_args: str, env: dict | None = None):
+    """A `jaxllm serve` subprocess with the module's limits (and ``extra_args``, and ``env`` added
+    to the environment), stopped on exit."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "jaxllm.entrypoints.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--api-key", API_KEY, "--max-waiting-requests", str(MAX_WAITING), "--served-model-name", MODEL,
            "--compilation-cache-dir", "/tmp/jaxllm-test-xla-cache", "--log-level", "warning", *LIMITS, *extra_args]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, log)
@@ -255,15 +256,33 @@ def _cached_on_repeat(prompt_tokens: int) -> int:
     return (prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE
 
 
+# SmolLM2-135M's shapes, for LoRA adapters of it.
+SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                      num_hidden_layers=30)
+
+
 @pytest.fixture(scope="module")
-def details_http(tmp_path_factory):
+def lora_adapters(tmp_path_factory) -> dict[str, Path]:
+    """Two random LoRA adapters of SmolLM2 in PEFT's layout."""
+    from tiny_models import make_lora_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_lora_adapter(SMOLLM2_SHAPES, root / name, rank=4, seed=seed, std=0.06)
+            for name, seed in (("sql", 1), ("poet", 2))}
+
+
+@pytest.fixture(scope="module")
+def details_http(tmp_path_factory, lora_adapters):
     """A second server, with --enable-prompt-tokens-details, --scheduling-policy priority,
     --return-tokens-as-token-ids, --enable-auto-tool-choice --tool-call-parser hermes, n-gram
-    speculative decoding (outputs are the same with it), and a prefix cache of its own (empty: the
-    test using it first sends the first prompt of >= 16 tokens)."""
+    speculative decoding (outputs are the same with it), a LoRA adapter "sql" (and adapters loaded
+    at run time), and a prefix cache of its own (empty: the test using it first sends the first
+    prompt of >= 16 tokens)."""
     with (_serve(tmp_path_factory, "--enable-prompt-tokens-details", "--scheduling-policy", "priority",
                  "--return-tokens-as-token-ids", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                 "--speculative-config", SPECULATIVE_CONFIG) as running,
+                 "--speculative-config", SPECULATIVE_CONFIG, "--enable-lora", "--max-lora-rank", "8",
+                 "--lora-modules", f"sql={lora_adapters['sql']}",
+                 env={"JAXLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}) as running,
           httpx.Client(base_url=running["url"], headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c):
         yield c
 
@@ -351,11 +370,14 @@ def test_return_tokens_as_token_ids(http, details_http):
     joined = {key: [x for c in chunks if c["choices"] for x in c["choices"][0]["logprobs"][key]]
               for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
     assert joined == as_ids["choices"][0]["logprobs"]
-    # The server's --return-tokens-as-token-ids is the default a request may override.
+    # The server's --return-tokens-as-token-ids is the default a request may override. (That server
+    # runs with LoRA slots, whose MLP takes another matmul path: its logprobs may differ from this
+    # one's in the last bits, so each server's renderings are compared with their own.)
     default = details_http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
-    _as_ids_matches_text(http, as_text, default)
     off = details_http.post("/v1/completions", json={**body, "return_tokens_as_token_ids": False}).json()
-    assert off["choices"][0]["logprobs"] == as_text
+    off = off["choices"][0]["logprobs"]
+    assert off["tokens"] == as_text["tokens"] and off["text_offset"] == as_text["text_offset"]
+    _as_ids_matches_text(http, off, default)
     chat = {"messages": CHAT, "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 2}
     content = http.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]
     body = {**chat, "return_tokens_as_token_ids": True}
@@ -453,6 +475,80 @@ def test_embeddings_equal_transformers_in_both_encodings(client, http, smollm2_h
         response = http.post("/v1/embeddings", json=body)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, (body, response.text)
     wait_idle(http)
+
+
+def _greedy_ids(http: httpx.Client, model: str | None, prompt: list[int], path: str = "/v1/completions") -> list[int]:
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    response = http.post(path, json=body if model is None else {**body, "model": model})
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == (model or MODEL)
+    return _token_ids_shown(http, response.json()["choices"][0]["logprobs"]["tokens"])
+
+
+def _assert_not_found(response: httpx.Response, name: str) -> None:
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["type"] == "NotFoundError" and error["code"] == 404 and name in error["message"]
+
+
+def test_lora_adapters_are_served_as_models_of_their_own(details_http, lora_adapters, smollm2_hf):
+    """--lora-modules: the adapter is a model in /v1/models, and its completions are transformers'
+    greedy ones on the merged weights; adapters loaded and unloaded at run time (vLLM's routes)."""
+    import copy
+
+    from conftest import hf_greedy
+    from tiny_models import merge_lora
+
+    http = details_http
+    cards = http.get("/v1/models").json()["data"]
+    assert [(c["id"], c["parent"]) for c in cards] == [(MODEL, None), ("sql", MODEL)]
+    assert cards[1]["root"] == str(lora_adapters["sql"])
+    prompt = [504, 3575, 282, 4649, 314]
+    merged = merge_lora(copy.deepcopy(smollm2_hf), lora_adapters["sql"])
+    want = hf_greedy(merged, prompt, 8)
+    del merged
+    base = _greedy_ids(http, None, prompt)
+    assert _greedy_ids(http, "sql", prompt) == want != base
+    assert base == hf_greedy(smollm2_hf, prompt, 8)
+    chunks = _sse_chunks(http, "/v1/chat/completions", {"model": "sql", "messages": CHAT, "max_tokens": 4,
+                                                        "stream": True})
+    assert chunks and {c["model"] for c in chunks} == {"sql"}
+    vectors = [http.post("/v1/embeddings", json={"input": "hello", **extra}).json() for extra in ({}, {"model": "sql"})]
+    assert vectors[1]["model"] == "sql" and vectors[0]["data"][0]["embedding"] != vectors[1]["data"][0]["embedding"]
+    _assert_not_found(http.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"}), "gpt-4")
+    # Adapters at run time (JAXLLM_ALLOW_RUNTIME_LORA_UPDATING=1).
+    poet = str(lora_adapters["poet"])
+    response = http.post("/v1/load_lora_adapter", json={"lora_name": "poet", "lora_path": poet})
+    assert response.status_code == 200 and "poet" in response.text
+    assert [c["id"] for c in http.get("/v1/models").json()["data"]] == [MODEL, "sql", "poet"]
+    assert _greedy_ids(http, "poet", prompt) not in (base, want)
+    again = http.post("/v1/load_lora_adapter", json={"lora_name": "poet", "lora_path": poet})
+    assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+    bad = http.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(lora_adapters["poet"].parent)})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "lora_path"
+    assert "adapter_config.json" in bad.json()["error"]["message"]
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "poet"}).status_code == 200
+    _assert_not_found(http.post("/v1/unload_lora_adapter", json={"lora_name": "poet"}), "poet")
+    _assert_not_found(http.post("/v1/completions", json={"prompt": "x", "model": "poet"}), "poet")
+    assert [c["id"] for c in http.get("/v1/models").json()["data"]] == [MODEL, "sql"]
+    wait_idle(http)
+    info = 'jaxllm:lora_requests_info{max_lora="1",running_lora_adapters="",waiting_lora_adapters=""}'
+    assert info in http.get("/metrics").text
+
+
+def test_lora_modules_flag_forms():
+    from jaxllm.entrypoints.openai.cli_args import build_serve_parser
+
+    parser = build_serve_parser()
+    args = parser.parse_args(["--lora-modules", "a=/x", '{"name": "b", "path": "/y", "base_model_name": "m"}'])
+    assert args.lora_modules == [("a", "/x", None), ("b", "/y", "m")]
+    for bad in ("a", "=/x", '{"name": "b"}', '{"name": "b", "path": "/y", "rank": 4}', "{"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--lora-modules", bad])
+    from jaxllm.entrypoints.openai.api_server import build_async_engine
+
+    with pytest.raises(SystemExit, match="--lora-modules requires --enable-lora"):  # before loading anything
+        build_async_engine(parser.parse_args(["--lora-modules", "a=/x"]))
 
 
 def test_usage_has_no_prompt_tokens_details_without_the_flag(http):
@@ -679,7 +775,6 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "n": 17}, "max_num_seqs=16"),
     ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of=2 is not supported yet"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
-    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, "gpt-4"),
     ("/v1/completions", {"prompt": "hello " * 300}, "max_model_len"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 256}, "max_model_len"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs=21"),

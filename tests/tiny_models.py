@@ -122,3 +122,76 @@ def make_tiny_checkpoint(
     if not safe_serialization:
         _save_bin(model, path, max_shard_size)
     return path
+
+
+# LoRA adapters in PEFT's file layout (adapter_config.json + adapter_model.safetensors), written by
+# hand so that tests need no peft package.
+LORA_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def make_lora_adapter(
+    base: Path | dict,
+    path: Path,
+    *,
+    rank: int = 4,
+    alpha: float = 8.0,
+    targets: tuple[str, ...] = tuple(LORA_MODULES),
+    layers: tuple[int, ...] | None = None,
+    seed: int = 0,
+    std: float = 0.2,
+    use_rslora: bool = False,
+    extra_config: dict | None = None,
+) -> Path:
+    """A random LoRA adapter for the checkpoint at ``base`` (or a model of the HF config dict
+    ``base``), lora_B random too, unlike PEFT's zero init, so that it changes the outputs; written
+    to ``path``, which is returned."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    hf = base if isinstance(base, dict) else json.loads((Path(base) / "config.json").read_text())
+    D, F = hf["hidden_size"], hf["intermediate_size"]
+    H = hf.get("head_dim") or D // hf["num_attention_heads"]
+    q, kv = hf["num_attention_heads"] * H, hf.get("num_key_value_heads", hf["num_attention_heads"]) * H
+    dims = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D),
+            "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(hf["num_hidden_layers"]) if layers is None else layers:
+        for module in targets:
+            d_in, d_out = dims[module]
+            prefix = f"base_model.model.model.layers.{layer}.{LORA_MODULES[module]}.{module}"
+            tensors[prefix + ".lora_A.weight"] = (std * rng.standard_normal((rank, d_in))).astype(np.float32)
+            tensors[prefix + ".lora_B.weight"] = (std * rng.standard_normal((d_out, rank))).astype(np.float32)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = dict(peft_type="LORA", r=rank, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora,
+                  bias="none", lora_dropout=0.0, fan_in_fan_out=False, base_model_name_or_path=str(base)[:200],
+                  task_type="CAUSAL_LM")
+    config.update(extra_config or {})
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def merge_lora(model, adapter: Path):
+    """Add an adapter written by :func:`make_lora_adapter` into a transformers model's weights, in
+    place: W += scale * B @ A, scale = alpha / r (alpha / sqrt(r) with rsLoRA), as PEFT's merge."""
+    import math
+
+    import torch
+    from safetensors.numpy import load_file
+
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+    tensors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, a in tensors.items():
+            if ".lora_A." not in name:
+                continue
+            b = tensors[name.replace(".lora_A.", ".lora_B.")]
+            module = modules[name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")]
+            module.weight += scale * torch.from_numpy(b @ a).to(module.weight.dtype)
+    return model

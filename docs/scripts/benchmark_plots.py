@@ -422,6 +422,27 @@ def section_speculative(name: str, r: dict) -> list[str]:
     return lines
 
 
+def section_lora(name: str, r: dict) -> list[str]:
+    env, w, summary, a = r["environment"], r["workload"], r["summary"], r["adapters"]
+    lines = [
+        f"### `{name}`", "",
+        f"`{r['command']}` at commit `{env['git_commit'][:10]}` on {env['device']} ({_host(env)}): "
+        f"{r['model']}, greedy, {w['num_prompts']} prompts ({w['prompt_tokens']} prompt and {w['output_tokens']} "
+        f"output tokens, the throughput workload's kind). `plain`: no LoRA; `lora_engine_base`: an engine with "
+        f"{r['engine_args']['max_loras']} slots of rank {r['engine_args']['max_lora_rank']}, every request on the "
+        f"base model (same tokens as `plain`, checked); `lora_engine_adapters`: the same engine, requests "
+        f"{a['requests']} ({a['count']} random adapters of rank {a['rank']}, {a['targets']}).",
+        "",
+        "| arm | output tok/s (median) | vs plain |",
+        "|---|---|---|",
+    ]
+    for arm, rate in summary["output_tokens_per_s_median"].items():
+        speed = summary["speed_vs_plain_median"].get(arm)
+        lines.append(f"| {arm} | {rate:.1f} | {'' if speed is None else f'{speed:.3f}x'} |")
+    lines += ["", f"Compiles during the timed runs: {summary['new_compiles_during_timed_runs']}.", ""]
+    return lines
+
+
 # -- attention kernels -------------------------------------------------------------------------
 
 def plot_attention(r: dict, ax) -> None:
@@ -508,6 +529,9 @@ def render() -> str:
     lines += ["## Speculative decoding", ""]
     lines += [x for name, r in _globbed("speculative_*.json") for x in section_speculative(name, r)] or \
         _missing("speculative_cpu.json", "python benchmarks/speculative.py")
+    lines += ["## LoRA adapters", ""]
+    lines += [x for name, r in _globbed("lora_*.json") for x in section_lora(name, r)] or \
+        _missing("lora_cpu.json", "python benchmarks/lora.py")
     lines += ["## Online serving", ""]
     serving = _globbed("serving_*.json")
     lines += [x for name, r in serving for x in section_serving(name, r)] or _missing(

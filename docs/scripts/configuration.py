@@ -85,6 +85,17 @@ ENGINE_HELP = {
     "generation_config": "Default sampling parameters: `auto` takes the model's generation_config.json "
                          "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), as vLLM; "
                          "`vllm` keeps SamplingParams' own; a directory reads its generation_config.json.",
+    "enable_lora": "Serve LoRA adapters (PEFT directories): requests name one with a `LoRARequest(lora_name, "
+                   "lora_int_id, lora_path)` (`LLM.generate(..., lora_request=)`, `add_request(..., lora_request=)`; "
+                   "the server's `--lora-modules name=path` and the request's `model`). Llama-family models; the "
+                   "seven attention and MLP projections can be adapted (embeddings, the output head, biases, DoRA "
+                   "and `modules_to_save` are refused by name). Adapters and the base model mix in one step.",
+    "max_loras": "Adapters one step can run (slots on the device). A waiting request whose adapter would be one "
+                 "too many waits, and requests behind it may go first (as vLLM). Read only with `enable_lora`.",
+    "max_lora_rank": "Largest adapter rank a slot holds (smaller ones are zero-padded); each slot costs "
+                     "`2 * max_lora_rank` columns per adapted weight and step.",
+    "max_cpu_loras": "Adapters kept read in host memory; others are read from disk again when a step needs them. "
+                     "None: `max_loras`.",
 }
 
 SAMPLING_HELP = {
@@ -143,6 +154,10 @@ ENVIRONMENT = (
      "each float32 product as six bfloat16 tile products, as accurate as the FMA path and ~1.4x faster at "
      "128-337 rows (`pallas_kernels/cpu_matmul.cc`). Read when a step is traced; "
      "`pallas_kernels.cpu_matmul.amx_usable()` says whether this host can."),
+    ("JAXLLM_ALLOW_RUNTIME_LORA_UPDATING", "unset", "`1` or `true` (or vLLM's "
+     "`VLLM_ALLOW_RUNTIME_LORA_UPDATING`): `jaxllm serve` also has vLLM's `POST /v1/load_lora_adapter` "
+     "(`{\"lora_name\", \"lora_path\"}`) and `POST /v1/unload_lora_adapter` (`{\"lora_name\"}`), which add and drop "
+     "adapters served under their own model names."),
     ("JAXLLM_MALLOC_TUNING", "`1`", "`0` leaves glibc malloc as it is. Otherwise importing jaxllm on a CPU host "
      "sets one malloc arena, no mmap per block and no trimming, so XLA:CPU's per-step temporaries reuse "
      "pages (`jaxllm/host_malloc.py`); it takes effect only if jaxllm is imported before JAX runs anything."),

@@ -70,6 +70,7 @@ class _Add:
     accepted: asyncio.Future  # resolved with None, or failed with the reason the request was refused
     priority: int = 0
     retain_blocks: bool = False  # keep its KV blocks when it finishes, for forks (beam search)
+    lora_request: object = None  # a jaxllm.lora.LoRARequest: run it with that adapter
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,10 @@ class AsyncLLMEngine:
         return self._thread.is_alive() and not self._stopping.is_set()
 
     async def add_request(self, request_id: str, prompt: str | list[int] | dict,
-                          params: SamplingParams, priority: int = 0, retain_blocks: bool = False) -> RequestStream:
+                          params: SamplingParams, priority: int = 0, retain_blocks: bool = False,
+                          lora_request=None) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it (``priority``,
-        ``retain_blocks``: see :meth:`LLMEngine.add_request`; a request that retains its blocks
+        ``retain_blocks``, ``lora_request``: see :meth:`LLMEngine.add_request`; a request that retains its blocks
         must be released with :meth:`release` once done).
 
         Raises:
@@ -150,7 +152,8 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop)
         accepted = loop.create_future()
-        return await self._queued(_Add(request_id, prompt, params, stream, accepted, priority, retain_blocks))
+        return await self._queued(_Add(request_id, prompt, params, stream, accepted, priority, retain_blocks,
+                                       lora_request))
 
     async def fork_request(self, parent_id: str, request_id: str, token_ids: list[int],
                            params: SamplingParams) -> RequestStream:
@@ -181,9 +184,9 @@ class AsyncLLMEngine:
         return command.stream
 
     async def generate(self, request_id: str, prompt: str | list[int] | dict,
-                       params: SamplingParams, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, priority: int = 0, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its outputs (as its params' ``output_kind`` asks); leaving early aborts it."""
-        stream = await self.add_request(request_id, prompt, params, priority)
+        stream = await self.add_request(request_id, prompt, params, priority, lora_request=lora_request)
         try:
             async for output in stream:
                 yield output
@@ -256,7 +259,7 @@ class AsyncLLMEngine:
                 return EngineQueueFullError(f"the server is overloaded: {limit} requests are already waiting; "
                                             "retry later")
             self.engine.add_request(command.request_id, command.prompt, command.params, priority=command.priority,
-                                    retain_blocks=command.retain_blocks)
+                                    retain_blocks=command.retain_blocks, lora_request=command.lora_request)
         except ValueError as exc:
             return exc
         return None

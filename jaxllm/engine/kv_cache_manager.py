@@ -35,6 +35,15 @@ def salt_hash(cache_salt: str | None) -> bytes | None:
     return hashlib.sha256(b"jaxllm cache_salt\0" + cache_salt.encode()).digest()
 
 
+def root_hash(cache_salt: str | None, lora_int_id: int | None = None) -> bytes | None:
+    """The parent hash of a request's first block: its salt's, and its LoRA adapter's on top (the
+    same tokens give other K/V under another adapter); None for neither."""
+    root = salt_hash(cache_salt)
+    if lora_int_id is None:
+        return root
+    return hashlib.sha256(b"jaxllm lora\0" + (root or b"") + str(lora_int_id).encode()).digest()
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -384,5 +393,6 @@ class KVCacheManager:
         hashes, size = request.block_hashes, self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else salt_hash(request.cache_salt)
+            lora = request.lora_request
+            parent = hashes[-1] if hashes else root_hash(request.cache_salt, lora and lora.lora_int_id)
             hashes.append(hash_block(parent, request.token_ids_in(i * size, (i + 1) * size)))

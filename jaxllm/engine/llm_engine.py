@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from jaxllm.config import CacheConfig, PoolerConfig, SchedulerConfig, SpeculativeConfig
+from jaxllm.config import CacheConfig, LoRAConfig, PoolerConfig, SchedulerConfig, SpeculativeConfig
 from jaxllm.engine.detokenizer import IncrementalDetokenizer
 from jaxllm.engine.messages import RunnerOutput, SchedulerOutput
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import RequestUpdate, Scheduler, SpecDecodeStats
 from jaxllm.inputs import PromptType, prompt_cache_salt, prompt_input
+from jaxllm.lora.request import LoRARequest
 from jaxllm.outputs import (
     CompletionOutput,
     Logprob,
@@ -50,6 +51,15 @@ class Runner(Protocol):
 
 
 @dataclass(frozen=True)
+class LoRAStats:
+    """vLLM's ``lora_requests_info``: the adapters (names, sorted) of running and waiting requests."""
+
+    max_loras: int
+    running: tuple[str, ...]
+    waiting: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -69,6 +79,7 @@ class EngineStats:
     kv_blocks_saved: int = 0  # blocks the requests would need without sharing, minus those held
     num_overlapped_steps: int = 0  # steps dispatched while the previous one still ran (async scheduling)
     spec_decode: SpecDecodeStats | None = None  # speculative decoding's counters, when it is on
+    lora: LoRAStats | None = None  # with enable_lora
 
 
 @dataclass
@@ -125,6 +136,8 @@ class LLMEngine:
         speculative_config: propose tokens by n-gram lookup and verify them in each request's
             next step (vLLM's ``speculative_config``); steps then run one at a time, except while
             its ``disable_by_batch_size`` turns proposals off.
+        lora_config: serve LoRA adapters (``add_request(..., lora_request=)``); the runner needs
+            ``add_lora``, ``remove_lora`` and ``list_loras`` (the model runner built with it has).
     """
 
     def __init__(
@@ -140,14 +153,16 @@ class LLMEngine:
         vocab_size: int | None = None,
         speculative_config: SpeculativeConfig | None = None,
         pooler_config: PoolerConfig | None = None,
+        lora_config: LoRAConfig | None = None,
     ):
         self.tokenizer = tokenizer
+        self.lora_config = lora_config
         self.pooler_config = pooler_config or PoolerConfig()
         self.vocab_size = vocab_size
         self.runner = runner
         self.scheduler = Scheduler(
             scheduler_config, cache_config, num_kv_blocks, tuple(eos_token_ids), num_swap_blocks=num_swap_blocks,
-            speculative_config=speculative_config,
+            speculative_config=speculative_config, max_loras=None if lora_config is None else lora_config.max_loras,
         )
         self._tracked: dict[str, _Tracked] = {}
         self._num_steps = 0
@@ -178,6 +193,7 @@ class LLMEngine:
         *,
         priority: int = 0,
         retain_blocks: bool = False,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Tokenize and queue a request; raises ValueError, queueing nothing, if it is invalid.
 
@@ -191,6 +207,8 @@ class LLMEngine:
         :meth:`release_request` (beam search).
 
         With ``PoolingParams`` the request returns a ``PoolingRequestOutput`` (see ``_as_pooling``).
+
+        ``lora_request`` runs it with that LoRA adapter (read now if it is not loaded yet).
         """
         pooling = None
         if isinstance(params, PoolingParams):
@@ -201,6 +219,8 @@ class LLMEngine:
         params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids, logit_bias ids checked
         if self.vocab_size is not None:
             params.check_vocabulary(self.vocab_size)
+        if lora_request is not None:
+            self.add_lora(lora_request)
         cache_salt = prompt_cache_salt(prompt)
         if cache_salt is not None and not self.scheduler.kv.enable_prefix_caching:
             raise ValueError("cache_salt is only supported with prefix caching enabled")
@@ -211,7 +231,8 @@ class LLMEngine:
             params = dataclasses.replace(params, max_tokens=max(1, max_model_len - len(token_ids)))
         arrival = time.time() if arrival_time is None else arrival_time
         request = Request(str(request_id), token_ids, params, arrival, retain_blocks=retain_blocks,
-                          cache_salt=cache_salt, priority=priority, matcher=self._matcher(params), pooling=pooling)
+                          cache_salt=cache_salt, priority=priority, matcher=self._matcher(params), pooling=pooling,
+                          lora_request=lora_request)
         self.scheduler.add_request(request)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         completions = {0: _Completion(request, detokenizer)}
@@ -397,6 +418,7 @@ class LLMEngine:
             prompt_logprobs=list(prompt_logprobs) or None,
             metrics=tracked.metrics,
             num_cached_tokens=request.num_cached_tokens,
+            lora_request=request.lora_request,
         )
 
     @staticmethod
@@ -459,6 +481,24 @@ class LLMEngine:
             for member in members:
                 self.scheduler.finish_request(member, RequestStatus.FINISHED_ABORTED)
 
+    # -- LoRA adapters (vLLM's names) ----------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read an adapter now, so the first request naming it does not wait for the disk;
+        ValueError if it does not fit the model or LoRA is off. False if it was loaded already."""
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        if self.lora_config is None:
+            raise ValueError(f"lora_request {lora_request.lora_name!r}: LoRA is not enabled (enable_lora=True)")
+        return self.runner.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Drop a loaded adapter (requests still naming it read it again); False if not loaded."""
+        return self.lora_config is not None and self.runner.remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        """The lora_int_ids of the adapters loaded now."""
+        return set() if self.lora_config is None else self.runner.list_loras()
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (vLLM's name), so no later request reuses KV computed
         before. Only possible while no request holds blocks: False, with a warning, otherwise."""
@@ -496,7 +536,17 @@ class LLMEngine:
             kv_blocks_saved=s.kv_blocks_saved,
             num_overlapped_steps=self.num_overlapped_steps,
             spec_decode=s.spec_decode,
+            lora=self._lora_stats(),
         )
+
+    def _lora_stats(self) -> LoRAStats | None:
+        if self.lora_config is None:
+            return None
+
+        def names(requests) -> tuple[str, ...]:
+            return tuple(sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None}))
+
+        return LoRAStats(self.lora_config.max_loras, names(self.scheduler.running), names(self.scheduler.waiting))
 
 
 def _merged(outputs: list[tuple[bool, RequestOutput]]) -> list[RequestOutput]:

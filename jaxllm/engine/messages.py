@@ -85,6 +85,8 @@ class ScheduledSequence:
     draft_mask_keys: tuple = field(default=(), compare=False, repr=False)
     # Pooling requests: "LAST", "MEAN" or "CLS" (the runner returns this chunk's part of the vector).
     pooling: str | None = None
+    # The request's LoRA adapter (a jaxllm.lora.LoRARequest), None: the base model.
+    lora_request: Any = None
 
     @property
     def sample_ids(self) -> tuple[str, ...]:

@@ -81,6 +81,9 @@ class Request:
     pooling: tuple[str, bool] | None = None
     pooled: Any = None
     num_pooled_tokens: int = 0
+    # vLLM's LoRARequest: the adapter the request runs with (None: the base model). Part of its
+    # prefix blocks' hashes, so only requests with the same adapter share cached blocks.
+    lora_request: Any = None
     # Logprobs, when asked for: one entry per output token, and per prompt position (0 is None).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)

@@ -107,6 +107,8 @@ class Scheduler:
         eos_token_ids: the model's end-of-sequence ids.
         speculative_config: propose tokens after each sampled one (see ``_propose``) and verify
             them in the request's next step.
+        max_loras: LoRA adapters that may run at once (None: no adapters). A waiting request whose
+            adapter would be one too many waits, and requests behind it may go first (as vLLM).
     """
 
     def __init__(
@@ -117,8 +119,10 @@ class Scheduler:
         eos_token_ids: tuple[int, ...] = (),
         num_swap_blocks: int = 0,
         speculative_config: SpeculativeConfig | None = None,
+        max_loras: int | None = None,
     ):
         self.config = scheduler_config
+        self.max_loras = max_loras
         self.speculative_config = speculative_config
         self.spec_stats = SpecDecodeStats() if speculative_config is not None else None
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -164,6 +168,8 @@ class Scheduler:
         if request.priority != 0 and not self.waiting.by_priority:
             raise ValueError(f"request {rid!r}: priority={request.priority} needs scheduling_policy='priority' "
                              f"(this engine's is {self.config.scheduling_policy!r})")
+        if request.lora_request is not None and self.max_loras is None:
+            raise ValueError(f"request {rid!r}: a lora_request needs LoRA enabled (enable_lora=True)")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"request {rid!r}: n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         total = request.num_prompt_tokens + params.max_tokens
@@ -220,6 +226,7 @@ class Scheduler:
             raise ValueError(f"request {child.request_id!r} does not extend the tokens of {parent_id!r}")
         self._validate(child)
         child.cache_salt = parent.cache_salt  # its blocks extend the parent's hash chain
+        child.lora_request = parent.lora_request
         child.priority = parent.priority
         self.kv.fork(parent, child)
         child.num_computed_tokens = parent.num_computed_tokens
@@ -367,8 +374,26 @@ class Scheduler:
         return True
 
     def _schedule_waiting(self, step: _StepBuilder) -> None:
+        skipped: list[Request] = []  # waiting for an adapter slot; back in their places afterwards
+        try:
+            self._admit_waiting(step, skipped)
+        finally:
+            for request in reversed(skipped):
+                self.waiting.push_front(request)
+
+    def _lora_fits(self, request: Request) -> bool:
+        """Whether ``request``'s adapter can run beside the running requests' (``max_loras``)."""
+        if request.lora_request is None:
+            return True
+        active = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
+        return request.lora_request.lora_int_id in active or len(active) < self.max_loras
+
+    def _admit_waiting(self, step: _StepBuilder, skipped: list[Request]) -> None:
         while self.waiting and step.budget > 0 and self._has_room_for(self.waiting.peek()):
             request = self.waiting.peek()
+            if not self._lora_fits(request):
+                skipped.append(self.waiting.pop())
+                continue
             if self.swap_space.holds(request.request_id):
                 if not self._swap_in(request, step):
                     return  # first come first served, as below
@@ -432,6 +457,7 @@ class Scheduler:
             num_draft_tokens=len(drafts),
             draft_mask_keys=self._draft_mask_keys(request, drafts),
             pooling=None if request.pooling is None else request.pooling[0],
+            lora_request=request.lora_request,
         )
 
     @staticmethod
@@ -519,7 +545,7 @@ class Scheduler:
         child_params = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + index)
         child = Request(child_id, parent.prompt_token_ids, child_params, parent.arrival_time,
                         parent_id=parent.request_id, completion_index=index, has_forked=True,
-                        cache_salt=parent.cache_salt, priority=parent.priority,
+                        cache_salt=parent.cache_salt, priority=parent.priority, lora_request=parent.lora_request,
                         matcher=None if parent.matcher is None else parent.matcher.copy())
         child.num_computed_tokens = parent.num_computed_tokens
         child.status = RequestStatus.RUNNING

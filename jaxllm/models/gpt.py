@@ -32,8 +32,12 @@ def _norm(cfg: ModelConfig, lp: dict, name: str, x):
     return layer_norm(x, lp[name], lp[name + "_bias"], cfg.norm_eps)
 
 
-def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: AttentionMetadata, attend: AttentionFn):
-    """Run the decoder over the flat batch token_ids [T]; returns (hidden [T, D], kv pool)."""
+def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: AttentionMetadata, attend: AttentionFn,
+            lora=None):
+    """Run the decoder over the flat batch token_ids [T]; returns (hidden [T, D], kv pool). No LoRA
+    adapters for this family (``lora`` must be None)."""
+    if lora is not None:
+        raise ValueError(f"LoRA adapters are not supported for {cfg.architecture}")
     x = embed(params, token_ids)
     if "project_in" in params:
         x = matmul(x, params["project_in"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 
 from jaxllm.config import ModelConfig
+from jaxllm.models import lora as lora_
 from jaxllm.models.attention import AttentionFn, AttentionMetadata, KVPool, write_kv
 from jaxllm.models.layers import (
     activation,
@@ -25,12 +26,14 @@ from jaxllm.models.layers import (
 )
 
 
-def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMetadata, attend: AttentionFn):
+def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMetadata, attend: AttentionFn,
+               lora_mask=None):
     # x [T, D] -> ([T, D], kv); tokens past cu_q_lens[-1] are padding
     rows = md.cu_q_lens[-1]
-    q = einsum("td,dnh->tnh", x, lp["wq"], rows)
-    k = einsum("td,dkh->tkh", x, lp["wk"], rows)
-    v = einsum("td,dkh->tkh", x, lp["wv"], rows)
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = einsum("td,dnh->tnh", x, lp["wq"], rows) + lora_.delta(lp, "wq", x, lora_mask, (N, H))
+    k = einsum("td,dkh->tkh", x, lp["wk"], rows) + lora_.delta(lp, "wk", x, lora_mask, (K, H))
+    v = einsum("td,dkh->tkh", x, lp["wv"], rows) + lora_.delta(lp, "wv", x, lora_mask, (K, H))
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
@@ -40,40 +43,48 @@ def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMe
     q, k = apply_rope(q, md.positions, inv_freq), apply_rope(k, md.positions, inv_freq)
     kv = write_kv(kv, layer, k, v, md.slot_mapping)
     out = attend(q, kv, layer, md, cfg.sliding_window)
-    out = einsum("tnh,nhd->td", out, lp["wo"], rows)
+    out = einsum("tnh,nhd->td", out, lp["wo"], rows) + lora_.delta(lp, "wo", out, lora_mask, (cfg.hidden_size,))
     if cfg.o_bias:
         out = out + lp["bo"]
     return out, kv
 
 
-def _mlp(cfg: ModelConfig, lp: dict, x, rows):
+def _mlp(cfg: ModelConfig, lp: dict, x, rows, lora_mask=None):
+    F, D = cfg.intermediate_size, cfg.hidden_size
     if "w_gate_up" in lp:  # pack_params fused gate, activation and up for the cpu matmul kernel
+        if lora_mask is not None:
+            raise ValueError("LoRA needs w_gate and w_up apart: pack_params(..., hidden_act=None)")
         h = matmul(x, lp["w_gate_up"], rows)
     else:
-        gate = matmul(x, lp["w_gate"], rows)
-        up = matmul(x, lp["w_up"], rows)
+        gate = matmul(x, lp["w_gate"], rows) + lora_.delta(lp, "w_gate", x, lora_mask, (F,))
+        up = matmul(x, lp["w_up"], rows) + lora_.delta(lp, "w_up", x, lora_mask, (F,))
         if cfg.mlp_bias:
             gate, up = gate + lp["b_gate"], up + lp["b_up"]
         h = activation(cfg.hidden_act)(gate) * up
-    out = matmul(h, lp["w_down"], rows)
+    out = matmul(h, lp["w_down"], rows) + lora_.delta(lp, "w_down", h, lora_mask, (D,))
     return out + lp["b_down"] if cfg.mlp_bias else out
 
 
-def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: AttentionMetadata, attend: AttentionFn):
-    """Run the decoder over the flat batch token_ids [T]; returns (hidden [T, D], kv pool)."""
+def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: AttentionMetadata, attend: AttentionFn,
+            lora: tuple[dict, jax.Array] | None = None):
+    """Run the decoder over the flat batch token_ids [T]; returns (hidden [T, D], kv pool).
+
+    ``lora``: (the LoRA slot stacks, each token's mask [T, M * R]) when adapters are served (see
+    jaxllm/models/lora.py); the fused gate-up weight of :func:`pack_params` is not used then."""
     x = embed(params, token_ids)
+    stacks, mask = lora if lora is not None else (None, None)
 
     def layer(carry, scanned):
         x, kv = carry
         lp, index = scanned
         with jax.named_scope("attention"):
-            h, kv = _attention(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), kv, index, md, attend)
+            h, kv = _attention(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), kv, index, md, attend, mask)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + _mlp(cfg, lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps), md.cu_q_lens[-1])
+            x = x + _mlp(cfg, lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps), md.cu_q_lens[-1], mask)
         return (x, kv), None
 
-    (x, kv), _ = scan_layers(layer, (x, kv), params["layers"], x.dtype)
+    (x, kv), _ = scan_layers(layer, (x, kv), lora_.with_stacks(params["layers"], stacks), x.dtype)
     return rms_norm(x, params["final_norm"], cfg.norm_eps), kv
 
 

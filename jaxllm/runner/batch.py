@@ -36,6 +36,7 @@ class StepBatch:
     feed_rows: np.ndarray
     num_rows: np.ndarray  # [] int32 sampling rows in use; the rest of the R rows are padding
     want_pooling: np.ndarray  # [] bool: some sequence is a pooling request's (LLM.embed)
+    lora_slots: np.ndarray  # [T] int32 the LoRA slot each token's adapter is in; -1: none
 
 
 class SampleRow(NamedTuple):
@@ -133,13 +134,15 @@ def build_batch(
     shape: tuple[int, int] | None = None,
     prev_rows: dict[str, int] | None = None,
     mask_slots: dict[str, int] | None = None,
+    lora_slots: dict[int, int] | None = None,
 ) -> StepBatch:
     """Pad and flatten ``sched`` into numpy arrays; unseeded rows draw a seed from ``rng``.
 
     ``shape`` forces the (T, B) bucket (warm-up); by default the smallest that fits is used.
     ``prev_rows`` maps sample ids of the previous step to their sampling rows: a negative token id
     (a placeholder) is read on the device from that step's output instead. ``mask_slots`` maps
-    sample ids to the mask-table row that limits them (structured outputs).
+    sample ids to the mask-table row that limits them (structured outputs). ``lora_slots`` maps
+    the step's LoRA adapters (lora_int_id) to their device slots.
     """
     seqs = sched.sequences
     rows = sample_rows(sched)
@@ -157,6 +160,7 @@ def build_batch(
     last_index = {}
     next_ids = np.full(T, -1, np.int32)
     feed_rows = np.full(T, -1, np.int32)
+    token_lora = np.full(T, -1, np.int32)
     start = 0
     for i, (s, kv_len) in enumerate(zip(seqs, kv_lens, strict=True)):
         n = len(s.token_ids)
@@ -171,6 +175,8 @@ def build_batch(
         positions[start : start + n] = pos
         slots[start : start + n] = table[pos // block_size] * block_size + pos % block_size
         seq_ids[start : start + n] = i
+        if s.lora_request is not None:
+            token_lora[start : start + n] = lora_slots[s.lora_request.lora_int_id]
         tables[i, : len(table)] = table
         lens[i] = kv_len
         last_index[s.request_id] = start + n - 1
@@ -191,6 +197,7 @@ def build_batch(
         feed_rows=feed_rows,
         num_rows=np.array(len(rows), np.int32),
         want_pooling=np.array(any(s.pooling is not None for s in seqs)),
+        lora_slots=token_lora,
     )
 
 

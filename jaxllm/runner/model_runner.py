@@ -18,15 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from jaxllm.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from jaxllm.engine.messages import RunnerOutput, SamplingOptions, ScheduledSequence, SchedulerOutput
 from jaxllm.models import model_module
 from jaxllm.models.attention import AttentionFn, KVPool
 from jaxllm.models.kv_quant import kv_storage_dtype
 from jaxllm.models.layers import pack_params
+from jaxllm.models.lora import token_mask
 from jaxllm.runner import kv_pool
 from jaxllm.runner.batch import Buckets, SampleRow, StepBatch, build_batch, sample_rows
 from jaxllm.runner.logprobs import host_prompt_logprobs, host_sample_logprobs, logprobs_if, prompt_logprobs_if
+from jaxllm.runner.lora_slots import LoRASlots
 from jaxllm.runner.mask_table import DeviceMaskTable
 from jaxllm.runner.sampler import sample
 from jaxllm.runner.swap import HostSwapSpace, num_swap_slots
@@ -36,15 +38,21 @@ logger = logging.getLogger("jaxllm")
 _COPY_SLOTS = 64  # block copies per call, padded with the null block copying onto itself
 
 
-def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, mask_table, *, cfg: ModelConfig, attend: AttentionFn):
+def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, mask_table, lora_stacks, *, cfg: ModelConfig,
+          attend: AttentionFn, lora_shape: tuple[int, int] | None = None):
     """One engine step. ``prev_tokens`` [max_num_rows] are the previous step's sampled tokens, still
     on the device: positions with ``feed_rows >= 0`` take their input from there. The sampled
     tokens come back padded to the same fixed length, to feed the next step. ``mask_table``:
     structured outputs' allowed-token bitmasks (``DeviceMaskTable``), indexed by
-    ``batch.sampling.mask_rows``."""
+    ``batch.sampling.mask_rows``. ``lora_stacks``: the LoRA slots (``LoRASlots.stacks``) of
+    ``lora_shape`` = (max_loras, max_lora_rank), or None when the engine serves no adapters."""
     model = model_module(cfg)
     token_ids = jnp.where(batch.feed_rows >= 0, prev_tokens[jnp.maximum(batch.feed_rows, 0)], batch.token_ids)
-    hidden, kv = model.forward(params, cfg, kv, token_ids, batch.md, attend)
+    lora = None
+    if lora_stacks is not None:
+        dtype = next(iter(lora_stacks.values())).dtype
+        lora = (lora_stacks, token_mask(batch.lora_slots, *lora_shape, dtype))
+    hidden, kv = model.forward(params, cfg, kv, token_ids, batch.md, attend, lora)
     logits = model.logits(params, cfg, hidden[batch.logits_indices], batch.num_rows)
     tokens = sample(logits, batch.sampling, mask_table)
     sample_lp = logprobs_if(batch.want_logprobs, logits, tokens)
@@ -101,13 +109,16 @@ class ModelRunner:
         attend: AttentionFn,
         seed: int = 0,
         num_speculative_tokens: int = 0,
+        lora_config: LoRAConfig | None = None,
     ):
         self.cfg, self.cache = cfg, cache
         self.dtype = np.dtype(params["embed"].dtype)
         platform = jax.devices()[0].platform
+        # LoRA adapts the gate and up projections apart: no fused gate-up weight then.
+        self.lora = LoRASlots(cfg, lora_config, self.dtype) if lora_config is not None else None
         self.params = jax.device_put(pack_params(  # see there
             params, cfg.tie_word_embeddings, platform, cpu_matmul=getattr(attend, "cpu_matmul", False),
-            hidden_act=cfg.hidden_act))
+            hidden_act=cfg.hidden_act if self.lora is None else None))
         self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.dtype, platform)  # fp8/int8 carry scales
         self.buckets = Buckets.make(
             sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size),
@@ -116,7 +127,9 @@ class ModelRunner:
         )
         self._rng = np.random.default_rng(seed)
         self._no_tokens = jnp.zeros(self.buckets.max_num_rows, jnp.int32)  # no previous step to feed
-        self._jit_step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend), donate_argnums=1)
+        lora_shape = None if self.lora is None else (self.lora.max_loras, self.lora.rank)
+        self._jit_step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend, lora_shape=lora_shape),
+                                 donate_argnums=1)
         self._jit_copy = jax.jit(kv_pool.copy_blocks, donate_argnums=0)
         self._compiled: dict[tuple[int, int], object] = {}
         self.num_compiles = 0
@@ -142,7 +155,7 @@ class ModelRunner:
         T, B = self.buckets.token_buckets[-1], self.buckets.block_buckets[-1]
         kv = jax.eval_shape(lambda: kv_pool.allocate(self.cfg, 2, self.cache.block_size, self.kv_dtype))
         compiled = self._jit_step.lower(self.params, kv, self._dummy_batch(T, B), self._no_tokens,
-                                        self.masks.table).compile()
+                                        self.masks.table, self._lora_stacks).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     def _dummy_batch(self, T: int, B: int) -> StepBatch:
@@ -163,13 +176,20 @@ class ModelRunner:
         self.kv = self._jit_copy(self.kv, pad, pad)  # its one fixed shape, compiled here
         self.masks.warmup()  # the mask table's row write: one fixed shape too
         self.num_compiles += 2
+        if self.lora is not None:
+            self.num_compiles += self.lora.warmup()  # the LoRA slot write: one fixed shape
         if self._swap is not None:
             self.kv = self._swap.warmup(self.kv)  # swap-out and swap-in: one fixed shape each
             self.num_compiles += 2
         logger.info("warm-up: %d programs compiled in %.1f s", self.num_compiles, time.perf_counter() - start)
 
+    @property
+    def _lora_stacks(self) -> dict | None:
+        return None if self.lora is None else self.lora.stacks
+
     def _lower(self, T: int, B: int):
-        return self._jit_step.lower(self.params, self.kv, self._dummy_batch(T, B), self._no_tokens, self.masks.table)
+        return self._jit_step.lower(self.params, self.kv, self._dummy_batch(T, B), self._no_tokens, self.masks.table,
+                                    self._lora_stacks)
 
     def _executable(self, T: int, B: int):
         if (T, B) not in self._compiled:
@@ -196,11 +216,12 @@ class ModelRunner:
             return InFlightStep(sched)
         prev_rows = prev.row_of if prev is not None and prev.tokens is not None else None
         batch = build_batch(sched, self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size,
-                            prev_rows=prev_rows, mask_slots=self.masks.rows_for(sched))
+                            prev_rows=prev_rows, mask_slots=self.masks.rows_for(sched),
+                            lora_slots=self._lora_slots_for(sched))
         T, B = batch.token_ids.shape[0], batch.md.block_tables.shape[1]
         prev_tokens = self._no_tokens if prev_rows is None else prev.tokens
         (tokens, sample_lp, prompt_lp, pooled), self.kv = self._executable(T, B)(
-            self.params, self.kv, batch, prev_tokens, self.masks.table)
+            self.params, self.kv, batch, prev_tokens, self.masks.table, self._lora_stacks)
         return InFlightStep(sched, sample_rows(sched), tokens, sample_lp, prompt_lp,
                             bool(batch.want_logprobs), bool(batch.want_prompt_logprobs),
                             pooled if batch.want_pooling else None)
@@ -218,6 +239,27 @@ class ModelRunner:
             prompt_logprobs=host_prompt_logprobs(step.sched, step.prompt_lp) if step.want_prompt_logprobs else {},
             pooled=_host_pooled(step) if step.pooled is not None else {},
         )
+
+    def _lora_slots_for(self, sched: SchedulerOutput) -> dict[int, int]:
+        """lora_int_id -> device slot of the step's adapters (loaded into slots as needed)."""
+        wanted = {s.lora_request.lora_int_id: s.lora_request for s in sched.sequences if s.lora_request is not None}
+        if not wanted:
+            return {}
+        if self.lora is None:
+            raise ValueError("a LoRA request reached a runner built without enable_lora")
+        return self.lora.slots_for(wanted)
+
+    # -- LoRA adapters (LLMEngine.add_lora / remove_lora / list_loras) ----------------------------
+    def add_lora(self, lora_request) -> bool:
+        if self.lora is None:
+            raise ValueError(f"lora_request {lora_request.lora_name!r}: LoRA is not enabled (enable_lora=True)")
+        return self.lora.add(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.lora is not None and self.lora.remove(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return set() if self.lora is None else self.lora.ids()
 
     def _copy_blocks(self, copies) -> None:
         pairs = np.asarray(copies, np.int32).reshape(-1, 2)

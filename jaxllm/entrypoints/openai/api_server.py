@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import sys
 
@@ -30,15 +31,18 @@ from jaxllm.entrypoints.openai.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     EmbeddingRequest,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
 from jaxllm.entrypoints.openai.serving_chat import OpenAIServingChat, apply_chat_template
 from jaxllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from jaxllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
-from jaxllm.entrypoints.openai.serving_engine import APIError, ServedModel, error_body
+from jaxllm.entrypoints.openai.serving_engine import APIError, LoRAModules, ServedModel, error_body
+from jaxllm.lora.adapter import load_adapter
 
 logger = logging.getLogger("jaxllm")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -132,7 +136,10 @@ def _add_openai_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=served.name, root=served.root, max_model_len=served.max_model_len)])
+        base = ModelCard(id=served.name, root=served.root, max_model_len=served.max_model_len)
+        adapters = [ModelCard(id=lora.lora_name, root=lora.lora_path, parent=served.name,
+                              max_model_len=served.max_model_len) for lora in served.loras]
+        return ModelList(data=[base, *adapters])
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw: Request):
@@ -145,6 +152,41 @@ def _add_openai_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel
     @app.post("/v1/embeddings")
     async def create_embedding(request: EmbeddingRequest, raw: Request):
         return await cancel_on_disconnect(raw, embeddings.create_embedding(request))
+
+
+RUNTIME_LORA_UPDATING = ("JAXLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+
+
+def _runtime_lora_updating() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true") for name in RUNTIME_LORA_UPDATING)
+
+
+def _add_lora_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel) -> None:
+    """vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, served only when
+    ``JAXLLM_ALLOW_RUNTIME_LORA_UPDATING`` (or vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) is true."""
+    lora_config = engine.engine.lora_config
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: LoadLoRAAdapterRequest):
+        if lora_config is None:
+            raise APIError("LoRA is not enabled: start the server with --enable-lora", param="lora_name")
+        if served.loras.get(request.lora_name) is not None or request.lora_name == served.name:
+            raise APIError(f"The lora adapter '{request.lora_name}' has already been loaded.", param="lora_name")
+        lora = served.loras.add(request.lora_name, request.lora_path)
+        try:  # read it once now (off the event loop), so that a bad adapter is a 400 here
+            await asyncio.to_thread(load_adapter, lora, engine.engine.runner.cfg, lora_config.max_lora_rank)
+        except ValueError as exc:
+            served.loras.remove(request.lora_name)
+            raise APIError(str(exc), param="lora_path") from exc
+        return Response(f"Success: LoRA adapter '{request.lora_name}' added successfully.", media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: UnloadLoRAAdapterRequest):
+        # Requests already running with it finish with it; new ones naming it get a 404.
+        if served.loras.remove(request.lora_name) is None:
+            raise APIError(f"The lora adapter '{request.lora_name}' cannot be found.", status=404,
+                           type="NotFoundError", param="lora_name")
+        return Response(f"Success: LoRA adapter '{request.lora_name}' removed successfully.", media_type="text/plain")
 
 
 def _add_utility_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel, metrics: ServerMetrics) -> None:
@@ -202,6 +244,8 @@ def build_app(engine: AsyncLLMEngine, served: ServedModel, metrics: ServerMetric
     _add_error_handlers(app)
     _add_auth(app, api_key)
     _add_openai_routes(app, engine, served)
+    if _runtime_lora_updating():
+        _add_lora_routes(app, engine, served)
     _add_utility_routes(app, engine, served, metrics)
     return app
 
@@ -211,7 +255,18 @@ def build_async_engine(args: argparse.Namespace) -> tuple[AsyncLLMEngine, Served
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise SystemExit("error: --enable-auto-tool-choice requires --tool-call-parser")
     engine_args = EngineArgs.from_cli_args(args)
+    if args.lora_modules and not engine_args.enable_lora:
+        raise SystemExit("error: --lora-modules requires --enable-lora")
+    try:
+        loras = LoRAModules(tuple(args.lora_modules or ()))
+    except ValueError as exc:
+        raise SystemExit(f"error: --lora-modules: {exc}") from None
     engine = LLMEngine.from_engine_args(engine_args)
+    for lora in loras:  # each is read now: a bad adapter stops the server before it serves
+        try:
+            engine.add_lora(lora)
+        except ValueError as exc:
+            raise SystemExit(f"error: --lora-modules {lora.lora_name}: {exc}") from None
     name = args.served_model_name or engine_args.model or DEFAULT_MODEL_NAME
     config = engine.scheduler.config
     served = ServedModel(name=name, root=engine_args.model or DEFAULT_MODEL_NAME,
@@ -221,7 +276,7 @@ def build_async_engine(args: argparse.Namespace) -> tuple[AsyncLLMEngine, Served
                          return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                          tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                          reasoning_parser=args.reasoning_parser,
-                         sampling_defaults=engine_args.sampling_defaults())
+                         sampling_defaults=engine_args.sampling_defaults(), loras=loras)
     # The collector reads the stats the engine thread publishes, never the engine itself.
     holder: dict[str, AsyncLLMEngine] = {}
     metrics = ServerMetrics(name, lambda: holder["engine"].stats)

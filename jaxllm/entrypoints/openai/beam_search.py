@@ -21,13 +21,15 @@ from jaxllm.outputs import CompletionOutput, RequestOutput
 
 
 async def beam_search_output(engine: AsyncLLMEngine, request_id: str, prompt: list[int],
-                             params: BeamSearchParams) -> RequestOutput:
-    """The ``beam_width`` best continuations of ``prompt`` as one finished RequestOutput."""
+                             params: BeamSearchParams, lora_request=None) -> RequestOutput:
+    """The ``beam_width`` best continuations of ``prompt`` as one finished RequestOutput (with
+    ``lora_request``'s adapter when given: forks inherit it)."""
     eos = engine.engine.scheduler.eos_token_ids
     group = BeamGroup(prompt, params, eos, (f"{request_id}-beam-{i}" for i in itertools.count()))
     one_token = step_params(params)
     first = group.first_request_id
-    streams = {first: await engine.add_request(first, prompt, one_token, retain_blocks=True)}
+    streams = {first: await engine.add_request(first, prompt, one_token, retain_blocks=True,
+                                               lora_request=lora_request)}
     retained: set[str] = set()
     try:
         for iteration in range(params.max_tokens):

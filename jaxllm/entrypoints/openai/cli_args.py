@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from jaxllm.engine_args import EngineArgs
 from jaxllm.entrypoints.openai.reasoning import REASONING_PARSERS
@@ -30,9 +31,31 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                        help="put a reasoning model's <think> ... </think> part of chat replies in the message's "
                             "'reasoning' (and 'reasoning_content') instead of 'content'")
+    group.add_argument("--lora-modules", nargs="+", type=lora_module, default=None, metavar="NAME=PATH",
+                       help="LoRA adapters to serve under their own model names (needs --enable-lora): name=path, "
+                            "or JSON {\"name\": ..., \"path\": ..., \"base_model_name\": ...}")
     group.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
     group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def lora_module(text: str) -> tuple[str, str, str | None]:
+    """One ``--lora-modules`` value (vLLM's forms): ``name=path`` or a JSON object with ``name``,
+    ``path`` and optionally ``base_model_name``; (name, path, base model name)."""
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+        unknown = sorted(set(value) - {"name", "path", "base_model_name"}) if isinstance(value, dict) else None
+        if unknown is None or unknown or not all(isinstance(value.get(k), str) and value[k] for k in ("name", "path")):
+            raise argparse.ArgumentTypeError(f"{text!r}: needs string 'name' and 'path' (and optional "
+                                             f"'base_model_name') only; unknown: {unknown}")
+        return value["name"], value["path"], value.get("base_model_name")
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} must be name=path or a JSON object")
+    return name, path, None
 
 
 def build_serve_parser(parser: argparse.ArgumentParser | None = None, positional_model: bool = True):

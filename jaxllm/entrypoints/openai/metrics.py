@@ -7,6 +7,7 @@ registry, so several apps in one process (tests) do not collide.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -55,6 +56,11 @@ class _StatsCollector(Collector):
             for position, count in enumerate(spec.accepted_per_position):
                 per_position.add_metric([self.model_name, str(position)], count)
             yield per_position
+        if s.lora is not None:  # vLLM's gauge: the adapters in use, as labels; the value is the time
+            info = GaugeMetricFamily("jaxllm:lora_requests_info", "Running stats on LoRA requests.",
+                                     labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            info.add_metric([str(s.lora.max_loras), ",".join(s.lora.running), ",".join(s.lora.waiting)], time.time())
+            yield info
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         metric = GaugeMetricFamily(f"jaxllm:{name}", doc, labels=["model_name"])

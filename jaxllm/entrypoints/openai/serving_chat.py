@@ -71,7 +71,7 @@ def apply_chat_template(tokenizer, messages: list[ChatMessage], add_generation_p
 
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
-        self.check_model(request.model)
+        lora = self.check_model(request.model)
         await self.check_supported(request)
         choice = request.resolved_tool_choice()
         if choice.mode == "auto" and self.served.tool_call_parser is None:
@@ -84,12 +84,13 @@ class OpenAIServingChat(OpenAIServing):
         params = self.sampling_params(request, prompt_ids)
         request_id = random_id("chatcmpl")
         if request.use_beam_search:
-            output = await beam_search_output(self.engine, request_id, prompt_ids, self.beam_search_params(request, params))
+            output = await beam_search_output(self.engine, request_id, prompt_ids, self.beam_search_params(request, params),
+                                              lora)
             if request.stream:
                 return StreamingResponse(self._stream(request, request_id, as_deltas([output], params.n), params.n,
                                                       len(prompt_ids), choice), media_type="text/event-stream")
             return self._response(request, request_id, output, choice)
-        streams = await self.start([request_id], [prompt_ids], params, request.cache_salt, request.priority)
+        streams = await self.start([request_id], [prompt_ids], params, request.cache_salt, request.priority, lora)
         if request.stream:
             body = self._stream(request, request_id, merged_deltas(self.engine, streams, params.n), params.n,
                                 len(prompt_ids), choice)
@@ -124,7 +125,7 @@ class OpenAIServingChat(OpenAIServing):
         usage = self.usage(len(output.prompt_token_ids), sum(len(c.token_ids) for c in output.outputs),
                            output.num_cached_tokens)
         prompt_logprobs = prompt_logprobs_body(output.prompt_logprobs) if request.prompt_logprobs is not None else None
-        return ChatCompletionResponse(id=request_id, model=self.served.name, choices=choices, usage=usage,
+        return ChatCompletionResponse(id=request_id, model=self.model_name(request.model), choices=choices, usage=usage,
                                       prompt_logprobs=prompt_logprobs)
 
     def _logprobs(self, request: ChatCompletionRequest, token_ids: list[int],
@@ -145,20 +146,20 @@ class OpenAIServingChat(OpenAIServing):
             for index in range(n):  # OpenAI's first chunk of each choice carries the role alone
                 role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
                 # Sent before the engine has scheduled the request: its cache hits are not known yet.
-                yield sse(self._chunk(request_id, role, self._usage(request, num_prompt_tokens, 0, None)))
+                yield sse(self._chunk(request, request_id, role, self._usage(request, num_prompt_tokens, 0, None)))
                 if echoed:
                     echo = ChatStreamChoice(index=index, delta=DeltaMessage(content=echoed))
-                    yield sse(self._chunk(request_id, echo, self._usage(request, num_prompt_tokens, 0, None)))
+                    yield sse(self._chunk(request, request_id, echo, self._usage(request, num_prompt_tokens, 0, None)))
             async for delta in deltas:
                 num_tokens[delta.index] = delta.num_tokens
                 cached_tokens = delta.num_cached_tokens
                 chunk_choice = self._stream_choice(request, delta, replies[delta.index], splitters[delta.index])
                 if chunk_choice is not None:
                     usage = self._usage(request, num_prompt_tokens, delta.num_tokens, cached_tokens)
-                    yield sse(self._chunk(request_id, chunk_choice, usage))
+                    yield sse(self._chunk(request, request_id, chunk_choice, usage))
             if request.include_usage:
                 usage = self.usage(num_prompt_tokens, sum(num_tokens.values()), cached_tokens)
-                yield sse(ChatCompletionChunk(id=request_id, model=self.served.name, choices=[], usage=usage))
+                yield sse(ChatCompletionChunk(id=request_id, model=self.model_name(request.model), choices=[], usage=usage))
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error can only go in the stream
             yield sse(APIError(str(exc), status=500, type="InternalServerError").response_body())
         yield SSE_DONE
@@ -191,8 +192,9 @@ class OpenAIServingChat(OpenAIServing):
                                 logprobs=self._logprobs(request, delta.token_ids, delta.logprobs),
                                 finish_reason=finish_reason, stop_reason=delta.stop_reason)
 
-    def _chunk(self, request_id: str, choice: ChatStreamChoice, usage: UsageInfo | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=request_id, model=self.served.name, choices=[choice], usage=usage)
+    def _chunk(self, request: ChatCompletionRequest, request_id: str, choice: ChatStreamChoice,
+               usage: UsageInfo | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=request_id, model=self.model_name(request.model), choices=[choice], usage=usage)
 
     def _usage(self, request: ChatCompletionRequest, num_prompt_tokens: int, num_tokens: int,
                cached_tokens: int | None) -> UsageInfo | None:

@@ -33,21 +33,21 @@ from jaxllm.sampling_params import SamplingParams
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | StreamingResponse:
-        self.check_model(request.model)
+        lora = self.check_model(request.model)
         await self.check_supported(request)
         prompts = [self.truncated(request, ids) for ids in self.prompt_token_lists(request.prompt, request.add_special_tokens)]
         params = self._params(request, prompts)
         base_id = random_id("cmpl")
         if request.use_beam_search:
             beams = self.beam_search_params(request, params)
-            outputs = list(await asyncio.gather(*(beam_search_output(self.engine, f"{base_id}-{i}", ids, beams)
+            outputs = list(await asyncio.gather(*(beam_search_output(self.engine, f"{base_id}-{i}", ids, beams, lora)
                                                   for i, ids in enumerate(prompts))))
             if request.stream:
                 body = self._stream(request, base_id, prompts, as_deltas(outputs, params.n))
                 return StreamingResponse(body, media_type="text/event-stream")
             return self._response(request, base_id, prompts, outputs)
         streams = await self.start([f"{base_id}-{i}" for i in range(len(prompts))], prompts, params,
-                                  request.cache_salt, request.priority)
+                                  request.cache_salt, request.priority, lora)
         if request.stream:
             body = self._stream(request, base_id, prompts, merged_deltas(self.engine, streams, params.n))
             return StreamingResponse(body, media_type="text/event-stream")
@@ -73,7 +73,7 @@ class OpenAIServingCompletion(OpenAIServing):
         # Per prompt, as prompt_tokens: its n choices share one prompt (and its cached blocks).
         cached_tokens = sum(output.num_cached_tokens for output in outputs)
         usage = self.usage(sum(len(ids) for ids in prompts), completion_tokens, cached_tokens)
-        return CompletionResponse(id=request_id, model=self.served.name, choices=choices, usage=usage)
+        return CompletionResponse(id=request_id, model=self.model_name(request.model), choices=choices, usage=usage)
 
     def _choice(self, request: CompletionRequest, index: int, prompt: list[int], prompt_logprobs: list | None,
                 completion: CompletionOutput) -> CompletionChoice:
@@ -119,11 +119,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 if choice is not None:
                     usage = (self.usage(len(prompts[delta.prompt_index]), delta.num_tokens, delta.num_cached_tokens)
                              if request.continuous_usage else None)
-                    yield sse(CompletionResponse(id=request_id, model=self.served.name, choices=[choice], usage=usage))
+                    yield sse(CompletionResponse(id=request_id, model=self.model_name(request.model), choices=[choice], usage=usage))
             if request.include_usage:
                 usage = self.usage(sum(len(ids) for ids in prompts), sum(num_tokens.values()),
                                    sum(cached_tokens.values()))
-                yield sse(CompletionResponse(id=request_id, model=self.served.name, choices=[], usage=usage))
+                yield sse(CompletionResponse(id=request_id, model=self.model_name(request.model), choices=[], usage=usage))
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error can only go in the stream
             yield sse(APIError(str(exc), status=500, type="InternalServerError").response_body())
         yield SSE_DONE

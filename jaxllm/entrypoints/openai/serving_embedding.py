@@ -15,7 +15,7 @@ from jaxllm.pooling_params import PoolingParams
 
 class OpenAIServingEmbedding(OpenAIServing):
     async def create_embedding(self, request: EmbeddingRequest) -> EmbeddingResponse:
-        self.check_model(request.model)
+        lora = self.check_model(request.model)
         self.check_priority(request.priority)
         ignored = request.ignored_fields()
         if ignored:
@@ -30,12 +30,12 @@ class OpenAIServingEmbedding(OpenAIServing):
                    for ids in self.prompt_token_lists(request.input, request.add_special_tokens, "input")]
         request_id = random_id("embd")
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        streams = await self.start(ids, prompts, params, priority=request.priority)
+        streams = await self.start(ids, prompts, params, priority=request.priority, lora_request=lora)
         outputs = await final_outputs(self.engine, streams, _last_output)
         data = [EmbeddingData(index=i, embedding=_encoded(out.outputs.data, request.encoding_format))
                 for i, out in enumerate(outputs)]
         num_tokens = sum(len(p) for p in prompts)
-        return EmbeddingResponse(id=request_id, model=self.served.name, data=data, usage=UsageInfo.of(num_tokens, 0))
+        return EmbeddingResponse(id=request_id, model=self.model_name(request.model), data=data, usage=UsageInfo.of(num_tokens, 0))
 
     def _checked(self, ids: list[int]) -> list[int]:
         # A pooling request runs as one of a single output token, which needs a position too.

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from jaxllm.beam_search import BeamSearchParams
 from jaxllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from jaxllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest, UsageInfo
+from jaxllm.lora.request import LoRARequest
 from jaxllm.outputs import CompletionOutput, RequestOutput, WholeOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams, truncate_prompt
 from jaxllm.structured.regex import compile_regex
@@ -37,6 +38,34 @@ def error_body(message: str, status: int, type: str, param: str | None = None) -
     return ErrorResponse(error=info).model_dump()
 
 
+class LoRAModules:
+    """The LoRA adapters the server serves, by model name (``--lora-modules``, and
+    ``/v1/load_lora_adapter`` at run time); each gets the next free ``lora_int_id``."""
+
+    def __init__(self, modules: tuple[tuple[str, str, str | None], ...] = ()):
+        self._by_name: dict[str, LoRARequest] = {}
+        self._next_id = 1
+        for name, path, base in modules:
+            self.add(name, path, base)
+
+    def add(self, name: str, path: str, base_model_name: str | None = None) -> LoRARequest:
+        if name in self._by_name:
+            raise ValueError(f"the LoRA adapter {name!r} has already been loaded")
+        request = LoRARequest(name, self._next_id, path, base_model_name)
+        self._next_id += 1
+        self._by_name[name] = request
+        return request
+
+    def remove(self, name: str) -> LoRARequest | None:
+        return self._by_name.pop(name, None)
+
+    def get(self, name: str) -> LoRARequest | None:
+        return self._by_name.get(name)
+
+    def __iter__(self):
+        return iter(list(self._by_name.values()))
+
+
 @dataclass(frozen=True)
 class ServedModel:
     name: str  # what clients put in "model"
@@ -52,6 +81,8 @@ class ServedModel:
     reasoning_parser: str | None = None  # splits chat replies' <think> part off (--reasoning-parser)
     # SamplingParams fields from the model's generation config, for requests that leave them out.
     sampling_defaults: dict = field(default_factory=dict)
+    # LoRA adapters served under their own model names (--enable-lora --lora-modules).
+    loras: LoRAModules = field(default_factory=LoRAModules)
 
 
 @dataclass(frozen=True)
@@ -137,10 +168,21 @@ class OpenAIServing:
         except ValueError as exc:
             raise APIError(f"use_beam_search: {exc}", param="n" if "beam_width" in str(exc) else None) from exc
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served.name:
-            raise APIError(f"The model `{model}` does not exist; this server serves `{self.served.name}`",
-                           status=400, type="NotFoundError", param="model")
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model); 404 for a name
+        the server does not serve (as vLLM)."""
+        if model is None or model == self.served.name:
+            return None
+        lora = self.served.loras.get(model)
+        if lora is None:
+            served = [self.served.name, *(r.lora_name for r in self.served.loras)]
+            raise APIError(f"The model `{model}` does not exist; this server serves {served}",
+                           status=404, type="NotFoundError", param="model")
+        return lora
+
+    def model_name(self, model: str | None) -> str:
+        """What responses say in ``model``: the adapter's name for a LoRA request, else the server's."""
+        return model if model is not None and self.served.loras.get(model) is not None else self.served.name
 
     async def check_supported(self, request: SamplingRequest) -> None:
         ignored = request.ignored_fields()
@@ -224,15 +266,18 @@ class OpenAIServing:
         return out
 
     async def start(self, request_ids: list[str], prompts: list[list[int]], params,
-                    cache_salt: str | None = None, priority: int = 0) -> list[RequestStream]:
+                    cache_salt: str | None = None, priority: int = 0,
+                    lora_request: LoRARequest | None = None) -> list[RequestStream]:
         """Add all requests or none: a refused one aborts those already added. ``cache_salt``:
         vLLM's, only requests with the same salt share cached prefix blocks; ``priority``: lower
-        is scheduled sooner (``--scheduling-policy priority``)."""
+        is scheduled sooner (``--scheduling-policy priority``); ``lora_request``: the adapter the
+        request's ``model`` names."""
         streams: list[RequestStream] = []
         try:
             for request_id, prompt in zip(request_ids, prompts, strict=True):
                 engine_prompt = prompt if cache_salt is None else {"prompt_token_ids": prompt, "cache_salt": cache_salt}
-                streams.append(await self.engine.add_request(request_id, engine_prompt, params, priority))
+                streams.append(await self.engine.add_request(request_id, engine_prompt, params, priority,
+                                                             lora_request=lora_request))
         except BaseException:
             for stream in streams:
                 self.engine.abort(stream.request_id)
