@@ -61,8 +61,7 @@ def main() -> None:
     for _ in range(args.reps + 1):  # the first round is not timed
         for runner, step, batch, times in runs.values():
             start = time.perf_counter()
-            (tokens, *_), runner.kv = step(runner.params, runner.kv, batch, runner._no_tokens, runner.masks.table,
-                                           runner._lora_stacks)
+            (tokens, *_), runner.kv = step(runner.params, runner.kv, batch, runner._no_tokens, runner.masks.table, None)
             jax.block_until_ready(tokens)
             times.append((time.perf_counter() - start) * 1e3)
     report = {"environment": _environment(), "engine_limits": _ENGINE_LIMITS, "cases": _CASES, "reps": args.reps,

@@ -191,8 +191,7 @@ def step_breakdown(model, workload, backend: str) -> dict:
         op_names = dict(re.findall(r'^\s*%?([\w.\-]+) = .*?op_name="([^"]*)"', executable.as_text(), re.M))
 
         def run(executable=executable, batch=batch):
-            result, runner.kv = executable(runner.params, runner.kv, batch, runner._no_tokens, runner.masks.table,
-                                           runner._lora_stacks)
+            result, runner.kv = executable(runner.params, runner.kv, batch, runner._no_tokens, runner.masks.table, None)
             jax.block_until_ready(result)
 
         step_s = throughput.min_time(run, repeats=5)

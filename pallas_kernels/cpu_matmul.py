@@ -27,7 +27,8 @@ from pallas_kernels.cpu_kernels import MATMUL_BF16_TARGET, MATMUL_TARGET, amx_us
 
 PANEL = 64
 
-__all__ = ["PANEL", "PackedMatrix", "amx_usable", "pack", "pack_gated", "packed_einsum", "packed_matmul", "unpack"]
+__all__ = ["PANEL", "PackedMatrix", "amx_usable", "gate_and_up", "pack", "pack_gated", "packed_einsum", "packed_matmul",
+           "unpack"]
 
 
 @jax.tree_util.register_dataclass
@@ -77,6 +78,14 @@ class PackedMatrix:
         if not self.stacked:
             raise ValueError("at_layer: this PackedMatrix has no layer axis")
         return dataclasses.replace(self, layer=jnp.asarray(layer, jnp.int32))
+
+    def ungated(self) -> PackedMatrix:
+        """A gated weight's panels as one plain weight of ``2 * P * 64`` columns: its product is
+        ``x @ gate`` and ``x @ up`` side by side, 64 columns of each in turn (see
+        :func:`gate_and_up`), for callers that must change them before the activation."""
+        if not self.gated:
+            raise ValueError("PackedMatrix.ungated: the weight is not gated")
+        return dataclasses.replace(self, out_shape=(self.data.shape[-3] * PANEL,), gated=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -175,6 +184,17 @@ def packed_matmul(x: jax.Array, pm: PackedMatrix, rows=None, amx: bool | None = 
             out = jax.ffi.ffi_call(MATMUL_TARGET, result)(x.reshape(-1, K).astype(jnp.float32), pm.data, layer, real,
                                                           gated=pm.gated, amx=bool(amx))
     return out.reshape(*lead, *pm.out_shape).astype(x.dtype)
+
+
+def gate_and_up(x: jax.Array, pm: PackedMatrix, rows=None) -> tuple[jax.Array, jax.Array]:
+    """``x @ gate`` and ``x @ up`` [..., F] of a gated weight (:func:`pack_gated`), apart, from
+    one kernel call over the same panels (no second copy of the weights)."""
+    F = pm.out_shape[0]
+    both = packed_matmul(x, pm.ungated(), rows)  # [..., 2P * 64]: 64 gate columns, 64 up columns, ...
+    pairs = both.reshape(*both.shape[:-1], -1, 2, PANEL)
+    gate = pairs[..., 0, :].reshape(*both.shape[:-1], -1)[..., :F]
+    up = pairs[..., 1, :].reshape(*both.shape[:-1], -1)[..., :F]
+    return gate, up
 
 
 def packed_einsum(spec: str, x: jax.Array, pm: PackedMatrix, rows=None, amx: bool | None = None) -> jax.Array:

@@ -23,7 +23,16 @@ from jaxllm.models.attention import xla_paged_attention
 from jaxllm.models.layers import embed, head_logits, output_head, pack_params
 from jaxllm.runner import kv_pool
 from pallas_kernels.cpu_attention import cpu_paged_attention
-from pallas_kernels.cpu_matmul import PackedMatrix, amx_usable, pack, pack_gated, packed_einsum, packed_matmul, unpack
+from pallas_kernels.cpu_matmul import (
+    PackedMatrix,
+    amx_usable,
+    gate_and_up,
+    pack,
+    pack_gated,
+    packed_einsum,
+    packed_matmul,
+    unpack,
+)
 from pallas_kernels.testing import make_batch
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernels run on the CPU only")
@@ -82,6 +91,26 @@ def test_gated_weights_give_silu_gate_times_up(M, rows):
         packed_einsum("td,df->tf", jnp.asarray(x), pw.at_layer(0))
     with pytest.raises(ValueError, match="differ in shape"):
         pack_gated(gate, up[:, :, :50], stacked=True)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_gated_weight_gives_gate_and_up_apart(bf16):
+    """What LoRA needs from the fused SwiGLU weight: x @ gate and x @ up before the activation,
+    from the same panels (F = 100: the last panel of each is padded)."""
+    rng = np.random.default_rng(7)
+    cast = _bf16 if bf16 else (lambda a: np.asarray(a, np.float32))
+    x = cast(rng.standard_normal((9, 25)))
+    gate, up = cast(rng.standard_normal((2, 25, 100))), cast(rng.standard_normal((2, 25, 100)))
+    pw = pack_gated(gate, up, stacked=True)
+    with pytest.raises(ValueError, match="not gated"):
+        pack(up, 1).ungated()
+    reference = _bf16_reference if bf16 else _reference
+    xf = x.astype(np.float32)
+    g, u = jax.jit(gate_and_up)(jnp.asarray(xf), pw.at_layer(1), jnp.int32(7))
+    assert g.shape == u.shape == (9, 100)
+    for got, w in ((g, gate[1]), (u, up[1])):
+        np.testing.assert_allclose(np.asarray(got)[:7], reference(xf, w)[:7], rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(np.asarray(got)[7:], 0)
 
 
 def test_stacked_weights_are_read_at_the_layer():

@@ -374,8 +374,10 @@ def test_lora_argument_errors(tiny, tmp_path):
     EngineArgs(max_loras=0)  # not read unless LoRA is on, as vLLM
 
 
-def test_qwen3_adapters_equal_transformers_on_merged_weights(tmp_path):
-    """Another layout: q/k/v and o biases, q/k norms, a head_dim (32) that is not hidden / heads."""
+@pytest.mark.parametrize("backend", ["auto", "xla"])
+def test_qwen3_adapters_equal_transformers_on_merged_weights(tmp_path, backend):
+    """Another layout: q/k/v and o biases, q/k norms, a head_dim (32) that is not hidden / heads;
+    through the CPU kernels' packed weights (auto) and XLA's plain dots."""
     from transformers import AutoModelForCausalLM
 
     from jaxllm import LLM
@@ -383,7 +385,7 @@ def test_qwen3_adapters_equal_transformers_on_merged_weights(tmp_path):
     base = make_tiny_checkpoint("qwen3", tmp_path / "base")
     adapter = make_lora_adapter(base, tmp_path / "a", rank=4, seed=5)
     hf = merge_lora(AutoModelForCausalLM.from_pretrained(base, dtype="float32"), adapter)
-    llm = LLM(str(base), enable_lora=True, max_lora_rank=4, **LIMITS)
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=4, attention_backend=backend, **LIMITS)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False,
                         lora_request=LoRARequest("q", 7, str(adapter)))
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in PROMPTS]

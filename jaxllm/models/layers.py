@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxllm.config import ModelConfig, RopeScaling
 from pallas_kernels.cpu_matmul import PackedMatrix, pack, pack_gated, packed_einsum, packed_matmul
+from pallas_kernels.cpu_matmul import gate_and_up as packed_gate_and_up
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -36,6 +37,12 @@ def matmul(x: jax.Array, w: jax.Array | PackedMatrix, rows=None) -> jax.Array:
     if isinstance(w, PackedMatrix):
         return packed_matmul(x, w, rows)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def gate_and_up(x: jax.Array, w: PackedMatrix, rows=None) -> tuple[jax.Array, jax.Array]:
+    """``x @ w_gate`` and ``x @ w_up`` from :func:`pack_params`' fused ``w_gate_up`` (LoRA
+    adds to each before the activation), in x's dtype."""
+    return packed_gate_and_up(x, w, rows)
 
 
 def head_logits(hidden: jax.Array, head: jax.Array | PackedMatrix, rows=None) -> jax.Array:

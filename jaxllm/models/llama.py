@@ -17,6 +17,7 @@ from jaxllm.models.layers import (
     apply_rope,
     einsum,
     embed,
+    gate_and_up,
     head_logits,
     matmul,
     output_head,
@@ -51,13 +52,15 @@ def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMe
 
 def _mlp(cfg: ModelConfig, lp: dict, x, rows, lora_mask=None):
     F, D = cfg.intermediate_size, cfg.hidden_size
-    if "w_gate_up" in lp:  # pack_params fused gate, activation and up for the cpu matmul kernel
-        if lora_mask is not None:
-            raise ValueError("LoRA needs w_gate and w_up apart: pack_params(..., hidden_act=None)")
+    if "w_gate_up" in lp and lora_mask is None:  # pack_params fused gate, activation and up (cpu kernel)
         h = matmul(x, lp["w_gate_up"], rows)
     else:
-        gate = matmul(x, lp["w_gate"], rows) + lora_.delta(lp, "w_gate", x, lora_mask, (F,))
-        up = matmul(x, lp["w_up"], rows) + lora_.delta(lp, "w_up", x, lora_mask, (F,))
+        if "w_gate_up" in lp:  # LoRA changes gate and up before the activation: the fused weight's halves
+            gate, up = gate_and_up(x, lp["w_gate_up"], rows)
+        else:
+            gate, up = matmul(x, lp["w_gate"], rows), matmul(x, lp["w_up"], rows)
+        gate = gate + lora_.delta(lp, "w_gate", x, lora_mask, (F,))
+        up = up + lora_.delta(lp, "w_up", x, lora_mask, (F,))
         if cfg.mlp_bias:
             gate, up = gate + lp["b_gate"], up + lp["b_up"]
         h = activation(cfg.hidden_act)(gate) * up

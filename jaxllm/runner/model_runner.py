@@ -114,11 +114,10 @@ class ModelRunner:
         self.cfg, self.cache = cfg, cache
         self.dtype = np.dtype(params["embed"].dtype)
         platform = jax.devices()[0].platform
-        # LoRA adapts the gate and up projections apart: no fused gate-up weight then.
         self.lora = LoRASlots(cfg, lora_config, self.dtype) if lora_config is not None else None
         self.params = jax.device_put(pack_params(  # see there
             params, cfg.tie_word_embeddings, platform, cpu_matmul=getattr(attend, "cpu_matmul", False),
-            hidden_act=cfg.hidden_act if self.lora is None else None))
+            hidden_act=cfg.hidden_act))
         self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.dtype, platform)  # fp8/int8 carry scales
         self.buckets = Buckets.make(
             sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size),
@@ -131,7 +130,9 @@ class ModelRunner:
         self._jit_step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend, lora_shape=lora_shape),
                                  donate_argnums=1)
         self._jit_copy = jax.jit(kv_pool.copy_blocks, donate_argnums=0)
-        self._compiled: dict[tuple[int, int], object] = {}
+        # (T, B, with LoRA): a LoRA engine has each bucket twice, so that steps without adapter
+        # tokens run the plain program (no LoRA terms, the same numbers as an engine without LoRA).
+        self._compiled: dict[tuple[int, int, bool], object] = {}
         self.num_compiles = 0
         self.num_blocks = self._size_pool(sched.max_model_len)
         self.kv = kv_pool.allocate(cfg, self.num_blocks, cache.block_size, self.kv_dtype)
@@ -154,8 +155,9 @@ class ModelRunner:
         """Scratch memory of the largest bucket, compiled against a 2-block pool."""
         T, B = self.buckets.token_buckets[-1], self.buckets.block_buckets[-1]
         kv = jax.eval_shape(lambda: kv_pool.allocate(self.cfg, 2, self.cache.block_size, self.kv_dtype))
+        stacks = None if self.lora is None else self.lora.stacks
         compiled = self._jit_step.lower(self.params, kv, self._dummy_batch(T, B), self._no_tokens,
-                                        self.masks.table, self._lora_stacks).compile()
+                                        self.masks.table, stacks).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     def _dummy_batch(self, T: int, B: int) -> StepBatch:
@@ -167,7 +169,9 @@ class ModelRunner:
         """Compile every bucket now, so serving never stops to compile."""
         start = time.perf_counter()
         # Tracing holds the GIL, XLA's compile does not: lower in order, compile in parallel.
-        lowered = {shape: self._lower(*shape) for shape in self.buckets.shapes() if shape not in self._compiled}
+        variants = (False, True) if self.lora is not None else (False,)
+        keys = [(T, B, lora) for lora in variants for T, B in self.buckets.shapes()]
+        lowered = {key: self._lower(*key) for key in keys if key not in self._compiled}
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             compiled = dict(zip(lowered, pool.map(lambda lw: lw.compile(), lowered.values()), strict=True))
         self._compiled.update(compiled)
@@ -183,19 +187,16 @@ class ModelRunner:
             self.num_compiles += 2
         logger.info("warm-up: %d programs compiled in %.1f s", self.num_compiles, time.perf_counter() - start)
 
-    @property
-    def _lora_stacks(self) -> dict | None:
-        return None if self.lora is None else self.lora.stacks
-
-    def _lower(self, T: int, B: int):
+    def _lower(self, T: int, B: int, lora: bool = False):
         return self._jit_step.lower(self.params, self.kv, self._dummy_batch(T, B), self._no_tokens, self.masks.table,
-                                    self._lora_stacks)
+                                    self.lora.stacks if lora else None)
 
-    def _executable(self, T: int, B: int):
-        if (T, B) not in self._compiled:
-            self._compiled[(T, B)] = self._lower(T, B).compile()
+    def _executable(self, T: int, B: int, lora: bool = False):
+        """The compiled step of bucket (T, B), with the LoRA terms or without."""
+        if (T, B, lora) not in self._compiled:
+            self._compiled[(T, B, lora)] = self._lower(T, B, lora).compile()
             self.num_compiles += 1
-        return self._compiled[(T, B)]
+        return self._compiled[(T, B, lora)]
 
     # -- the step ----------------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -215,13 +216,14 @@ class ModelRunner:
         if sched.is_empty:
             return InFlightStep(sched)
         prev_rows = prev.row_of if prev is not None and prev.tokens is not None else None
+        lora_slots = self._lora_slots_for(sched)
         batch = build_batch(sched, self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size,
-                            prev_rows=prev_rows, mask_slots=self.masks.rows_for(sched),
-                            lora_slots=self._lora_slots_for(sched))
+                            prev_rows=prev_rows, mask_slots=self.masks.rows_for(sched), lora_slots=lora_slots)
         T, B = batch.token_ids.shape[0], batch.md.block_tables.shape[1]
         prev_tokens = self._no_tokens if prev_rows is None else prev.tokens
-        (tokens, sample_lp, prompt_lp, pooled), self.kv = self._executable(T, B)(
-            self.params, self.kv, batch, prev_tokens, self.masks.table, self._lora_stacks)
+        lora = bool(lora_slots)  # adapter tokens in this step
+        (tokens, sample_lp, prompt_lp, pooled), self.kv = self._executable(T, B, lora)(
+            self.params, self.kv, batch, prev_tokens, self.masks.table, self.lora.stacks if lora else None)
         return InFlightStep(sched, sample_rows(sched), tokens, sample_lp, prompt_lp,
                             bool(batch.want_logprobs), bool(batch.want_prompt_logprobs),
                             pooled if batch.want_pooling else None)
