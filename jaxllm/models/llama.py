@@ -32,9 +32,10 @@ def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMe
     # x [T, D] -> ([T, D], kv); tokens past cu_q_lens[-1] are padding
     rows = md.cu_q_lens[-1]
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = einsum("td,dnh->tnh", x, lp["wq"], rows) + lora_.delta(lp, "wq", x, lora_mask, (N, H))
-    k = einsum("td,dkh->tkh", x, lp["wk"], rows) + lora_.delta(lp, "wk", x, lora_mask, (K, H))
-    v = einsum("td,dkh->tkh", x, lp["wv"], rows) + lora_.delta(lp, "wv", x, lora_mask, (K, H))
+    hq, hk, hv = lora_.down(lp, "qkv", x, lora_mask)
+    q = einsum("td,dnh->tnh", x, lp["wq"], rows) + lora_.up(lp, "wq", hq, (N, H), rows)
+    k = einsum("td,dkh->tkh", x, lp["wk"], rows) + lora_.up(lp, "wk", hk, (K, H), rows)
+    v = einsum("td,dkh->tkh", x, lp["wv"], rows) + lora_.up(lp, "wv", hv, (K, H), rows)
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
@@ -44,7 +45,8 @@ def _attention(cfg: ModelConfig, lp: dict, x, kv: KVPool, layer, md: AttentionMe
     q, k = apply_rope(q, md.positions, inv_freq), apply_rope(k, md.positions, inv_freq)
     kv = write_kv(kv, layer, k, v, md.slot_mapping)
     out = attend(q, kv, layer, md, cfg.sliding_window)
-    out = einsum("tnh,nhd->td", out, lp["wo"], rows) + lora_.delta(lp, "wo", out, lora_mask, (cfg.hidden_size,))
+    (ho,) = lora_.down(lp, "wo", out, lora_mask)
+    out = einsum("tnh,nhd->td", out, lp["wo"], rows) + lora_.up(lp, "wo", ho, (cfg.hidden_size,), rows)
     if cfg.o_bias:
         out = out + lp["bo"]
     return out, kv
@@ -59,12 +61,13 @@ def _mlp(cfg: ModelConfig, lp: dict, x, rows, lora_mask=None):
             gate, up = gate_and_up(x, lp["w_gate_up"], rows)
         else:
             gate, up = matmul(x, lp["w_gate"], rows), matmul(x, lp["w_up"], rows)
-        gate = gate + lora_.delta(lp, "w_gate", x, lora_mask, (F,))
-        up = up + lora_.delta(lp, "w_up", x, lora_mask, (F,))
+        h_gate, h_up = lora_.down(lp, "gate_up", x, lora_mask)
+        gate, up = gate + lora_.up(lp, "w_gate", h_gate, (F,), rows), up + lora_.up(lp, "w_up", h_up, (F,), rows)
         if cfg.mlp_bias:
             gate, up = gate + lp["b_gate"], up + lp["b_up"]
         h = activation(cfg.hidden_act)(gate) * up
-    out = matmul(h, lp["w_down"], rows) + lora_.delta(lp, "w_down", h, lora_mask, (D,))
+    (h_down,) = lora_.down(lp, "w_down", h, lora_mask)
+    out = matmul(h, lp["w_down"], rows) + lora_.up(lp, "w_down", h_down, (D,), rows)
     return out + lp["b_down"] if cfg.mlp_bias else out
 
 

@@ -1,16 +1,21 @@
-"""LoRA on the device: every slot's adapters in one stack per weight, applied to a mixed batch.
+"""LoRA on the device: every slot's adapters in stacks by weight, applied to a mixed batch.
 
-The stacks hold ``max_loras`` slots of rank ``R`` side by side: ``a.<w> [L, in, M * R]`` and
-``b.<w> [L, M * R, out]`` for each adaptable weight ``w`` (slot s is columns / rows
-``s * R .. s * R + R - 1``; the scale is folded into ``b``). A token of an adapted request has
-its slot's R columns on in ``token_mask [T, M * R]``, every other token none, so
+The stacks hold ``max_loras`` slots of rank ``R`` side by side (M * R columns). Weights that read
+the same input share one ``a`` stack, so each layer makes one "down" product per input:
 
-    delta = ((x @ a) * token_mask) @ b
+    a.qkv [L, D, 3 * M * R]  (wq, wk, wv)    a.wo [L, N * H, M * R]
+    a.gate_up [L, D, 2 * M * R]  (w_gate, w_up)    a.w_down [L, F, M * R]
 
-gives each token its own adapter's ``x @ A @ B`` (and 0 without one) in two dense matmuls over
-the whole batch, whatever mix of adapters it holds: no gather, fixed shapes, no recompiles when
-adapters change. The extra work is ``2 * M * R`` columns per adapted weight, small next to the
-weight itself for a few slots of rank 16.
+and each weight has its own ``b.<w> [L, M * R, out]`` (the scale folded in; on CPU packed for the
+matmul kernel, see ``jaxllm/runner/lora_slots.py``). Slot s of weight j of a group is columns
+``j * M * R + s * R ..`` of its ``a`` stack and rows ``s * R ..`` of its ``b``. A token of an
+adapted request has its slot's R columns on in ``token_mask [T, M * R]``, every other token none, so
+
+    delta_w = ((x @ a_w) * token_mask) @ b_w
+
+gives each token its own adapter's ``x @ A @ B`` (and 0 without one), for any mix of adapters in
+the batch: no gather, fixed shapes, no recompiles when adapters change. The extra work is
+``2 * M * R`` columns per adapted weight, small next to the weight itself for a few slots.
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-PREFIX = "lora."  # the stacks' keys among a layer's parameters (``lora.a.wq``)
+from jaxllm.models.layers import matmul
+
+PREFIX = "lora."  # the stacks' keys among a layer's parameters (``lora.a.qkv``, ``lora.b.wq``)
+# The down-projection groups: weights reading the same input, in their column order.
+GROUPS = {"qkv": ("wq", "wk", "wv"), "wo": ("wo",), "gate_up": ("w_gate", "w_up"), "w_down": ("w_down",)}
 
 
 def token_mask(slots: jax.Array, max_loras: int, rank: int, dtype) -> jax.Array:
@@ -34,27 +43,18 @@ def with_stacks(layers: dict, stacks: dict | None) -> dict:
     return {**layers, **{PREFIX + name: w for name, w in stacks.items()}}
 
 
-def delta(lp: dict, weight: str, x: jax.Array, mask: jax.Array | None, out_shape: tuple[int, ...]) -> jax.Array | int:
-    """This layer's LoRA term for ``weight`` applied to x [T, ...] (its input, flattened after T),
-    shaped [T, *out_shape]; 0 when the engine serves no adapters."""
-    if mask is None or PREFIX + "a." + weight not in lp:
+def down(lp: dict, group: str, x: jax.Array, mask: jax.Array | None) -> tuple:
+    """The group's ``(x @ a_w) * token_mask`` [T, M * R] for each of its weights, from one product
+    (x [T, ...] flattened after T); Nones when the step runs no adapters."""
+    if mask is None:
+        return (None,) * len(GROUPS[group])
+    h = jnp.dot(x.reshape(x.shape[0], -1), lp[PREFIX + "a." + group], preferred_element_type=jnp.float32)
+    h = h.reshape(x.shape[0], len(GROUPS[group]), -1) * mask[:, None, :]
+    return tuple(h[:, j].astype(x.dtype) for j in range(len(GROUPS[group])))
+
+
+def up(lp: dict, weight: str, h: jax.Array | None, out_shape: tuple[int, ...], rows=None) -> jax.Array | int:
+    """``h @ b_weight`` shaped [T, *out_shape] (0 for ``h`` None); ``rows`` as in ``layers.matmul``."""
+    if h is None:
         return 0
-    x2 = x.reshape(x.shape[0], -1)
-    h = jnp.dot(x2, lp[PREFIX + "a." + weight], preferred_element_type=jnp.float32)
-    h = (h * mask).astype(x.dtype)
-    d = jnp.dot(h, lp[PREFIX + "b." + weight], preferred_element_type=jnp.float32).astype(x.dtype)
-    return d.reshape(x.shape[0], *out_shape)
-
-
-def set_slot(stacks: dict, slot: jax.Array, adapter: dict) -> dict:
-    """``stacks`` with slot ``slot`` replaced by ``adapter`` (``a.<w> [L, in, R]``,
-    ``b.<w> [L, R, out]`` for every weight; zeros where it adapts nothing)."""
-    out = {}
-    for name, stack in stacks.items():
-        piece = adapter[name].astype(stack.dtype)
-        if name.startswith("a."):
-            start = (0, 0, slot * piece.shape[2])
-        else:
-            start = (0, slot * piece.shape[1], 0)
-        out[name] = jax.lax.dynamic_update_slice(stack, piece, start)
-    return out
+    return matmul(h, lp[PREFIX + "b." + weight], rows).reshape(h.shape[0], *out_shape)

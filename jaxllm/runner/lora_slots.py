@@ -8,6 +8,8 @@ Loading a slot writes new stacks (a step still running keeps the arrays it was g
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from collections import OrderedDict
 
@@ -18,26 +20,58 @@ import numpy as np
 from jaxllm.config import LoRAConfig, ModelConfig
 from jaxllm.lora.adapter import LoRAAdapter, check_lora_support, load_adapter, target_dims
 from jaxllm.lora.request import LoRARequest
-from jaxllm.models.lora import set_slot
+from jaxllm.models.lora import GROUPS
+from pallas_kernels.cpu_matmul import PackedMatrix, pack
 
 logger = logging.getLogger("jaxllm")
 
 
+def _set_slot(stacks: dict, slot: jax.Array, adapter: dict, *, width: int, rank: int) -> dict:
+    """``stacks`` with slot ``slot`` replaced by ``adapter`` (``a.<w> [L, in, R]`` and
+    ``b.<w> [L, R, out]`` for every weight; zeros where it adapts nothing). ``width`` = M * R."""
+    out = dict(stacks)
+    for group, members in GROUPS.items():
+        stack = out["a." + group]
+        for j, weight in enumerate(members):
+            piece = adapter["a." + weight].astype(stack.dtype)
+            stack = jax.lax.dynamic_update_slice(stack, piece, (0, 0, j * width + slot * rank))
+        out["a." + group] = stack
+    for weight in (w for members in GROUPS.values() for w in members):
+        stack = out["b." + weight]
+        if isinstance(stack, PackedMatrix):  # K rows slot * R ..: row pairs for bfloat16 (R even)
+            piece = pack(adapter["b." + weight].astype(jnp.bfloat16 if stack.bf16 else jnp.float32), 1, stacked=True)
+            at = slot * rank // 2 if stack.bf16 else slot * rank
+            data = jax.lax.dynamic_update_slice(stack.data, piece.data, (0, 0, at, 0))
+            out["b." + weight] = dataclasses.replace(stack, data=data)
+        else:
+            out["b." + weight] = jax.lax.dynamic_update_slice(stack, adapter["b." + weight].astype(stack.dtype),
+                                                              (0, slot * rank, 0))
+    return out
+
+
 class LoRASlots:
-    def __init__(self, cfg: ModelConfig, config: LoRAConfig, dtype):
+    """``pack_b``: the ``b`` stacks go to the CPU matmul kernel as :class:`PackedMatrix` stacks
+    (the engine packs its weights for it; a bfloat16 one needs an even rank)."""
+
+    def __init__(self, cfg: ModelConfig, config: LoRAConfig, dtype, pack_b: bool = False):
         check_lora_support(cfg)
         self.cfg, self.config = cfg, config
         self.max_loras, self.rank = config.max_loras, config.max_lora_rank
         L, width = cfg.num_layers, config.max_loras * config.max_lora_rank
-        self.stacks: dict[str, jax.Array] = {}
-        for name, (d_in, d_out) in target_dims(cfg).items():
-            self.stacks["a." + name] = jnp.zeros((L, d_in, width), dtype)
-            self.stacks["b." + name] = jnp.zeros((L, width, d_out), dtype)
+        dtype = jnp.dtype(dtype)
+        pack_b = pack_b and (dtype == jnp.float32 or (dtype == jnp.bfloat16 and self.rank % 2 == 0))
+        dims = target_dims(cfg)
+        self.stacks: dict[str, jax.Array | PackedMatrix] = {}
+        for group, members in GROUPS.items():
+            self.stacks["a." + group] = jnp.zeros((L, dims[members[0]][0], len(members) * width), dtype)
+        for name, (_, d_out) in dims.items():
+            b = jnp.zeros((L, width, d_out), dtype)
+            self.stacks["b." + name] = pack(b, 1, stacked=True) if pack_b else b
         self._host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # loaded adapters, least recent first
         self._slot_ids: list[int | None] = [None] * config.max_loras  # lora_int_id held by each slot
         self._slot_used: list[int] = [0] * config.max_loras  # step counter of each slot's last use
         self._steps = 0
-        self._jit_set = jax.jit(set_slot)
+        self._jit_set = jax.jit(functools.partial(_set_slot, width=width, rank=self.rank))
         self.num_loads = 0  # adapters written into a slot (tests and stats)
 
     # -- host adapters -------------------------------------------------------------------------

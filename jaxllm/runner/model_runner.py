@@ -32,6 +32,7 @@ from jaxllm.runner.lora_slots import LoRASlots
 from jaxllm.runner.mask_table import DeviceMaskTable
 from jaxllm.runner.sampler import sample
 from jaxllm.runner.swap import HostSwapSpace, num_swap_slots
+from pallas_kernels.cpu_matmul import PackedMatrix
 
 logger = logging.getLogger("jaxllm")
 
@@ -114,10 +115,13 @@ class ModelRunner:
         self.cfg, self.cache = cfg, cache
         self.dtype = np.dtype(params["embed"].dtype)
         platform = jax.devices()[0].platform
-        self.lora = LoRASlots(cfg, lora_config, self.dtype) if lora_config is not None else None
+        cpu_matmul = getattr(attend, "cpu_matmul", False)
         self.params = jax.device_put(pack_params(  # see there
-            params, cfg.tie_word_embeddings, platform, cpu_matmul=getattr(attend, "cpu_matmul", False),
-            hidden_act=cfg.hidden_act))
+            params, cfg.tie_word_embeddings, platform, cpu_matmul=cpu_matmul, hidden_act=cfg.hidden_act))
+        self.lora = None
+        if lora_config is not None:  # LoRA's b stacks go to the cpu matmul kernel too when the weights do
+            packed = isinstance(self.params["layers"].get("wq"), PackedMatrix)
+            self.lora = LoRASlots(cfg, lora_config, self.dtype, pack_b=packed)
         self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.dtype, platform)  # fp8/int8 carry scales
         self.buckets = Buckets.make(
             sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size),
