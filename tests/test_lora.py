@@ -389,3 +389,64 @@ def test_qwen3_adapters_equal_transformers_on_merged_weights(tmp_path, backend):
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False,
                         lora_request=LoRARequest("q", 7, str(adapter)))
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_slot_writes_land_in_the_packed_b_stacks_as_in_plain_ones(tmp_path, dtype):
+    """The CPU kernel's b stacks (packed panels; bfloat16 ones as row pairs) hold, after adapters
+    are loaded into slots, exactly the plain stacks' values."""
+    import jax.numpy as jnp
+
+    from jaxllm.loader import load_model
+    from jaxllm.runner.lora_slots import LoRASlots
+    from pallas_kernels.cpu_matmul import PackedMatrix, unpack
+
+    base = make_tiny_checkpoint("llama", tmp_path / "base")
+    cfg = load_model(str(base), dtype="float32").config
+    config = LoRAConfig(max_loras=3, max_lora_rank=8, max_cpu_loras=3)
+    plain, packed = LoRASlots(cfg, config, dtype), LoRASlots(cfg, config, dtype, pack_b=True)
+    assert isinstance(packed.stacks["b.wq"], PackedMatrix) and not isinstance(plain.stacks["b.wq"], PackedMatrix)
+    requests = [LoRARequest(f"a{i}", i, str(make_lora_adapter(base, tmp_path / f"a{i}", rank=r, seed=i)))
+                for i, r in ((1, 8), (2, 4), (3, 2), (4, 8))]
+    for slots in (plain, packed):
+        assert slots.slots_for({3: requests[2], 1: requests[0]}) == {3: 0, 1: 1}
+        assert slots.slots_for({2: requests[1], 3: requests[2]}) == {3: 0, 2: 2}  # the free slot
+        assert slots.slots_for({4: requests[3], 3: requests[2]}) == {3: 0, 4: 1}  # over a1, least recently used
+    for name, stack in plain.stacks.items():
+        got = packed.stacks[name]
+        got = unpack(got) if isinstance(got, PackedMatrix) else got
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(stack, np.float32), err_msg=name)
+        assert np.asarray(stack, np.float32).any() and got.dtype == jnp.dtype(dtype)
+    a, b = plain._host[2].weights["wv"]  # a2 in slot 2, rank 4 of 8: zero-padded
+    np.testing.assert_array_equal(np.asarray(plain.stacks["a.qkv"], np.float32)[:, :, 2 * 24 + 16: 2 * 24 + 20],
+                                  np.asarray(jnp.asarray(a, dtype), np.float32))
+    np.testing.assert_array_equal(np.asarray(plain.stacks["b.wv"], np.float32)[:, 16:24],
+                                  np.pad(np.asarray(jnp.asarray(b, dtype), np.float32), [(0, 0), (0, 4), (0, 0)]))
+
+
+def test_a_bfloat16_engine_applies_adapters(tiny):
+    """bfloat16 weights and slots (the kernel's row-pair panels): the first token's top logprobs
+    under an adapter are transformers' float32 ones on the merged weights as closely as a bfloat16
+    engine on the merged checkpoint gets them (this adapter's large activations cost bfloat16 ~0.2)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxllm import LLM
+
+    llm = LLM(str(tiny["base"]), dtype="bfloat16", enable_lora=True, max_loras=2, max_lora_rank=8, **LIMITS)
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    for lora_id in (1, 2):
+        hf = AutoModelForCausalLM.from_pretrained(tiny["root"] / f"merged{lora_id}", dtype="float32")
+        with torch.no_grad():
+            want = [torch.log_softmax(hf(torch.tensor([p])).logits[0, -1], -1).numpy() for p in PROMPTS]
+
+        def error(outs, want=want):
+            return max(abs(lp.logprob - w[t]) for o, w in zip(outs, want, strict=True)
+                       for t, lp in o.outputs[0].logprobs[0].items())
+
+        ours = llm.generate(prompts, params, use_tqdm=False, lora_request=tiny["requests"][lora_id])
+        merged = LLM(str(tiny["root"] / f"merged{lora_id}"), dtype="bfloat16", **LIMITS).generate(
+            prompts, params, use_tqdm=False)
+        assert error(ours) < 0.3 and error(ours) <= 1.25 * error(merged), (error(ours), error(merged))
+        assert [o.outputs[0].token_ids[0] for o in ours] == [int(np.argmax(w)) for w in want]
