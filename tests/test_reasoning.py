@@ -77,7 +77,7 @@ class ScriptRunner:
         return RunnerOutput({sid: token(s.num_generated) for s in out.sequences for sid in s.sample_ids})
 
 
-def _client(tokenizer, parser: str | None, reply: str):
+def _client(tokenizer, parser: str | None, reply: str, **served):
     from fastapi.testclient import TestClient
 
     from jaxllm.config import CacheConfig, SchedulerConfig
@@ -92,7 +92,7 @@ def _client(tokenizer, parser: str | None, reply: str):
                        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256),
                        CacheConfig(block_size=16), num_kv_blocks=64, eos_token_ids=(tokenizer.eos_token_id,))
     async_engine = AsyncLLMEngine(engine)
-    served = ServedModel("m", "m", 256, 4, reasoning_parser=parser)
+    served = ServedModel("m", "m", 256, 4, reasoning_parser=parser, **served)
     return TestClient(build_app(async_engine, served, ServerMetrics("m", lambda: async_engine.stats)))
 
 

@@ -10,10 +10,14 @@ import re
 import pytest
 
 from jaxllm.entrypoints.openai.tool_calls import (
+    TOOL_CALL_PARSER_TABLE,
+    TOOL_CALL_PARSERS,
     StreamedReply,
     ToolChoice,
     constraint,
     parse_hermes,
+    parse_llama3_json,
+    parse_pythonic,
     parse_reply,
     resolve_tool_choice,
 )
@@ -103,29 +107,73 @@ def test_hermes_parser(text, content, calls):
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.tool_calls] == calls
 
 
-@pytest.mark.parametrize("text", [
-    "Plain answer with < and <tool and <tool_cal but no call.",
-    'Checking <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
-    '<tool_call>{"name": "ping", "arguments": {}}</tool_call>',
-    "Almost <tool_call>broken</tool_call> call",
-    "ends with a partial marker <tool_c",
+def _calls(parsed) -> list:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.tool_calls]
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ("The weather is fine.", "The weather is fine.", []),
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [("get_weather", {"city": "Paris"})]),
+    ('<|python_tag|>{"name": "ping", "arguments": {}}', None, [("ping", {})]),
+    ('  {"name": "ping", "parameters": {}}; {"name": "get_time", "parameters": {"zone": "UTC"}}\n', None,
+     [("ping", {}), ("get_time", {"zone": "UTC"})]),
+    ('{"name": "ping", "parameters": {}} and then text', '{"name": "ping", "parameters": {}} and then text', []),
+    ('{"city": "Paris"}', '{"city": "Paris"}', []),  # JSON, but not a call
+    ('{"name": "ping", "parameters": {', '{"name": "ping", "parameters": {', []),  # cut short
+    ('Use {"name": "ping"} later.', 'Use {"name": "ping"} later.', []),  # only a whole reply is a call
 ])
-def test_streamed_auto_reply_equals_the_whole_reply_however_it_is_cut(text):
-    whole = parse_hermes(text)
+def test_llama3_json_parser(text, content, calls):
+    parsed = parse_llama3_json(text)
+    assert (parsed.content, _calls(parsed)) == (content, calls)
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ("No tools needed.", "No tools needed.", []),
+    ('[get_weather(city="Paris", unit="C")]', None, [("get_weather", {"city": "Paris", "unit": "C"})]),
+    ("[ping(), get_time(zone='UTC')]", None, [("ping", {}), ("get_time", {"zone": "UTC"})]),
+    ('<|python_tag|>[f(x=[1, 2.5, None, True], y={"a": -1})]', None, [("f", {"x": [1, 2.5, None, True], "y": {"a": -1}})]),
+    ("[f(1)]", "[f(1)]", []),  # positional arguments name nothing
+    ("[f(x=y)]", "[f(x=y)]", []),  # not a literal
+    ("[os.system(x='ls')]", "[os.system(x='ls')]", []),
+    ("[f(**k)]", "[f(**k)]", []),
+    ("[1, 2]", "[1, 2]", []),
+    ("[]", "[]", []),
+    ("[f(x=1)", "[f(x=1)", []),  # cut short
+])
+def test_pythonic_parser(text, content, calls):
+    parsed = parse_pythonic(text)
+    assert (parsed.content, _calls(parsed)) == (content, calls)
+
+
+STREAM_CASES = {
+    "hermes": ["Plain answer with < and <tool and <tool_cal but no call.",
+               'Checking <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+               '<tool_call>{"name": "ping", "arguments": {}}</tool_call>', "Almost <tool_call>broken</tool_call> call",
+               "ends with a partial marker <tool_c"],
+    "llama3_json": ['{"name": "ping", "parameters": {}}; {"name": "get_time", "parameters": {"zone": "UTC"}}',
+                    '  <|python_tag|>{"name": "ping", "arguments": {}}', "A plain {reply} with braces.",
+                    '{"not": "a call"}', "<|python", "   "],
+    "pythonic": ['[get_weather(city="Paris"), ping()]', " [f(x=1)", "Text [with] brackets.", "[1, 2]"],
+}
+
+
+@pytest.mark.parametrize("parser, text", [(p, t) for p, texts in STREAM_CASES.items() for t in texts])
+def test_streamed_auto_reply_equals_the_whole_reply_however_it_is_cut(parser, text):
+    assert set(STREAM_CASES) == set(TOOL_CALL_PARSERS)
+    whole = TOOL_CALL_PARSER_TABLE[parser].parse(text)
     rng = random.Random(text)
     for _ in range(30):
         cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randrange(0, 8))))
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-        reply = StreamedReply(ToolChoice("auto"), "hermes")
+        reply = StreamedReply(ToolChoice("auto"), parser)
         sent = "".join(reply.content_delta(p) for p in pieces)
         rest, calls = reply.finish()
         if whole.tool_calls:
             assert (sent + rest).strip() == (whole.content or "")
             assert [c["function"] for c in calls] == [c["function"] for c in whole.tool_calls]
+            assert not any(m in sent for m in ("<tool_call>", "<|python_tag|>", "{", "["))  # calls never leak
         else:
             assert sent + rest == text and calls == []
-        if "<tool_call>" in text:
-            assert "<tool_call>" not in sent  # a call's text is never streamed as content
 
 
 def test_streamed_named_and_required_replies_send_no_content():
@@ -146,3 +194,31 @@ def test_auto_tool_choice_flag_needs_a_parser():
 
     with pytest.raises(SystemExit, match="--enable-auto-tool-choice requires --tool-call-parser"):
         build_async_engine(argparse.Namespace(enable_auto_tool_choice=True, tool_call_parser=None))
+
+
+@pytest.mark.parametrize("parser, reply, content", [
+    ("hermes", 'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+               '<tool_call>{"name": "ping", "arguments": {}}</tool_call>', "Sure."),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "ping", "parameters": {}}',
+     None),
+    ("pythonic", '[get_weather(city="Paris"), ping()]', None),
+])
+def test_auto_tool_calls_through_the_server(smollm2_model, parser, reply, content):
+    """Each parser behind --tool-call-parser, on a runner that writes a fixed reply: the whole
+    response and the streamed one carry the same calls, and no call text as content."""
+    from test_reasoning import _client, _stream
+
+    want = [("get_weather", {"city": "Paris"}), ("ping", {})]
+    body = {"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [WEATHER, NO_PARAMETERS], "temperature": 0}
+    with _client(smollm2_model.tokenizer, None, reply, tool_call_parser=parser) as client:
+        choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == content
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in choice["message"]["tool_calls"]] == want
+        chunks = _stream(client, body)
+    deltas = [c["delta"] for chunk in chunks for c in chunk["choices"]]
+    streamed = [t for d in deltas for t in d.get("tool_calls") or ()]
+    assert [(t["function"]["name"], json.loads(t["function"]["arguments"])) for t in streamed] == want
+    assert "".join(d.get("content") or "" for d in deltas).strip() == (content or "")
+    assert [c["finish_reason"] for chunk in chunks for c in chunk["choices"]][-1] == "tool_calls"

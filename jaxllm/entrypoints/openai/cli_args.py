@@ -27,7 +27,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-auto-tool-choice", action="store_true",
                        help="let the model decide when to call tools (tool_choice 'auto'); needs --tool-call-parser")
     group.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
-                       help="how tool calls are read out of 'auto' replies (hermes: <tool_call>{...}</tool_call>)")
+                       help="how tool calls are read out of 'auto' replies (vLLM's parsers: hermes "
+                            "<tool_call>{...}</tool_call>; llama3_json: the reply is {\"name\": .., \"parameters\": ..}, "
+                            "several joined by ';'; pythonic: [f(x=1), g()])")
     group.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                        help="put a reasoning model's <think> ... </think> part of chat replies in the message's "
                             "'reasoning' (and 'reasoning_content') instead of 'content'")

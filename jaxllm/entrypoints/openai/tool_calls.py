@@ -11,15 +11,18 @@
   finish_reason ``"tool_calls"``.
 - ``"auto"`` (the default when tools are given): the model may answer in text or call tools in
   its own format, which a tool-call parser reads out of the reply. It needs the server started
-  with ``--enable-auto-tool-choice --tool-call-parser NAME``, as in vLLM; the parser here is
+  with ``--enable-auto-tool-choice --tool-call-parser NAME``, as in vLLM. Parsers (vLLM's names):
   ``hermes`` (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``: Hermes, Qwen2.5/3 and
-  other models trained on that format).
+  other models trained on that format), ``llama3_json`` (Llama 3.1/3.2: the reply is
+  ``{"name": ..., "parameters": {...}}``, several joined by ``;``), ``pythonic`` (Llama 3.2/4 and
+  others: ``[get_weather(city="Paris")]``).
 
 Named and required calls need no parser: the constraint makes the reply parseable.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -28,7 +31,7 @@ from typing import Any
 
 from jaxllm.structured.params import StructuredOutputsParams
 
-TOOL_CALL_PARSERS = ("hermes",)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")
 
 
 @dataclass(frozen=True)
@@ -120,13 +123,24 @@ def parse_reply(text: str, choice: ToolChoice, parser: str | None) -> ParsedRepl
         except json.JSONDecodeError:  # cut short by max_tokens or a stop string
             return ParsedReply(text)
         return ParsedReply(None, [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls])
-    if choice.mode == "auto" and parser == "hermes":
-        return parse_hermes(text)
+    if choice.mode == "auto" and parser is not None:
+        return TOOL_CALL_PARSER_TABLE[parser].parse(text)
     return ParsedReply(text)
 
 
-_HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
+_HERMES_OPEN = "<tool_call>"
 _HERMES_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+
+def _named_calls(items: Any, arguments_keys: tuple[str, ...]) -> list[dict[str, Any]] | None:
+    """OpenAI calls of JSON objects ``{"name": str, <an arguments key>: ...}``; None if any is not one."""
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        arguments = next((item[k] for k in arguments_keys if k in item), {})
+        calls.append(_call(item["name"], json.dumps(arguments, ensure_ascii=False)))
+    return calls
 
 
 def parse_hermes(text: str) -> ParsedReply:
@@ -136,18 +150,107 @@ def parse_hermes(text: str) -> ParsedReply:
     start = text.find(_HERMES_OPEN)
     if start < 0:
         return ParsedReply(text)
-    calls = []
+    items = []
     for body in _HERMES_CALL.findall(text, start):
         try:
-            call = json.loads(body)
-            name, arguments = call["name"], call.get("arguments", {})
-        except (json.JSONDecodeError, KeyError, TypeError):
+            items.append(json.loads(body))
+        except json.JSONDecodeError:
             return ParsedReply(text)
-        if not isinstance(name, str):
+    calls = _named_calls(items, ("arguments",))
+    if calls is None:
+        return ParsedReply(text)
+    return ParsedReply(text[:start].strip() or None, calls)
+
+
+_PYTHON_TAG = "<|python_tag|>"
+
+
+def _json_objects(text: str, separator: str) -> list | None:
+    """The JSON values of ``text``, one after another, each followed by ``separator`` or the end
+    (whitespace around them allowed); None if it is not exactly that."""
+    decoder, values, i = json.JSONDecoder(), [], 0
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return None
+        values.append(value)
+        rest = text[i:].lstrip()
+        if not rest:
+            return values
+        if not rest.startswith(separator):
+            return None
+        i = len(text) - len(rest) + len(separator)
+
+
+def parse_llama3_json(text: str) -> ParsedReply:
+    """Llama 3.1 / 3.2 JSON tool calls (vLLM's ``llama3_json``): the whole reply, after an optional
+    ``<|python_tag|>``, is ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``), several
+    joined by ``;``. Anything else is content."""
+    body = text.strip().removeprefix(_PYTHON_TAG)
+    if not body.lstrip().startswith("{"):
+        return ParsedReply(text)
+    values = _json_objects(body, ";")
+    calls = None if values is None else _named_calls(values, ("parameters", "arguments"))
+    return ParsedReply(text) if calls is None else ParsedReply(None, calls)
+
+
+def parse_pythonic(text: str) -> ParsedReply:
+    """Python-style tool calls (vLLM's ``pythonic``: Llama 3.2 / 4 and others): the whole reply is a
+    list of calls with keyword arguments of literal values, ``[get_weather(city="Paris"), ping()]``.
+    Anything else is content."""
+    body = text.strip().removeprefix(_PYTHON_TAG).strip()
+    if not body.startswith("["):
+        return ParsedReply(text)
+    try:
+        tree = ast.parse(body, mode="eval").body
+        if not isinstance(tree, ast.List) or not tree.elts:
             return ParsedReply(text)
-        calls.append(_call(name, json.dumps(arguments, ensure_ascii=False)))
-    content = text[:start].strip()
-    return ParsedReply(content or None, calls)
+        calls = []
+        for node in tree.elts:
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+                return ParsedReply(text)
+            if any(k.arg is None for k in node.keywords):  # **kwargs
+                return ParsedReply(text)
+            arguments = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            calls.append(_call(node.func.id, json.dumps(arguments, ensure_ascii=False)))
+    except (SyntaxError, ValueError, TypeError, RecursionError):
+        return ParsedReply(text)
+    return ParsedReply(None, calls)
+
+
+@dataclass(frozen=True)
+class ToolCallParser:
+    """How ``"auto"`` replies carry tool calls: ``markers`` open the calls; ``anchored``: only at the
+    start of the reply (after whitespace), else anywhere (the text before is content)."""
+
+    parse: Any  # text -> ParsedReply
+    markers: tuple[str, ...]
+    anchored: bool = False
+
+    def calls_start(self, text: str, sent: int) -> int | None:
+        """Where the calls begin in ``text`` at or after ``sent`` (None: not seen yet)."""
+        if self.anchored:
+            at = len(text) - len(text.lstrip())
+            return at if at >= sent and text.startswith(self.markers, at) else None
+        found = [i for i in (text.find(m, sent) for m in self.markers) if i >= 0]
+        return min(found) if found else None
+
+    def held(self, text: str) -> int:
+        """Trailing characters of ``text`` that may still turn out to open a call."""
+        if self.anchored:
+            rest = text.lstrip()
+            return len(text) if not rest or any(m.startswith(rest) for m in self.markers) else 0
+        return max(_longest_marker_prefix(text, m) for m in self.markers)
+
+
+TOOL_CALL_PARSER_TABLE = {
+    "hermes": ToolCallParser(parse_hermes, (_HERMES_OPEN,)),
+    "llama3_json": ToolCallParser(parse_llama3_json, (_PYTHON_TAG, "{"), anchored=True),
+    "pythonic": ToolCallParser(parse_pythonic, (_PYTHON_TAG, "["), anchored=True),
+}
 
 
 class StreamedReply:
@@ -155,22 +258,23 @@ class StreamedReply:
     the reply is complete.
 
     Named: every piece of text is the call's arguments, sent as it comes. Required: nothing goes
-    out before the end (the text is one JSON array). Auto with the hermes parser: text goes out as
-    content until a ``<tool_call>`` starts (a possible start of one is held back); from there the
-    rest is kept for the parser. None and auto without a parser: all text is content.
+    out before the end (the text is one JSON array). Auto with a parser: text goes out as content
+    until the calls start (what may be their start is held back); from there the rest is kept for
+    the parser. None and auto without a parser: all text is content.
     """
 
     def __init__(self, choice: ToolChoice, parser: str | None):
         self.choice, self.parser = choice, parser
+        self._parser = TOOL_CALL_PARSER_TABLE.get(parser) if choice.mode == "auto" else None
         self.text = ""  # everything so far
         self._sent = 0  # characters of ``text`` sent as content
-        self._calling = False  # auto: a <tool_call> has started
+        self._calling = False  # auto: the calls have started
         self.call_id = tool_call_id() if choice.mode == "named" else None
         self.named_sent = False  # the named call's first piece (with its id and name) went out
 
     @property
     def parses_calls(self) -> bool:
-        return self.choice.mode in ("named", "required") or (self.choice.mode == "auto" and self.parser == "hermes")
+        return self.choice.mode in ("named", "required") or self._parser is not None
 
     def content_delta(self, piece: str) -> str:
         """Add ``piece``; returns the text that may be sent as content now."""
@@ -182,13 +286,14 @@ class StreamedReply:
             return piece
         if self._calling:
             return ""
-        start = self.text.find(_HERMES_OPEN, self._sent)
-        if start >= 0:
+        start = self._parser.calls_start(self.text, self._sent)
+        if start is not None:
             self._calling = True
+            if self._parser.anchored:  # only whitespace before it: kept with the calls' text
+                return ""
             out, self._sent = self.text[self._sent:start], start
             return out
-        held = _longest_marker_prefix(self.text, _HERMES_OPEN)
-        end = len(self.text) - held
+        end = len(self.text) - self._parser.held(self.text)
         out, self._sent = self.text[self._sent:end], max(self._sent, end)
         return out
 
@@ -200,9 +305,10 @@ class StreamedReply:
         if self.choice.mode == "required":
             parsed = parse_reply(self.text, self.choice, self.parser)
             return (parsed.content or ""), parsed.tool_calls
-        parsed = parse_hermes(self.text[self._sent:]) if self._calling else ParsedReply(self.text[self._sent:])
+        rest = self.text[self._sent:]
+        parsed = self._parser.parse(rest) if self._calling else ParsedReply(rest)
         if not parsed.tool_calls:
-            return self.text[self._sent:], []
+            return rest, []
         return (parsed.content or ""), parsed.tool_calls
 
 
