@@ -93,6 +93,24 @@ def test_stop_string_and_stop_token(llm, expected):
     c = out[0].outputs[0]
     first = expected[0].index(stop_id)
     assert (c.finish_reason, c.stop_reason, c.token_ids) == ("stop", stop_id, expected[0][: first + 1])
+    # As in vLLM, the stop token stays in token_ids but not in the text, unless asked for.
+    assert c.text == tok.decode(expected[0][:first])
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[stop_id],
+                                                  include_stop_str_in_output=True), use_tqdm=False)
+    assert out[0].outputs[0].text == tok.decode(expected[0][: first + 1])
+
+
+def test_eos_adds_no_text_even_with_special_tokens_kept(llm):
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    kept = llm.chat(chat, SamplingParams(temperature=0, max_tokens=40, skip_special_tokens=False),
+                    use_tqdm=False)[0].outputs[0]
+    tok = llm.get_tokenizer()
+    assert kept.finish_reason == "stop" and kept.stop_reason is None
+    assert kept.token_ids[-1] == tok.eos_token_id
+    assert kept.text == tok.decode(kept.token_ids[:-1]) and "Paris" in kept.text
+    shown = llm.chat(chat, SamplingParams(temperature=0, max_tokens=40, skip_special_tokens=False,
+                                          include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert shown.text == kept.text + tok.eos_token
 
 
 def test_chat_answers_capital_of_france(llm):

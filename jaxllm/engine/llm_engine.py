@@ -360,7 +360,12 @@ class LLMEngine:
             self._num_generated_tokens += len(update.new_token_ids)
         self._record_token_times(tracked.metrics)
         finish_reason, stop_reason = update.finish_reason, update.stop_reason
-        match = completion.detokenizer.update(update.new_token_ids)
+        new_token_ids = update.new_token_ids
+        if update.finish_reason == "stop" and new_token_ids and not request.sampling_params.include_stop_str_in_output:
+            # As in vLLM, the token that stopped the request (eos or one of stop_token_ids, always
+            # the last one given) stays in token_ids but adds no text.
+            new_token_ids = new_token_ids[:-1]
+        match = completion.detokenizer.update(new_token_ids)
         if match is not None:
             # A stop string wins over a length cap reached by the same token, as in vLLM.
             finish_reason, stop_reason = "stop", match.stop
