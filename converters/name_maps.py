@@ -10,7 +10,8 @@ and how to bring it into the layout:
 - then a reshape to the layout shape splits heads out: ``[D, N*H] -> [D, N, H]``.
 
 Axis letters (as in ``layout.py``): D model, N q heads, K kv heads, H head dim, F ffn, V vocab,
-E OPT's word_embed_proj_dim (D when absent), P learned positions (incl. OPT's offset of 2).
+E OPT's word_embed_proj_dim (D when absent), P learned positions (incl. OPT's offset of 2),
+L a classifier's labels.
 A shape entry is a product of letters with an optional integer factor: ``"NH"``, ``"3D"``.
 
 Only rules whose parameter exists in ``param_shapes(config)`` are applied, so the layout decides
@@ -67,7 +68,7 @@ def axis_sizes(c: ModelConfig) -> dict[str, int]:
     return {
         "D": c.hidden_size, "N": c.num_heads, "K": c.num_kv_heads, "H": c.head_dim,
         "F": c.intermediate_size, "V": c.vocab_size, "E": c.word_embed_proj_dim or c.hidden_size,
-        "P": c.max_position_embeddings + c.position_offset,
+        "P": c.max_position_embeddings + c.position_offset, "L": c.num_labels,
     }
 
 
@@ -188,7 +189,18 @@ OPT = FamilyMap(
     ignored=(),
 )
 
+# A sequence classifier: the same decoder and a score head [num_labels, D] on its last token.
+LLAMA_CLASSIFIER = FamilyMap(
+    rules=(*LLAMA.rules, _linear("score", "score", "L", "D")),
+    base_prefix=LLAMA.base_prefix,
+    ignored=LLAMA.ignored,
+)
+
 _BY_ARCHITECTURE = {
+    "LlamaForSequenceClassification": LLAMA_CLASSIFIER,
+    "MistralForSequenceClassification": LLAMA_CLASSIFIER,
+    "Qwen2ForSequenceClassification": LLAMA_CLASSIFIER,
+    "Qwen3ForSequenceClassification": LLAMA_CLASSIFIER,
     "LlamaForCausalLM": LLAMA,
     "MistralForCausalLM": LLAMA,
     "Qwen2ForCausalLM": LLAMA,

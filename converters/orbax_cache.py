@@ -38,6 +38,7 @@ def config_from_dict(d: dict) -> ModelConfig:
     if fields.get("rope_scaling") is not None:
         fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
     fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
+    fields["id2label"] = tuple(fields.get("id2label", ()))
     return ModelConfig(**fields)
 
 

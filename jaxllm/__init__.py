@@ -24,6 +24,8 @@ _EXPORTS = {
     "RequestOutput": "jaxllm.outputs",
     "PoolingRequestOutput": "jaxllm.outputs",
     "EmbeddingRequestOutput": "jaxllm.outputs",
+    "ClassificationRequestOutput": "jaxllm.outputs",
+    "ScoringRequestOutput": "jaxllm.outputs",
     "PoolingParams": "jaxllm.pooling_params",
     "SamplingParams": "jaxllm.sampling_params",
     "RequestOutputKind": "jaxllm.sampling_params",

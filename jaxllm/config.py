@@ -18,6 +18,8 @@ KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SPECULATIVE_METHODS = ("ngram",)
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
+# What a classifier's head logits become (transformers' problem_type, as vLLM reads it).
+CLASSIFIER_ACTIVATIONS = ("softmax", "sigmoid", "identity")
 
 
 def _check_positive(obj, *names: str) -> None:
@@ -87,10 +89,23 @@ class ModelConfig:
     word_embed_proj_dim: int | None = None  # OPT-350m projects embeddings in and out
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # A sequence classifier (``*ForSequenceClassification``): its ``score`` head's labels and
+    # the activation that turns the head's logits into the probabilities ``classify`` returns.
+    # 0 labels: a causal LM.
+    num_labels: int = 0
+    id2label: tuple[str, ...] = ()
+    classifier_activation: str = "softmax"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r} must be one of {FAMILIES}")
+        if not isinstance(self.num_labels, int) or self.num_labels < 0:
+            raise ValueError(f"num_labels={self.num_labels!r} must be a non-negative integer")
+        if self.id2label and len(self.id2label) != self.num_labels:
+            raise ValueError(f"id2label has {len(self.id2label)} labels for num_labels={self.num_labels}")
+        if self.classifier_activation not in CLASSIFIER_ACTIVATIONS:
+            raise ValueError(f"classifier_activation={self.classifier_activation!r} must be one of "
+                             f"{CLASSIFIER_ACTIVATIONS}")
         _check_positive(
             self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "intermediate_size", "max_position_embeddings",
@@ -101,6 +116,10 @@ class ModelConfig:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; supported: {ACTIVATIONS}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.num_labels > 0
 
     @property
     def dtype_bytes_per_token_kv(self) -> int:

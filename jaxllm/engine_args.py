@@ -19,6 +19,7 @@ import jax
 
 from converters.checkpoint import Checkpoint
 from jaxllm.config import SCHEDULING_POLICIES, CacheConfig, LoRAConfig, PoolerConfig, SchedulerConfig, SpeculativeConfig
+from jaxllm.engine.classifier import ClassifierHead
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.loader import load_checkpoint_as
 from jaxllm.models.attention import get_attention_backend
@@ -64,8 +65,9 @@ class EngineArgs:
     # vLLM's speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 4,
     # "prompt_lookup_max": 4}: see jaxllm.config.SpeculativeConfig. On the command line, JSON.
     speculative_config: dict | None = None
-    # vLLM's runner: "auto", "generate" or "pooling". Every engine here serves both generation and
-    # pooling (LLM.embed, /v1/embeddings), so the value only documents the intent.
+    # vLLM's runner: "auto", "generate" or "pooling". A causal LM's engine serves both generation
+    # and pooling (LLM.embed, /v1/embeddings), so there the value only documents the intent; a
+    # sequence classifier serves pooling only, and refuses "generate".
     runner: str = "auto"
     # How pooling requests pool: {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": bool};
     # None: LAST, normalised (vLLM's default for a causal LM used for embeddings).
@@ -239,7 +241,11 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
         ckpt = dataclasses.replace(ckpt, tokenizer=_load_tokenizer(args.tokenizer))
     sched = args.scheduler_config(ckpt.config.max_position_embeddings)
     speculative, lora = args.speculative(), args.lora()
-    runner = ModelRunner(ckpt.config, ckpt.params, cache, sched, attend, seed=args.seed,
+    classifier, params = ClassifierHead.split_from(ckpt.config, ckpt.params)
+    if classifier is not None and args.runner == "generate":
+        raise ValueError(f"runner='generate': {ckpt.config.architecture} is a sequence classifier, which serves "
+                         "pooling requests (classify, score) only")
+    runner = ModelRunner(ckpt.config, params, cache, sched, attend, seed=args.seed,
                          num_speculative_tokens=0 if speculative is None else speculative.num_speculative_tokens,
                          lora_config=lora)
     if args.warmup:
@@ -250,4 +256,4 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     return engine_cls(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, tuple(sorted(eos)),
                      num_swap_blocks=runner.num_swap_blocks, async_scheduling=args.async_scheduling,
                      vocab_size=ckpt.config.vocab_size, speculative_config=speculative,
-                     pooler_config=args.pooler(), lora_config=lora)
+                     pooler_config=args.pooler(), lora_config=lora, classifier=classifier)

@@ -18,9 +18,22 @@ from jaxllm.entrypoints.chat_utils import render_chat
 from jaxllm.inputs import PromptType, prompt_cache_salt, prompt_input
 from jaxllm.loader import Model
 from jaxllm.lora.request import LoRARequest
-from jaxllm.outputs import EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput
-from jaxllm.pooling_params import PoolingParams
+from jaxllm.outputs import (
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from jaxllm.pooling_params import POOLING_TASKS, PoolingParams
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+from jaxllm.scoring import cosine_similarity, cross_encoder_token_ids, score_pairs
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt (text or a prompt dict) or a sequence of them, as a list."""
+    return [prompts] if isinstance(prompts, str | dict) else list(prompts)
 
 
 def _dtype_name(dtype: Any) -> str | None:
@@ -93,7 +106,7 @@ class LLM:
           lora_request: a LoRA adapter for all prompts, or one (or None) per prompt (needs
             ``enable_lora=True``).
         """
-        prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
+        prompts = _prompt_list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
         priorities = [0] * len(prompts) if priority is None else list(priority)
         if len(priorities) != len(prompts):
@@ -138,19 +151,24 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
         use_tqdm: bool = True,
-        pooling_task: str = "embed",
+        pooling_task: str | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[PoolingRequestOutput]:
         """Pool each prompt's final hidden states into one vector (the engine's ``pooler_config``:
-        the last token's by default, L2-normalised); returns one PoolingRequestOutput per prompt,
-        in input order, its vector in ``.outputs.data``. Prompts are batched with any other
-        requests, through the same paged KV pool and prefix cache.
+        the last token's by default); returns one PoolingRequestOutput per prompt, in input order,
+        its vector in ``.outputs.data``. Prompts are batched with any other requests, through the
+        same paged KV pool and prefix cache.
 
-        ``pooling_task``: "embed", the one task built here.
+        ``pooling_task``: "embed" (the vector, L2-normalised by default) or "classify" (a
+        sequence classifier's label probabilities); None: the model's own (see
+        ``LLMEngine.supported_tasks``).
         """
-        if pooling_task != "embed":
-            raise ValueError(f"pooling_task={pooling_task!r} is not supported; supported: 'embed'")
-        prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
+        supported = [t for t in self.llm_engine.supported_tasks if t in POOLING_TASKS]
+        task = pooling_task or supported[0]
+        if task not in supported:
+            raise ValueError(f"pooling_task={pooling_task!r} is not supported by this model; supported: {supported}"
+                             + ("" if "classify" in supported else " (classify needs a *ForSequenceClassification model)"))
+        prompts = _prompt_list(prompts)
         if pooling_params is None or isinstance(pooling_params, PoolingParams):
             params = [pooling_params or PoolingParams()] * len(prompts)
         else:
@@ -159,6 +177,10 @@ class LLM:
                 raise ValueError(f"got {len(params)} pooling_params for {len(prompts)} prompts; pass one or one per prompt")
         if not all(isinstance(p, PoolingParams) for p in params):
             raise ValueError("pooling_params must be PoolingParams")
+        for p in params:
+            if p.task is not None and p.task != task:
+                raise ValueError(f"pooling_params task={p.task!r} disagrees with pooling_task={task!r}")
+        params = [dataclasses.replace(p, task=task) for p in params]
         loras = self._loras_per_prompt(lora_request, len(prompts))
         return self._run(self._add_all(prompts, params, [0] * len(prompts), loras), use_tqdm)
 
@@ -170,8 +192,68 @@ class LLM:
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt (``.outputs.embedding``, a list of floats): see :meth:`encode`."""
-        outputs = self.encode(prompts, pooling_params, use_tqdm, lora_request=lora_request)
+        outputs = self.encode(prompts, pooling_params, use_tqdm, "embed", lora_request=lora_request)
         return [EmbeddingRequestOutput.from_base(out) for out in outputs]
+
+    def classify(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        *,
+        use_tqdm: bool = True,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+    ) -> list[ClassificationRequestOutput]:
+        """Class probabilities of each prompt (``.outputs.probs``; the label names are the model
+        config's ``id2label``) from a sequence-classification model (``*ForSequenceClassification``):
+        its head on the last token's final hidden state, then softmax (a sigmoid for one label, or
+        as the model's ``problem_type`` says). ``PoolingParams(use_activation=False)`` gives the
+        logits. See :meth:`encode`."""
+        outputs = self.encode(prompts, pooling_params, use_tqdm, "classify", lora_request=lora_request)
+        return [ClassificationRequestOutput.from_base(out) for out in outputs]
+
+    def score(
+        self,
+        data_1: PromptType | Sequence[PromptType],
+        data_2: PromptType | Sequence[PromptType],
+        /,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+        pooling_params: PoolingParams | None = None,
+        lora_request: LoRARequest | None = None,
+    ) -> list[ScoringRequestOutput]:
+        """Similarity scores of text pairs: ``data_1`` (one text, or one per ``data_2`` text)
+        against ``data_2``; one ScoringRequestOutput per pair, in ``data_2``'s order, its score in
+        ``.outputs.score``.
+
+        A cross-encoder (a sequence classifier with one label) reads each pair as one input (the
+        tokenizer's pair encoding) and scores it with its head and a sigmoid; any other model
+        embeds the texts and scores the cosine similarity of their embeddings, as vLLM does.
+        ``truncate_prompt_tokens`` keeps the last k tokens of each input.
+        """
+        data_1, data_2 = _prompt_list(data_1), _prompt_list(data_2)
+        pairs = score_pairs(data_1, data_2)
+        if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
+            raise ValueError("pooling_params must be PoolingParams")
+        params = pooling_params or PoolingParams()
+        if truncate_prompt_tokens is not None:
+            params = dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
+        engine = self.llm_engine
+        if engine.classifier is not None:
+            if engine.classifier.num_labels != 1:
+                raise ValueError(f"score needs a cross-encoder (a classifier of one label); this model has "
+                                 f"{engine.classifier.num_labels} labels: use classify")
+            tokenizer = self.get_tokenizer()
+            prompts = [{"prompt_token_ids": cross_encoder_token_ids(tokenizer, data_1[i], data_2[j])} for i, j in pairs]
+            outputs = self.encode(prompts, params, use_tqdm, "classify", lora_request=lora_request)
+            return [ScoringRequestOutput(out.request_id, ScoringOutput(float(out.outputs.data[0])),
+                                         out.prompt_token_ids) for out in outputs]
+        embedded = self.encode(data_1 + data_2, params, use_tqdm, "embed", lora_request=lora_request)
+        first, second = embedded[: len(data_1)], embedded[len(data_1):]
+        return [ScoringRequestOutput(f"{first[i].request_id}_{second[j].request_id}",
+                                     ScoringOutput(cosine_similarity(first[i].outputs.data, second[j].outputs.data)),
+                                     first[i].prompt_token_ids + second[j].prompt_token_ids)
+                for i, j in pairs]
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     lora_request: LoRARequest | None = None) -> list[BeamSearchOutput]:
@@ -180,7 +262,7 @@ class LLM:
         Returns one BeamSearchOutput per prompt, its ``.sequences`` best first, each with
         ``.tokens`` (prompt + generated ids), ``.text`` and ``.cum_logprob``.
         """
-        prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
+        prompts = _prompt_list(prompts)
         return beam_search(self.llm_engine, [self._token_ids(p) for p in prompts], params, lora_request)
 
     def _token_ids(self, prompt: PromptType) -> list[int]:

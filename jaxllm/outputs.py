@@ -100,6 +100,50 @@ class EmbeddingRequestOutput:
                    output.prompt_token_ids, output.finished)
 
 
+@dataclass
+class ClassificationOutput:
+    """vLLM's: one prompt's class probabilities (the head's logits with ``use_activation=False``)."""
+
+    probs: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ClassificationRequestOutput:
+    """The result of ``LLM.classify`` for one prompt."""
+
+    request_id: str
+    outputs: ClassificationOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+    @classmethod
+    def from_base(cls, output: PoolingRequestOutput) -> ClassificationRequestOutput:
+        return cls(output.request_id, ClassificationOutput([float(x) for x in output.outputs.data]),
+                   output.prompt_token_ids, output.finished)
+
+
+@dataclass
+class ScoringOutput:
+    """vLLM's: the similarity score of one pair of texts."""
+
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """The result of ``LLM.score`` for one pair. ``prompt_token_ids``: the cross-encoder's pair
+    input, or an embedding model's two prompts joined."""
+
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
 class WholeOutput:
     """Joins a request's consecutive DELTA outputs (``RequestOutputKind.DELTA``) into one output of
     all they carry, in time linear in its length."""

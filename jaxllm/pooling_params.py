@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 from jaxllm.sampling_params import _check_truncate_prompt_tokens, truncate_prompt
 
+# What a pooling request returns: a (normalised) hidden-state vector, or a classifier's label
+# probabilities.
+POOLING_TASKS = ("embed", "classify")
+
 
 @dataclass
 class PoolingParams:
@@ -16,18 +20,35 @@ class PoolingParams:
         dimensions: vLLM's Matryoshka truncation. None only: no model here is trained for it.
         normalize: L2-normalise the vector; None: the engine's ``pooler_config`` decides.
         truncate_prompt_tokens: keep the prompt's last k tokens (-1: the last max_model_len).
+        use_activation: classify only: apply the classifier's activation (softmax, or a sigmoid
+            for one label) to the head's logits; None and True do, False returns the logits.
+        activation: vLLM's earlier name of ``use_activation``.
+        task: "embed" or "classify"; None: the model's own ("classify" for a sequence
+            classifier, "embed" otherwise). ``LLM.encode`` sets it from ``pooling_task``.
     """
 
     dimensions: int | None = None
     normalize: bool | None = None
     truncate_prompt_tokens: int | None = None
+    use_activation: bool | None = None
+    activation: bool | None = None  # vLLM's earlier name of use_activation
+    task: str | None = None
 
     def __post_init__(self):
+        if self.activation is not None:
+            if self.use_activation is not None and self.use_activation != self.activation:
+                raise ValueError(f"activation={self.activation!r} and use_activation={self.use_activation!r} "
+                                 "disagree; activation is the old name of use_activation: give one")
+            self.use_activation = self.activation
+        for name in ("normalize", "use_activation"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be a bool or None")
+        if self.task is not None and self.task not in POOLING_TASKS:
+            raise ValueError(f"task={self.task!r} must be one of {POOLING_TASKS} or None")
         if self.dimensions is not None:
             raise ValueError(f"dimensions={self.dimensions!r} is not supported: the model is not a Matryoshka "
                              "model; leave it None")
-        if self.normalize is not None and not isinstance(self.normalize, bool):
-            raise ValueError(f"normalize={self.normalize!r} must be a bool or None")
         _check_truncate_prompt_tokens(self.truncate_prompt_tokens)
 
     def truncated_prompt(self, token_ids: list[int], max_model_len: int) -> list[int]:

@@ -147,10 +147,25 @@ def test_mean_pooling_sums_each_position_once_and_restarts_after_a_preemption():
 
 
 def test_encode_argument_errors(llm):
-    with pytest.raises(ValueError, match="pooling_task='classify' is not supported"):
+    with pytest.raises(ValueError, match=r"pooling_task=.classify. is not supported by this model; .*needs a \*ForSequence"):
         llm.encode("x", pooling_task="classify")
     with pytest.raises(ValueError, match="got 2 pooling_params for 1 prompts"):
         llm.embed(["x"], [PoolingParams(), PoolingParams()])
     with pytest.raises(ValueError, match="must be a SamplingParams or PoolingParams"):
         llm.llm_engine.add_request("bad", "x", {"normalize": True})
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_score_with_an_embedding_model_is_the_cosine_of_the_embeddings(llm):
+    embeddings = [np.asarray(o.outputs.embedding) for o in llm.embed(TEXTS, use_tqdm=False)]
+    scores = llm.score(TEXTS[0], TEXTS, use_tqdm=False)
+    want = [float(embeddings[0] @ e) for e in embeddings]  # unit vectors
+    np.testing.assert_allclose([s.outputs.score for s in scores], want, atol=1e-5)
+    assert abs(scores[0].outputs.score - 1) < 1e-5 and max(want[1:]) < 0.99
+    pairwise = llm.score(TEXTS[1:], TEXTS[:2], use_tqdm=False)
+    np.testing.assert_allclose([s.outputs.score for s in pairwise],
+                               [float(embeddings[1] @ embeddings[0]), float(embeddings[2] @ embeddings[1])], atol=1e-5)
+    tok = llm.get_tokenizer()
+    assert pairwise[0].prompt_token_ids == tok.encode(TEXTS[1]) + tok.encode(TEXTS[0])
+    with pytest.raises(ValueError, match="data_1 has 2 texts and data_2 3"):
+        llm.score(TEXTS[:2], TEXTS, use_tqdm=False)

@@ -94,6 +94,8 @@ def make_tiny_checkpoint(
     max_shard_size: int | str | None = None,
     seed: int = 0,
     dtype: str = "float32",
+    num_labels: int | None = None,
+    config_overrides: dict | None = None,
 ) -> Path:
     """Write a tiny random checkpoint of family ``name`` to ``path`` and return ``path``.
 
@@ -104,13 +106,22 @@ def make_tiny_checkpoint(
         max_shard_size: shard the weights (e.g. ``20_000`` bytes) and write an index.
         seed: torch seed for the init and the perturbation.
         dtype: torch dtype name the weights are stored in ("float32", "bfloat16", "float16").
+        num_labels: write a ``*ForSequenceClassification`` model with this many labels instead.
+        config_overrides: config attributes to set (``vocab_size``, ``problem_type``, ...).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     config = _config(name)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
+    if num_labels is None:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    else:
+        config.num_labels = num_labels
+        config.pad_token_id = 0  # transformers finds the last token of a padded batch by it
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -122,6 +133,23 @@ def make_tiny_checkpoint(
     if not safe_serialization:
         _save_bin(model, path, max_shard_size)
     return path
+
+
+def make_tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on a few sentences (vocab_size ids: 256 bytes, merges and
+    <|eos|>), for tiny models that read text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["The capital of France is Paris.", "A paged KV cache stores keys and values in blocks.",
+              "Rerankers score a query against each document.", "def add(a, b):\n    return a + b"] * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
 
 
 # LoRA adapters in PEFT's file layout (adapter_config.json + adapter_model.safetensors), written by

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from jaxllm.config import CacheConfig, LoRAConfig, PoolerConfig, SchedulerConfig, SpeculativeConfig
+from jaxllm.engine.classifier import ClassifierHead
 from jaxllm.engine.detokenizer import IncrementalDetokenizer
 from jaxllm.engine.messages import RunnerOutput, SchedulerOutput
-from jaxllm.engine.request import Request, RequestStatus
+from jaxllm.engine.request import PoolingSpec, Request, RequestStatus
 from jaxllm.engine.scheduler import RequestUpdate, Scheduler, SpecDecodeStats
 from jaxllm.inputs import PromptType, prompt_cache_salt, prompt_input
 from jaxllm.lora.request import LoRARequest
@@ -138,6 +139,8 @@ class LLMEngine:
             its ``disable_by_batch_size`` turns proposals off.
         lora_config: serve LoRA adapters (``add_request(..., lora_request=)``); the runner needs
             ``add_lora``, ``remove_lora`` and ``list_loras`` (the model runner built with it has).
+        classifier: a sequence classifier's head: the engine then serves "classify" pooling
+            requests, and neither generation nor "embed".
     """
 
     def __init__(
@@ -154,8 +157,10 @@ class LLMEngine:
         speculative_config: SpeculativeConfig | None = None,
         pooler_config: PoolerConfig | None = None,
         lora_config: LoRAConfig | None = None,
+        classifier: ClassifierHead | None = None,
     ):
         self.tokenizer = tokenizer
+        self.classifier = classifier
         self.lora_config = lora_config
         self.pooler_config = pooler_config or PoolerConfig()
         self.vocab_size = vocab_size
@@ -216,6 +221,9 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or PoolingParams, got {type(params).__name__}")
+        if pooling is None and "generate" not in self.supported_tasks:
+            raise ValueError("this model is a sequence classifier: it serves classify and score (PoolingParams), "
+                             "not generation (SamplingParams)")
         params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids, logit_bias ids checked
         if self.vocab_size is not None:
             params.check_vocabulary(self.vocab_size)
@@ -239,15 +247,26 @@ class LLMEngine:
         self._tracked[request.request_id] = _Tracked(request, prompt_text, RequestMetrics(arrival), completions)
         self._num_prompt_tokens += len(token_ids)
 
-    def _as_pooling(self, params: PoolingParams) -> tuple[SamplingParams, tuple[str, bool]]:
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        """vLLM's: what requests this engine's model serves ("generate", "embed", "classify")."""
+        return ("classify",) if self.classifier is not None else ("generate", "embed")
+
+    def _as_pooling(self, params: PoolingParams) -> tuple[SamplingParams, PoolingSpec]:
         """A pooling request (vLLM's: the prompt's final hidden states pooled into one vector) runs
         as a request of one output token, which is not returned: its SamplingParams, and what
         ``Request.pooling`` holds."""
         sampling = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False,
                                   truncate_prompt_tokens=params.truncate_prompt_tokens,
                                   output_kind=RequestOutputKind.FINAL_ONLY)
+        task = params.task or ("classify" if self.classifier is not None else "embed")
+        if task not in self.supported_tasks:
+            raise ValueError(f"task={task!r} is not supported by this model, which serves {self.supported_tasks}"
+                             + (" (a sequence classifier)" if self.classifier is not None else
+                                "; classify needs a *ForSequenceClassification model"))
         normalize = self.pooler_config.normalize if params.normalize is None else params.normalize
-        return sampling, (self.pooler_config.pooling_type, normalize)
+        use_activation = params.use_activation is not False
+        return sampling, PoolingSpec(self.pooler_config.pooling_type, normalize, task, use_activation)
 
     def _matcher(self, params: SamplingParams) -> TokenMatcher | None:
         """The start of a structured-output request's pattern (compiled once per pattern)."""
@@ -426,15 +445,16 @@ class LLMEngine:
             lora_request=request.lora_request,
         )
 
-    @staticmethod
-    def _pooling_output(request: Request) -> PoolingRequestOutput:
+    def _pooling_output(self, request: Request) -> PoolingRequestOutput:
         if request.pooled is None:
             raise RuntimeError(f"pooling request {request.request_id!r} finished without its hidden states")
-        kind, normalize = request.pooling
+        spec = request.pooling
         vector = np.asarray(request.pooled, np.float32)
-        if kind == "MEAN":
+        if spec.type == "MEAN":
             vector = vector / request.num_pooled_tokens
-        if normalize:
+        if spec.task == "classify":
+            vector = self.classifier(vector, spec.use_activation)
+        elif spec.normalize:
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         return PoolingRequestOutput(request.request_id, PoolingOutput(vector), list(request.prompt_token_ids), True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from jaxllm.engine.messages import TokenLogprobs
 from jaxllm.sampling_params import SamplingParams
@@ -33,6 +33,17 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH_CAPPED: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
 }
+
+
+class PoolingSpec(NamedTuple):
+    """What a pooling request's output is: its hidden states pooled by ``type`` ("LAST", "MEAN",
+    "CLS"), then for "embed" L2-normalised if ``normalize``, for "classify" put through the
+    classifier head (and its activation if ``use_activation``)."""
+
+    type: str
+    normalize: bool
+    task: str = "embed"
+    use_activation: bool = True
 
 
 @dataclass(eq=False)
@@ -76,9 +87,9 @@ class Request:
     # tokens, verified by its next step (only if it has not grown since).
     spec_token_ids: tuple[int, ...] = ()
     spec_num_tokens: int = 0
-    # Pooling (LLM.embed, /v1/embeddings): (pooling type, normalise) and what the computed chunks
-    # gave so far (a sum of hidden states for MEAN); None: a generation request.
-    pooling: tuple[str, bool] | None = None
+    # Pooling (LLM.embed / classify, /v1/embeddings): how its vector is made, and what the
+    # computed chunks gave so far (a sum of hidden states for MEAN); None: a generation request.
+    pooling: PoolingSpec | None = None
     pooled: Any = None
     num_pooled_tokens: int = 0
     # vLLM's LoRARequest: the adapter the request runs with (None: the base model). Part of its

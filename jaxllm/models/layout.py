@@ -64,6 +64,8 @@ def param_shapes(c: ModelConfig) -> dict:
             top.update(project_in=(E, D), project_out=(D, E))
     if not c.tie_word_embeddings:
         top["lm_head"] = (top["embed"][1], V)
+    if c.num_labels:
+        top["score"] = (D, c.num_labels)
     top["layers"] = {name: (c.num_layers, *shape) for name, shape in layer.items()}
     return top
 

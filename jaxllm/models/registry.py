@@ -7,6 +7,7 @@ Both the legacy keys (``rope_theta`` + ``rope_scaling``) and transformers 5's
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from jaxllm.config import ModelConfig, RopeScaling
@@ -155,6 +156,36 @@ def _opt(hf: dict) -> ModelConfig:
     )
 
 
+def _classifier(build: Callable[[dict], ModelConfig]) -> Callable[[dict], ModelConfig]:
+    """A ``*ForSequenceClassification`` model: the decoder of ``build`` plus a ``score`` head of
+    ``num_labels`` outputs on the last token (the head is the engine's, not the step's). It has no
+    LM head: the one token the engine samples for a pooling request is drawn against the
+    embedding (so the config says tied), and is never returned."""
+
+    def classifier(hf: dict) -> ModelConfig:
+        id2label = hf.get("id2label")
+        if id2label:
+            labels = tuple(str(id2label[key]) for key in sorted(id2label, key=int))
+        else:
+            labels = tuple(f"LABEL_{i}" for i in range(int(hf.get("num_labels", 2))))
+        return dataclasses.replace(build(hf), num_labels=len(labels), id2label=labels, tie_word_embeddings=True,
+                                   classifier_activation=_classifier_activation(hf, len(labels)))
+
+    return classifier
+
+
+def _classifier_activation(hf: dict, num_labels: int) -> str:
+    """transformers' ``problem_type`` decides, as in vLLM: regression is the raw logits, multi-label
+    classification a sigmoid per label; otherwise one label is a sigmoid (a cross-encoder's score)
+    and several a softmax."""
+    problem_type = hf.get("problem_type")
+    if problem_type == "regression":
+        return "identity"
+    if problem_type == "multi_label_classification" or (problem_type is None and num_labels == 1):
+        return "sigmoid"
+    return "softmax"
+
+
 ARCHITECTURES: dict[str, Callable[[dict], ModelConfig]] = {
     "LlamaForCausalLM": _llama,
     "MistralForCausalLM": _mistral,
@@ -162,6 +193,10 @@ ARCHITECTURES: dict[str, Callable[[dict], ModelConfig]] = {
     "Qwen3ForCausalLM": _qwen3,
     "GPT2LMHeadModel": _gpt2,
     "OPTForCausalLM": _opt,
+    "LlamaForSequenceClassification": _classifier(_llama),
+    "MistralForSequenceClassification": _classifier(_mistral),
+    "Qwen2ForSequenceClassification": _classifier(_qwen2),
+    "Qwen3ForSequenceClassification": _classifier(_qwen3),
 }
 
 
