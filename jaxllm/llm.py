@@ -28,7 +28,7 @@ from jaxllm.outputs import (
 )
 from jaxllm.pooling_params import POOLING_TASKS, PoolingParams
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
-from jaxllm.scoring import cosine_similarity, cross_encoder_token_ids, score_pairs
+from jaxllm.scoring import plan_scores
 
 
 def _prompt_list(prompts) -> list:
@@ -232,28 +232,21 @@ class LLM:
         ``truncate_prompt_tokens`` keeps the last k tokens of each input.
         """
         data_1, data_2 = _prompt_list(data_1), _prompt_list(data_2)
-        pairs = score_pairs(data_1, data_2)
+        plan = plan_scores(self.llm_engine.classifier, self.get_tokenizer(), data_1, data_2)
         if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
             raise ValueError("pooling_params must be PoolingParams")
         params = pooling_params or PoolingParams()
         if truncate_prompt_tokens is not None:
             params = dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
-        engine = self.llm_engine
-        if engine.classifier is not None:
-            if engine.classifier.num_labels != 1:
-                raise ValueError(f"score needs a cross-encoder (a classifier of one label); this model has "
-                                 f"{engine.classifier.num_labels} labels: use classify")
-            tokenizer = self.get_tokenizer()
-            prompts = [{"prompt_token_ids": cross_encoder_token_ids(tokenizer, data_1[i], data_2[j])} for i, j in pairs]
-            outputs = self.encode(prompts, params, use_tqdm, "classify", lora_request=lora_request)
-            return [ScoringRequestOutput(out.request_id, ScoringOutput(float(out.outputs.data[0])),
-                                         out.prompt_token_ids) for out in outputs]
-        embedded = self.encode(data_1 + data_2, params, use_tqdm, "embed", lora_request=lora_request)
-        first, second = embedded[: len(data_1)], embedded[len(data_1):]
-        return [ScoringRequestOutput(f"{first[i].request_id}_{second[j].request_id}",
-                                     ScoringOutput(cosine_similarity(first[i].outputs.data, second[j].outputs.data)),
-                                     first[i].prompt_token_ids + second[j].prompt_token_ids)
-                for i, j in pairs]
+        prompts = [{"prompt_token_ids": p} if plan.task == "classify" else p for p in plan.prompts]
+        outputs = self.encode(prompts, params, use_tqdm, plan.task, lora_request=lora_request)
+        scores = plan.scores([out.outputs.data for out in outputs])
+        results = []
+        for index, score in enumerate(scores):
+            runs = [outputs[r] for r in plan.runs_of(index)]
+            results.append(ScoringRequestOutput("_".join(r.request_id for r in runs), ScoringOutput(score),
+                                                [t for r in runs for t in r.prompt_token_ids]))
+        return results
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     lora_request: LoRARequest | None = None) -> list[BeamSearchOutput]:

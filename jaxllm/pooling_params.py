@@ -1,5 +1,5 @@
-"""PoolingParams: vLLM's per-request parameters of a pooling request (``LLM.embed`` / ``LLM.encode``,
-the server's ``/v1/embeddings``)."""
+"""PoolingParams: vLLM's per-request parameters of a pooling request (``LLM.embed`` / ``classify`` /
+``score`` / ``encode``, the server's ``/v1/embeddings``, ``/classify``, ``/score``, ``/rerank``)."""
 
 from __future__ import annotations
 

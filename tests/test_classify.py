@@ -182,3 +182,96 @@ def test_classifiers_refuse_generation_and_embedding(llm3, three_labels):
     assert not engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="runner='generate': LlamaForSequenceClassification is a sequence classifier"):
         LLM(str(three_labels), runner="generate", **LIMITS, warmup=False, compilation_cache_dir=None)
+
+
+# -- the server's /classify, /score and /rerank, in process ------------------------------------
+
+def _client(path):
+    from fastapi.testclient import TestClient
+
+    from jaxllm.engine.async_engine import AsyncLLMEngine
+    from jaxllm.entrypoints.openai.api_server import build_app
+    from jaxllm.entrypoints.openai.metrics import ServerMetrics
+    from jaxllm.entrypoints.openai.serving_engine import ServedModel
+
+    engine = AsyncLLMEngine(LLM(str(path), **LIMITS, warmup=False, compilation_cache_dir=None).llm_engine)
+    served = ServedModel("m", str(path), LIMITS["max_model_len"], LIMITS["max_num_seqs"])
+    return TestClient(build_app(engine, served, ServerMetrics("m", lambda: engine.stats)))
+
+
+def _error(response, status: int, match: str, param: str | None = None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert match in error["message"] and error["code"] == status
+    if param is not None:
+        assert error["param"] == param
+
+
+@pytest.fixture(scope="module")
+def classifier_client(three_labels):
+    with _client(three_labels) as client:  # runs the app's lifespan: the engine loop
+        yield client
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_client(cross_encoder):
+    with _client(cross_encoder) as client:
+        yield client
+
+
+def test_classify_route(classifier_client, llm3):
+    client = classifier_client
+    want = [o.outputs.probs for o in llm3.classify(TEXTS[:2], use_tqdm=False)]
+    response = client.post("/classify", json={"model": "m", "input": TEXTS[:2]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "list" and body["id"].startswith("classify-") and body["model"] == "m"
+    labels = ("negative", "neutral", "positive")
+    for i, data in enumerate(body["data"]):
+        assert data["index"] == i and data["num_classes"] == 3
+        np.testing.assert_allclose(data["probs"], want[i], atol=1e-6)
+        assert data["label"] == labels[int(np.argmax(want[i]))]
+    tok = llm3.get_tokenizer()
+    n = sum(len(tok.encode(t)) for t in TEXTS[:2])
+    assert body["usage"] == {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}
+    raw = client.post("/classify", json={"input": TEXTS[0], "use_activation": False}).json()["data"][0]["probs"]
+    assert abs(sum(raw) - 1) > 1e-3  # logits, not probabilities
+    np.testing.assert_allclose(_softmax(np.asarray(raw)), want[0], atol=1e-5)
+    _error(client.post("/score", json={"text_1": "a", "text_2": "b"}), 400, "a classifier of 3 labels, not a cross-encoder")
+    _error(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}), 400, "is a sequence classifier")
+    _error(client.post("/v1/embeddings", json={"input": "a"}), 400, "task='embed' is not supported")
+    _error(client.post("/classify", json={"input": "a", "activation": True, "use_activation": False}), 400,
+           "disagree", "activation")
+    _error(client.post("/classify", json={"input": []}), 400, "input must not be empty", "input")
+    _error(client.post("/classify", json={"model": "other", "input": "a"}), 404, "other")
+
+
+def test_score_and_rerank_routes(cross_encoder_client, cross_encoder):
+    client = cross_encoder_client
+    llm_scores = [s.outputs.score for s in LLM(str(cross_encoder), **LIMITS, warmup=False,
+                                                compilation_cache_dir=None).score(TEXTS[0], DOCS, use_tqdm=False)]
+    for path in ("/score", "/v1/score"):
+        body = client.post(path, json={"model": "m", "text_1": TEXTS[0], "text_2": DOCS}).json()
+        assert body["object"] == "list" and body["id"].startswith("score-")
+        assert [d["index"] for d in body["data"]] == list(range(len(DOCS)))
+        assert all(d["object"] == "score" for d in body["data"])
+        np.testing.assert_allclose([d["score"] for d in body["data"]], llm_scores, atol=1e-6)
+    pairwise = client.post("/score", json={"text_1": TEXTS[:2], "text_2": DOCS[:2]}).json()["data"]
+    assert len(pairwise) == 2 and abs(pairwise[0]["score"] - llm_scores[0]) < 1e-6
+    order = sorted(range(len(DOCS)), key=lambda i: -llm_scores[i])
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        body = client.post(path, json={"model": "m", "query": TEXTS[0], "documents": DOCS, "top_n": 2}).json()
+        assert body["id"].startswith("rerank-") and body["model"] == "m"
+        assert [r["index"] for r in body["results"]] == order[:2]
+        assert [r["document"]["text"] for r in body["results"]] == [DOCS[i] for i in order[:2]]
+        np.testing.assert_allclose([r["relevance_score"] for r in body["results"]],
+                                   [llm_scores[i] for i in order[:2]], atol=1e-6)
+        assert body["usage"]["total_tokens"] > 0
+    everything = client.post("/rerank", json={"query": TEXTS[0], "documents": DOCS}).json()["results"]
+    assert [r["index"] for r in everything] == order
+    _error(client.post("/score", json={"text_1": TEXTS[:2], "text_2": DOCS[:3]}), 400, "data_1 has 2 texts", "text_1")
+    _error(client.post("/rerank", json={"query": "q", "documents": []}), 400, "documents must hold non-empty texts",
+           "documents")
+    _error(client.post("/rerank", json={"query": "q", "documents": ["d"], "top_n": -1}), 400, "top_n=-1", "top_n")
+    _error(client.post("/rerank", json={"query": "q", "documents": ["d"], "truncate_prompt_tokens": 0}), 400,
+           "truncate_prompt_tokens=0", "truncate_prompt_tokens")

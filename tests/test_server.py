@@ -474,6 +474,24 @@ def test_embeddings_equal_transformers_in_both_encodings(client, http, smollm2_h
     wait_idle(http)
 
 
+def test_score_and_rerank_by_embeddings_and_no_classify(http):
+    """A causal LM scores pairs by the cosine of its embeddings, as vLLM's embedding models do."""
+    import numpy as np
+
+    query, docs = "Where is Paris?", ["Paris is in France.", "def add(a, b): return a + b", "Lyon is in France."]
+    vectors = [np.asarray(d["embedding"]) for d in
+               http.post("/v1/embeddings", json={"input": [query, *docs]}).json()["data"]]
+    want = [float(vectors[0] @ v) for v in vectors[1:]]
+    scores = http.post("/v1/score", json={"model": MODEL, "text_1": query, "text_2": docs}).json()
+    np.testing.assert_allclose([d["score"] for d in scores["data"]], want, atol=1e-5)
+    ranked = http.post("/rerank", json={"query": query, "documents": docs, "top_n": 2}).json()["results"]
+    order = sorted(range(3), key=lambda i: -want[i])
+    assert [r["index"] for r in ranked] == order[:2]
+    response = http.post("/classify", json={"input": "x"})
+    assert response.status_code == 400 and "does not support Classification API" in response.json()["error"]["message"]
+    wait_idle(http)
+
+
 def _greedy_ids(http: httpx.Client, model: str | None, prompt: list[int], path: str = "/v1/completions") -> list[int]:
     body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "logprobs": 0}
     response = http.post(path, json=body if model is None else {**body, "model": model})

@@ -27,6 +27,7 @@ from jaxllm.entrypoints.openai import cli_args
 from jaxllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from jaxllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
+    ClassificationRequest,
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
@@ -34,6 +35,8 @@ from jaxllm.entrypoints.openai.protocol import (
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
+    RerankRequest,
+    ScoreRequest,
     TokenizeRequest,
     TokenizeResponse,
     UnloadLoRAAdapterRequest,
@@ -42,6 +45,7 @@ from jaxllm.entrypoints.openai.serving_chat import OpenAIServingChat, apply_chat
 from jaxllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from jaxllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from jaxllm.entrypoints.openai.serving_engine import APIError, LoRAModules, ServedModel, error_body
+from jaxllm.entrypoints.openai.serving_score import OpenAIServingScores
 from jaxllm.lora.adapter import load_adapter
 
 logger = logging.getLogger("jaxllm")
@@ -133,6 +137,7 @@ def _add_openai_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel
     completions = OpenAIServingCompletion(engine, served)
     chat = OpenAIServingChat(engine, served)
     embeddings = OpenAIServingEmbedding(engine, served)
+    scores = OpenAIServingScores(engine, served)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -152,6 +157,22 @@ def _add_openai_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel
     @app.post("/v1/embeddings")
     async def create_embedding(request: EmbeddingRequest, raw: Request):
         return await cancel_on_disconnect(raw, embeddings.create_embedding(request))
+
+    async def classify(request: ClassificationRequest, raw: Request):
+        return await cancel_on_disconnect(raw, scores.create_classify(request))
+
+    async def score(request: ScoreRequest, raw: Request):
+        return await cancel_on_disconnect(raw, scores.create_score(request))
+
+    async def rerank(request: RerankRequest, raw: Request):
+        return await cancel_on_disconnect(raw, scores.create_rerank(request))
+
+    # vLLM's paths: /classify, /score and /v1/score, /rerank and its Jina (v1) and Cohere (v2) ones.
+    app.add_api_route("/classify", classify, methods=["POST"])
+    for path in ("/score", "/v1/score"):
+        app.add_api_route(path, score, methods=["POST"])
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.add_api_route(path, rerank, methods=["POST"])
 
 
 RUNTIME_LORA_UPDATING = ("JAXLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")

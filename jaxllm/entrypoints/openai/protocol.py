@@ -597,3 +597,94 @@ class EmbeddingResponse(OpenAIModel):
     model: str
     data: list[EmbeddingData]
     usage: UsageInfo
+
+
+class ClassificationRequest(RequestModel):
+    """POST /classify (vLLM's): each input's class probabilities from a sequence classifier."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    truncate_prompt_tokens: int | None = None
+    user: str | None = None
+    add_special_tokens: bool = True
+    priority: int = 0
+    use_activation: bool | None = None
+    activation: bool | None = None  # vLLM's earlier name of use_activation
+
+
+class ClassificationData(OpenAIModel):
+    index: int
+    label: str | None  # id2label of the most probable class
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(OpenAIModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ClassificationData]
+    usage: UsageInfo
+
+
+class ScoreRequest(RequestModel):
+    """POST /score and /v1/score (vLLM's): text_1 (one text, or one per text_2 text) against text_2."""
+
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+    truncate_prompt_tokens: int | None = None
+    priority: int = 0
+    use_activation: bool | None = None
+    activation: bool | None = None
+
+
+class ScoreResponseData(OpenAIModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(OpenAIModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ScoreResponseData]
+    usage: UsageInfo
+
+
+class RerankRequest(RequestModel):
+    """POST /rerank, /v1/rerank and /v2/rerank (vLLM's, the Jina and Cohere shape): documents by
+    their relevance to the query, most relevant first; ``top_n`` keeps that many (0: all)."""
+
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: int = 0
+    truncate_prompt_tokens: int | None = None
+    priority: int = 0
+    use_activation: bool | None = None
+    activation: bool | None = None
+
+
+class RerankDocument(OpenAIModel):
+    text: str
+
+
+class RerankResult(OpenAIModel):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankUsage(OpenAIModel):
+    total_tokens: int
+
+
+class RerankResponse(OpenAIModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]

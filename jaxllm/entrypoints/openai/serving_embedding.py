@@ -22,7 +22,7 @@ class OpenAIServingEmbedding(OpenAIServing):
             logger.warning("request fields %s are not known to this server and were ignored", ignored)
         try:
             params = PoolingParams(dimensions=request.dimensions, normalize=request.normalize,
-                                   truncate_prompt_tokens=request.truncate_prompt_tokens)
+                                   truncate_prompt_tokens=request.truncate_prompt_tokens, task="embed")
         except ValueError as exc:
             param = next((n for n in ("dimensions", "normalize", "truncate_prompt_tokens") if n in str(exc)), None)
             raise APIError(str(exc), param=param) from exc
