@@ -16,7 +16,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 # "auto": the model's dtype; "fp8" (e4m3) and "int8": quantised, with a scale per token and kv head.
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 # What a classifier's head logits become (transformers' problem_type, as vLLM reads it).
 CLASSIFIER_ACTIVATIONS = ("softmax", "sigmoid", "identity")
@@ -184,11 +184,16 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """vLLM's ``speculative_config``: propose up to ``num_speculative_tokens`` tokens after each
-    request's last one and verify them all in the next step (see jaxllm/engine/ngram_proposer.py).
+    request's last one and verify them all in the next step.
 
-    ``method="ngram"`` (prompt lookup): the proposal is what followed the latest earlier occurrence
-    of the sequence's last n tokens, the longest n in ``prompt_lookup_min .. prompt_lookup_max``
-    that occurs; as in vLLM both default to 5, or to each other when only one is given.
+    ``method="ngram"`` (prompt lookup, jaxllm/engine/ngram_proposer.py): the proposal is what
+    followed the latest earlier occurrence of the sequence's last n tokens, the longest n in
+    ``prompt_lookup_min .. prompt_lookup_max`` that occurs; as in vLLM both default to 5, or to
+    each other when only one is given.
+
+    ``method="draft_model"`` (implied by ``model``, as in vLLM): a smaller model of the same
+    vocabulary, loaded like the target (``model`` is a checkpoint directory, a .gguf file or a
+    cached repo id), proposes greedily, one token at a time (jaxllm/runner/draft.py).
 
     ``disable_by_batch_size`` (vLLM's): no proposals while this many requests or more are running.
     Verifying k proposals makes a sequence's step k + 1 tokens; where the device is already busy
@@ -201,14 +206,26 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
     disable_by_batch_size: int | None = None
+    model: str | None = None
 
     def __post_init__(self):
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_config method={self.method!r} is not supported; supported: "
-                             f"{SPECULATIVE_METHODS} (draft models, EAGLE and MTP are not built)")
+                             f"{SPECULATIVE_METHODS} (EAGLE and MTP are not built)")
         _check_positive(self, "num_speculative_tokens")
         optional = ("prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size")
         _check_positive(self, *(n for n in optional if getattr(self, n) is not None))
+        if self.method == "draft_model":
+            if not isinstance(self.model, str) or not self.model:
+                raise ValueError(f"speculative_config method='draft_model' needs model (the draft checkpoint), "
+                                 f"got {self.model!r}")
+            lookup = [n for n in ("prompt_lookup_min", "prompt_lookup_max") if getattr(self, n) is not None]
+            if lookup:
+                raise ValueError(f"speculative_config {lookup[0]} is for method='ngram', not 'draft_model'")
+            return
+        if self.model is not None:
+            raise ValueError(f"speculative_config model={self.model!r} is for method='draft_model'; "
+                             "method='ngram' needs no model")
         if self.prompt_lookup_max is None and self.prompt_lookup_min is None:
             object.__setattr__(self, "prompt_lookup_max", 5)
             object.__setattr__(self, "prompt_lookup_min", 5)
@@ -225,12 +242,11 @@ class SpeculativeConfig:
         """The config of vLLM's dict form (``LLM(speculative_config={...})``, ``--speculative-config``)."""
         if value is None or isinstance(value, SpeculativeConfig):
             return value
-        fields = _given_fields(cls, "speculative_config", value, also_known=("model",))
-        if fields.pop("model", None) is not None:
-            raise ValueError(f"speculative_config model={value['model']!r}: draft models are not supported; "
-                             "use method='ngram', which needs none")
+        fields = _given_fields(cls, "speculative_config", value)
         if "num_speculative_tokens" not in fields:
             raise ValueError("speculative_config num_speculative_tokens is required (a positive integer)")
+        if fields.get("model") is not None and "method" not in fields:
+            fields["method"] = "draft_model"  # as vLLM: a model and no method is a draft model
         return cls(**fields)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from converters.checkpoint import Checkpoint
 from jaxllm.config import SCHEDULING_POLICIES, CacheConfig, LoRAConfig, PoolerConfig, SchedulerConfig, SpeculativeConfig
@@ -23,6 +24,9 @@ from jaxllm.engine.classifier import ClassifierHead
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.loader import load_checkpoint_as
 from jaxllm.models.attention import get_attention_backend
+from jaxllm.models.kv_quant import kv_storage_dtype
+from jaxllm.runner import kv_pool
+from jaxllm.runner.draft import DraftModelRunner
 from jaxllm.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("jaxllm")
@@ -63,7 +67,8 @@ class EngineArgs:
     download_dir: str | None = None  # where converted weights are cached with orbax
     warmup: bool = True  # compile every bucket at start-up
     # vLLM's speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 4,
-    # "prompt_lookup_max": 4}: see jaxllm.config.SpeculativeConfig. On the command line, JSON.
+    # "prompt_lookup_max": 4} or {"model": "<draft checkpoint>", "num_speculative_tokens": 4}:
+    # see jaxllm.config.SpeculativeConfig. On the command line, JSON.
     speculative_config: dict | None = None
     # vLLM's runner: "auto", "generate" or "pooling". A causal LM's engine serves both generation
     # and pooling (LLM.embed, /v1/embeddings), so there the value only documents the intent; a
@@ -229,6 +234,35 @@ def _enable_compilation_cache(path: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _load_draft(name: str, args: EngineArgs, target: Checkpoint, cache: CacheConfig, sched: SchedulerConfig,
+                classifier) -> Checkpoint:
+    """speculative_config's draft model, checked against the target it proposes for."""
+    if classifier is not None:
+        raise ValueError("speculative_config: a sequence classifier generates nothing to speculate on")
+    if cache.preemption_mode == "swap":
+        raise ValueError("speculative_config method='draft_model' works with preemption_mode='recompute' only "
+                         "(swapping does not move the draft model's pool)")
+    draft = load_checkpoint_as(name, args.dtype, args.download_dir)
+    cfg = draft.config
+    if cfg.is_classifier:
+        raise ValueError(f"speculative_config model={name!r} is a sequence classifier, not a generative model")
+    if cfg.vocab_size != target.config.vocab_size:
+        raise ValueError(f"speculative_config model={name!r} has a vocabulary of {cfg.vocab_size} tokens, the "
+                         f"target {target.config.vocab_size}: a draft model must share the target's vocabulary")
+    if cfg.max_position_embeddings < sched.max_model_len:
+        raise ValueError(f"speculative_config model={name!r} takes {cfg.max_position_embeddings} positions, fewer "
+                         f"than max_model_len={sched.max_model_len}; lower max_model_len")
+    return draft
+
+
+def _pool_bytes(draft: Checkpoint, cache: CacheConfig) -> tuple[int, int]:
+    """(weight bytes, KV bytes per block) of a draft model, for sizing the shared block pool."""
+    dtype = np.dtype(draft.params["embed"].dtype)
+    kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, dtype, jax.devices()[0].platform)
+    weights = sum(x.nbytes for x in jax.tree.leaves(draft.params))
+    return weights, kv_pool.bytes_per_block(draft.config, cache.block_size, kv_dtype)
+
+
 def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
                   engine_cls: type[LLMEngine] = LLMEngine) -> LLMEngine:
     """Load the model (unless ``checkpoint`` is given), size the KV pool, compile, return an engine
@@ -245,9 +279,17 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     if classifier is not None and args.runner == "generate":
         raise ValueError(f"runner='generate': {ckpt.config.architecture} is a sequence classifier, which serves "
                          "pooling requests (classify, score) only")
+    num_speculative_tokens = 0 if speculative is None else speculative.num_speculative_tokens
+    draft = None
+    if speculative is not None and speculative.method == "draft_model":
+        draft = _load_draft(speculative.model, args, ckpt, cache, sched, classifier)
     runner = ModelRunner(ckpt.config, params, cache, sched, attend, seed=args.seed,
-                         num_speculative_tokens=0 if speculative is None else speculative.num_speculative_tokens,
-                         lora_config=lora)
+                         num_speculative_tokens=num_speculative_tokens, lora_config=lora,
+                         shared_pool_bytes=(0, 0) if draft is None else _pool_bytes(draft, cache))
+    if draft is not None:  # the same block ids, the same buckets
+        draft_runner = ModelRunner(draft.config, draft.params, dataclasses.replace(cache, num_kv_blocks=runner.num_blocks),
+                                   sched, attend, seed=args.seed, num_speculative_tokens=num_speculative_tokens)
+        runner = DraftModelRunner(runner, draft_runner)
     if args.warmup:
         runner.warmup()
     eos = set(ckpt.config.eos_token_ids)

@@ -83,7 +83,8 @@ def test_speculative_config_defaults_and_errors():
     assert SpeculativeConfig.from_dict(config) is config
     for bad, match in [
         ({"num_speculative_tokens": 3, "method": "eagle"}, "method='eagle' is not supported"),
-        ({"num_speculative_tokens": 3, "model": "some/draft"}, "model='some/draft': draft models"),
+        ({"num_speculative_tokens": 3, "method": "ngram", "model": "some/draft"},
+         "model='some/draft' is for method='draft_model'"),
         ({"num_speculative_tokens": 3, "speculative_tokens": 2}, r"unknown key\(s\) \['speculative_tokens'\]"),
         ({"method": "ngram"}, "num_speculative_tokens is required"),
         ({"num_speculative_tokens": 0}, "num_speculative_tokens=0 must be a positive integer"),

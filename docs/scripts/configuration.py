@@ -64,9 +64,13 @@ ENGINE_HELP = {
                           "earlier occurrence of the sequence's last n tokens, and the next step verifies them; "
                           "outputs are the same as without it (greedy and seeded sampling; penalties and structured "
                           "outputs apply at every verified position). Those steps run synchronously. Beam search "
-                          "gets no proposals. Draft models, EAGLE and MTP are not built.",
-    "runner": "vLLM's runner (`auto`, `generate`, `pooling`). Every engine here serves both generation and "
+                          "gets no proposals. `{\"model\": \"<draft checkpoint>\", \"num_speculative_tokens\": k}` "
+                          "(method `draft_model`, as vLLM infers it from `model`): a smaller model of the same "
+                          "vocabulary proposes k tokens greedily; its KV pool shares the target's block ids and "
+                          "budget, and it runs every step in lockstep with the target. EAGLE and MTP are not built.",
+    "runner": "vLLM's runner (`auto`, `generate`, `pooling`). A causal LM's engine serves both generation and "
               "pooling requests (`LLM.embed` / `LLM.encode`, `/v1/embeddings`), so the value only states the intent; "
+              "a sequence classifier serves pooling only (`classify`, `score`) and refuses `generate`; "
               "others are refused.",
     "pooler_config": "How pooling requests turn a prompt's final hidden states (after the model's last norm) into one "
                      "vector, as a dict (`--pooler-config` takes JSON): `pooling_type` `LAST` (default, as vLLM for a "

@@ -177,6 +177,11 @@ class LLMEngine:
         self._in_flight: tuple[SchedulerOutput, object] | None = None  # dispatched, not yet resolved
         self.num_overlapped_steps = 0  # steps dispatched while the previous one was in flight
         self._token_dfas: TokenDFACache | None = None  # structured outputs' compiled patterns
+        if speculative_config is not None and speculative_config.method == "draft_model":
+            if not hasattr(runner, "propose"):
+                raise ValueError("speculative_config method='draft_model' needs a runner with a draft model "
+                                 "(jaxllm.runner.draft.DraftModelRunner)")
+            self.scheduler.draft_proposer = runner.propose
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:

@@ -105,6 +105,19 @@ def draft_sample_id(request_id: str, index: int) -> str:
 
 
 @dataclass(frozen=True)
+class DraftJob:
+    """Ask a draft model for ``num_tokens`` proposals after one request's last token ``token_id``,
+    which sits at ``position`` (not yet computed); ``block_ids`` covers the positions up to
+    ``position + num_tokens - 1``."""
+
+    request_id: str
+    token_id: int
+    position: int
+    block_ids: tuple[int, ...]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     """What one engine step computes."""
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jaxllm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from jaxllm.engine.kv_cache_manager import NO_COMPUTED_BLOCKS, KVCacheManager
-from jaxllm.engine.messages import RunnerOutput, ScheduledSequence, SchedulerOutput, draft_sample_id
+from jaxllm.engine.messages import DraftJob, RunnerOutput, ScheduledSequence, SchedulerOutput, draft_sample_id
 from jaxllm.engine.ngram_proposer import propose_ngram
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.request_queue import RequestQueue
@@ -125,6 +126,8 @@ class Scheduler:
         self.max_loras = max_loras
         self.speculative_config = speculative_config
         self.spec_stats = SpecDecodeStats() if speculative_config is not None else None
+        # method "draft_model": the runner's ``propose(jobs, block_copies)`` (set by the engine).
+        self.draft_proposer: Callable[[list[DraftJob], tuple], list[tuple[int, ...]]] | None = None
         self.eos_token_ids = frozenset(eos_token_ids)
         self._eos_tuple = tuple(eos_token_ids)
         self.kv = KVCacheManager(num_kv_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
@@ -529,9 +532,12 @@ class Scheduler:
                 updates[-1] = self._verify_drafts(seq, updates[-1], runner_output)
         self._record_kv_waste(scheduler_output)
         if self._speculating():
-            for update in updates:
-                if not update.finished:
-                    self._propose(update.request)
+            unfinished = list({id(u.request): u.request for u in updates if not u.finished}.values())
+            if self.speculative_config.method == "draft_model":
+                self._propose_with_draft_model(unfinished)
+            else:
+                for request in unfinished:
+                    self._propose(request)
         return updates
 
     def _at_length_limit(self, request: Request, pending: int = 0) -> bool:
@@ -629,29 +635,60 @@ class Scheduler:
         self.spec_stats.record(seq.num_draft_tokens, accepted)
         return dataclasses.replace(update, new_token_ids=tuple(tokens))
 
-    def _propose(self, request: Request) -> None:
-        """Proposals for a request's next step (n-gram lookup over its prompt and outputs).
-
-        None for beam search (each beam takes one token at a time), nor past max_tokens or
-        max_model_len. Under structured outputs a proposal ends before the first token the pattern
-        does not allow (the sample there could never equal it)."""
-        config, params = self.speculative_config, request.sampling_params
-        request.spec_token_ids = ()
+    def _proposal_room(self, request: Request) -> int:
+        """How many tokens may be proposed for a request's next step: none for beam search (each
+        beam takes one token at a time), nor past max_tokens or max_model_len."""
         if request.retain_blocks:
-            return
+            return 0
+        params = request.sampling_params
         room = min(params.max_tokens - request.num_output_tokens, self.config.max_model_len - request.num_tokens) - 1
-        k = min(config.num_speculative_tokens, room)
-        if k <= 0:
-            return
-        drafts = propose_ngram(self._histories.view(request), config.prompt_lookup_min, config.prompt_lookup_max, k)
+        return min(self.speculative_config.num_speculative_tokens, room)
+
+    @staticmethod
+    def _allowed_prefix(request: Request, drafts: tuple[int, ...]) -> tuple[int, ...]:
+        """Under structured outputs a proposal ends before the first token the pattern does not
+        allow (the sample there could never equal it)."""
         if request.matcher is not None:
             token_dfa, state = request.matcher.key
             for i, token in enumerate(drafts):
                 state = token_dfa.next_state(state, token)
                 if state == token_dfa.dfa.dead:
-                    drafts = drafts[:i]
-                    break
-        request.spec_token_ids, request.spec_num_tokens = drafts, request.num_tokens
+                    return drafts[:i]
+        return drafts
+
+    def _propose(self, request: Request) -> None:
+        """Proposals for a request's next step: n-gram lookup over its prompt and outputs."""
+        config = self.speculative_config
+        request.spec_token_ids = ()
+        k = self._proposal_room(request)
+        if k <= 0:
+            return
+        drafts = propose_ngram(self._histories.view(request), config.prompt_lookup_min, config.prompt_lookup_max, k)
+        request.spec_token_ids, request.spec_num_tokens = self._allowed_prefix(request, drafts), request.num_tokens
+
+    def _propose_with_draft_model(self, requests: list[Request]) -> None:
+        """Proposals for the requests' next steps from the draft model (``draft_proposer``; see
+        jaxllm/runner/draft.py). Each request's next k positions take their slots now, since the
+        draft model writes its K/V there while proposing; when the pool is short the request gets
+        no proposal (nobody is preempted for one)."""
+        jobs, requests_of_jobs, copies = [], [], []
+        for request in requests:
+            request.spec_token_ids = ()
+            k = self._proposal_room(request)
+            position = request.num_computed_tokens
+            if k <= 0 or request.num_tokens - position != 1 or request.output_token_ids[-1] == PLACEHOLDER:
+                continue
+            allocation = self.kv.allocate_slots(request, k)
+            if allocation is None:
+                continue
+            copies += allocation.block_copies
+            jobs.append(DraftJob(request.request_id, request.token_ids_in(position, position + 1)[0], position,
+                                 tuple(self.kv.block_ids(request.request_id)), k))
+            requests_of_jobs.append(request)
+        if not jobs:
+            return
+        for request, drafts in zip(requests_of_jobs, self.draft_proposer(jobs, tuple(copies)), strict=True):
+            request.spec_token_ids, request.spec_num_tokens = self._allowed_prefix(request, drafts), request.num_tokens
 
     @staticmethod
     def _append_token(request: Request, token: int, token_logprobs) -> None:

@@ -111,7 +111,10 @@ class ModelRunner:
         seed: int = 0,
         num_speculative_tokens: int = 0,
         lora_config: LoRAConfig | None = None,
+        shared_pool_bytes: tuple[int, int] = (0, 0),
     ):
+        """``shared_pool_bytes``: (weight bytes, KV bytes per block) of a draft model whose pool
+        shares this one's block ids, taken out of the KV budget when the pool is sized."""
         self.cfg, self.cache = cfg, cache
         self.dtype = np.dtype(params["embed"].dtype)
         platform = jax.devices()[0].platform
@@ -138,7 +141,7 @@ class ModelRunner:
         # tokens run the plain program (no LoRA terms, the same numbers as an engine without LoRA).
         self._compiled: dict[tuple[int, int, bool], object] = {}
         self.num_compiles = 0
-        self.num_blocks = self._size_pool(sched.max_model_len)
+        self.num_blocks = self._size_pool(sched.max_model_len, *shared_pool_bytes)
         self.kv = kv_pool.allocate(cfg, self.num_blocks, cache.block_size, self.kv_dtype)
         self.num_swap_blocks = num_swap_slots(cache, cfg, self.kv_dtype)
         self._swap = HostSwapSpace(self.kv, self.num_swap_blocks) if self.num_swap_blocks else None
@@ -146,12 +149,12 @@ class ModelRunner:
         self.masks = DeviceMaskTable(cfg.vocab_size, capacity=2 * self.buckets.max_num_rows)
 
     # -- set-up --------------------------------------------------------------------------------
-    def _size_pool(self, max_model_len: int) -> int:
+    def _size_pool(self, max_model_len: int, other_weights: int = 0, other_bytes_per_block: int = 0) -> int:
         device = jax.devices()[0]
-        weights = sum(x.nbytes for x in jax.tree.leaves(self.params))
+        weights = sum(x.nbytes for x in jax.tree.leaves(self.params)) + other_weights
         peak = self._activation_peak() if device.platform == "gpu" and self.cache.num_kv_blocks is None else 0
         budget = kv_pool.kv_budget_bytes(self.cache, device, weights, peak)
-        blocks = kv_pool.num_blocks_for(self.cache, self.cfg, self.kv_dtype, budget)
+        blocks = kv_pool.num_blocks_for(self.cache, self.cfg, self.kv_dtype, budget, other_bytes_per_block)
         kv_pool.log_capacity(blocks, self.cache.block_size, max_model_len)
         return blocks
 
