@@ -474,6 +474,26 @@ def test_embeddings_equal_transformers_in_both_encodings(client, http, smollm2_h
     wait_idle(http)
 
 
+def test_embeddings_of_a_conversation(http):
+    """vLLM's chat form of /v1/embeddings: messages rendered by the chat template, with no
+    generation prompt unless asked for."""
+    import numpy as np
+
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "Paris."}]
+    for extra in ({}, {"add_generation_prompt": True}):
+        ids = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False, **extra}).json()
+        by_ids = http.post("/v1/embeddings", json={"input": ids["tokens"]}).json()
+        by_messages = http.post("/v1/embeddings", json={"messages": messages, **extra}).json()
+        assert by_messages["usage"]["prompt_tokens"] == ids["count"]
+        np.testing.assert_allclose(by_messages["data"][0]["embedding"], by_ids["data"][0]["embedding"], atol=1e-6)
+    for body, param in [({}, "input"), ({"input": "x", "messages": messages}, "input"),
+                        ({"messages": []}, "messages")]:
+        response = http.post("/v1/embeddings", json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (body, response.text)
+    wait_idle(http)
+
+
 def test_score_and_rerank_by_embeddings_and_no_classify(http):
     """A causal LM scores pairs by the cosine of its embeddings, as vLLM's embedding models do."""
     import numpy as np

@@ -571,10 +571,17 @@ class DetokenizeResponse(OpenAIModel):
 
 
 class EmbeddingRequest(RequestModel):
-    """POST /v1/embeddings (OpenAI's, with vLLM's extra fields)."""
+    """POST /v1/embeddings (OpenAI's, with vLLM's extra fields). As in vLLM, a conversation in
+    ``messages`` (rendered by the chat template, without a generation prompt by default) may stand
+    in for ``input``: one of the two."""
 
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[int] | list[list[int]] | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None

@@ -8,6 +8,7 @@ import numpy as np
 
 from jaxllm.engine.async_engine import RequestStream
 from jaxllm.entrypoints.openai.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, UsageInfo, random_id
+from jaxllm.entrypoints.openai.serving_chat import apply_chat_template
 from jaxllm.entrypoints.openai.serving_engine import APIError, OpenAIServing, final_outputs, logger
 from jaxllm.outputs import PoolingRequestOutput
 from jaxllm.pooling_params import PoolingParams
@@ -27,7 +28,7 @@ class OpenAIServingEmbedding(OpenAIServing):
             param = next((n for n in ("dimensions", "normalize", "truncate_prompt_tokens") if n in str(exc)), None)
             raise APIError(str(exc), param=param) from exc
         prompts = [self._checked(params.truncated_prompt(ids, self.served.max_model_len))
-                   for ids in self.prompt_token_lists(request.input, request.add_special_tokens, "input")]
+                   for ids in self._token_lists(request)]
         request_id = random_id("embd")
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         streams = await self.start(ids, prompts, params, priority=request.priority, lora_request=lora)
@@ -36,6 +37,18 @@ class OpenAIServingEmbedding(OpenAIServing):
                 for i, out in enumerate(outputs)]
         num_tokens = sum(len(p) for p in prompts)
         return EmbeddingResponse(id=request_id, model=self.model_name(request.model), data=data, usage=UsageInfo.of(num_tokens, 0))
+
+    def _token_lists(self, request: EmbeddingRequest) -> list[list[int]]:
+        """The request's inputs as token ids: ``input``, or the conversation in ``messages``."""
+        if (request.input is None) == (request.messages is None):
+            raise APIError("give either input or messages (a conversation), not both and not neither", param="input")
+        if request.messages is None:
+            return self.prompt_token_lists(request.input, request.add_special_tokens, "input")
+        if not request.messages:
+            raise APIError("messages must not be empty", param="messages")
+        return [apply_chat_template(self.tokenizer, request.messages, request.add_generation_prompt,
+                                    request.chat_template, continue_final_message=request.continue_final_message,
+                                    chat_template_kwargs=request.chat_template_kwargs)]
 
     def _checked(self, ids: list[int]) -> list[int]:
         # A pooling request runs as one of a single output token, which needs a position too.
