@@ -104,3 +104,15 @@ def test_detokenize_false_gives_no_text(byte_bpe):
     detok = IncrementalDetokenizer(byte_bpe, [5], SamplingParams(detokenize=False))
     assert detok.update(byte_bpe.encode("Hello world")) is None
     assert detok.output_text(finished=True) == ""
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_every_added_special_token_is_skipped_as_transformers_skips_it(smollm2_model, skip):
+    """SmolLM2 marks 17 added tokens special (<file_sep>, <jupyter_code>, ...) but names only three
+    of them as its special tokens: skip_special_tokens leaves out all 17, as transformers' decode."""
+    tok = smollm2_model.tokenizer
+    output = tok.encode("a") + [5] + tok.encode(" b") + [13, 2]  # <file_sep>, <jupyter_code>, <|im_end|>
+    assert {5, 13} - set(tok.all_special_ids) == {5, 13}
+    detok = IncrementalDetokenizer(tok, tok.encode("Hi"), SamplingParams(skip_special_tokens=skip))
+    assert feed(detok, output)[-1] == tok.decode(output, skip_special_tokens=skip)
+    assert (detok.text == "a b") is skip

@@ -17,6 +17,7 @@ from jaxllm.entrypoints.openai.tool_calls import (
     constraint,
     parse_hermes,
     parse_llama3_json,
+    parse_mistral,
     parse_pythonic,
     parse_reply,
     resolve_tool_choice,
@@ -145,6 +146,24 @@ def test_pythonic_parser(text, content, calls):
     assert (parsed.content, _calls(parsed)) == (content, calls)
 
 
+@pytest.mark.parametrize("text, content, calls", [
+    ("No tools needed.", "No tools needed.", []),
+    ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "ping", "arguments": {}}]', None,
+     [("get_weather", {"city": "Paris"}), ("ping", {})]),
+    ('Let me check.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]ping[ARGS]{}', "Let me check.",
+     [("get_weather", {"city": "Paris"}), ("ping", {})]),
+    ('[TOOL_CALLS]{"name": "ping", "arguments": {}}', None, [("ping", {})]),
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": ', '[TOOL_CALLS]get_weather[ARGS]{"city": ', []),  # cut short
+    ("[TOOL_CALLS][ARGS]{}", "[TOOL_CALLS][ARGS]{}", []),  # no name
+    ("[TOOL_CALLS][]", "[TOOL_CALLS][]", []),
+    ('[TOOL_CALLS][{"arguments": {}}]', '[TOOL_CALLS][{"arguments": {}}]', []),
+])
+def test_mistral_parser(text, content, calls):
+    parsed = parse_mistral(text)
+    assert (parsed.content, _calls(parsed)) == (content, calls)
+    assert all(re.fullmatch(r"[A-Za-z0-9]{9}", c["id"]) for c in parsed.tool_calls)  # Mistral's id form
+
+
 STREAM_CASES = {
     "hermes": ["Plain answer with < and <tool and <tool_cal but no call.",
                'Checking <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
@@ -154,6 +173,8 @@ STREAM_CASES = {
                     '  <|python_tag|>{"name": "ping", "arguments": {}}', "A plain {reply} with braces.",
                     '{"not": "a call"}', "<|python", "   "],
     "pythonic": ['[get_weather(city="Paris"), ping()]', " [f(x=1)", "Text [with] brackets.", "[1, 2]"],
+    "mistral": ['Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', '[TOOL_CALLS][{"name": "ping", "arguments": {}}]',
+                "An [ordinary] reply [TOOL_CALL", "[TOOL_CALLS]not json"],
 }
 
 
@@ -171,7 +192,7 @@ def test_streamed_auto_reply_equals_the_whole_reply_however_it_is_cut(parser, te
         if whole.tool_calls:
             assert (sent + rest).strip() == (whole.content or "")
             assert [c["function"] for c in calls] == [c["function"] for c in whole.tool_calls]
-            assert not any(m in sent for m in ("<tool_call>", "<|python_tag|>", "{", "["))  # calls never leak
+            assert not any(m in sent for m in ("<tool_call>", "<|python_tag|>", "{", "[", "TOOL_CALLS"))  # calls never leak
         else:
             assert sent + rest == text and calls == []
 
@@ -202,16 +223,26 @@ def test_auto_tool_choice_flag_needs_a_parser():
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "ping", "parameters": {}}',
      None),
     ("pythonic", '[get_weather(city="Paris"), ping()]', None),
+    # [TOOL_CALLS] and [ARGS] are special tokens of Mistral's tokenizers (added to SmolLM2's below):
+    # the reply keeps them only because the parser asks for skip_special_tokens=False.
+    ("mistral", 'Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]ping[ARGS]{}', "Sure."),
 ])
 def test_auto_tool_calls_through_the_server(smollm2_model, parser, reply, content):
     """Each parser behind --tool-call-parser, on a runner that writes a fixed reply: the whole
     response and the streamed one carry the same calls, and no call text as content."""
+    import copy
+
     from test_reasoning import _client, _stream
 
     want = [("get_weather", {"city": "Paris"}), ("ping", {})]
     body = {"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}],
             "tools": [WEATHER, NO_PARAMETERS], "temperature": 0}
-    with _client(smollm2_model.tokenizer, None, reply, tool_call_parser=parser) as client:
+    tokenizer = smollm2_model.tokenizer
+    if parser == "mistral":
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_tokens(["[TOOL_CALLS]", "[ARGS]"], special_tokens=True)
+        assert tokenizer.decode(tokenizer.encode(reply), skip_special_tokens=True) == 'Sure.get_weather{"city": "Paris"}ping{}'
+    with _client(tokenizer, None, reply, tool_call_parser=parser) as client:
         choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
         assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == content
         assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))

@@ -27,6 +27,13 @@ class StopStringMatch:
     token_index: int = 0
 
 
+def special_token_ids(tokenizer) -> frozenset[int]:
+    """What ``skip_special_tokens`` leaves out: the tokenizer's special tokens (bos, eos, ...) and
+    every added token marked special, as transformers' ``decode`` and vLLM's detokenizer skip them."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) | {i for i, t in added.items() if t.special}
+
+
 class IncrementalDetokenizer:
     """Text of one request's output, grown token by token.
 
@@ -41,7 +48,7 @@ class IncrementalDetokenizer:
         self.params = params
         self.text = ""
         self.enabled = params.detokenize and tokenizer is not None
-        self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self._special_ids = special_token_ids(tokenizer) if self.enabled else frozenset()
         context = prompt_token_ids[-_PROMPT_CONTEXT_TOKENS - 1:]
         self._tokens: list[str] = self._to_tokens(context) if self.enabled else []
         self._prefix_offset = max(len(self._tokens) - _PROMPT_CONTEXT_TOKENS, 0)

@@ -22,6 +22,7 @@ import json
 
 import numpy as np
 
+from jaxllm.engine.detokenizer import special_token_ids
 from jaxllm.structured.regex import DFA, compile_regex
 
 _SENTENCEPIECE_SPACE = "\u2581"
@@ -54,7 +55,7 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
     ids = list(range(min(vocab_size, len(tokenizer))))
     pieces = tokenizer.convert_ids_to_tokens(ids)
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ()) | {i for i, t in added.items() if t.special}
+    special = special_token_ids(tokenizer)
     byte_level = _is_byte_level(tokenizer)
     out: list[bytes | None] = []
     for i, piece in zip(ids, pieces, strict=True):

@@ -29,7 +29,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                        help="how tool calls are read out of 'auto' replies (vLLM's parsers: hermes "
                             "<tool_call>{...}</tool_call>; llama3_json: the reply is {\"name\": .., \"parameters\": ..}, "
-                            "several joined by ';'; pythonic: [f(x=1), g()])")
+                            "several joined by ';'; mistral: [TOOL_CALLS] then a JSON list, or name[ARGS]{...} "
+                            "per call; pythonic: [f(x=1), g()])")
     group.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                        help="put a reasoning model's <think> ... </think> part of chat replies in the message's "
                             "'reasoning' (and 'reasoning_content') instead of 'content'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
@@ -32,7 +33,7 @@ from jaxllm.entrypoints.openai.serving_engine import (
     prompt_logprobs_body,
     sse,
 )
-from jaxllm.entrypoints.openai.tool_calls import StreamedReply, ToolChoice, parse_reply
+from jaxllm.entrypoints.openai.tool_calls import TOOL_CALL_PARSER_TABLE, StreamedReply, ToolChoice, parse_reply
 from jaxllm.outputs import RequestOutput
 
 
@@ -82,6 +83,9 @@ class OpenAIServingChat(OpenAIServing):
                                          request.chat_template_kwargs)
         prompt_ids = self.truncated(request, prompt_ids)
         params = self.sampling_params(request, prompt_ids)
+        parser = TOOL_CALL_PARSER_TABLE.get(self.served.tool_call_parser)
+        if choice.mode == "auto" and parser is not None and parser.keeps_special_tokens:
+            params = dataclasses.replace(params, skip_special_tokens=False)  # its markers are special tokens
         request_id = random_id("chatcmpl")
         if request.use_beam_search:
             output = await beam_search_output(self.engine, request_id, prompt_ids, self.beam_search_params(request, params),

@@ -25,13 +25,15 @@ from __future__ import annotations
 import ast
 import json
 import re
+import secrets
+import string
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from jaxllm.structured.params import StructuredOutputsParams
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,42 @@ def parse_pythonic(text: str) -> ParsedReply:
     return ParsedReply(None, calls)
 
 
+_MISTRAL_CALLS, _MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+_ALPHANUMERIC = string.ascii_letters + string.digits
+
+
+def mistral_tool_call_id() -> str:
+    """Mistral's chat templates take 9 letters and digits as a tool call's id, as vLLM generates them."""
+    return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(9))
+
+
+def parse_mistral(text: str) -> ParsedReply:
+    """Mistral tool calls (vLLM's ``mistral``): after ``[TOOL_CALLS]``, a JSON list of
+    ``{"name": ..., "arguments": {...}}`` (tokenizers before v11), or ``name[ARGS]{...}``, one
+    ``[TOOL_CALLS]`` per call (v11 and later). The text before the first is the content; a reply
+    whose calls do not parse is all content."""
+    start = text.find(_MISTRAL_CALLS)
+    if start < 0:
+        return ParsedReply(text)
+    items = []
+    for part in text[start:].split(_MISTRAL_CALLS)[1:]:
+        name, has_args, arguments = part.partition(_MISTRAL_ARGS)
+        try:
+            if has_args:
+                items.append({"name": name.strip(), "arguments": json.loads(arguments)})
+            else:
+                value = json.loads(part)
+                items += value if isinstance(value, list) else [value]
+        except json.JSONDecodeError:
+            return ParsedReply(text)
+    calls = _named_calls(items, ("arguments",)) if items else None
+    if calls is None or any(not c["function"]["name"] for c in calls):
+        return ParsedReply(text)
+    for call in calls:
+        call["id"] = mistral_tool_call_id()
+    return ParsedReply(text[:start].strip() or None, calls)
+
+
 @dataclass(frozen=True)
 class ToolCallParser:
     """How ``"auto"`` replies carry tool calls: ``markers`` open the calls; ``anchored``: only at the
@@ -229,6 +267,8 @@ class ToolCallParser:
     parse: Any  # text -> ParsedReply
     markers: tuple[str, ...]
     anchored: bool = False
+    # The markers are special tokens the reply's text must keep (skip_special_tokens=False).
+    keeps_special_tokens: bool = False
 
     def calls_start(self, text: str, sent: int) -> int | None:
         """Where the calls begin in ``text`` at or after ``sent`` (None: not seen yet)."""
@@ -249,6 +289,7 @@ class ToolCallParser:
 TOOL_CALL_PARSER_TABLE = {
     "hermes": ToolCallParser(parse_hermes, (_HERMES_OPEN,)),
     "llama3_json": ToolCallParser(parse_llama3_json, (_PYTHON_TAG, "{"), anchored=True),
+    "mistral": ToolCallParser(parse_mistral, (_MISTRAL_CALLS,), keeps_special_tokens=True),
     "pythonic": ToolCallParser(parse_pythonic, (_PYTHON_TAG, "["), anchored=True),
 }
 
