@@ -229,13 +229,63 @@ def test_structured_requests_survive_preemption(tokenizer):
     assert re.fullmatch(r"[0-9]{6,9}", big["1"]) and re.fullmatch(r"[0-9]{6,9}", big["3"])
 
 
+SQL_GRAMMAR = r"""
+root ::= select_statement
+select_statement ::= "SELECT " column " from " table " where " condition
+column ::= "col_1 " | "col_2 "
+table ::= "table_1 " | "table_2 "
+condition ::= column "= " number
+number ::= "1 " | "2 "
+"""
+EXPR_GRAMMAR = r"""
+root ::= expr   # arithmetic, nested by parentheses
+expr ::= term (("+" | "-") term)*
+term ::= factor (('*' | '/') factor)*
+factor ::= [0-9]+ | "(" expr ")"
+"""
+
+
+@pytest.mark.parametrize("grammar, good, bad", [
+    (SQL_GRAMMAR, ["SELECT col_1  from table_2  where col_2 = 1 "], ["SELECT col_3  from table_1  where col_1 = 1 ",
+                                                                     "SELECT col_1  from table_2  where col_2 = 1"]),
+    (EXPR_GRAMMAR, ["1+2*(3-4)", "((((7))))", "12/3-4*5"], ["(((((7)))))", "1+", "(1", "1+-2", ""]),
+    # Escapes, classes, repetition bounds, a body over several lines, left recursion.
+    (r"""root ::= greeting{1,2} name
+         greeting ::= "hi\t" | 'yo\n'
+         name ::= [A-Z] [a-z]{2,} "\x21"?""", ["hi\tAnn", "yo\nhi\tBob!"], ["Ann", "hi\thi\thi\tAnn", "hi\tAn"]),
+    ("root ::= list\nlist ::= list \",\" item | item\nitem ::= [a-z]", ["a", "a,b,c,d,e"], ["a,b,c,d,e,f", "a,"]),
+])
+def test_grammars_compile_to_automata_of_exactly_their_outputs(grammar, good, bad):
+    dfa = compile_regex(StructuredOutputsParams(grammar=grammar).pattern())
+    assert [dfa.fullmatch(t) for t in good] == [True] * len(good)
+    assert [dfa.fullmatch(t) for t in bad] == [False] * len(bad)
+
+
+@pytest.mark.parametrize("grammar, message", [
+    ("expr ::= 'a'", "no 'root' rule"),
+    ("root ::= item", "rule 'root' uses 'item', which is not defined"),
+    ("root ::= 'a'\nroot ::= 'b'", "defined twice"),
+    ("root ::= ('a'", "is not closed"),
+    ("root ::= 'a", "unexpected"),
+    ("root ::= 'a' {3,1}", "max < min"),
+    ("root ::= '\\q'", "unknown escape"),
+    ("root ::= root 'a'", "'root' never ends within 4 levels"),
+    ("root ::= 'a' = 'b'", "unexpected \"= 'b'\" at offset 13"),
+    ("  ", "non-empty string"),
+    ("root ::= v\nv ::= '(' w w w w w w w w ')' | 'x'\nw ::= '[' v v v v v v v v ']' | 'y'", "too large"),
+])
+def test_bad_grammars_are_named(grammar, message):
+    with pytest.raises(ValueError, match=re.escape(message) if "'" in message else message):
+        StructuredOutputsParams(grammar=grammar).pattern()
+
+
 def test_structured_outputs_params_are_validated():
     with pytest.raises(ValueError, match="exactly one of"):
         StructuredOutputsParams()
     with pytest.raises(ValueError, match="exactly one of"):
         StructuredOutputsParams(regex="a", choice=["a"])
-    with pytest.raises(ValueError, match=r"grammar \(context-free grammars\) is not supported"):
-        StructuredOutputsParams(grammar="root ::= 'a'")
+    with pytest.raises(ValueError, match="grammar=3 must be a string of EBNF rules"):
+        StructuredOutputsParams(grammar=3)
     with pytest.raises(ValueError, match="non-empty list of strings"):
         StructuredOutputsParams(choice=[])
     with pytest.raises(ValueError, match="not both"):
@@ -323,6 +373,23 @@ def test_smollm2_json_schema_and_json_object(llm):
                        use_tqdm=False)[0].outputs[0]
     assert obj.finish_reason == "stop", obj.text
     assert isinstance(json.loads(obj.text), dict)
+
+
+def test_smollm2_follows_a_grammar(llm):
+    """vLLM's documented example: a simplified SQL grammar, and a recursive arithmetic one."""
+    sql = llm.generate("Generate an SQL query to show the 'username' and 'email' from the 'users' table.",
+                       SamplingParams(temperature=0.0, max_tokens=40,
+                                      structured_outputs=StructuredOutputsParams(grammar=SQL_GRAMMAR)),
+                       use_tqdm=False)[0].outputs[0]
+    assert sql.finish_reason == "stop"
+    assert re.fullmatch(r"SELECT col_[12]  from table_[12]  where col_[12] = [12] ", sql.text), sql.text
+    params = SamplingParams(temperature=0.8, seed=3, n=3, max_tokens=30,
+                            structured_outputs=StructuredOutputsParams(grammar=EXPR_GRAMMAR))
+    dfa = compile_regex(StructuredOutputsParams(grammar=EXPR_GRAMMAR).pattern())
+    for c in llm.generate("An arithmetic expression with parentheses: ", params, use_tqdm=False)[0].outputs:
+        # Cut by max_tokens or finished, the text is always a prefix the grammar can complete.
+        state = dfa.step(dfa.start, c.text)
+        assert (dfa.accepting[state] if c.finish_reason == "stop" else state != dfa.dead), c.text
 
 
 def test_smollm2_constrained_outputs_are_the_same_under_preemption_and_chunked_prefill(llm, smollm2_model):

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from jaxllm.structured.grammar import grammar_regex
 from jaxllm.structured.json_schema import json_object_regex, json_schema_regex
 from jaxllm.structured.regex import literal
 
@@ -19,7 +20,8 @@ DEFAULT_WHITESPACE = "[ ]?"  # one optional space in each gap JSON allows inside
 class StructuredOutputsParams:
     """Exactly one of ``json`` (a JSON schema: dict, JSON text or a pydantic model class),
     ``regex``, ``choice`` (a list of strings), ``json_object`` (True: any JSON object) or
-    ``grammar`` (refused: context-free grammars are not supported).
+    ``grammar`` (EBNF rules from ``root``, as xgrammar and GBNF write them; recursion is unrolled
+    to ``GRAMMAR_MAX_DEPTH`` levels: see jaxllm/structured/grammar.py).
 
     In generated JSON, ``whitespace_pattern`` (a regex; default one optional space) may fill each gap
     JSON allows inside objects and arrays (after '{' and '[', before '}' and ']', around ':' and ','),
@@ -39,9 +41,8 @@ class StructuredOutputsParams:
         given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
             raise ValueError(f"structured_outputs needs exactly one of {list(_KINDS)}; got {given or 'none'}")
-        if self.grammar is not None:
-            raise ValueError("structured_outputs.grammar (context-free grammars) is not supported; "
-                             "use json, regex, choice or json_object")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError(f"structured_outputs.grammar={self.grammar!r} must be a string of EBNF rules")
         if self.regex is not None and not isinstance(self.regex, str):
             raise ValueError(f"structured_outputs.regex={self.regex!r} must be a string")
         if self.choice is not None:
@@ -70,6 +71,8 @@ class StructuredOutputsParams:
         """The regular expression the whole output must match; ValueError names what is unsupported."""
         if self.regex is not None:
             return self.regex
+        if self.grammar is not None:
+            return grammar_regex(self.grammar)
         if self.choice is not None:
             return "|".join(f"(?:{literal(c)})" for c in self.choice)
         if self.json_object:

@@ -1,0 +1,250 @@
+"""Grammars for structured outputs (vLLM's ``structured_outputs.grammar`` / ``guided_grammar``),
+compiled to one regular expression.
+
+Syntax: the EBNF of xgrammar (vLLM's default backend) and llama.cpp's GBNF::
+
+    root      ::= "SELECT " column " FROM " table (" WHERE " condition)?
+    column    ::= "id" | "name"       # a comment
+    condition ::= column " = " [0-9]+
+
+Rules ``name ::= body``; ``root`` is where the output starts. A body is alternatives ``|`` of
+sequences of: string literals in double or single quotes (escapes ``\\n \\t \\r \\\\ \\" \\'
+\\xHH \\uHHHH \\UHHHHHHHH``), character classes ``[...]`` / ``[^...]`` (as in regexes), rule
+names, groups ``( ... )``, each optionally followed by ``* + ?`` or ``{m}``, ``{m,}``, ``{m,n}``.
+A body may span lines; a rule ends where the next ``name ::=`` begins.
+
+Recursion. The output's automaton is finite, so a rule reached again while it is being expanded
+is expanded at most ``max_depth`` times on that path; deeper, that alternative is not allowed
+(an optional or repeated part is left out). Outputs therefore always match the grammar, and nest
+at most ``max_depth`` levels, as JSON schema ``$ref`` recursion does here (json_schema.py). A
+grammar with no way out of its recursion within that depth is a ValueError.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from jaxllm.structured.regex import literal
+
+GRAMMAR_MAX_DEPTH = 4
+MAX_PATTERN_CHARS = 500_000  # the expanded pattern; beyond, the grammar nests too much to unroll
+
+_TOKEN = re.compile(r"""
+    (?P<space>\s+|\#[^\n]*)
+  | (?P<define>::=)
+  | (?P<name>[A-Za-z_][A-Za-z0-9_.-]*)
+  | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+  | (?P<cls>\[(?:[^\]\\\n]|\\.)*\])
+  | (?P<repeat>\{\s*\d*\s*(?:,\s*\d*\s*)?\})
+  | (?P<op>[()|*+?])
+""", re.VERBOSE)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "[": "[", "]": "]", "-": "-"}
+
+
+@dataclass(frozen=True)
+class _Tok:
+    kind: str
+    text: str
+    at: int  # offset in the grammar, for messages
+
+
+def _lex(text: str) -> list[_Tok]:
+    toks, i = [], 0
+    while i < len(text):
+        m = _TOKEN.match(text, i)
+        if m is None:
+            raise ValueError(f"grammar: unexpected {text[i:i + 20]!r} at offset {i}")
+        if m.lastgroup != "space":
+            toks.append(_Tok(m.lastgroup, m.group(), i))
+        i = m.end()
+    return toks
+
+
+def _unescape(body: str, at: int) -> str:
+    out, i = [], 0
+    while i < len(body):
+        c = body[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        nxt = body[i + 1]
+        width = {"x": 2, "u": 4, "U": 8}.get(nxt)
+        if width is not None:
+            digits = body[i + 2:i + 2 + width]
+            if len(digits) != width or not all(d in "0123456789abcdefABCDEF" for d in digits):
+                raise ValueError(f"grammar: bad escape \\{nxt}{digits} in the string at offset {at}")
+            out.append(chr(int(digits, 16)))
+            i += 2 + width
+        elif nxt in _ESCAPES:
+            out.append(_ESCAPES[nxt])
+            i += 2
+        else:
+            raise ValueError(f"grammar: unknown escape \\{nxt} in the string at offset {at}")
+    return "".join(out)
+
+
+class _Parser:
+    """Rules as trees: ("lit", text) ("cls", regex) ("ref", name) ("seq", items) ("alt", items)
+    ("rep", item, min, max | None)."""
+
+    def __init__(self, text: str):
+        self.toks = _lex(text)
+        self.i = 0
+
+    def peek(self, offset: int = 0) -> _Tok | None:
+        j = self.i + offset
+        return self.toks[j] if j < len(self.toks) else None
+
+    def rules(self) -> dict[str, tuple]:
+        rules: dict[str, tuple] = {}
+        while self.peek() is not None:
+            name, define = self.peek(), self.peek(1)
+            if name.kind != "name" or define is None or define.kind != "define":
+                raise ValueError(f"grammar: expected a rule 'name ::= ...' at offset {name.at}, got {name.text!r}")
+            if name.text in rules:
+                raise ValueError(f"grammar: rule {name.text!r} is defined twice")
+            self.i += 2
+            rules[name.text] = self.alternatives()
+        return rules
+
+    def _starts_rule(self) -> bool:
+        tok, nxt = self.peek(), self.peek(1)
+        return tok is not None and tok.kind == "name" and nxt is not None and nxt.kind == "define"
+
+    def alternatives(self) -> tuple:
+        options = [self.sequence()]
+        while (tok := self.peek()) is not None and tok.text == "|":
+            self.i += 1
+            options.append(self.sequence())
+        return options[0] if len(options) == 1 else ("alt", tuple(options))
+
+    def sequence(self) -> tuple:
+        items = []
+        while (tok := self.peek()) is not None and tok.text not in ("|", ")") and not self._starts_rule():
+            items.append(self.postfix())
+        return items[0] if len(items) == 1 else ("seq", tuple(items))
+
+    def postfix(self) -> tuple:
+        item = self.atom()
+        while (tok := self.peek()) is not None and (tok.text in ("*", "+", "?") or tok.kind == "repeat"):
+            self.i += 1
+            if tok.text == "*":
+                item = ("rep", item, 0, None)
+            elif tok.text == "+":
+                item = ("rep", item, 1, None)
+            elif tok.text == "?":
+                item = ("rep", item, 0, 1)
+            else:
+                item = ("rep", item, *_bounds(tok))
+        return item
+
+    def atom(self) -> tuple:
+        tok = self.peek()
+        if tok is None:
+            raise ValueError("grammar: a rule ends in the middle of an expression")
+        self.i += 1
+        if tok.kind == "string":
+            return ("lit", _unescape(tok.text[1:-1], tok.at))
+        if tok.kind == "cls":
+            return ("cls", tok.text)
+        if tok.kind == "name":
+            return ("ref", tok.text)
+        if tok.text == "(":
+            inner = self.alternatives()
+            close = self.peek()
+            if close is None or close.text != ")":
+                raise ValueError(f"grammar: '(' at offset {tok.at} is not closed")
+            self.i += 1
+            return inner
+        raise ValueError(f"grammar: unexpected {tok.text!r} at offset {tok.at}")
+
+
+def _bounds(tok: _Tok) -> tuple[int, int | None]:
+    inner = tok.text[1:-1].replace(" ", "")
+    low, comma, high = inner.partition(",")
+    if not low and not comma:
+        raise ValueError(f"grammar: empty repetition {tok.text} at offset {tok.at}")
+    lo = int(low) if low else 0
+    hi = (int(high) if high else None) if comma else lo
+    if hi is not None and hi < lo:
+        raise ValueError(f"grammar: repetition {tok.text} at offset {tok.at} has max < min")
+    return lo, hi
+
+
+class _Emitter:
+    def __init__(self, rules: dict[str, tuple], max_depth: int):
+        self.rules, self.max_depth = rules, max_depth
+        self._memo: dict[tuple, str | None] = {}
+
+    def rule(self, name: str, stack: tuple[str, ...]) -> str | None:
+        if stack.count(name) > self.max_depth:  # entered again max_depth times on this path already
+            return None
+        # What a rule expands to depends only on how often each rule is on the path already.
+        key = (name, tuple(sorted((n, stack.count(n)) for n in set(stack))))
+        if key not in self._memo:
+            self._memo[key] = self.emit(self.rules[name], (*stack, name))
+        return self._memo[key]
+
+    def emit(self, node: tuple, stack: tuple[str, ...]) -> str | None:
+        kind = node[0]
+        if kind == "lit":
+            return literal(node[1])
+        if kind == "cls":
+            return node[1]
+        if kind == "ref":
+            return self.rule(node[1], stack)
+        if kind == "seq":
+            parts = [self.emit(item, stack) for item in node[1]]
+            return None if any(p is None for p in parts) else self._checked("".join(f"(?:{p})" for p in parts))
+        if kind == "alt":
+            options = [p for p in (self.emit(item, stack) for item in node[1]) if p is not None]
+            return self._checked("|".join(f"(?:{p})" for p in options)) if options else None
+        _, item, lo, hi = node
+        inner = self.emit(item, stack)
+        if inner is None:
+            return "" if lo == 0 else None
+        suffix = {(0, None): "*", (1, None): "+", (0, 1): "?"}.get((lo, hi))
+        if suffix is None:
+            suffix = f"{{{lo},}}" if hi is None else f"{{{lo},{hi}}}"
+        return f"(?:{inner}){suffix}"
+
+    def _checked(self, pattern: str) -> str:
+        if len(pattern) > MAX_PATTERN_CHARS:
+            raise ValueError(f"grammar: unrolled to {self.max_depth} levels of recursion it is too large (over "
+                             f"{MAX_PATTERN_CHARS} pattern characters); recursion that branches less would fit")
+        return pattern
+
+
+def grammar_regex(text: str, max_depth: int = GRAMMAR_MAX_DEPTH) -> str:
+    """The regular expression of the outputs ``text`` allows (see the module docstring)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("grammar: must be a non-empty string of rules 'name ::= ...'")
+    return _grammar_regex(text, max_depth)
+
+
+@functools.lru_cache(maxsize=32)
+def _grammar_regex(text: str, max_depth: int) -> str:
+    rules = _Parser(text).rules()
+    if "root" not in rules:
+        raise ValueError(f"grammar: no 'root' rule (the output's start); rules: {sorted(rules)}")
+    for name, body in rules.items():
+        for ref in _references(body):
+            if ref not in rules:
+                raise ValueError(f"grammar: rule {name!r} uses {ref!r}, which is not defined")
+    pattern = _Emitter(rules, max_depth).rule("root", ())
+    if pattern is None:
+        raise ValueError(f"grammar: 'root' never ends within {max_depth} levels of recursion")
+    return pattern
+
+
+def _references(node: tuple):
+    if node[0] == "ref":
+        yield node[1]
+    elif node[0] in ("seq", "alt"):
+        for item in node[1]:
+            yield from _references(item)
+    elif node[0] == "rep":
+        yield from _references(node[1])
