@@ -207,14 +207,20 @@ class SpeculativeConfig:
     prompt_lookup_min: int | None = None
     disable_by_batch_size: int | None = None
     model: str | None = None
+    # Draft models: no proposals past this many positions (default: the draft's own maximum).
+    max_model_len: int | None = None
+    draft_tensor_parallel_size: int | None = None  # 1 only: one device
 
     def __post_init__(self):
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_config method={self.method!r} is not supported; supported: "
                              f"{SPECULATIVE_METHODS} (EAGLE and MTP are not built)")
         _check_positive(self, "num_speculative_tokens")
-        optional = ("prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size")
+        optional = ("prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size", "max_model_len")
         _check_positive(self, *(n for n in optional if getattr(self, n) is not None))
+        if self.draft_tensor_parallel_size not in (None, 1):
+            raise ValueError(f"speculative_config draft_tensor_parallel_size={self.draft_tensor_parallel_size!r}: "
+                             "jaxllm runs a model on one device")
         if self.method == "draft_model":
             if not isinstance(self.model, str) or not self.model:
                 raise ValueError(f"speculative_config method='draft_model' needs model (the draft checkpoint), "
@@ -223,9 +229,10 @@ class SpeculativeConfig:
             if lookup:
                 raise ValueError(f"speculative_config {lookup[0]} is for method='ngram', not 'draft_model'")
             return
-        if self.model is not None:
-            raise ValueError(f"speculative_config model={self.model!r} is for method='draft_model'; "
-                             "method='ngram' needs no model")
+        for name in ("model", "max_model_len"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"speculative_config {name}={getattr(self, name)!r} is for method='draft_model'; "
+                                 "method='ngram' needs no model")
         if self.prompt_lookup_max is None and self.prompt_lookup_min is None:
             object.__setattr__(self, "prompt_lookup_max", 5)
             object.__setattr__(self, "prompt_lookup_min", 5)

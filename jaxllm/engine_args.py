@@ -249,9 +249,6 @@ def _load_draft(name: str, args: EngineArgs, target: Checkpoint, cache: CacheCon
     if cfg.vocab_size != target.config.vocab_size:
         raise ValueError(f"speculative_config model={name!r} has a vocabulary of {cfg.vocab_size} tokens, the "
                          f"target {target.config.vocab_size}: a draft model must share the target's vocabulary")
-    if cfg.max_position_embeddings < sched.max_model_len:
-        raise ValueError(f"speculative_config model={name!r} takes {cfg.max_position_embeddings} positions, fewer "
-                         f"than max_model_len={sched.max_model_len}; lower max_model_len")
     return draft
 
 
@@ -287,6 +284,10 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
                          num_speculative_tokens=num_speculative_tokens, lora_config=lora,
                          shared_pool_bytes=(0, 0) if draft is None else _pool_bytes(draft, cache))
     if draft is not None:  # the same block ids, the same buckets
+        # As vLLM: no proposals past the draft's positions (it still runs every step in lockstep:
+        # what it computes there only ever feeds proposals, which the target verifies).
+        draft_len = min(draft.config.max_position_embeddings, speculative.max_model_len or sched.max_model_len)
+        speculative = dataclasses.replace(speculative, max_model_len=draft_len)
         draft_runner = ModelRunner(draft.config, draft.params, dataclasses.replace(cache, num_kv_blocks=runner.num_blocks),
                                    sched, attend, seed=args.seed, num_speculative_tokens=num_speculative_tokens)
         runner = DraftModelRunner(runner, draft_runner)

@@ -43,6 +43,9 @@ def test_config_infers_the_method_from_a_model_and_checks_it():
         ({"method": "ngram", "model": "x", "num_speculative_tokens": 2}, "model='x' is for method='draft_model'"),
         ({"model": "x", "num_speculative_tokens": 2, "prompt_lookup_max": 3}, "prompt_lookup_max is for method='ngram'"),
         ({"method": "eagle", "model": "x", "num_speculative_tokens": 2}, "method='eagle' is not supported"),
+        ({"num_speculative_tokens": 2, "max_model_len": 64}, "max_model_len=64 is for method='draft_model'"),
+        ({"model": "x", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2}, "runs a model on one device"),
+        ({"model": "x", "num_speculative_tokens": 2, "max_model_len": 0}, "max_model_len=0 must be a positive"),
     ]:
         with pytest.raises(ValueError, match=match):
             SpeculativeConfig.from_dict(bad)
@@ -107,17 +110,35 @@ def test_proposals_off_in_large_batches_and_overlapped_steps(target):
 
 def test_draft_models_that_cannot_serve_are_refused(tmp_path, target):
     wide_vocab = make_tiny_checkpoint("llama", tmp_path / "v", config_overrides={"vocab_size": 200})
-    short = make_tiny_checkpoint("llama", tmp_path / "s", config_overrides={"max_position_embeddings": 64})
     classifier = make_tiny_checkpoint("llama", tmp_path / "c", num_labels=2)
     limits = dict(LIMITS, warmup=False)
     for draft, extra, match in [
         (wide_vocab, {}, "has a vocabulary of 200 tokens, the target 160"),
-        (short, {}, "takes 64 positions, fewer than max_model_len=128"),
         (classifier, {}, "is a sequence classifier, not a generative model"),
         (target, {"preemption_mode": "swap"}, "works with preemption_mode='recompute' only"),
     ]:
         with pytest.raises(ValueError, match=match):
             LLM(str(target), speculative_config=_draft(draft), **limits, **extra)
+
+
+@pytest.mark.parametrize("limit", ["draft_positions", "max_model_len_key"])
+def test_no_proposals_past_the_drafts_positions(tmp_path, target, limit):
+    """As vLLM: a draft of 64 positions (or speculative max_model_len=64) proposes while the
+    proposals stay below position 64, and the request goes on one token per step after that."""
+    if limit == "draft_positions":  # the target's weights (same seed), fewer positions
+        draft = make_tiny_checkpoint("llama", tmp_path / "d", config_overrides={"max_position_embeddings": 64})
+        extra = {}
+    else:
+        draft, extra = target, {"max_model_len": 64}
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    prompt = [{"prompt_token_ids": list(range(5, 17))}]  # 12 tokens: 112 in all
+    plain = LLM(str(target), **LIMITS, warmup=False)
+    llm = LLM(str(target), speculative_config=_draft(draft, **extra), **LIMITS, warmup=False)
+    assert _ids(llm.generate(prompt, params, use_tqdm=False)) == _ids(plain.generate(prompt, params, use_tqdm=False))
+    stats = llm.llm_engine.stats
+    assert stats.spec_decode.acceptance_rate > 0.9
+    # Up to position 64 about 4 tokens a step; the last 112 - 64 tokens one a step.
+    assert 112 - 64 <= stats.num_steps < 112 - 64 + 20
 
 
 def test_smollm2_drafting_for_itself_equals_transformers(smollm2_path, smollm2_expected_greedy):

@@ -67,7 +67,8 @@ ENGINE_HELP = {
                           "gets no proposals. `{\"model\": \"<draft checkpoint>\", \"num_speculative_tokens\": k}` "
                           "(method `draft_model`, as vLLM infers it from `model`): a smaller model of the same "
                           "vocabulary proposes k tokens greedily; its KV pool shares the target's block ids and "
-                          "budget, and it runs every step in lockstep with the target. EAGLE and MTP are not built.",
+                          "budget, and it runs every step in lockstep with the target; no proposals past the draft's positions "
+                          "or the config's `max_model_len`. EAGLE and MTP are not built.",
     "runner": "vLLM's runner (`auto`, `generate`, `pooling`). A causal LM's engine serves both generation and "
               "pooling requests (`LLM.embed` / `LLM.encode`, `/v1/embeddings`), so the value only states the intent; "
               "a sequence classifier serves pooling only (`classify`, `score`) and refuses `generate`; "

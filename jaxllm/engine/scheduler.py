@@ -640,9 +640,12 @@ class Scheduler:
         beam takes one token at a time), nor past max_tokens or max_model_len."""
         if request.retain_blocks:
             return 0
-        params = request.sampling_params
+        params, config = request.sampling_params, self.speculative_config
         room = min(params.max_tokens - request.num_output_tokens, self.config.max_model_len - request.num_tokens) - 1
-        return min(self.speculative_config.num_speculative_tokens, room)
+        if config.method == "draft_model" and config.max_model_len is not None:
+            # The draft model writes its K/V at the next k positions, all below its max_model_len.
+            room = min(room, config.max_model_len - request.num_tokens + 1)
+        return min(config.num_speculative_tokens, room)
 
     @staticmethod
     def _allowed_prefix(request: Request, drafts: tuple[int, ...]) -> tuple[int, ...]:
