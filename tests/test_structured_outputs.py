@@ -261,6 +261,28 @@ def test_grammars_compile_to_automata_of_exactly_their_outputs(grammar, good, ba
     assert [dfa.fullmatch(t) for t in bad] == [False] * len(bad)
 
 
+def test_a_grammar_too_large_to_unroll_as_asked_is_unrolled_as_deep_as_fits(caplog):
+    """A JSON-like grammar: each level of nesting multiplies the pattern by 4, so 6 levels are far
+    past the automaton's limits; it is unrolled to the deepest that fits (4), and says so."""
+    from jaxllm.structured.grammar import grammar_regex
+
+    grammar = r"""
+    root ::= object
+    object ::= "{" ( pair ( "," pair )* )? "}"
+    pair ::= string ":" value
+    value ::= object | array | string | "-"? [0-9]+ ("." [0-9]+)? | "true" | "false" | "null"
+    array ::= "[" ( value ( "," value )* )? "]"
+    string ::= "\"" [a-z]* "\""
+    """
+    with caplog.at_level("WARNING", logger="jaxllm"):
+        dfa = compile_regex(grammar_regex(grammar, max_depth=6))
+    assert "grammar: recursion unrolled to 4 levels; 5 would exceed" in caplog.text
+    # object re-entered 4 times while expanding itself, not 5
+    assert dfa.fullmatch('{"a":{"b":{"c":{"d":{"e":[]}}}},"f":[-2.5,true]}')
+    assert not dfa.fullmatch('{"a":{"b":{"c":{"d":{"e":{}}}}}}')
+    assert not dfa.fullmatch('{"a":[1,]}')
+
+
 @pytest.mark.parametrize("grammar, message", [
     ("expr ::= 'a'", "no 'root' rule"),
     ("root ::= item", "rule 'root' uses 'item', which is not defined"),
@@ -272,7 +294,7 @@ def test_grammars_compile_to_automata_of_exactly_their_outputs(grammar, good, ba
     ("root ::= root 'a'", "'root' never ends within 4 levels"),
     ("root ::= 'a' = 'b'", "unexpected \"= 'b'\" at offset 13"),
     ("  ", "non-empty string"),
-    ("root ::= v\nv ::= '(' w w w w w w w w ')' | 'x'\nw ::= '[' v v v v v v v v ']' | 'y'", "too large"),
+    ("root ::= [a-z]{500} [0-9]{500}{300}", "too large to unroll even once"),
 ])
 def test_bad_grammars_are_named(grammar, message):
     with pytest.raises(ValueError, match=re.escape(message) if "'" in message else message):

@@ -16,20 +16,25 @@ A body may span lines; a rule ends where the next ``name ::=`` begins.
 Recursion. The output's automaton is finite, so a rule reached again while it is being expanded
 is expanded at most ``max_depth`` times on that path; deeper, that alternative is not allowed
 (an optional or repeated part is left out). Outputs therefore always match the grammar, and nest
-at most ``max_depth`` levels, as JSON schema ``$ref`` recursion does here (json_schema.py). A
-grammar with no way out of its recursion within that depth is a ValueError.
+at most ``max_depth`` levels, as JSON schema ``$ref`` recursion does here (json_schema.py). Each
+level multiplies the automaton by the number of times a recursive body names itself, so when
+``max_depth`` levels would exceed regex.py's limits the deepest unrolling that fits is used (and
+logged). A grammar with no way out of its recursion is a ValueError.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from dataclasses import dataclass
 
-from jaxllm.structured.regex import literal
+from jaxllm.structured.regex import compile_regex, literal
+
+logger = logging.getLogger("jaxllm")
 
 GRAMMAR_MAX_DEPTH = 4
-MAX_PATTERN_CHARS = 500_000  # the expanded pattern; beyond, the grammar nests too much to unroll
+MAX_PATTERN_CHARS = 150_000  # the expanded pattern; about as many automaton states as regex.py allows
 
 _TOKEN = re.compile(r"""
     (?P<space>\s+|\#[^\n]*)
@@ -174,6 +179,10 @@ def _bounds(tok: _Tok) -> tuple[int, int | None]:
     return lo, hi
 
 
+class _TooLarge(ValueError):
+    pass
+
+
 class _Emitter:
     def __init__(self, rules: dict[str, tuple], max_depth: int):
         self.rules, self.max_depth = rules, max_depth
@@ -213,8 +222,8 @@ class _Emitter:
 
     def _checked(self, pattern: str) -> str:
         if len(pattern) > MAX_PATTERN_CHARS:
-            raise ValueError(f"grammar: unrolled to {self.max_depth} levels of recursion it is too large (over "
-                             f"{MAX_PATTERN_CHARS} pattern characters); recursion that branches less would fit")
+            raise _TooLarge(f"unrolled to {self.max_depth} levels of recursion the grammar is too large (over "
+                             f"{MAX_PATTERN_CHARS} pattern characters)")
         return pattern
 
 
@@ -234,10 +243,33 @@ def _grammar_regex(text: str, max_depth: int) -> str:
         for ref in _references(body):
             if ref not in rules:
                 raise ValueError(f"grammar: rule {name!r} uses {ref!r}, which is not defined")
-    pattern = _Emitter(rules, max_depth).rule("root", ())
-    if pattern is None:
-        raise ValueError(f"grammar: 'root' never ends within {max_depth} levels of recursion")
-    return pattern
+    # The deepest unrolling whose automaton fits regex.py's limits; the automaton is cached there.
+    too_large, previous = None, None
+    for depth in range(max_depth, -1, -1):
+        try:
+            pattern = _Emitter(rules, depth).rule("root", ())
+        except _TooLarge as exc:
+            too_large = exc
+            continue
+        if pattern is None:
+            if too_large is None:
+                raise ValueError(f"grammar: 'root' never ends within {depth} levels of recursion")
+            break
+        if pattern == previous:  # no recursion left to cut
+            break
+        previous = pattern
+        try:
+            compile_regex(pattern)
+        except ValueError as exc:
+            if "too large" not in str(exc):
+                raise ValueError(f"grammar: {exc}") from exc
+            too_large = exc
+            continue
+        if depth < max_depth:
+            logger.warning("grammar: recursion unrolled to %d levels; %d would exceed the automaton's limits (%s)",
+                           depth, depth + 1, too_large)
+        return pattern
+    raise ValueError(f"grammar: too large to unroll even once: {too_large}")
 
 
 def _references(node: tuple):
