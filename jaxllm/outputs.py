@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,23 @@ class PoolingOutput:
 
 @dataclass
 class PoolingRequestOutput:
-    """The result of a pooling request (``LLM.encode``; ``LLMEngine.add_request`` with PoolingParams)."""
+    """The result of a pooling request (``LLM.encode``; ``LLMEngine.add_request`` with PoolingParams).
+    Its subclasses are the task-shaped forms ``LLM.embed``, ``classify`` and ``score`` return."""
 
     request_id: str
-    outputs: PoolingOutput
+    outputs: Any  # PoolingOutput here; the subclasses' own output types
     prompt_token_ids: list[int]
     finished: bool = True
+
+    @classmethod
+    def from_base(cls, output: PoolingRequestOutput):
+        """The task's form of a pooling output (vLLM's ``from_base``)."""
+        return cls(output.request_id, cls._wrap([float(x) for x in output.outputs.data]), output.prompt_token_ids,
+                   output.finished)
+
+    @staticmethod
+    def _wrap(values: list[float]):
+        return PoolingOutput(values)
 
 
 @dataclass
@@ -86,18 +98,10 @@ class EmbeddingOutput:
 
 
 @dataclass
-class EmbeddingRequestOutput:
-    """The result of ``LLM.embed`` for one prompt."""
+class EmbeddingRequestOutput(PoolingRequestOutput):
+    """The result of ``LLM.embed`` for one prompt (``.outputs``: an EmbeddingOutput)."""
 
-    request_id: str
-    outputs: EmbeddingOutput
-    prompt_token_ids: list[int]
-    finished: bool = True
-
-    @classmethod
-    def from_base(cls, output: PoolingRequestOutput) -> EmbeddingRequestOutput:
-        return cls(output.request_id, EmbeddingOutput([float(x) for x in output.outputs.data]),
-                   output.prompt_token_ids, output.finished)
+    _wrap = staticmethod(EmbeddingOutput)
 
 
 @dataclass
@@ -112,18 +116,10 @@ class ClassificationOutput:
 
 
 @dataclass
-class ClassificationRequestOutput:
-    """The result of ``LLM.classify`` for one prompt."""
+class ClassificationRequestOutput(PoolingRequestOutput):
+    """The result of ``LLM.classify`` for one prompt (``.outputs``: a ClassificationOutput)."""
 
-    request_id: str
-    outputs: ClassificationOutput
-    prompt_token_ids: list[int]
-    finished: bool = True
-
-    @classmethod
-    def from_base(cls, output: PoolingRequestOutput) -> ClassificationRequestOutput:
-        return cls(output.request_id, ClassificationOutput([float(x) for x in output.outputs.data]),
-                   output.prompt_token_ids, output.finished)
+    _wrap = staticmethod(ClassificationOutput)
 
 
 @dataclass
@@ -134,14 +130,9 @@ class ScoringOutput:
 
 
 @dataclass
-class ScoringRequestOutput:
-    """The result of ``LLM.score`` for one pair. ``prompt_token_ids``: the cross-encoder's pair
-    input, or an embedding model's two prompts joined."""
-
-    request_id: str
-    outputs: ScoringOutput
-    prompt_token_ids: list[int]
-    finished: bool = True
+class ScoringRequestOutput(PoolingRequestOutput):
+    """The result of ``LLM.score`` for one pair (``.outputs``: a ScoringOutput). ``prompt_token_ids``:
+    the cross-encoder's pair input, or an embedding model's two prompts joined."""
 
 
 class WholeOutput:

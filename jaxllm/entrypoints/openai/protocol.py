@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -597,13 +597,22 @@ class EmbeddingData(OpenAIModel):
     embedding: list[float] | str  # a base64 string of little-endian float32 with encoding_format="base64"
 
 
-class EmbeddingResponse(OpenAIModel):
+DataT = TypeVar("DataT")
+
+
+class ListResponse(OpenAIModel, Generic[DataT]):
+    """A pooling route's response: one ``data`` entry per input (embeddings, classes, scores)."""
+
     id: str
     object: Literal["list"] = "list"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    data: list[EmbeddingData]
+    data: list[DataT]
     usage: UsageInfo
+
+
+class EmbeddingResponse(ListResponse[EmbeddingData]):
+    pass
 
 
 class ClassificationRequest(RequestModel):
@@ -626,13 +635,8 @@ class ClassificationData(OpenAIModel):
     num_classes: int
 
 
-class ClassificationResponse(OpenAIModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    data: list[ClassificationData]
-    usage: UsageInfo
+class ClassificationResponse(ListResponse[ClassificationData]):
+    pass
 
 
 class ScoreRequest(RequestModel):
@@ -653,13 +657,8 @@ class ScoreResponseData(OpenAIModel):
     score: float
 
 
-class ScoreResponse(OpenAIModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    data: list[ScoreResponseData]
-    usage: UsageInfo
+class ScoreResponse(ListResponse[ScoreResponseData]):
+    pass
 
 
 class RerankRequest(RequestModel):
