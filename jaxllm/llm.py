@@ -27,6 +27,7 @@ from jaxllm.outputs import (
     ScoringRequestOutput,
 )
 from jaxllm.pooling_params import POOLING_TASKS, PoolingParams
+from jaxllm.profiler import PROFILER
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.scoring import plan_scores
 
@@ -86,6 +87,15 @@ class LLM:
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def start_profile(self, profile_dir: str | None = None) -> None:
+        """Record a JAX profiler trace of everything until :meth:`stop_profile` (vLLM's names), into
+        ``profile_dir`` or ``$JAXLLM_PROFILER_DIR`` (see :mod:`jaxllm.profiler`)."""
+        PROFILER.start(profile_dir)
+
+    def stop_profile(self) -> None:
+        """Write the trace :meth:`start_profile` began."""
+        PROFILER.stop()
 
     def generate(
         self,

@@ -338,3 +338,20 @@ def test_generate_leaves_the_callers_params_as_given(llm):
     params = SamplingParams(temperature=0, max_tokens=2)
     llm.generate(PROMPTS[0], params, use_tqdm=False)
     assert params.output_kind is RequestOutputKind.CUMULATIVE and params == SamplingParams(temperature=0, max_tokens=2)
+
+
+def test_start_and_stop_profile_write_a_jax_trace(llm, tmp_path, monkeypatch):
+    for name in ("JAXLLM_PROFILER_DIR", "VLLM_TORCH_PROFILER_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="start_profile needs a directory: pass profile_dir, or set JAXLLM_PROFILER_DIR"):
+        llm.start_profile()
+    with pytest.raises(ValueError, match="no profile is being recorded"):
+        llm.stop_profile()
+    monkeypatch.setenv("VLLM_TORCH_PROFILER_DIR", str(tmp_path / "vllm_name"))
+    llm.start_profile()
+    with pytest.raises(ValueError, match="a profile is already being recorded"):
+        llm.start_profile(str(tmp_path / "other"))
+    llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    llm.stop_profile()
+    traces = list((tmp_path / "vllm_name").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0

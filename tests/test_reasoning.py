@@ -96,6 +96,23 @@ def _client(tokenizer, parser: str | None, reply: str, **served):
     return TestClient(build_app(async_engine, served, ServerMetrics("m", lambda: async_engine.stats)))
 
 
+def test_profile_routes_exist_only_with_the_profiler_directory(smollm2_model, tmp_path, monkeypatch):
+    """vLLM's /start_profile and /stop_profile, served when JAXLLM_PROFILER_DIR is set."""
+    for name in ("JAXLLM_PROFILER_DIR", "VLLM_TORCH_PROFILER_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    with _client(smollm2_model.tokenizer, None, "Hi.") as client:
+        assert client.post("/start_profile").status_code == 404
+    monkeypatch.setenv("JAXLLM_PROFILER_DIR", str(tmp_path))
+    with _client(smollm2_model.tokenizer, None, "Hi.") as client:
+        assert client.post("/start_profile").status_code == 200
+        again = client.post("/start_profile")
+        assert again.status_code == 400 and "already being recorded" in again.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2}).status_code == 200
+        assert client.post("/stop_profile").status_code == 200
+        assert client.post("/stop_profile").status_code == 400
+    assert len(list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))) == 1
+
+
 REPLY = "<think>Two and two make four.</think>The answer is 4."
 BODY = {"model": "m", "messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0}
 

@@ -163,6 +163,9 @@ ENVIRONMENT = (
      "`VLLM_ALLOW_RUNTIME_LORA_UPDATING`): `jaxllm serve` also has vLLM's `POST /v1/load_lora_adapter` "
      "(`{\"lora_name\", \"lora_path\"}`) and `POST /v1/unload_lora_adapter` (`{\"lora_name\"}`), which add and drop "
      "adapters served under their own model names."),
+    ("JAXLLM_PROFILER_DIR", "unset", "Where `LLM.start_profile()` / `stop_profile()` (vLLM's names) write a JAX "
+     "profiler trace (TensorBoard / XProf / Perfetto); when set (or vLLM's `VLLM_TORCH_PROFILER_DIR`), "
+     "`jaxllm serve` also has `POST /start_profile` and `POST /stop_profile`."),
     ("JAXLLM_MALLOC_TUNING", "`1`", "`0` leaves glibc malloc as it is. Otherwise importing jaxllm on a CPU host "
      "sets one malloc arena, no mmap per block and no trimming, so XLA:CPU's per-step temporaries reuse "
      "pages (`jaxllm/host_malloc.py`); it takes effect only if jaxllm is imported before JAX runs anything."),

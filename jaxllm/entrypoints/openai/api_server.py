@@ -47,6 +47,7 @@ from jaxllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from jaxllm.entrypoints.openai.serving_engine import APIError, LoRAModules, ServedModel, error_body
 from jaxllm.entrypoints.openai.serving_score import OpenAIServingScores
 from jaxllm.lora.adapter import load_adapter
+from jaxllm.profiler import PROFILER, profiler_dir_from_env
 
 logger = logging.getLogger("jaxllm")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -221,6 +222,17 @@ def _add_utility_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedMode
 
     # vLLM's /ping (what SageMaker probes): /health under another name, for GET and POST.
     app.add_api_route("/ping", health, methods=["GET", "POST"])
+
+    if profiler_dir_from_env() is not None:  # as vLLM: only with the profiler's directory set
+        @app.post("/start_profile")
+        async def start_profile():
+            PROFILER.start()
+            return Response(status_code=200)
+
+        @app.post("/stop_profile")
+        async def stop_profile():
+            await asyncio.to_thread(PROFILER.stop)  # waits for the device and writes the trace
+            return Response(status_code=200)
 
     @app.get("/version")
     async def version():
