@@ -45,6 +45,9 @@ class EngineArgs:
     tokenizer: str | None = None  # a directory or cached repo id whose tokenizer replaces the model's
     # Accepted for vLLM scripts: only built-in architectures load, so no checkpoint code ever runs.
     trust_remote_code: bool = False
+    # Accepted for vLLM scripts: LLM.sleep / wake_up work on any engine here (JAX frees device
+    # buffers itself; vLLM needs its own allocator for them).
+    enable_sleep_mode: bool = False
     tensor_parallel_size: int = 1  # one device: larger values are refused
     pipeline_parallel_size: int = 1
     dtype: str = "auto"

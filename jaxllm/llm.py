@@ -88,6 +88,22 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode, e.g. between rollouts of a reinforcement-learning loop: free the
+        device memory of the KV pool and the weights (level 1 keeps the weights on the host, level 2
+        discards them, for :meth:`update_weights` to replace). Only while the engine is idle."""
+        self.llm_engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Bring back what :meth:`sleep` freed: "weights", "kv_cache", or both (None)."""
+        self.llm_engine.wake_up(tags)
+
+    def update_weights(self, params: dict) -> None:
+        """Replace the model's weights with ``params`` in its layout (as ``jaxllm.load_model().params``),
+        e.g. a trained policy's, without rebuilding the engine or recompiling. Only while the engine
+        is idle (awake, or after ``sleep(level=2)``); the prefix cache is forgotten."""
+        self.llm_engine.update_weights(params)
+
     def start_profile(self, profile_dir: str | None = None) -> None:
         """Record a JAX profiler trace of everything until :meth:`stop_profile` (vLLM's names), into
         ``profile_dir`` or ``$JAXLLM_PROFILER_DIR`` (see :mod:`jaxllm.profiler`)."""

@@ -275,3 +275,18 @@ def test_score_and_rerank_routes(cross_encoder_client, cross_encoder):
     _error(client.post("/rerank", json={"query": "q", "documents": ["d"], "top_n": -1}), 400, "top_n=-1", "top_n")
     _error(client.post("/rerank", json={"query": "q", "documents": ["d"], "truncate_prompt_tokens": 0}), 400,
            "truncate_prompt_tokens=0", "truncate_prompt_tokens")
+
+
+def test_update_weights_replaces_a_classifiers_head_too(tmp_path, three_labels):
+    import jaxllm
+
+    other = _checkpoint(tmp_path / "other", seed=5, id2label={0: "negative", 1: "neutral", 2: "positive"})
+    llm = LLM(str(three_labels), **LIMITS, warmup=False)
+    new = jaxllm.load_model(str(other), dtype="float32").params
+    with pytest.raises(ValueError, match="a classifier's params need its 'score' head"):
+        llm.update_weights({k: v for k, v in new.items() if k != "score"})
+    llm.update_weights(new)
+    hf, tok = _hf(other), llm.get_tokenizer()
+    out = llm.classify(TEXTS[:2], use_tqdm=False)
+    for o, text in zip(out, TEXTS[:2], strict=True):
+        np.testing.assert_allclose(o.outputs.probs, _softmax(_hf_logits(hf, tok.encode(text))), atol=2e-5)

@@ -23,6 +23,8 @@ ENGINE_HELP = {
              "file, or a repo id already in the local Hugging Face cache. `LLM` also takes a loaded `Model`.",
     "tokenizer": "A directory or cached repo id whose Hugging Face tokenizer replaces the checkpoint's. "
                  "None: the checkpoint's own.",
+    "enable_sleep_mode": "Accepted for vLLM scripts: `LLM.sleep(level)` / `wake_up(tags)` work on any engine here "
+                         "(JAX frees the device buffers itself; vLLM needs its own allocator for them).",
     "trust_remote_code": "Accepted for vLLM scripts; no checkpoint code ever runs (only the built-in "
                          "architectures load).",
     "tensor_parallel_size": "Must be 1: one device per model (tensor parallelism is not built yet).",

@@ -51,6 +51,9 @@ class Runner(Protocol):
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
 
 
+WAKE_UP_TAGS = ("weights", "kv_cache")
+
+
 @dataclass(frozen=True)
 class LoRAStats:
     """vLLM's ``lora_requests_info``: the adapters (names, sorted) of running and waiting requests."""
@@ -220,6 +223,8 @@ class LLMEngine:
 
         ``lora_request`` runs it with that LoRA adapter (read now if it is not loaded yet).
         """
+        if self.is_sleeping():
+            raise ValueError("the engine is sleeping: wake_up() first")
         pooling = None
         if isinstance(params, PoolingParams):
             params, pooling = self._as_pooling(params)
@@ -528,6 +533,47 @@ class LLMEngine:
     def list_loras(self) -> set[int]:
         """The lora_int_ids of the adapters loaded now."""
         return set() if self.lora_config is None else self.runner.list_loras()
+
+    # -- sleep mode and weight updates (reinforcement-learning loops) ---------------------------
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode: free the device memory of the KV pool and the weights (level 1 keeps
+        the weights on the host, level 2 discards them) until :meth:`wake_up`. Only while no
+        request is unfinished; the prefix cache is forgotten (its blocks are gone)."""
+        self._check_idle("sleep")
+        self.runner.sleep(level)
+        self.scheduler.kv.reset_prefix_cache()
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Bring back what :meth:`sleep` freed: ``tags`` "weights" and / or "kv_cache" (None: both)."""
+        tags = tuple(tags or WAKE_UP_TAGS)
+        unknown = [t for t in tags if t not in WAKE_UP_TAGS]
+        if unknown:
+            raise ValueError(f"tags={list(tags)!r}: unknown {unknown}; known {list(WAKE_UP_TAGS)}")
+        self.runner.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return bool(getattr(self.runner, "is_sleeping", False))
+
+    def update_weights(self, params: dict) -> None:
+        """Replace the model's weights (the layout ``load_model`` gives; a classifier's ``score`` head
+        included), e.g. with a policy's after a training step. Only while no request is unfinished;
+        the prefix cache is forgotten, since its K/V came from the old weights."""
+        self._check_idle("update_weights")
+        if not hasattr(self.runner, "update_weights"):
+            raise ValueError("update_weights needs the model runner (this engine's runner has no weights)")
+        if self.classifier is not None:
+            if "score" not in params:
+                raise ValueError("update_weights: a classifier's params need its 'score' head")
+            classifier, params = ClassifierHead.split_from(self.runner.cfg, params)
+        self.runner.update_weights(params)
+        if self.classifier is not None:
+            self.classifier = classifier
+        self.scheduler.kv.reset_prefix_cache()
+
+    def _check_idle(self, what: str) -> None:
+        if self.has_unfinished_requests():
+            raise ValueError(f"{what} needs an idle engine: {self.get_num_unfinished_requests()} requests are "
+                             "unfinished (let them finish, or abort them)")
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (vLLM's name), so no later request reuses KV computed

@@ -60,6 +60,18 @@ class DraftModelRunner:
         self.target.warmup()
         self.draft.warmup()
 
+    def sleep(self, level: int) -> None:
+        self.target.sleep(level)
+        self.draft.sleep(level)
+
+    def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        self.target.wake_up(tags)
+        self.draft.wake_up(tags)
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.target.is_sleeping or self.draft.is_sleeping
+
     # -- steps ---------------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         return self.fetch(self.dispatch(sched))

@@ -24,6 +24,7 @@ from jaxllm.models import model_module
 from jaxllm.models.attention import AttentionFn, KVPool
 from jaxllm.models.kv_quant import kv_storage_dtype
 from jaxllm.models.layers import pack_params
+from jaxllm.models.layout import param_shapes
 from jaxllm.models.lora import token_mask
 from jaxllm.runner import kv_pool
 from jaxllm.runner.batch import Buckets, SampleRow, StepBatch, build_batch, sample_rows
@@ -118,7 +119,7 @@ class ModelRunner:
         self.cfg, self.cache = cfg, cache
         self.dtype = np.dtype(params["embed"].dtype)
         platform = jax.devices()[0].platform
-        cpu_matmul = getattr(attend, "cpu_matmul", False)
+        cpu_matmul = self._cpu_matmul = getattr(attend, "cpu_matmul", False)
         self.params = jax.device_put(pack_params(  # see there
             params, cfg.tie_word_embeddings, platform, cpu_matmul=cpu_matmul, hidden_act=cfg.hidden_act))
         self.lora = None
@@ -270,6 +271,50 @@ class ModelRunner:
     def list_loras(self) -> set[int]:
         return set() if self.lora is None else self.lora.ids()
 
+    # -- sleep mode and weight updates (LLM.sleep / wake_up / update_weights) ---------------------
+    def sleep(self, level: int) -> None:
+        """Free the device's weights and KV pool (vLLM's sleep levels): level 1 keeps a host copy of
+        the weights to wake up with; level 2 keeps none (``update_weights`` brings new ones)."""
+        if level not in (1, 2):
+            raise ValueError(f"level={level!r} must be 1 (weights kept on the host) or 2 (weights discarded)")
+        if self.params is not None:
+            self._host_params = jax.device_get(self.params) if level == 1 else None
+            _delete(self.params)
+            self.params = None
+        if self.kv is not None:
+            _delete(self.kv)
+            self.kv = None
+
+    def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Put back what ``sleep`` freed: "weights" from the host copy, "kv_cache" a zeroed pool."""
+        if "weights" in tags and self.params is None:
+            if getattr(self, "_host_params", None) is None:
+                raise ValueError("wake_up(['weights']) after sleep(level=2): the weights were discarded; "
+                                 "update_weights(params) first")
+            self.params, self._host_params = jax.device_put(self._host_params), None
+        if "kv_cache" in tags and self.kv is None:
+            self.kv = kv_pool.allocate(self.cfg, self.num_blocks, self.cache.block_size, self.kv_dtype)
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.params is None or self.kv is None
+
+    def update_weights(self, params: dict) -> None:
+        """New weights in the model's layout (``layout.param_shapes``; as ``load_model`` gives them),
+        cast to the engine's dtype, packed and put on the device in place of the old ones."""
+        want = {name: shape for name, shape in param_shapes(self.cfg).items() if name != "score"}  # the engine's head
+        got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+        if got != want:
+            wrong = sorted(set(_flat_shapes(want).items()) ^ set(_flat_shapes(got).items()))
+            raise ValueError(f"update_weights: params must have the model's layout (param_shapes); differs at "
+                             f"{[name for name, _ in wrong][:6]}")
+        cast = jax.tree.map(lambda x: np.asarray(x, self.dtype), params)
+        packed = jax.device_put(pack_params(cast, self.cfg.tie_word_embeddings, jax.devices()[0].platform,
+                                            cpu_matmul=self._cpu_matmul, hidden_act=self.cfg.hidden_act))
+        if self.params is not None:
+            _delete(self.params)
+        self.params, self._host_params = packed, None
+
     def _copy_blocks(self, copies) -> None:
         pairs = np.asarray(copies, np.int32).reshape(-1, 2)
         for i in range(0, len(pairs), _COPY_SLOTS):
@@ -277,6 +322,18 @@ class ModelRunner:
             chunk[: len(pairs[i : i + _COPY_SLOTS])] = pairs[i : i + _COPY_SLOTS]
             self.kv = self._jit_copy(self.kv, chunk[:, 0], chunk[:, 1])
 
+
+
+def _delete(tree) -> None:
+    """Free a pytree's device buffers now (not when Python drops the last reference)."""
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array):
+            leaf.delete()
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, tuple))
+    return {jax.tree_util.keystr(path): shape for path, shape in flat}
 
 
 def _host_pooled(step: InFlightStep) -> dict:
