@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import jax
 import pytest
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_checkpoint, make_tiny_tokenizer
 
 import jaxllm
 from jaxllm import LLM, SamplingParams
@@ -20,7 +20,11 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return make_tiny_checkpoint("llama", root / "a", seed=0), make_tiny_checkpoint("llama", root / "b", seed=1)
+    paths = [make_tiny_checkpoint("llama", root / name, seed=seed, config_overrides={"vocab_size": 320})
+             for name, seed in (("a", 0), ("b", 1))]
+    for path in paths:
+        make_tiny_tokenizer().save_pretrained(path)  # for the server's text prompts
+    return paths
 
 
 def _ids(llm):
@@ -80,3 +84,42 @@ def test_update_weights_serves_new_weights_without_a_rebuild(checkpoints):
             call()
     llm.llm_engine.abort_request("pending")
     assert _ids(llm) == want_first  # nothing was changed by the refused calls
+
+
+def _client(path):
+    from fastapi.testclient import TestClient
+
+    from jaxllm.engine.async_engine import AsyncLLMEngine
+    from jaxllm.entrypoints.openai.api_server import build_app
+    from jaxllm.entrypoints.openai.metrics import ServerMetrics
+    from jaxllm.entrypoints.openai.serving_engine import ServedModel
+
+    engine = AsyncLLMEngine(LLM(str(path), **LIMITS, warmup=False).llm_engine)
+    served = ServedModel("m", str(path), LIMITS["max_model_len"], LIMITS["max_num_seqs"])
+    return TestClient(build_app(engine, served, ServerMetrics("m", lambda: engine.stats)))
+
+
+def test_dev_mode_server_routes(checkpoints, monkeypatch):
+    """vLLM's /sleep, /wake_up, /is_sleeping and /reset_prefix_cache, with JAXLLM_SERVER_DEV_MODE=1
+    (or VLLM_SERVER_DEV_MODE): run on the engine thread between steps."""
+    for name in ("JAXLLM_SERVER_DEV_MODE", "VLLM_SERVER_DEV_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    with _client(checkpoints[0]) as client:
+        assert client.post("/sleep").status_code == 404
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    body = {"model": "m", "prompt": "The capital of France", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with _client(checkpoints[0]) as client:
+        want = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        assert client.get("/is_sleeping").json() == {"is_sleeping": False}
+        assert client.post("/sleep", params={"level": 1}).status_code == 200
+        assert client.get("/is_sleeping").json() == {"is_sleeping": True}
+        refused = client.post("/v1/completions", json=body)
+        assert refused.status_code == 400 and "sleeping" in refused.json()["error"]["message"]
+        bad = client.post("/wake_up", params={"tags": ["weights", "gpu"]})
+        assert bad.status_code == 400 and "unknown ['gpu']" in bad.json()["error"]["message"]
+        assert client.post("/wake_up", params={"tags": ["kv_cache"]}).status_code == 200
+        assert client.get("/is_sleeping").json() == {"is_sleeping": True}
+        assert client.post("/wake_up").status_code == 200
+        assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == want
+        assert client.post("/reset_prefix_cache").status_code == 200
+        assert client.post("/sleep", params={"level": 5}).status_code == 400

@@ -165,6 +165,9 @@ ENVIRONMENT = (
      "`VLLM_ALLOW_RUNTIME_LORA_UPDATING`): `jaxllm serve` also has vLLM's `POST /v1/load_lora_adapter` "
      "(`{\"lora_name\", \"lora_path\"}`) and `POST /v1/unload_lora_adapter` (`{\"lora_name\"}`), which add and drop "
      "adapters served under their own model names."),
+    ("JAXLLM_SERVER_DEV_MODE", "unset", "`1` or `true` (or vLLM's `VLLM_SERVER_DEV_MODE`): `jaxllm serve` also has "
+     "vLLM's development routes `POST /sleep?level=`, `POST /wake_up?tags=`, `GET /is_sleeping` and "
+     "`POST /reset_prefix_cache`."),
     ("JAXLLM_PROFILER_DIR", "unset", "Where `LLM.start_profile()` / `stop_profile()` (vLLM's names) write a JAX "
      "profiler trace (TensorBoard / XProf / Perfetto); when set (or vLLM's `VLLM_TORCH_PROFILER_DIR`), "
      "`jaxllm serve` also has `POST /start_profile` and `POST /stop_profile`."),

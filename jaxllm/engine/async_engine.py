@@ -13,9 +13,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from jaxllm.engine.llm_engine import EngineStats, LLMEngine
 from jaxllm.outputs import RequestOutput
@@ -91,6 +91,12 @@ class _Release:
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    function: Callable[[LLMEngine], Any]  # run on the engine thread, between steps
+    done: asyncio.Future  # its result, or its ValueError
 
 
 class OutputObserver(Protocol):
@@ -198,6 +204,18 @@ class AsyncLLMEngine:
         """Abort a request; it runs on the engine thread before its next step."""
         self._send(_Abort(request_id))
 
+    async def call(self, function: Callable[[LLMEngine], Any]) -> Any:
+        """``function(engine)`` run on the engine thread between steps (``sleep``, ``wake_up``,
+        ``reset_prefix_cache``, ...); its ValueError is raised here."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        done = asyncio.get_running_loop().create_future()
+        self._send(_Call(function, done))
+        while not (await asyncio.wait({done}, timeout=_DEAD_CHECK_S))[0]:
+            if not self._thread.is_alive():
+                raise EngineDeadError("the engine stopped before it ran the call")
+        return done.result()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; requests still live end with EngineDeadError."""
         self._stopping.set()
@@ -205,7 +223,7 @@ class AsyncLLMEngine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _send(self, command: _Add | _Fork | _Abort | _Release) -> None:
+    def _send(self, command: _Add | _Fork | _Abort | _Release | _Call) -> None:
         self._commands.put(command)
         self._wakeup.set()
 
@@ -237,6 +255,8 @@ class AsyncLLMEngine:
                 self._add(command)
             elif isinstance(command, _Release):
                 self.engine.release_request(command.request_id)
+            elif isinstance(command, _Call):
+                self._call(command)
             else:
                 self._abort(command.request_id)
 
@@ -263,6 +283,16 @@ class AsyncLLMEngine:
         except ValueError as exc:
             return exc
         return None
+
+    def _call(self, command: _Call) -> None:
+        loop = command.done.get_loop()
+        try:
+            result = command.function(self.engine)
+        except ValueError as exc:
+            loop.call_soon_threadsafe(_settle, command.done, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, command.done, result, None)
+        self.stats = self.engine.stats
 
     def _abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None:
@@ -297,5 +327,14 @@ def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
         return
     if error is None:
         future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(result)
     else:
         future.set_exception(error)

@@ -14,7 +14,7 @@ import secrets
 import sys
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -176,6 +176,13 @@ def _add_openai_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel
         app.add_api_route(path, rerank, methods=["POST"])
 
 
+DEV_MODE = ("JAXLLM_SERVER_DEV_MODE", "VLLM_SERVER_DEV_MODE")
+
+
+def _dev_mode() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true") for name in DEV_MODE)
+
+
 RUNTIME_LORA_UPDATING = ("JAXLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
 
 
@@ -222,6 +229,26 @@ def _add_utility_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedMode
 
     # vLLM's /ping (what SageMaker probes): /health under another name, for GET and POST.
     app.add_api_route("/ping", health, methods=["GET", "POST"])
+
+    if _dev_mode():  # as vLLM's VLLM_SERVER_DEV_MODE: routes that change the whole engine
+        @app.post("/sleep")
+        async def sleep(level: int = 1):
+            await engine.call(lambda e: e.sleep(level))
+            return Response(status_code=200)
+
+        @app.post("/wake_up")
+        async def wake_up(tags: list[str] | None = Query(default=None)):  # noqa: B008 - FastAPI's idiom
+            await engine.call(lambda e: e.wake_up(tags))
+            return Response(status_code=200)
+
+        @app.get("/is_sleeping")
+        async def is_sleeping():
+            return {"is_sleeping": await engine.call(lambda e: e.is_sleeping())}
+
+        @app.post("/reset_prefix_cache")
+        async def reset_prefix_cache():
+            await engine.call(lambda e: e.reset_prefix_cache())
+            return Response(status_code=200)
 
     if profiler_dir_from_env() is not None:  # as vLLM: only with the profiler's directory set
         @app.post("/start_profile")
