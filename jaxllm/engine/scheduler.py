@@ -679,7 +679,8 @@ class Scheduler:
             request.spec_token_ids = ()
             k = self._proposal_room(request)
             position = request.num_computed_tokens
-            if k <= 0 or request.num_tokens - position != 1 or request.output_token_ids[-1] == PLACEHOLDER:
+            last = request.output_token_ids[-1] if request.output_token_ids else None
+            if k <= 0 or request.num_tokens - position != 1 or last == PLACEHOLDER:
                 continue
             allocation = self.kv.allocate_slots(request, k)
             if allocation is None:
