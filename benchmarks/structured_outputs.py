@@ -1,4 +1,4 @@
-"""What structured outputs cost: the same requests free, under a JSON schema, and as any JSON object.
+"""What structured outputs cost: the same requests free, under a JSON schema, as any JSON object, and under a grammar.
 
 Usage: python benchmarks/structured_outputs.py [--reps 3] [--requests 32] [--max-tokens 128] [--output PATH]
 
@@ -47,6 +47,18 @@ SCHEMA = {
 }
 
 
+# The same objects as SCHEMA, written as a grammar (xgrammar's EBNF) instead of a JSON schema.
+GRAMMAR = r"""
+root ::= "{" ws "\"city\"" ws ":" ws text24 ws "," ws "\"country\"" ws ":" ws text24 ws "," ws
+         "\"population\"" ws ":" ws int ws "," ws "\"landmarks\"" ws ":" ws landmarks ws "}"
+text24 ::= "\"" [^"\\\n]{0,24} "\""
+int ::= "0" | [1-9] [0-9]{0,15}
+landmarks ::= "[" ws ( text32 ( ws "," ws text32 ){0,2} )? ws "]"
+text32 ::= "\"" [^"\\\n]{0,32} "\""
+ws ::= " "?
+"""
+
+
 def prompts(llm: LLM, n: int) -> list[str]:
     tokenizer = llm.get_tokenizer()
     return [tokenizer.apply_chat_template(
@@ -59,7 +71,8 @@ def arms(max_tokens: int) -> dict[str, SamplingParams]:
         return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, structured_outputs=so)
 
     return {"free": params(None), "json_schema": params(StructuredOutputsParams(json=SCHEMA)),
-            "json_object": params(StructuredOutputsParams(json_object=True))}
+            "json_object": params(StructuredOutputsParams(json_object=True)),
+            "grammar": params(StructuredOutputsParams(grammar=GRAMMAR))}
 
 
 def run(llm: LLM, texts: list[str], params: SamplingParams) -> tuple[float, list, dict]:
@@ -127,7 +140,7 @@ def main() -> None:
     valid = {name: sum(_is_valid(name, o.outputs[0].text) for o in outputs[name]) for name in params}
     median = {name: statistics.median(t) for name, t in times.items()}
     cold = cold_costs(llm, outputs)
-    for name in ("json_schema", "json_object"):
+    for name in ("json_schema", "json_object", "grammar"):
         print(f"{name}: {median[name] / median['free']:.3f}x the free run's time; complete, valid JSON in "
               f"{valid[name]}/{args.requests} (the rest were cut by max_tokens); cold: {cold[name]}")
     print(f"vocabulary byte table: {cold['vocabulary_s']:.2f} s")
@@ -137,7 +150,7 @@ def main() -> None:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": "SmolLM2-135M-Instruct (embedded), float32",
         "workload": {"num_requests": args.requests, "max_tokens": args.max_tokens, "greedy": True,
-                     "ignore_eos": True, "schema": SCHEMA},
+                     "ignore_eos": True, "schema": SCHEMA, "grammar": GRAMMAR},
         "engine_args": _LIMITS,
         "elapsed_s": times,
         "output_tokens_per_s_median": {name: num_tokens / m for name, m in median.items()},
