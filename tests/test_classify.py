@@ -237,6 +237,12 @@ def test_classify_route(classifier_client, llm3):
     raw = client.post("/classify", json={"input": TEXTS[0], "use_activation": False}).json()["data"][0]["probs"]
     assert abs(sum(raw) - 1) > 1e-3  # logits, not probabilities
     np.testing.assert_allclose(_softmax(np.asarray(raw)), want[0], atol=1e-5)
+    # vLLM's chat form: the conversation through a chat template (the tiny tokenizer has none of its own).
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    chat = client.post("/classify", json={"messages": [{"role": "user", "content": TEXTS[0]}],
+                                          "chat_template": template}).json()["data"][0]["probs"]
+    plain = client.post("/classify", json={"input": f"user: {TEXTS[0]}\n"}).json()["data"][0]["probs"]
+    np.testing.assert_allclose(chat, plain, atol=1e-6)
     _error(client.post("/score", json={"text_1": "a", "text_2": "b"}), 400, "a classifier of 3 labels, not a cross-encoder")
     _error(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}), 400, "is a sequence classifier")
     _error(client.post("/v1/embeddings", json={"input": "a"}), 400, "task='embed' is not supported")

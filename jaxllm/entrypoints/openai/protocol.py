@@ -616,10 +616,16 @@ class EmbeddingResponse(ListResponse[EmbeddingData]):
 
 
 class ClassificationRequest(RequestModel):
-    """POST /classify (vLLM's): each input's class probabilities from a sequence classifier."""
+    """POST /classify (vLLM's): each input's class probabilities from a sequence classifier; as in
+    vLLM, a conversation in ``messages`` may stand in for ``input`` (see EmbeddingRequest)."""
 
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[int] | list[list[int]] | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     truncate_prompt_tokens: int | None = None
     user: str | None = None
     add_special_tokens: bool = True

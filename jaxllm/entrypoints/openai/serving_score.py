@@ -35,7 +35,7 @@ class OpenAIServingScores(OpenAIServingEmbedding):
         lora = self._checked_request(request, "classify", "Classification")
         params = self._params(request, "classify")
         prompts = [self._checked(params.truncated_prompt(ids, self.served.max_model_len))
-                   for ids in self.prompt_token_lists(request.input, request.add_special_tokens, "input")]
+                   for ids in self._token_lists(request)]
         request_id = random_id("classify")
         vectors = await self._run(request_id, prompts, params, request.priority, lora)
         labels = self.engine.engine.classifier.labels
