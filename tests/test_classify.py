@@ -296,3 +296,9 @@ def test_update_weights_replaces_a_classifiers_head_too(tmp_path, three_labels):
     out = llm.classify(TEXTS[:2], use_tqdm=False)
     for o, text in zip(out, TEXTS[:2], strict=True):
         np.testing.assert_allclose(o.outputs.probs, _softmax(_hf_logits(hf, tok.encode(text))), atol=2e-5)
+
+
+def test_too_long_pairs_are_a_400_naming_the_fields(cross_encoder_client):
+    long = "word " * 200  # over max_model_len=128 tokens together with the query
+    response = cross_encoder_client.post("/rerank", json={"query": "q", "documents": ["short", long]})
+    _error(response, 400, "an input (query/documents) has", "query/documents")

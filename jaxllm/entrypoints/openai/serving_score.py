@@ -102,7 +102,8 @@ class OpenAIServingScores(OpenAIServingEmbedding):
         params = self._params(request, plan.task)
         prompts = [ids if plan.task == "classify" else self.prompt_token_lists(ids, param=names[0])[0]
                    for ids in plan.prompts]
-        prompts = [self._checked(params.truncated_prompt(ids, self.served.max_model_len)) for ids in prompts]
+        prompts = [self._checked(params.truncated_prompt(ids, self.served.max_model_len), "/".join(names))
+                   for ids in prompts]
         vectors = await self._run(random_id("score"), prompts, params, request.priority, lora)
         return plan.scores(vectors), sum(map(len, prompts))
 
