@@ -450,3 +450,27 @@ def test_a_bfloat16_engine_applies_adapters(tiny):
             prompts, params, use_tqdm=False)
         assert error(ours) < 0.3 and error(ours) <= 1.25 * error(merged), (error(ours), error(merged))
         assert [o.outputs[0].token_ids[0] for o in ours] == [int(np.argmax(w)) for w in want]
+
+
+def test_jaxllm_generate_takes_an_adapter(tmp_path, capsys, monkeypatch):
+    """`jaxllm generate --lora PATH` runs every prompt with the adapter (max_lora_rank from its config)."""
+    from tiny_models import make_tiny_tokenizer
+
+    from jaxllm import LLM
+    from jaxllm.entrypoints import cli
+    from jaxllm.runner import kv_pool
+
+    monkeypatch.setattr(kv_pool, "DEFAULT_CPU_KV_CACHE_BYTES", 4 << 20)  # a small pool for a tiny model
+    base = make_tiny_checkpoint("llama", tmp_path / "base", config_overrides={"vocab_size": 320})
+    make_tiny_tokenizer().save_pretrained(base)
+    adapter = make_lora_adapter(base, tmp_path / "adapter", rank=24)  # above the default max_lora_rank
+    args = ["generate", "--model", str(base), "--no-chat", "--prompt", "The capital of France", "--max-tokens", "6",
+            "--max-model-len", "128", "--dtype", "float32"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=24, max_model_len=128, num_kv_blocks=64, warmup=False)
+    texts = [llm.generate("The capital of France", greedy, use_tqdm=False, lora_request=lora)[0].outputs[0].text
+             for lora in (None, LoRARequest("a", 1, str(adapter)))]
+    assert texts[0] != texts[1]
+    for extra, text in (([], texts[0]), (["--lora", str(adapter)], texts[1])):
+        assert cli.main(args + extra) == 0
+        assert capsys.readouterr().out == f"### The capital of France\n{text.strip()}\n\n"

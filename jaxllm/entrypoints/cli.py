@@ -12,12 +12,22 @@ DEFAULT_PROMPT = "What is the capital of France?"
 def _generate(args: argparse.Namespace) -> int:
     from jaxllm import LLM, SamplingParams
 
+    lora, lora_args = None, {}
+    if args.lora is not None:  # one adapter for every prompt
+        from jaxllm import LoRARequest
+        from jaxllm.lora.adapter import adapter_rank
+
+        lora = LoRARequest("cli", 1, args.lora)
+        lora_args = dict(enable_lora=True, max_lora_rank=max(16, adapter_rank(args.lora)))
     # A one-shot job: compile only the shapes it meets instead of warming up every bucket.
-    llm = LLM(args.model, max_model_len=args.max_model_len, dtype=args.dtype, warmup=False)
+    llm = LLM(args.model, max_model_len=args.max_model_len, dtype=args.dtype, warmup=False, **lora_args)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     prompts = args.prompt or [DEFAULT_PROMPT]
     conversations = [[{"role": "user", "content": p}] for p in prompts]
-    outputs = llm.chat(conversations, params, use_tqdm=False) if args.chat else llm.generate(prompts, params, use_tqdm=False)
+    if args.chat:
+        outputs = llm.chat(conversations, params, use_tqdm=False, lora_request=lora)
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
     for prompt, out in zip(prompts, outputs, strict=True):
         print(f"### {prompt}\n{out.outputs[0].text.strip()}\n")
     return 0
@@ -40,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-model-len", type=int, default=1024)
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="send the raw prompt, no chat template")
+    gen.add_argument("--lora", default=None, metavar="PATH", help="a PEFT LoRA adapter (directory or cached repo id) "
+                     "to generate with")
     gen.set_defaults(func=_generate)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (every engine argument is a flag)")
     _add_serve_args(serve)

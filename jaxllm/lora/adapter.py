@@ -78,6 +78,12 @@ def _resolve(lora_path: str) -> Path:
     return path
 
 
+def adapter_rank(lora_path: str) -> int:
+    """The largest rank of an adapter's modules (``r`` and ``rank_pattern``), to size max_lora_rank."""
+    config = _read_config(_resolve(lora_path))
+    return max([int(config.get("r", 8)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+
+
 def _read_config(directory: Path) -> dict:
     file = directory / "adapter_config.json"
     if not file.is_file():
