@@ -169,3 +169,22 @@ def test_score_with_an_embedding_model_is_the_cosine_of_the_embeddings(llm):
     assert pairwise[0].prompt_token_ids == tok.encode(TEXTS[1]) + tok.encode(TEXTS[0])
     with pytest.raises(ValueError, match="data_1 has 2 texts and data_2 3"):
         llm.score(TEXTS[:2], TEXTS, use_tqdm=False)
+
+
+def test_a_pooling_prompt_may_fill_max_model_len(llm, smollm2_hf, smollm2_model):
+    """The one token a pooling request samples is never an output and takes no position, so a
+    prompt of max_model_len tokens pools (as vLLM's); one more is refused."""
+    tok = smollm2_model.tokenizer
+    ids = (tok.encode(TEXTS[1]) * 20)[:256]
+    out = llm.encode([{"prompt_token_ids": ids}], PoolingParams(normalize=False), use_tqdm=False)[0]
+    import torch
+
+    with torch.no_grad():
+        want = smollm2_hf.model(torch.tensor([ids])).last_hidden_state[0, -1].numpy()
+    _assert_close([out.outputs.data], [want])
+    truncated = llm.embed([{"prompt_token_ids": ids + ids[:10]}], PoolingParams(truncate_prompt_tokens=-1),
+                          use_tqdm=False)[0]
+    assert truncated.prompt_token_ids == (ids + ids[:10])[-256:]
+    with pytest.raises(ValueError, match=r"the prompt \(257 tokens\) exceeds max_model_len=256"):
+        llm.embed([{"prompt_token_ids": ids + ids[:1]}], use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()

@@ -176,7 +176,11 @@ class Scheduler:
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"request {rid!r}: n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         total = request.num_prompt_tokens + params.max_tokens
-        if total > self.config.max_model_len:
+        if request.pooling is not None:  # its one sampled token is no output and takes no position
+            if request.num_prompt_tokens > self.config.max_model_len:
+                raise ValueError(f"request {rid!r}: the prompt ({request.num_prompt_tokens} tokens) exceeds "
+                                 f"max_model_len={self.config.max_model_len}")
+        elif total > self.config.max_model_len:
             raise ValueError(
                 f"request {rid!r}: prompt ({request.num_prompt_tokens} tokens) + max_tokens ({params.max_tokens})"
                 f" = {total} exceeds max_model_len={self.config.max_model_len}"

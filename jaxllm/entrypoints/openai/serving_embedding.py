@@ -58,11 +58,9 @@ class OpenAIServingEmbedding(OpenAIServing):
                                     chat_template_kwargs=request.chat_template_kwargs)]
 
     def _checked(self, ids: list[int], param: str = "input") -> list[int]:
-        # A pooling request runs as one of a single output token, which needs a position too.
-        if len(ids) >= self.served.max_model_len:
+        if len(ids) > self.served.max_model_len:
             raise APIError(f"an input ({param}) has {len(ids)} tokens; this server takes at most "
-                           f"{self.served.max_model_len - 1} (max_model_len={self.served.max_model_len})",
-                           param=param)
+                           f"max_model_len={self.served.max_model_len}", param=param)
         return ids
 
 
