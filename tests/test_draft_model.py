@@ -5,6 +5,8 @@ target has all its proposals accepted, so a step yields k + 1 tokens."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from tiny_models import make_tiny_checkpoint
 
@@ -141,13 +143,25 @@ def test_no_proposals_past_the_drafts_positions(tmp_path, target, limit):
     assert 112 - 64 <= stats.num_steps < 112 - 64 + 20
 
 
-def test_smollm2_drafting_for_itself_equals_transformers(smollm2_path, smollm2_expected_greedy):
+def test_smollm2_drafting_for_itself_equals_transformers(smollm2_path, smollm2_model, smollm2_expected_greedy):
     from conftest import GREEDY_MAX_TOKENS, GREEDY_PROMPTS
 
+    from jaxllm import StructuredOutputsParams
+
     # Compiled as needed (warm-up and its flat compile count are the tiny models' tests).
-    llm = LLM(str(smollm2_path), dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
-              num_kv_blocks=64, speculative_config=_draft(smollm2_path, k=4), warmup=False)
+    limits = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_blocks=64, warmup=False)
+    llm = LLM(str(smollm2_path), dtype="float32", speculative_config=_draft(smollm2_path, k=4), **limits)
     greedy = SamplingParams(temperature=0.0, max_tokens=GREEDY_MAX_TOKENS, ignore_eos=True)
     assert [o.outputs[0].token_ids for o in llm.generate(GREEDY_PROMPTS, greedy, use_tqdm=False)] == \
         smollm2_expected_greedy
     assert llm.llm_engine.stats.spec_decode.acceptance_rate > 0.9
+    # Under structured outputs a draft's proposal ends before the first token the pattern forbids
+    # (the draft model knows nothing of the pattern); outputs still equal the plain engine's.
+    regex = r"(Paris|London|Rome), (France|England|Italy)\. [A-Z][a-z ]{5,40}\."
+    constrained = SamplingParams(temperature=0.0, max_tokens=40,
+                                 structured_outputs=StructuredOutputsParams(regex=regex))
+    prompts = ["The capital of France is", "Name a European capital and its country:"]
+    drafted = llm.generate(prompts, constrained, use_tqdm=False)
+    plain = LLM(smollm2_model, **limits).generate(prompts, constrained, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in drafted] == [o.outputs[0].token_ids for o in plain]
+    assert all(re.fullmatch(regex, o.outputs[0].text) for o in drafted)
