@@ -618,7 +618,9 @@ def test_dates_exhaustive():
 
 # -- property-based ----------------------------------------------------------------------------
 
-_CHARS = st.one_of(st.characters(), st.sampled_from('"\\/\x00\x1f\x7f\u2028😀\n\t\b'))
+# No lone surrogates: they are no Unicode text, and the patterns allow a surrogate escape only as a
+# high + low pair (json_schema.py); a pair comes from astral characters such as the emoji.
+_CHARS = st.one_of(st.characters(exclude_categories=("Cs",)), st.sampled_from('"\\/\x00\x1f\x7f\u2028😀\n\t\b'))
 _TEXT = st.text(_CHARS, max_size=8)
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), _TEXT)
 _JSON = st.recursive(_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
