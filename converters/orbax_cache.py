@@ -18,11 +18,9 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from converters.checkpoint import Checkpoint
 from jaxllm.config import ModelConfig, RopeScaling
-from jaxllm.models.layout import param_shapes
+from jaxllm.models.layout import check_params, param_shapes
 
 _FORMAT = 1
 
@@ -66,21 +64,6 @@ def save(checkpoint: Checkpoint, directory: Path) -> None:
     os.replace(tmp, directory)
 
 
-def _check_params(params: dict, shapes: dict, where: str) -> dict:
-    if params.keys() != shapes.keys():
-        raise ValueError(f"saved params at {where} have keys {sorted(params)}, expected {sorted(shapes)}")
-    out = {}
-    for name, shape in shapes.items():
-        if isinstance(shape, dict):
-            out[name] = _check_params(params[name], shape, f"{where}/{name}")
-            continue
-        value = np.asarray(params[name])
-        if value.shape != shape:
-            raise ValueError(f"saved param {where}/{name} has shape {value.shape}, expected {shape}")
-        out[name] = value
-    return out
-
-
 def load(directory: Path) -> Checkpoint:
     """Read a checkpoint written by :func:`save`."""
     import orbax.checkpoint as ocp
@@ -94,7 +77,7 @@ def load(directory: Path) -> Checkpoint:
     config = config_from_dict(meta["config"])
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(directory / "params")
-    params = _check_params(params, param_shapes(config), "params")
+    params = check_params(params, param_shapes(config), "saved params")
     tokenizer = None
     if (directory / "tokenizer").is_dir():
         from transformers import AutoTokenizer

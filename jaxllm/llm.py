@@ -190,7 +190,7 @@ class LLM:
         ``LLMEngine.supported_tasks``).
         """
         supported = [t for t in self.llm_engine.supported_tasks if t in POOLING_TASKS]
-        task = pooling_task or supported[0]
+        task = pooling_task or self.llm_engine.pooling_task
         if task not in supported:
             raise ValueError(f"pooling_task={pooling_task!r} is not supported by this model; supported: {supported}"
                              + ("" if "classify" in supported else " (classify needs a *ForSequenceClassification model)"))

@@ -76,13 +76,20 @@ def test_update_weights_serves_new_weights_without_a_rebuild(checkpoints):
     assert _ids(llm) == want_first and engine.stats.prefix_cache_hits == hits
     assert engine.stats.num_compiles == compiles
     bad = dict(first.params, layers={**first.params["layers"], "wq": first.params["layers"]["wq"][:, :8]})
-    with pytest.raises(ValueError, match=r"params must have the model's layout .*\['layers'\]\['wq'\]"):
+    with pytest.raises(ValueError, match=r"update_weights params/layers/wq has shape \(2, 8, 4, 16\),"):
         llm.update_weights(bad)
     llm.llm_engine.add_request("pending", PROMPTS[0], GREEDY)
     for call in (lambda: llm.sleep(), lambda: llm.update_weights(first.params)):
         with pytest.raises(ValueError, match="needs an idle engine: 1 requests are unfinished"):
             call()
     llm.llm_engine.abort_request("pending")
+    # A finished request that kept its blocks (as beam search's do) holds K/V a sleep would lose.
+    engine.add_request("kept", PROMPTS[0], GREEDY, retain_blocks=True)
+    while engine.has_unfinished_requests():
+        engine.step()
+    with pytest.raises(ValueError, match="KV blocks are still held by retained requests"):
+        llm.sleep()
+    engine.release_request("kept")
     assert _ids(llm) == want_first  # nothing was changed by the refused calls
 
 

@@ -258,9 +258,14 @@ class LLMEngine:
         self._num_prompt_tokens += len(token_ids)
 
     @property
+    def pooling_task(self) -> str:
+        """The pooling task a request that names none gets: the model's one."""
+        return "classify" if self.classifier is not None else "embed"
+
+    @property
     def supported_tasks(self) -> tuple[str, ...]:
         """vLLM's: what requests this engine's model serves ("generate", "embed", "classify")."""
-        return ("classify",) if self.classifier is not None else ("generate", "embed")
+        return (self.pooling_task,) if self.classifier is not None else ("generate", self.pooling_task)
 
     def _as_pooling(self, params: PoolingParams) -> tuple[SamplingParams, PoolingSpec]:
         """A pooling request (vLLM's: the prompt's final hidden states pooled into one vector) runs
@@ -269,7 +274,7 @@ class LLMEngine:
         sampling = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False,
                                   truncate_prompt_tokens=params.truncate_prompt_tokens,
                                   output_kind=RequestOutputKind.FINAL_ONLY)
-        task = params.task or ("classify" if self.classifier is not None else "embed")
+        task = params.task or self.pooling_task
         if task not in self.supported_tasks:
             raise ValueError(f"task={task!r} is not supported by this model, which serves {self.supported_tasks}"
                              + (" (a sequence classifier)" if self.classifier is not None else
@@ -574,6 +579,9 @@ class LLMEngine:
         if self.has_unfinished_requests():
             raise ValueError(f"{what} needs an idle engine: {self.get_num_unfinished_requests()} requests are "
                              "unfinished (let them finish, or abort them)")
+        if self.scheduler.kv.num_used_blocks:  # finished requests that kept their blocks (beam search)
+            raise ValueError(f"{what} needs an idle engine: {self.scheduler.kv.num_used_blocks} KV blocks are still "
+                             "held by retained requests (release_request them)")
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (vLLM's name), so no later request reuses KV computed

@@ -70,6 +70,23 @@ def param_shapes(c: ModelConfig) -> dict:
     return top
 
 
+def check_params(params: dict, shapes: dict, where: str = "params") -> dict:
+    """``params`` with every leaf as a numpy array, after checking the keys and shapes against
+    ``shapes`` (:func:`param_shapes`); ValueError names the first parameter that differs."""
+    if params.keys() != shapes.keys():
+        raise ValueError(f"{where} has keys {sorted(params)}, expected {sorted(shapes)}")
+    out = {}
+    for name, shape in shapes.items():
+        if isinstance(shape, dict):
+            out[name] = check_params(params[name], shape, f"{where}/{name}")
+            continue
+        value = np.asarray(params[name])
+        if value.shape != shape:
+            raise ValueError(f"{where}/{name} has shape {value.shape}, expected {shape}")
+        out[name] = value
+    return out
+
+
 def random_params(c: ModelConfig, seed: int = 0, dtype=np.float32, scale: float = 0.02) -> dict:
     """Random parameters of the right shapes (norm scales near 1), for tests and benchmarks."""
     rng = np.random.default_rng(seed)

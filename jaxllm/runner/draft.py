@@ -24,19 +24,11 @@ the step that computes those positions, before anything reads it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from jaxllm.engine.messages import DraftJob, RunnerOutput, SamplingOptions, ScheduledSequence, SchedulerOutput
+from jaxllm.engine.scheduler import PLACEHOLDER
 from jaxllm.runner.model_runner import InFlightStep, ModelRunner
 
 _GREEDY = SamplingOptions(temperature=0.0)
-_PLACEHOLDER = -1  # the scheduler's: a token the previous dispatched step samples
-
-
-@dataclass
-class _Steps:
-    target: InFlightStep
-    draft: InFlightStep | None
 
 
 class DraftModelRunner:
@@ -64,7 +56,7 @@ class DraftModelRunner:
         self.target.sleep(level)
         self.draft.sleep(level)
 
-    def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+    def wake_up(self, tags: tuple[str, ...]) -> None:
         self.target.wake_up(tags)
         self.draft.wake_up(tags)
 
@@ -76,14 +68,15 @@ class DraftModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         return self.fetch(self.dispatch(sched))
 
-    def dispatch(self, sched: SchedulerOutput, prev: _Steps | None = None) -> _Steps:
-        target = self.target.dispatch(sched, None if prev is None else prev.target)
-        # The draft reads the same placeholders from the target's previous samples.
-        draft = self.draft.dispatch(_lockstep(sched), None if prev is None else prev.target)
-        return _Steps(target, draft)
+    def dispatch(self, sched: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
+        """The target's step, then the draft's run of it, which reads the same placeholders from the
+        target's previous samples; the handle is the target's (the draft's samples are never read)."""
+        step = self.target.dispatch(sched, prev)
+        self.draft.dispatch(_lockstep(sched), prev)
+        return step
 
-    def fetch(self, steps: _Steps) -> RunnerOutput:
-        return self.target.fetch(steps.target)  # the draft's lockstep samples are never read
+    def fetch(self, step: InFlightStep) -> RunnerOutput:
+        return self.target.fetch(step)
 
     # -- proposals -----------------------------------------------------------------------------
     def propose(self, jobs: list[DraftJob], block_copies: tuple[tuple[int, int], ...] = ()) -> list[tuple[int, ...]]:
@@ -96,7 +89,7 @@ class DraftModelRunner:
         steps, prev = [], None
         for i in range(max((job.num_tokens for job in jobs), default=0)):
             seqs = tuple(
-                ScheduledSequence(job.request_id, (job.token_id if i == 0 else _PLACEHOLDER,), job.position + i,
+                ScheduledSequence(job.request_id, (job.token_id if i == 0 else PLACEHOLDER,), job.position + i,
                                   job.block_ids, True, _GREEDY, 0)
                 for job in jobs if job.num_tokens > i)
             prev = self.draft.dispatch(SchedulerOutput(seqs), prev)

@@ -24,7 +24,7 @@ from jaxllm.models import model_module
 from jaxllm.models.attention import AttentionFn, KVPool
 from jaxllm.models.kv_quant import kv_storage_dtype
 from jaxllm.models.layers import pack_params
-from jaxllm.models.layout import param_shapes
+from jaxllm.models.layout import check_params, param_shapes
 from jaxllm.models.lora import token_mask
 from jaxllm.runner import kv_pool
 from jaxllm.runner.batch import Buckets, SampleRow, StepBatch, build_batch, sample_rows
@@ -119,9 +119,9 @@ class ModelRunner:
         self.cfg, self.cache = cfg, cache
         self.dtype = np.dtype(params["embed"].dtype)
         platform = jax.devices()[0].platform
-        cpu_matmul = self._cpu_matmul = getattr(attend, "cpu_matmul", False)
-        self.params = jax.device_put(pack_params(  # see there
-            params, cfg.tie_word_embeddings, platform, cpu_matmul=cpu_matmul, hidden_act=cfg.hidden_act))
+        self._cpu_matmul = getattr(attend, "cpu_matmul", False)
+        self.params = self._device_params(params)
+        self._host_params = None  # the weights while asleep at level 1 (see sleep)
         self.lora = None
         if lora_config is not None:  # LoRA's b stacks go to the cpu matmul kernel too when the weights do
             packed = isinstance(self.params["layers"].get("wq"), PackedMatrix)
@@ -285,10 +285,10 @@ class ModelRunner:
             _delete(self.kv)
             self.kv = None
 
-    def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+    def wake_up(self, tags: tuple[str, ...]) -> None:
         """Put back what ``sleep`` freed: "weights" from the host copy, "kv_cache" a zeroed pool."""
         if "weights" in tags and self.params is None:
-            if getattr(self, "_host_params", None) is None:
+            if self._host_params is None:
                 raise ValueError("wake_up(['weights']) after sleep(level=2): the weights were discarded; "
                                  "update_weights(params) first")
             self.params, self._host_params = jax.device_put(self._host_params), None
@@ -302,18 +302,17 @@ class ModelRunner:
     def update_weights(self, params: dict) -> None:
         """New weights in the model's layout (``layout.param_shapes``; as ``load_model`` gives them),
         cast to the engine's dtype, packed and put on the device in place of the old ones."""
-        want = {name: shape for name, shape in param_shapes(self.cfg).items() if name != "score"}  # the engine's head
-        got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-        if got != want:
-            wrong = sorted(set(_flat_shapes(want).items()) ^ set(_flat_shapes(got).items()))
-            raise ValueError(f"update_weights: params must have the model's layout (param_shapes); differs at "
-                             f"{[name for name, _ in wrong][:6]}")
-        cast = jax.tree.map(lambda x: np.asarray(x, self.dtype), params)
-        packed = jax.device_put(pack_params(cast, self.cfg.tie_word_embeddings, jax.devices()[0].platform,
-                                            cpu_matmul=self._cpu_matmul, hidden_act=self.cfg.hidden_act))
+        shapes = {name: shape for name, shape in param_shapes(self.cfg).items() if name != "score"}  # the engine's
+        checked = check_params(params, shapes, "update_weights params")
+        packed = self._device_params(jax.tree.map(lambda x: x.astype(self.dtype, copy=False), checked))
         if self.params is not None:
             _delete(self.params)
         self.params, self._host_params = packed, None
+
+    def _device_params(self, params: dict) -> dict:
+        """``params`` laid out for the step (``pack_params``: see there), on the device."""
+        return jax.device_put(pack_params(params, self.cfg.tie_word_embeddings, jax.devices()[0].platform,
+                                          cpu_matmul=self._cpu_matmul, hidden_act=self.cfg.hidden_act))
 
     def _copy_blocks(self, copies) -> None:
         pairs = np.asarray(copies, np.int32).reshape(-1, 2)
@@ -329,11 +328,6 @@ def _delete(tree) -> None:
     for leaf in jax.tree.leaves(tree):
         if isinstance(leaf, jax.Array):
             leaf.delete()
-
-
-def _flat_shapes(tree) -> dict[str, tuple]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, tuple))
-    return {jax.tree_util.keystr(path): shape for path, shape in flat}
 
 
 def _host_pooled(step: InFlightStep) -> dict:

@@ -570,8 +570,8 @@ class DetokenizeResponse(OpenAIModel):
     prompt: str
 
 
-class EmbeddingRequest(RequestModel):
-    """POST /v1/embeddings (OpenAI's, with vLLM's extra fields). As in vLLM, a conversation in
+class PoolingInputRequest(RequestModel):
+    """The inputs of a pooling route (embeddings, classification). As in vLLM, a conversation in
     ``messages`` (rendered by the chat template, without a generation prompt by default) may stand
     in for ``input``: one of the two."""
 
@@ -582,13 +582,18 @@ class EmbeddingRequest(RequestModel):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    user: str | None = None
+    priority: int = 0
+
+
+class EmbeddingRequest(PoolingInputRequest):
+    """POST /v1/embeddings (OpenAI's, with vLLM's extra fields)."""
+
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
-    user: str | None = None
-    truncate_prompt_tokens: int | None = None
     normalize: bool | None = None  # vLLM's: None leaves it to --pooler-config
-    add_special_tokens: bool = True
-    priority: int = 0
 
 
 class EmbeddingData(OpenAIModel):
@@ -615,23 +620,15 @@ class EmbeddingResponse(ListResponse[EmbeddingData]):
     pass
 
 
-class ClassificationRequest(RequestModel):
-    """POST /classify (vLLM's): each input's class probabilities from a sequence classifier; as in
-    vLLM, a conversation in ``messages`` may stand in for ``input`` (see EmbeddingRequest)."""
+class ActivationFields(RequestModel):
+    """Whether a classifier's activation applies (classify, cross-encoder scores)."""
 
-    model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]] | None = None
-    messages: list[ChatMessage] | None = None
-    add_generation_prompt: bool = False
-    continue_final_message: bool = False
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    truncate_prompt_tokens: int | None = None
-    user: str | None = None
-    add_special_tokens: bool = True
-    priority: int = 0
     use_activation: bool | None = None
     activation: bool | None = None  # vLLM's earlier name of use_activation
+
+
+class ClassificationRequest(PoolingInputRequest, ActivationFields):
+    """POST /classify (vLLM's): each input's class probabilities from a sequence classifier."""
 
 
 class ClassificationData(OpenAIModel):
@@ -645,16 +642,19 @@ class ClassificationResponse(ListResponse[ClassificationData]):
     pass
 
 
-class ScoreRequest(RequestModel):
-    """POST /score and /v1/score (vLLM's): text_1 (one text, or one per text_2 text) against text_2."""
+class ScoringRequest(ActivationFields):
+    """What /score and /rerank share."""
 
     model: str | None = None
-    text_1: str | list[str]
-    text_2: str | list[str]
     truncate_prompt_tokens: int | None = None
     priority: int = 0
-    use_activation: bool | None = None
-    activation: bool | None = None
+
+
+class ScoreRequest(ScoringRequest):
+    """POST /score and /v1/score (vLLM's): text_1 (one text, or one per text_2 text) against text_2."""
+
+    text_1: str | list[str]
+    text_2: str | list[str]
 
 
 class ScoreResponseData(OpenAIModel):
@@ -667,18 +667,13 @@ class ScoreResponse(ListResponse[ScoreResponseData]):
     pass
 
 
-class RerankRequest(RequestModel):
+class RerankRequest(ScoringRequest):
     """POST /rerank, /v1/rerank and /v2/rerank (vLLM's, the Jina and Cohere shape): documents by
     their relevance to the query, most relevant first; ``top_n`` keeps that many (0: all)."""
 
-    model: str | None = None
     query: str
     documents: list[str]
     top_n: int = 0
-    truncate_prompt_tokens: int | None = None
-    priority: int = 0
-    use_activation: bool | None = None
-    activation: bool | None = None
 
 
 class RerankDocument(OpenAIModel):

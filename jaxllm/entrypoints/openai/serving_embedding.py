@@ -8,10 +8,10 @@ import numpy as np
 
 from jaxllm.engine.async_engine import RequestStream
 from jaxllm.entrypoints.openai.protocol import (
-    ClassificationRequest,
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
+    PoolingInputRequest,
     UsageInfo,
     random_id,
 )
@@ -45,7 +45,7 @@ class OpenAIServingEmbedding(OpenAIServing):
         num_tokens = sum(len(p) for p in prompts)
         return EmbeddingResponse(id=request_id, model=self.model_name(request.model), data=data, usage=UsageInfo.of(num_tokens, 0))
 
-    def _token_lists(self, request: EmbeddingRequest | ClassificationRequest) -> list[list[int]]:
+    def _token_lists(self, request: PoolingInputRequest) -> list[list[int]]:
         """The request's inputs as token ids: ``input``, or the conversation in ``messages``."""
         if (request.input is None) == (request.messages is None):
             raise APIError("give either input or messages (a conversation), not both and not neither", param="input")
