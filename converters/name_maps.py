@@ -189,9 +189,17 @@ OPT = FamilyMap(
     ignored=(),
 )
 
-# A sequence classifier: the same decoder and a score head [num_labels, D] on its last token.
+# A sequence classifier: the same decoder and a score head [num_labels, D] on its last token
+# (a token classifier: on every token).
 LLAMA_CLASSIFIER = FamilyMap(
     rules=(*LLAMA.rules, _linear("score", "score", "L", "D")),
+    base_prefix=LLAMA.base_prefix,
+    ignored=LLAMA.ignored,
+)
+
+# A token classifier: the same head, with a bias, on every token.
+LLAMA_TOKEN_CLASSIFIER = FamilyMap(
+    rules=(*LLAMA_CLASSIFIER.rules, _vector("score_bias", "score.bias", "L")),
     base_prefix=LLAMA.base_prefix,
     ignored=LLAMA.ignored,
 )
@@ -201,6 +209,10 @@ _BY_ARCHITECTURE = {
     "MistralForSequenceClassification": LLAMA_CLASSIFIER,
     "Qwen2ForSequenceClassification": LLAMA_CLASSIFIER,
     "Qwen3ForSequenceClassification": LLAMA_CLASSIFIER,
+    "LlamaForTokenClassification": LLAMA_TOKEN_CLASSIFIER,
+    "MistralForTokenClassification": LLAMA_TOKEN_CLASSIFIER,
+    "Qwen2ForTokenClassification": LLAMA_TOKEN_CLASSIFIER,
+    "Qwen3ForTokenClassification": LLAMA_TOKEN_CLASSIFIER,
     "LlamaForCausalLM": LLAMA,
     "MistralForCausalLM": LLAMA,
     "Qwen2ForCausalLM": LLAMA,

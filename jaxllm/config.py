@@ -89,12 +89,13 @@ class ModelConfig:
     word_embed_proj_dim: int | None = None  # OPT-350m projects embeddings in and out
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # A sequence classifier (``*ForSequenceClassification``): its ``score`` head's labels and
-    # the activation that turns the head's logits into the probabilities ``classify`` returns.
-    # 0 labels: a causal LM.
+    # A classifier (``*ForSequenceClassification``, or ``*ForTokenClassification`` when
+    # ``classifies_tokens``): its ``score`` head's labels and the activation that turns the head's
+    # logits into the probabilities ``classify`` / ``token_classify`` return. 0 labels: a causal LM.
     num_labels: int = 0
     id2label: tuple[str, ...] = ()
     classifier_activation: str = "softmax"
+    classifies_tokens: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -103,6 +104,8 @@ class ModelConfig:
             raise ValueError(f"num_labels={self.num_labels!r} must be a non-negative integer")
         if self.id2label and len(self.id2label) != self.num_labels:
             raise ValueError(f"id2label has {len(self.id2label)} labels for num_labels={self.num_labels}")
+        if self.classifies_tokens and not self.num_labels:
+            raise ValueError("classifies_tokens=True needs num_labels > 0 (a token classifier's head)")
         if self.classifier_activation not in CLASSIFIER_ACTIVATIONS:
             raise ValueError(f"classifier_activation={self.classifier_activation!r} must be one of "
                              f"{CLASSIFIER_ACTIVATIONS}")

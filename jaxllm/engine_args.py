@@ -241,14 +241,15 @@ def _load_draft(name: str, args: EngineArgs, target: Checkpoint, cache: CacheCon
                 classifier) -> Checkpoint:
     """speculative_config's draft model, checked against the target it proposes for."""
     if classifier is not None:
-        raise ValueError("speculative_config: a sequence classifier generates nothing to speculate on")
+        raise ValueError(f"speculative_config: a {classifier.kind} classifier generates nothing to speculate on")
     if cache.preemption_mode == "swap":
         raise ValueError("speculative_config method='draft_model' works with preemption_mode='recompute' only "
                          "(swapping does not move the draft model's pool)")
     draft = load_checkpoint_as(name, args.dtype, args.download_dir)
     cfg = draft.config
     if cfg.is_classifier:
-        raise ValueError(f"speculative_config model={name!r} is a sequence classifier, not a generative model")
+        raise ValueError(f"speculative_config model={name!r} is a classifier ({cfg.architecture}), not a "
+                         "generative model")
     if cfg.vocab_size != target.config.vocab_size:
         raise ValueError(f"speculative_config model={name!r} has a vocabulary of {cfg.vocab_size} tokens, the "
                          f"target {target.config.vocab_size}: a draft model must share the target's vocabulary")
@@ -277,8 +278,8 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     speculative, lora = args.speculative(), args.lora()
     classifier, params = ClassifierHead.split_from(ckpt.config, ckpt.params)
     if classifier is not None and args.runner == "generate":
-        raise ValueError(f"runner='generate': {ckpt.config.architecture} is a sequence classifier, which serves "
-                         "pooling requests (classify, score) only")
+        raise ValueError(f"runner='generate': {ckpt.config.architecture} is a {classifier.kind} classifier, which "
+                         f"serves pooling requests ({', '.join(classifier.tasks)}) only")
     num_speculative_tokens = 0 if speculative is None else speculative.num_speculative_tokens
     draft = None
     if speculative is not None and speculative.method == "draft_model":

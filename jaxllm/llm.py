@@ -181,19 +181,26 @@ class LLM:
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[PoolingRequestOutput]:
         """Pool each prompt's final hidden states into one vector (the engine's ``pooler_config``:
-        the last token's by default); returns one PoolingRequestOutput per prompt, in input order,
-        its vector in ``.outputs.data``. Prompts are batched with any other requests, through the
-        same paged KV pool and prefix cache.
+        the last token's by default), or one per prompt token for the token tasks; returns one
+        PoolingRequestOutput per prompt, in input order, its numpy array in ``.outputs.data``.
+        Prompts are batched with any other requests, through the same paged KV pool and prefix
+        cache (the token tasks compute every prompt token, so they skip the cache).
 
-        ``pooling_task``: "embed" (the vector, L2-normalised by default) or "classify" (a
-        sequence classifier's label probabilities); None: the model's own (see
+        ``pooling_task``: "embed" (the vector [hidden_size], L2-normalised by default),
+        "classify" (a sequence classifier's label probabilities [num_labels]), "token_embed"
+        (each prompt token's final hidden state [num_tokens, hidden_size], each row
+        L2-normalised by default) or "token_classify" (a classifier's head on each prompt token
+        [num_tokens, num_labels], with its activation by default); None: the model's own (see
         ``LLMEngine.supported_tasks``).
         """
         supported = [t for t in self.llm_engine.supported_tasks if t in POOLING_TASKS]
         task = pooling_task or self.llm_engine.pooling_task
         if task not in supported:
+            hint = {"classify": " (classify needs a *ForSequenceClassification model)",
+                    "token_classify": " (token_classify needs a *ForSequenceClassification or "
+                                      "*ForTokenClassification model)"}.get(task, "")
             raise ValueError(f"pooling_task={pooling_task!r} is not supported by this model; supported: {supported}"
-                             + ("" if "classify" in supported else " (classify needs a *ForSequenceClassification model)"))
+                             + hint)
         prompts = _prompt_list(prompts)
         if pooling_params is None or isinstance(pooling_params, PoolingParams):
             params = [pooling_params or PoolingParams()] * len(prompts)
@@ -236,6 +243,19 @@ class LLM:
         logits. See :meth:`encode`."""
         outputs = self.encode(prompts, pooling_params, use_tqdm, "classify", lora_request=lora_request)
         return [ClassificationRequestOutput.from_base(out) for out in outputs]
+
+    def reward(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        *,
+        use_tqdm: bool = True,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+    ) -> list[PoolingRequestOutput]:
+        """A reward for each prompt token (vLLM's: token and process reward models): the
+        classifier's head on every token, ``encode(..., pooling_task="token_classify")``;
+        ``.outputs.data`` is float32 [num_tokens, num_labels]."""
+        return self.encode(prompts, pooling_params, use_tqdm, "token_classify", lora_request=lora_request)
 
     def score(
         self,

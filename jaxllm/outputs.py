@@ -60,9 +60,9 @@ class RequestOutput:
 
 @dataclass
 class PoolingOutput:
-    """vLLM's: the pooled vector of one prompt."""
+    """vLLM's: the pooled vector of one prompt (one row per prompt token for the token tasks)."""
 
-    data: object  # numpy float32 [hidden_size]
+    data: object  # numpy float32 [hidden_size] or [num_labels]; [num_tokens, ...] for token tasks
 
 
 @dataclass

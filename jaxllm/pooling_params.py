@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from jaxllm.sampling_params import _check_truncate_prompt_tokens, truncate_prompt
 
 # What a pooling request returns: a (normalised) hidden-state vector, or a classifier's label
-# probabilities.
-POOLING_TASKS = ("embed", "classify")
+# probabilities; for the token tasks, one of those per prompt token.
+POOLING_TASKS = ("embed", "classify", "token_embed", "token_classify")
 
 
 @dataclass
@@ -18,13 +18,16 @@ class PoolingParams:
 
     Args:
         dimensions: vLLM's Matryoshka truncation. None only: no model here is trained for it.
-        normalize: L2-normalise the vector; None: the engine's ``pooler_config`` decides.
+        normalize: L2-normalise the vector (each token's, for token_embed); None: the engine's
+            ``pooler_config`` decides.
         truncate_prompt_tokens: keep the prompt's last k tokens (-1: the last max_model_len).
-        use_activation: classify only: apply the classifier's activation (softmax, or a sigmoid
-            for one label) to the head's logits; None and True do, False returns the logits.
+        use_activation: classify and token_classify: apply the classifier's activation (softmax,
+            or a sigmoid for one label) to the head's logits; None and True do, False returns the
+            logits.
         activation: vLLM's earlier name of ``use_activation``.
-        task: "embed" or "classify"; None: the model's own ("classify" for a sequence
-            classifier, "embed" otherwise). ``LLM.encode`` sets it from ``pooling_task``.
+        task: one of ``POOLING_TASKS``; None: the model's own ("classify" for a sequence
+            classifier, "token_classify" for a token classifier, "embed" otherwise).
+            ``LLM.encode`` sets it from ``pooling_task``.
     """
 
     dimensions: int | None = None

@@ -77,6 +77,9 @@ def plan_scores(classifier, tokenizer, data_1: Sequence, data_2: Sequence) -> Sc
     pairs = score_pairs(data_1, data_2)
     if classifier is None:
         return ScorePlan(pairs, "embed", [*data_1, *data_2], len(data_1))
+    if classifier.per_token:
+        raise ValueError("score needs a cross-encoder (a sequence classifier of one label); this model is a "
+                         "token classifier: use token_classify")
     if classifier.num_labels != 1:
         raise ValueError(f"score needs a cross-encoder (a classifier of one label); this model has "
                          f"{classifier.num_labels} labels: use classify")

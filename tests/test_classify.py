@@ -168,7 +168,7 @@ def test_cross_encoder_scores_pairs_as_transformers(cross_encoder):
 
 def test_classifiers_refuse_generation_and_embedding(llm3, three_labels):
     engine = llm3.llm_engine
-    assert engine.supported_tasks == ("classify",)
+    assert engine.supported_tasks == ("classify", "token_classify")
     with pytest.raises(ValueError, match="this model is a sequence classifier"):
         llm3.generate(TEXTS[0], SamplingParams(max_tokens=2), use_tqdm=False)
     with pytest.raises(ValueError, match="pooling_task='embed' is not supported by this model"):

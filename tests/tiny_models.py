@@ -96,6 +96,7 @@ def make_tiny_checkpoint(
     dtype: str = "float32",
     num_labels: int | None = None,
     config_overrides: dict | None = None,
+    token_classifier: bool = False,
 ) -> Path:
     """Write a tiny random checkpoint of family ``name`` to ``path`` and return ``path``.
 
@@ -108,9 +109,10 @@ def make_tiny_checkpoint(
         dtype: torch dtype name the weights are stored in ("float32", "bfloat16", "float16").
         num_labels: write a ``*ForSequenceClassification`` model with this many labels instead.
         config_overrides: config attributes to set (``vocab_size``, ``problem_type``, ...).
+        token_classifier: with ``num_labels``, a ``*ForTokenClassification`` model instead.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     torch.manual_seed(seed)
     config = _config(name)
@@ -121,7 +123,8 @@ def make_tiny_checkpoint(
     else:
         config.num_labels = num_labels
         config.pad_token_id = 0  # transformers finds the last token of a padded batch by it
-        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+        auto = AutoModelForTokenClassification if token_classifier else AutoModelForSequenceClassification
+        model = auto.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -142,8 +142,9 @@ class LLMEngine:
             its ``disable_by_batch_size`` turns proposals off.
         lora_config: serve LoRA adapters (``add_request(..., lora_request=)``); the runner needs
             ``add_lora``, ``remove_lora`` and ``list_loras`` (the model runner built with it has).
-        classifier: a sequence classifier's head: the engine then serves "classify" pooling
-            requests, and neither generation nor "embed".
+        classifier: a classifier's head: the engine then serves its pooling tasks ("classify"
+            and "token_classify", or a token classifier's "token_classify"), and neither
+            generation nor the embedding tasks.
     """
 
     def __init__(
@@ -232,7 +233,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or PoolingParams, got {type(params).__name__}")
         if pooling is None and "generate" not in self.supported_tasks:
-            raise ValueError("this model is a sequence classifier: it serves classify and score (PoolingParams), "
+            tasks = " and ".join(self.supported_tasks) + ("" if self.classifier.per_token else " (and score)")
+            raise ValueError(f"this model is a {self.classifier.kind} classifier: it serves {tasks} (PoolingParams), "
                              "not generation (SamplingParams)")
         params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids, logit_bias ids checked
         if self.vocab_size is not None:
@@ -259,13 +261,14 @@ class LLMEngine:
 
     @property
     def pooling_task(self) -> str:
-        """The pooling task a request that names none gets: the model's one."""
-        return "classify" if self.classifier is not None else "embed"
+        """The pooling task a request that names none gets: the model's own."""
+        return self.classifier.tasks[0] if self.classifier is not None else "embed"
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:
-        """vLLM's: what requests this engine's model serves ("generate", "embed", "classify")."""
-        return (self.pooling_task,) if self.classifier is not None else ("generate", self.pooling_task)
+        """vLLM's: what requests this engine's model serves: a causal LM "generate", "embed" and
+        "token_embed"; a classifier its head's ("classify", "token_classify")."""
+        return self.classifier.tasks if self.classifier is not None else ("generate", "embed", "token_embed")
 
     def _as_pooling(self, params: PoolingParams) -> tuple[SamplingParams, PoolingSpec]:
         """A pooling request (vLLM's: the prompt's final hidden states pooled into one vector) runs
@@ -277,11 +280,13 @@ class LLMEngine:
         task = params.task or self.pooling_task
         if task not in self.supported_tasks:
             raise ValueError(f"task={task!r} is not supported by this model, which serves {self.supported_tasks}"
-                             + (" (a sequence classifier)" if self.classifier is not None else
-                                "; classify needs a *ForSequenceClassification model"))
+                             + (" (a classifier)" if self.classifier is not None else
+                                "; classify needs a *ForSequenceClassification model, token_classify a "
+                                "*ForSequenceClassification or *ForTokenClassification one"))
         normalize = self.pooler_config.normalize if params.normalize is None else params.normalize
         use_activation = params.use_activation is not False
-        return sampling, PoolingSpec(self.pooler_config.pooling_type, normalize, task, use_activation)
+        pooling_type = "ALL" if task.startswith("token_") else self.pooler_config.pooling_type
+        return sampling, PoolingSpec(pooling_type, normalize, task, use_activation)
 
     def _matcher(self, params: SamplingParams) -> TokenMatcher | None:
         """The start of a structured-output request's pattern (compiled once per pattern)."""
@@ -464,13 +469,15 @@ class LLMEngine:
         if request.pooled is None:
             raise RuntimeError(f"pooling request {request.request_id!r} finished without its hidden states")
         spec = request.pooling
-        vector = np.asarray(request.pooled, np.float32)
+        pooled = np.concatenate(request.pooled) if spec.type == "ALL" else request.pooled  # ALL: chunks' rows
+        vector = np.asarray(pooled, np.float32)  # [hidden], or [num_prompt_tokens, hidden] for ALL
         if spec.type == "MEAN":
             vector = vector / request.num_pooled_tokens
-        if spec.task == "classify":
+        if spec.task in ("classify", "token_classify"):
             vector = self.classifier(vector, spec.use_activation)
         elif spec.normalize:
-            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+            norms = np.linalg.norm(vector, axis=-1, keepdims=True)
+            vector = vector / np.maximum(norms, 1e-12)
         return PoolingRequestOutput(request.request_id, PoolingOutput(vector), list(request.prompt_token_ids), True)
 
     @staticmethod

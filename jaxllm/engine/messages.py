@@ -161,5 +161,5 @@ class RunnerOutput:
     prompt_logprobs: dict[str, tuple[int, tuple[TokenLogprobs, ...]]] = field(default_factory=dict)
     # For pooling sequences: (the chunk's first position, float32 [hidden]: the last token's hidden
     # state (LAST, on the prompt's last chunk), the first token's (CLS, on the first chunk) or the
-    # sum over the chunk's tokens (MEAN)).
+    # sum over the chunk's tokens (MEAN); or float32 [chunk tokens, hidden]: each token's (ALL)).
     pooled: dict[str, tuple[int, Any]] = field(default_factory=dict)

@@ -37,8 +37,9 @@ _FINISH_REASONS = {
 
 class PoolingSpec(NamedTuple):
     """What a pooling request's output is: its hidden states pooled by ``type`` ("LAST", "MEAN",
-    "CLS"), then for "embed" L2-normalised if ``normalize``, for "classify" put through the
-    classifier head (and its activation if ``use_activation``)."""
+    "CLS", or "ALL": each prompt token's, for the token tasks), then for "embed" / "token_embed"
+    L2-normalised if ``normalize``, for "classify" / "token_classify" put through the classifier
+    head (and its activation if ``use_activation``)."""
 
     type: str
     normalize: bool

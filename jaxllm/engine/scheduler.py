@@ -583,10 +583,13 @@ class Scheduler:
         start, vector = chunk
         if start == 0:  # the first chunk, or a recompute after a preemption: start over
             request.pooled, request.num_pooled_tokens = None, 0
-        if seq.pooling != "MEAN":
+        if seq.pooling not in ("MEAN", "ALL"):
             request.pooled = vector
-        elif start == request.num_pooled_tokens:
-            request.pooled = vector if request.pooled is None else request.pooled + vector
+        elif start == request.num_pooled_tokens:  # MEAN sums the chunks' sums, ALL lists their rows
+            if seq.pooling == "ALL":
+                request.pooled = [*(request.pooled or ()), vector]
+            else:
+                request.pooled = vector if request.pooled is None else request.pooled + vector
             request.num_pooled_tokens += len(seq.token_ids)
 
     def _record_kv_waste(self, scheduler_output: SchedulerOutput) -> None:

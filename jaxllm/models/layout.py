@@ -66,8 +66,15 @@ def param_shapes(c: ModelConfig) -> dict:
         top["lm_head"] = (top["embed"][1], V)
     if c.num_labels:
         top["score"] = (D, c.num_labels)
+        if c.classifies_tokens:  # transformers' token classifiers' head has a bias
+            top["score_bias"] = (c.num_labels,)
     top["layers"] = {name: (c.num_layers, *shape) for name, shape in layer.items()}
     return top
+
+
+# A classifier's head: the engine applies it on the host (``engine.classifier``); the step never
+# sees these parameters.
+HEAD_PARAMS = ("score", "score_bias")
 
 
 def check_params(params: dict, shapes: dict, where: str = "params") -> dict:

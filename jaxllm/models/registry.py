@@ -156,9 +156,10 @@ def _opt(hf: dict) -> ModelConfig:
     )
 
 
-def _classifier(build: Callable[[dict], ModelConfig]) -> Callable[[dict], ModelConfig]:
+def _classifier(build: Callable[[dict], ModelConfig], tokens: bool = False) -> Callable[[dict], ModelConfig]:
     """A ``*ForSequenceClassification`` model: the decoder of ``build`` plus a ``score`` head of
-    ``num_labels`` outputs on the last token (the head is the engine's, not the step's). It has no
+    ``num_labels`` outputs on the last token (the head is the engine's, not the step's). With
+    ``tokens``, a ``*ForTokenClassification`` model: the same head on every token. It has no
     LM head: the one token the engine samples for a pooling request is drawn against the
     embedding (so the config says tied), and is never returned."""
 
@@ -169,7 +170,8 @@ def _classifier(build: Callable[[dict], ModelConfig]) -> Callable[[dict], ModelC
         else:
             labels = tuple(f"LABEL_{i}" for i in range(int(hf.get("num_labels", 2))))
         return dataclasses.replace(build(hf), num_labels=len(labels), id2label=labels, tie_word_embeddings=True,
-                                   classifier_activation=_classifier_activation(hf, len(labels)))
+                                   classifier_activation=_classifier_activation(hf, len(labels)),
+                                   classifies_tokens=tokens)
 
     return classifier
 
@@ -197,6 +199,10 @@ ARCHITECTURES: dict[str, Callable[[dict], ModelConfig]] = {
     "MistralForSequenceClassification": _classifier(_mistral),
     "Qwen2ForSequenceClassification": _classifier(_qwen2),
     "Qwen3ForSequenceClassification": _classifier(_qwen3),
+    "LlamaForTokenClassification": _classifier(_llama, tokens=True),
+    "MistralForTokenClassification": _classifier(_mistral, tokens=True),
+    "Qwen2ForTokenClassification": _classifier(_qwen2, tokens=True),
+    "Qwen3ForTokenClassification": _classifier(_qwen3, tokens=True),
 }
 
 

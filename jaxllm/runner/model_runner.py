@@ -24,7 +24,7 @@ from jaxllm.models import model_module
 from jaxllm.models.attention import AttentionFn, KVPool
 from jaxllm.models.kv_quant import kv_storage_dtype
 from jaxllm.models.layers import pack_params
-from jaxllm.models.layout import check_params, param_shapes
+from jaxllm.models.layout import HEAD_PARAMS, check_params, param_shapes
 from jaxllm.models.lora import token_mask
 from jaxllm.runner import kv_pool
 from jaxllm.runner.batch import Buckets, SampleRow, StepBatch, build_batch, sample_rows
@@ -67,20 +67,22 @@ def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, mask_table, lora_st
 
 def _no_pool(hidden, batch: StepBatch):
     S, R, D = batch.md.cu_q_lens.shape[0] - 1, batch.logits_indices.shape[0], hidden.shape[1]
-    return jnp.zeros((S, D), jnp.float32), jnp.zeros((S, D), jnp.float32), jnp.zeros((R, D), jnp.float32)
+    zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+    return zeros((S, D)), zeros((S, D)), zeros((R, D)), jnp.zeros_like(hidden)
 
 
 def _pool(hidden, batch: StepBatch):
     """Pooling requests' parts of the final hidden states (after the model's last norm): per
     sequence the sum over its real tokens [S, D] and its first token's [S, D]; per sampling row the
-    hidden state it samples after [R, D]. float32."""
+    hidden state it samples after [R, D] (float32); and every token's [T, D] (the model's dtype:
+    the token tasks' rows)."""
     h = hidden.astype(jnp.float32)
     md = batch.md
     real = jnp.arange(h.shape[0]) < md.cu_q_lens[-1]
     num_seqs = md.cu_q_lens.shape[0] - 1
     sums = jax.ops.segment_sum(jnp.where(real[:, None], h, 0.0), md.seq_ids, num_segments=num_seqs)
     first = h[jnp.minimum(md.cu_q_lens[:-1], h.shape[0] - 1)]
-    return sums, first, h[batch.logits_indices]
+    return sums, first, h[batch.logits_indices], hidden
 
 
 @dataclass
@@ -94,7 +96,7 @@ class InFlightStep:
     prompt_lp: object = None
     want_logprobs: bool = False
     want_prompt_logprobs: bool = False
-    pooled: object = None  # (sums [S, D], first [S, D], rows [R, D]) when a pooling request is in it
+    pooled: object = None  # (sums [S, D], first [S, D], rows [R, D], all [T, D]) when a pooling request is in it
 
     @property
     def row_of(self) -> dict[str, int]:
@@ -302,7 +304,7 @@ class ModelRunner:
     def update_weights(self, params: dict) -> None:
         """New weights in the model's layout (``layout.param_shapes``; as ``load_model`` gives them),
         cast to the engine's dtype, packed and put on the device in place of the old ones."""
-        shapes = {name: shape for name, shape in param_shapes(self.cfg).items() if name != "score"}  # the engine's
+        shapes = {name: shape for name, shape in param_shapes(self.cfg).items() if name not in HEAD_PARAMS}
         checked = check_params(params, shapes, "update_weights params")
         packed = self._device_params(jax.tree.map(lambda x: x.astype(self.dtype, copy=False), checked))
         if self.params is not None:
@@ -332,11 +334,18 @@ def _delete(tree) -> None:
 
 def _host_pooled(step: InFlightStep) -> dict:
     """Each pooling sequence's part of its vector (see ``RunnerOutput.pooled``)."""
-    sums, first, rows = (np.asarray(x) for x in step.pooled)
+    sums, first, rows = (np.asarray(x) for x in step.pooled[:3])
+    every = None  # [T, D], read only for the token tasks
     row_of = step.row_of
     out = {}
+    offset = 0  # sequences lie one after another in the flat batch
     for i, seq in enumerate(step.sched.sequences):
-        if seq.pooling == "MEAN":
+        own = slice(offset, offset + len(seq.token_ids))
+        offset = own.stop
+        if seq.pooling == "ALL":
+            every = np.asarray(step.pooled[3]) if every is None else every
+            out[seq.request_id] = (seq.start_pos, every[own].astype(np.float32))
+        elif seq.pooling == "MEAN":
             out[seq.request_id] = (seq.start_pos, sums[i].copy())
         elif seq.pooling == "CLS" and seq.start_pos == 0:
             out[seq.request_id] = (0, first[i].copy())

@@ -35,6 +35,7 @@ from jaxllm.entrypoints.openai.protocol import (
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
+    PoolingRequest,
     RerankRequest,
     ScoreRequest,
     TokenizeRequest,
@@ -158,6 +159,10 @@ def _add_openai_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedModel
     @app.post("/v1/embeddings")
     async def create_embedding(request: EmbeddingRequest, raw: Request):
         return await cancel_on_disconnect(raw, embeddings.create_embedding(request))
+
+    @app.post("/pooling")
+    async def create_pooling(request: PoolingRequest, raw: Request):
+        return await cancel_on_disconnect(raw, embeddings.create_pooling(request))
 
     async def classify(request: ClassificationRequest, raw: Request):
         return await cancel_on_disconnect(raw, scores.create_classify(request))

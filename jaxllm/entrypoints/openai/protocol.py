@@ -642,6 +642,27 @@ class ClassificationResponse(ListResponse[ClassificationData]):
     pass
 
 
+class PoolingRequest(PoolingInputRequest, ActivationFields):
+    """POST /pooling (vLLM's): each input's pooled output for ``task`` (see ``LLM.encode``); None:
+    the model's per-token task (token_classify for a classifier, token_embed otherwise)."""
+
+    task: Literal["embed", "classify", "token_embed", "token_classify"] | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    normalize: bool | None = None
+
+
+class PoolingResponseData(OpenAIModel):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    # A vector, one per token (the token tasks), or the base64 of the float32 values, row after row.
+    data: list[list[float]] | list[float] | str
+
+
+class PoolingResponse(ListResponse[PoolingResponseData]):
+    pass
+
+
 class ScoringRequest(ActivationFields):
     """What /score and /rerank share."""
 

@@ -1,4 +1,5 @@
-"""POST /v1/embeddings: each input -> one pooling request (``PoolingParams``) -> its vector."""
+"""POST /v1/embeddings: each input -> one pooling request (``PoolingParams``) -> its vector; and
+vLLM's POST /pooling, the same for any pooling task (per-token outputs included)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from jaxllm.entrypoints.openai.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     PoolingInputRequest,
+    PoolingRequest,
+    PoolingResponse,
+    PoolingResponseData,
     UsageInfo,
     random_id,
 )
@@ -45,6 +49,34 @@ class OpenAIServingEmbedding(OpenAIServing):
         num_tokens = sum(len(p) for p in prompts)
         return EmbeddingResponse(id=request_id, model=self.model_name(request.model), data=data, usage=UsageInfo.of(num_tokens, 0))
 
+    async def create_pooling(self, request: PoolingRequest) -> PoolingResponse:
+        lora = self.check_model(request.model)
+        self.check_priority(request.priority)
+        ignored = request.ignored_fields()
+        if ignored:
+            logger.warning("request fields %s are not known to this server and were ignored", ignored)
+        engine = self.engine.engine
+        task = request.task or next(t for t in engine.supported_tasks if t.startswith("token_"))
+        if task not in engine.supported_tasks:
+            raise APIError(f"task={task!r} is not supported by this model, which serves "
+                           f"{[t for t in engine.supported_tasks if t != 'generate']}", param="task")
+        fields = ("dimensions", "normalize", "truncate_prompt_tokens", "use_activation", "activation")
+        try:
+            params = PoolingParams(**{name: getattr(request, name) for name in fields}, task=task)
+        except ValueError as exc:
+            raise APIError(str(exc), param=next((n for n in fields if str(exc).startswith(f"{n}=")), None)) from exc
+        prompts = [self._checked(params.truncated_prompt(ids, self.served.max_model_len))
+                   for ids in self._token_lists(request)]
+        request_id = random_id("pool")
+        ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        streams = await self.start(ids, prompts, params, priority=request.priority, lora_request=lora)
+        outputs = await final_outputs(self.engine, streams, _last_output)
+        data = [PoolingResponseData(index=i, data=_encoded(out.outputs.data, request.encoding_format))
+                for i, out in enumerate(outputs)]
+        num_tokens = sum(len(p) for p in prompts)
+        return PoolingResponse(id=request_id, model=self.model_name(request.model), data=data,
+                               usage=UsageInfo.of(num_tokens, 0))
+
     def _token_lists(self, request: PoolingInputRequest) -> list[list[int]]:
         """The request's inputs as token ids: ``input``, or the conversation in ``messages``."""
         if (request.input is None) == (request.messages is None):
@@ -64,7 +96,8 @@ class OpenAIServingEmbedding(OpenAIServing):
         return ids
 
 
-def _encoded(vector, encoding_format: str) -> list[float] | str:
+def _encoded(vector, encoding_format: str) -> list | str:
+    """A vector (or one per token) as JSON floats, or base64 of its little-endian float32 values."""
     array = np.asarray(vector, np.float32)
     if encoding_format == "base64":
         return base64.b64encode(array.astype("<f4").tobytes()).decode("ascii")

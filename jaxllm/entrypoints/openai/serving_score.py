@@ -70,9 +70,12 @@ class OpenAIServingScores(OpenAIServingEmbedding):
         lora = self.check_model(request.model)
         self.check_priority(request.priority)
         classifier = self.engine.engine.classifier
-        if task == "classify" and classifier is None:
+        if task == "classify" and (classifier is None or classifier.per_token):
             raise APIError(f"The model does not support {api} API: {self.served.name} is not a sequence "
                            "classifier (*ForSequenceClassification)")
+        if task == "score" and classifier is not None and classifier.per_token:
+            raise APIError(f"The model does not support {api} API: {self.served.name} is a token classifier "
+                           "(*ForTokenClassification), not a cross-encoder")
         if task == "score" and classifier is not None and classifier.num_labels != 1:
             raise APIError(f"The model does not support {api} API: {self.served.name} is a classifier of "
                            f"{classifier.num_labels} labels, not a cross-encoder (one label)")
