@@ -27,6 +27,7 @@ _EXPORTS = {
     "ClassificationRequestOutput": "jaxllm.outputs",
     "ScoringRequestOutput": "jaxllm.outputs",
     "PoolingParams": "jaxllm.pooling_params",
+    "LogitsProcessor": "jaxllm.logits_processor",
     "SamplingParams": "jaxllm.sampling_params",
     "RequestOutputKind": "jaxllm.sampling_params",
     "StructuredOutputsParams": "jaxllm.sampling_params",

@@ -23,6 +23,8 @@ from jaxllm.config import SCHEDULING_POLICIES, CacheConfig, LoRAConfig, PoolerCo
 from jaxllm.engine.classifier import ClassifierHead
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.loader import load_checkpoint_as
+from jaxllm.logits_processor import load_logits_processors
+from jaxllm.logits_processor import resolve as resolve_logits_processor
 from jaxllm.models.attention import get_attention_backend
 from jaxllm.models.kv_quant import kv_storage_dtype
 from jaxllm.runner import kv_pool
@@ -91,6 +93,9 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # vLLM's custom logits processors: jaxllm.LogitsProcessor subclasses, or their names as
+    # "package.module:Class" (see jaxllm.logits_processor); compiled into every step.
+    logits_processors: list | None = None
 
     def sampling_defaults(self) -> dict:
         """SamplingParams fields that requests without their own take from the generation config."""
@@ -152,6 +157,11 @@ class EngineArgs:
         self.speculative()  # a bad speculative_config fails before the model loads
         self.pooler()
         self.lora()
+        if self.logits_processors is not None:  # names that do not import fail before the model loads
+            if isinstance(self.logits_processors, (str, type)):
+                raise ValueError("logits_processors must be a list of classes or class names")
+            for spec in self.logits_processors:
+                resolve_logits_processor(spec)
         if self.runner not in RUNNERS:
             raise ValueError(f"runner={self.runner!r} must be one of {RUNNERS}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:  # before the model loads
@@ -177,6 +187,8 @@ class EngineArgs:
                                    help=help_default)
             elif kind is dict:
                 group.add_argument(flag, type=_json_object, default=field.default, help=help_default + " (JSON)")
+            elif kind is list:  # names, e.g. --logits-processors pkg.mod:Class other.mod:Class
+                group.add_argument(flag, nargs="+", default=field.default, help=help_default)
             else:
                 null_note = " (none: engine decides)" if nullable else ""
                 group.add_argument(flag, type=kind, default=field.default, help=help_default + null_note)
@@ -284,9 +296,13 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     draft = None
     if speculative is not None and speculative.method == "draft_model":
         draft = _load_draft(speculative.model, args, ckpt, cache, sched, classifier)
+    processors = load_logits_processors(args.logits_processors, ckpt.config)
+    if processors and classifier is not None:
+        raise ValueError(f"logits_processors: {ckpt.config.architecture} is a classifier; it samples no tokens")
     runner = ModelRunner(ckpt.config, params, cache, sched, attend, seed=args.seed,
                          num_speculative_tokens=num_speculative_tokens, lora_config=lora,
-                         shared_pool_bytes=(0, 0) if draft is None else _pool_bytes(draft, cache))
+                         shared_pool_bytes=(0, 0) if draft is None else _pool_bytes(draft, cache),
+                         logits_processors=processors)
     if draft is not None:  # the same block ids, the same buckets
         # As vLLM: no proposals past the draft's positions (it still runs every step in lockstep:
         # what it computes there only ever feeds proposals, which the target verifies).
@@ -303,4 +319,5 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     return engine_cls(ckpt.tokenizer, runner, sched, cache, runner.num_blocks, tuple(sorted(eos)),
                      num_swap_blocks=runner.num_swap_blocks, async_scheduling=args.async_scheduling,
                      vocab_size=ckpt.config.vocab_size, speculative_config=speculative,
-                     pooler_config=args.pooler(), lora_config=lora, classifier=classifier)
+                     pooler_config=args.pooler(), lora_config=lora, classifier=classifier,
+                     logits_processors=processors)

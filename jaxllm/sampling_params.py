@@ -11,6 +11,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from jaxllm.engine.messages import (
     MAX_ALLOWED_TOKEN_IDS,
@@ -104,8 +105,14 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
     guided_decoding: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # vLLM's custom arguments (the server's ``vllm_xargs``): read by the engine's custom logits
+    # processors (jaxllm.logits_processor), not by the built-in sampler.
+    extra_args: dict[str, Any] | None = None
     # bad_words as token id sequences, set by update_from_tokenizer (a field so that copies keep it).
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False, compare=False)
+    # Each of the engine's custom logits processors' state of this request (None: not used), set
+    # when the engine adds the request (see LogitsProcessor.row_state).
+    _logits_states: tuple = field(default=(), repr=False, compare=False)
 
     def __post_init__(self):
         self.stop = _as_str_list("stop", self.stop)
@@ -119,6 +126,9 @@ class SamplingParams:
         self._check_logprobs()
         self._check_sampling()
         self._check_lengths()
+        if self.extra_args is not None and not (isinstance(self.extra_args, dict)
+                                                and all(isinstance(k, str) for k in self.extra_args)):
+            raise ValueError(f"extra_args={self.extra_args!r} must be a dict with str keys, or None")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind={self.output_kind!r} must be a RequestOutputKind")
         if self.stop and not self.detokenize:

@@ -103,6 +103,10 @@ ENGINE_HELP = {
                      "`2 * max_lora_rank` columns per adapted weight and step.",
     "max_cpu_loras": "Adapters kept read in host memory; others are read from disk again when a step needs them. "
                      "None: `max_loras`.",
+    "logits_processors": "Custom logits processors compiled into every step: `jaxllm.LogitsProcessor` subclasses, or "
+                         "their names as `package.module:Class` (on the command line, several names after "
+                         "`--logits-processors`). Requests pass their arguments in `SamplingParams.extra_args` "
+                         "(the server's `vllm_xargs`); see `jaxllm/logits_processor.py`.",
 }
 
 SAMPLING_HELP = {
@@ -131,12 +135,15 @@ SAMPLING_HELP = {
     "logit_bias": "Token id -> bias added to its logit, clamped to [-100, 100].",
     "allowed_token_ids": "Only these token ids can be generated (at most 300); None: any.",
     "truncate_prompt_tokens": "Keep only the prompt's last k tokens; -1: the last `max_model_len`.",
-    "structured_outputs": "`StructuredOutputsParams(json=SCHEMA | regex=... | choice=[...] | json_object=True)`: "
-                          "the whole output matches it (`jaxllm.structured`; tokens outside the pattern are masked "
-                          "on the device). A dict of its fields also works. `grammar` is refused.",
+    "structured_outputs": "`StructuredOutputsParams(json=SCHEMA | regex=... | choice=[...] | grammar=EBNF | "
+                          "json_object=True)`: the whole output matches it (`jaxllm.structured`; tokens outside the "
+                          "pattern are masked on the device; a recursive grammar is unrolled to a bounded depth). "
+                          "A dict of its fields also works.",
     "guided_decoding": "vLLM's older name for `structured_outputs` (`GuidedDecodingParams` is the same class).",
     "output_kind": "What `LLMEngine.step` returns: CUMULATIVE (all so far), DELTA (only the new part) or "
                    "FINAL_ONLY (nothing until the end).",
+    "extra_args": "vLLM's custom arguments (the server's `vllm_xargs`), a dict with str keys: read by the engine's "
+                  "custom logits processors (`logits_processors`), not by the built-in sampler.",
 }
 
 

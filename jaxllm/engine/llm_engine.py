@@ -34,6 +34,7 @@ from jaxllm.structured.token_masks import TokenDFACache, TokenMatcher
 
 if TYPE_CHECKING:
     from jaxllm.engine_args import EngineArgs
+    from jaxllm.logits_processor import LogitsProcessor
 
 logger = logging.getLogger("jaxllm")
 
@@ -145,6 +146,9 @@ class LLMEngine:
         classifier: a classifier's head: the engine then serves its pooling tasks ("classify"
             and "token_classify", or a token classifier's "token_classify"), and neither
             generation nor the embedding tasks.
+        logits_processors: custom logits processors (jaxllm.logits_processor), the same objects
+            the runner compiled into its steps: each validates and gives its state of every
+            generation request.
     """
 
     def __init__(
@@ -162,9 +166,11 @@ class LLMEngine:
         pooler_config: PoolerConfig | None = None,
         lora_config: LoRAConfig | None = None,
         classifier: ClassifierHead | None = None,
+        logits_processors: tuple[LogitsProcessor, ...] = (),
     ):
         self.tokenizer = tokenizer
         self.classifier = classifier
+        self.logits_processors = tuple(logits_processors)
         self.lora_config = lora_config
         self.pooler_config = pooler_config or PoolerConfig()
         self.vocab_size = vocab_size
@@ -237,6 +243,8 @@ class LLMEngine:
             raise ValueError(f"this model is a {self.classifier.kind} classifier: it serves {tasks} (PoolingParams), "
                              "not generation (SamplingParams)")
         params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids, logit_bias ids checked
+        if self.logits_processors and pooling is None:
+            params = self._with_logits_states(params)
         if self.vocab_size is not None:
             params.check_vocabulary(self.vocab_size)
         if lora_request is not None:
@@ -287,6 +295,13 @@ class LLMEngine:
         use_activation = params.use_activation is not False
         pooling_type = "ALL" if task.startswith("token_") else self.pooler_config.pooling_type
         return sampling, PoolingSpec(pooling_type, normalize, task, use_activation)
+
+    def _with_logits_states(self, params: SamplingParams) -> SamplingParams:
+        """A copy of ``params`` holding each custom logits processor's state of the request
+        (a ValueError from a processor's validate_params refuses it)."""
+        for processor in self.logits_processors:
+            processor.validate_params(params)
+        return dataclasses.replace(params, _logits_states=tuple(p.state_of(params) for p in self.logits_processors))
 
     def _matcher(self, params: SamplingParams) -> TokenMatcher | None:
         """The start of a structured-output request's pattern (compiled once per pattern)."""

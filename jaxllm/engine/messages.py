@@ -83,10 +83,13 @@ class ScheduledSequence:
     # Structured outputs: the mask key after each draft token (the state the sample after draft j
     # is limited by), like ``token_mask_key``.
     draft_mask_keys: tuple = field(default=(), compare=False, repr=False)
-    # Pooling requests: "LAST", "MEAN" or "CLS" (the runner returns this chunk's part of the vector).
+    # Pooling requests: "LAST", "MEAN", "CLS" or "ALL" (the runner returns this chunk's part).
     pooling: str | None = None
     # The request's LoRA adapter (a jaxllm.lora.LoRARequest), None: the base model.
     lora_request: Any = None
+    # Each custom logits processor's state of the request (numpy, or None: not used); empty when
+    # the engine has none (see jaxllm.logits_processor).
+    logits_states: tuple = field(default=(), compare=False, repr=False)
 
     @property
     def sample_ids(self) -> tuple[str, ...]:

@@ -465,6 +465,7 @@ class Scheduler:
             draft_mask_keys=self._draft_mask_keys(request, drafts),
             pooling=None if request.pooling is None else request.pooling[0],
             lora_request=request.lora_request,
+            logits_states=params._logits_states,
         )
 
     @staticmethod

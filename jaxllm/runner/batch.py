@@ -135,6 +135,7 @@ def build_batch(
     prev_rows: dict[str, int] | None = None,
     mask_slots: dict[str, int] | None = None,
     lora_slots: dict[int, int] | None = None,
+    logits_specs: tuple = (),
 ) -> StepBatch:
     """Pad and flatten ``sched`` into numpy arrays; unseeded rows draw a seed from ``rng``.
 
@@ -142,7 +143,8 @@ def build_batch(
     ``prev_rows`` maps sample ids of the previous step to their sampling rows: a negative token id
     (a placeholder) is read on the device from that step's output instead. ``mask_slots`` maps
     sample ids to the mask-table row that limits them (structured outputs). ``lora_slots`` maps
-    the step's LoRA adapters (lora_int_id) to their device slots.
+    the step's LoRA adapters (lora_int_id) to their device slots. ``logits_specs``: (state_shape,
+    dtype) of each of the engine's custom logits processors.
     """
     seqs = sched.sequences
     rows = sample_rows(sched)
@@ -190,7 +192,8 @@ def build_batch(
     logits_indices = np.zeros(R, np.int32)
     logits_indices[: len(rows)] = [last_index[r.sequence.request_id] - r.token_offset for r in rows]
     return StepBatch(
-        token_ids, md, logits_indices, _sampling_tensors(rows, R, vocab_size, rng, B * block_size, mask_slots or {}),
+        token_ids, md, logits_indices, _sampling_tensors(rows, R, vocab_size, rng, B * block_size, mask_slots or {},
+                                                         logits_specs),
         want_logprobs=np.array(any(r.sequence.logprobs is not None for r in rows)),
         want_prompt_logprobs=np.array(any(s.prompt_logprobs is not None for s in seqs)),
         next_token_ids=next_ids,
@@ -201,9 +204,24 @@ def build_batch(
     )
 
 
+def _custom_tensors(rows: list[SampleRow], S: int, logits_specs: tuple) -> tuple | None:
+    """(states, used) per custom logits processor of ``logits_specs`` ((state_shape, dtype) each)."""
+    if not logits_specs:
+        return None
+    out = []
+    for k, (shape, dtype) in enumerate(logits_specs):
+        states, used = np.zeros((S, *shape), dtype), np.zeros(S, bool)
+        for i, row in enumerate(rows):
+            state = row.sequence.logits_states[k] if row.sequence.logits_states else None
+            if state is not None:
+                states[i], used[i] = state, True
+        out.append((states, used))
+    return tuple(out)
+
+
 def _sampling_tensors(
     rows: list[SampleRow], S: int, vocab_size: int, rng: np.random.Generator, history_width: int,
-    mask_slots: dict[str, int],
+    mask_slots: dict[str, int], logits_specs: tuple = (),
 ) -> SamplingTensors:
     temperature = np.zeros(S, np.float32)
     top_k = np.zeros(S, np.int32)
@@ -226,4 +244,5 @@ def _sampling_tensors(
             banned[i, : len(ids)] = ids
     penalties = penalty_tensors([r.sequence for r in rows], S, history_width, vocab_size,
                                 [r.draft_index for r in rows])
-    return SamplingTensors(temperature, top_k, top_p, min_p, seeds, steps, banned, penalties, mask_rows)
+    return SamplingTensors(temperature, top_k, top_p, min_p, seeds, steps, banned, penalties, mask_rows,
+                           _custom_tensors(rows, S, logits_specs))

@@ -41,13 +41,14 @@ _COPY_SLOTS = 64  # block copies per call, padded with the null block copying on
 
 
 def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, mask_table, lora_stacks, *, cfg: ModelConfig,
-          attend: AttentionFn, lora_shape: tuple[int, int] | None = None):
+          attend: AttentionFn, lora_shape: tuple[int, int] | None = None, processors: tuple = ()):
     """One engine step. ``prev_tokens`` [max_num_rows] are the previous step's sampled tokens, still
     on the device: positions with ``feed_rows >= 0`` take their input from there. The sampled
     tokens come back padded to the same fixed length, to feed the next step. ``mask_table``:
     structured outputs' allowed-token bitmasks (``DeviceMaskTable``), indexed by
     ``batch.sampling.mask_rows``. ``lora_stacks``: the LoRA slots (``LoRASlots.stacks``) of
-    ``lora_shape`` = (max_loras, max_lora_rank), or None when the engine serves no adapters."""
+    ``lora_shape`` = (max_loras, max_lora_rank), or None when the engine serves no adapters.
+    ``processors``: the engine's custom logits processors, compiled into the sampler."""
     model = model_module(cfg)
     token_ids = jnp.where(batch.feed_rows >= 0, prev_tokens[jnp.maximum(batch.feed_rows, 0)], batch.token_ids)
     lora = None
@@ -56,7 +57,7 @@ def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, mask_table, lora_st
         lora = (lora_stacks, token_mask(batch.lora_slots, *lora_shape, dtype))
     hidden, kv = model.forward(params, cfg, kv, token_ids, batch.md, attend, lora)
     logits = model.logits(params, cfg, hidden[batch.logits_indices], batch.num_rows)
-    tokens = sample(logits, batch.sampling, mask_table)
+    tokens = sample(logits, batch.sampling, mask_table, processors)
     sample_lp = logprobs_if(batch.want_logprobs, logits, tokens)
     logits_fn = functools.partial(model.logits, params, cfg)
     prompt_lp = prompt_logprobs_if(batch.want_prompt_logprobs, logits_fn, hidden, batch.next_token_ids)
@@ -115,9 +116,11 @@ class ModelRunner:
         num_speculative_tokens: int = 0,
         lora_config: LoRAConfig | None = None,
         shared_pool_bytes: tuple[int, int] = (0, 0),
+        logits_processors: tuple = (),
     ):
         """``shared_pool_bytes``: (weight bytes, KV bytes per block) of a draft model whose pool
-        shares this one's block ids, taken out of the KV budget when the pool is sized."""
+        shares this one's block ids, taken out of the KV budget when the pool is sized.
+        ``logits_processors``: custom ones (jaxllm.logits_processor), compiled into every step."""
         self.cfg, self.cache = cfg, cache
         self.dtype = np.dtype(params["embed"].dtype)
         platform = jax.devices()[0].platform
@@ -137,8 +140,10 @@ class ModelRunner:
         self._rng = np.random.default_rng(seed)
         self._no_tokens = jnp.zeros(self.buckets.max_num_rows, jnp.int32)  # no previous step to feed
         lora_shape = None if self.lora is None else (self.lora.max_loras, self.lora.rank)
-        self._jit_step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend, lora_shape=lora_shape),
-                                 donate_argnums=1)
+        self.logits_processors = tuple(logits_processors)
+        self._logits_specs = tuple((tuple(p.state_shape), np.dtype(p.state_dtype)) for p in self.logits_processors)
+        self._jit_step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend, lora_shape=lora_shape,
+                                                   processors=self.logits_processors), donate_argnums=1)
         self._jit_copy = jax.jit(kv_pool.copy_blocks, donate_argnums=0)
         # (T, B, with LoRA): a LoRA engine has each bucket twice, so that steps without adapter
         # tokens run the plain program (no LoRA terms, the same numbers as an engine without LoRA).
@@ -173,7 +178,8 @@ class ModelRunner:
     def _dummy_batch(self, T: int, B: int) -> StepBatch:
         n = min(T, B * self.cache.block_size)
         seq = ScheduledSequence("warmup", (0,) * n, 0, (0,) * B, True, SamplingOptions(), 0)
-        return build_batch(SchedulerOutput((seq,)), self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size, (T, B))
+        return build_batch(SchedulerOutput((seq,)), self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size,
+                           (T, B), logits_specs=self._logits_specs)
 
     def warmup(self) -> None:
         """Compile every bucket now, so serving never stops to compile."""
@@ -228,7 +234,8 @@ class ModelRunner:
         prev_rows = prev.row_of if prev is not None and prev.tokens is not None else None
         lora_slots = self._lora_slots_for(sched)
         batch = build_batch(sched, self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size,
-                            prev_rows=prev_rows, mask_slots=self.masks.rows_for(sched), lora_slots=lora_slots)
+                            prev_rows=prev_rows, mask_slots=self.masks.rows_for(sched), lora_slots=lora_slots,
+                            logits_specs=self._logits_specs)
         T, B = batch.token_ids.shape[0], batch.md.block_tables.shape[1]
         prev_tokens = self._no_tokens if prev_rows is None else prev.tokens
         lora = bool(lora_slots)  # adapter tokens in this step

@@ -33,6 +33,9 @@ class SamplingTensors:
     penalties: PenaltyTensors | None = None  # None: no penalty, bias or bad word in this program
     # [S] int32: the row of the mask table (structured outputs) that limits each row's tokens; -1 none.
     mask_rows: jax.Array | None = None
+    # Per custom logits processor (jaxllm.logits_processor): (states [S, *state_shape], whether
+    # each row uses it [S] bool); None when the engine has no processors.
+    custom: tuple | None = None
 
 
 _BISECT_STEPS = 32  # halvings of the logit range: far below float32 spacing at logit scale
@@ -155,15 +158,35 @@ def apply_token_masks(logits: jax.Array, mask_rows: jax.Array, table: jax.Array)
     return jnp.where((mask_rows[:, None] < 0) | allowed, logits, -jnp.inf)
 
 
-def sample(logits: jax.Array, st: SamplingTensors, mask_table: jax.Array | None = None) -> jax.Array:
-    """logits [S, V] float32 -> token ids [S] int32 (``mask_table``: see :func:`apply_token_masks`)."""
+def sample(logits: jax.Array, st: SamplingTensors, mask_table: jax.Array | None = None,
+           processors: tuple = ()) -> jax.Array:
+    """logits [S, V] float32 -> token ids [S] int32 (``mask_table``: see :func:`apply_token_masks`;
+    ``processors``: the engine's custom logits processors, whose inputs are ``st.custom``)."""
     rows = jnp.arange(logits.shape[0])[:, None]
     if mask_table is not None and st.mask_rows is not None:
         logits = jax.lax.cond(jnp.any(st.mask_rows >= 0), apply_token_masks, lambda x, *_: x,
                               logits, st.mask_rows, mask_table)
+    for processor, (states, used) in zip(processors, st.custom or (), strict=True):
+        logits = apply_processor(processor, logits, states, used, st.temperature)
     if st.penalties is not None:
         logits = apply_penalties(logits, st.penalties)
     logits = logits.at[rows, st.banned].set(-jnp.inf, mode="drop")
     greedy = argmax(logits)
     drawn = jax.lax.cond(jnp.any(st.temperature > 0), _draw, lambda *_: greedy, logits, st)
     return jnp.where(st.temperature > 0, drawn, greedy)
+
+
+def apply_processor(processor, logits: jax.Array, states: jax.Array, used: jax.Array,
+                    temperature: jax.Array) -> jax.Array:
+    """A custom logits processor on the rows that use it (an argmax-invariant one: only on the
+    rows that draw); the other rows keep their logits, and no row using it skips it altogether."""
+    if processor.is_argmax_invariant():
+        used = used & (temperature > 0)
+
+    def run(x):
+        out = processor.apply(x, states)
+        if out.shape != x.shape:
+            raise ValueError(f"logits processor {processor.name}: apply returned shape {out.shape}, not {x.shape}")
+        return jnp.where(used[:, None], out.astype(x.dtype), x)
+
+    return jax.lax.cond(jnp.any(used), run, lambda x: x, logits)

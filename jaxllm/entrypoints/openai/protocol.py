@@ -113,7 +113,10 @@ class SamplingRequest(RequestModel):
     # vLLM's beam search: n is the beam width; the n best sequences are the choices (beam_search.py).
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    # vLLM's custom arguments: SamplingParams.extra_args, read by the server's --logits-processors.
+    vllm_xargs: dict[str, str | int | float | bool | list[str | int | float | bool]] | None = None
     # Fields vLLM honours that this engine cannot yet: refused (see ``unsupported``), never ignored.
+    # (vLLM's earlier per-request processors: qualified names of functions the server would import.)
     logits_processors: list[Any] | None = None
     # vLLM's: logprobs show tokens as "token_id:<id>"; None: the server's --return-tokens-as-token-ids.
     return_tokens_as_token_ids: bool | None = None
@@ -145,7 +148,8 @@ class SamplingRequest(RequestModel):
     def unsupported(self) -> tuple[str, str] | None:
         """(message, field) when the request asks for a feature the engine does not have yet."""
         if self.logits_processors:
-            return "logits_processors are not supported", "logits_processors"
+            return ("per-request logits_processors are not supported; the server's --logits-processors apply to "
+                    "requests that pass their arguments in vllm_xargs"), "logits_processors"
         if self.use_beam_search:
             found = self._beam_search_conflict()
             if found is not None:
@@ -219,6 +223,7 @@ class SamplingRequest(RequestModel):
             prompt_logprobs=self.requested_prompt_logprobs(),
             logit_bias=self.logit_bias or None,
             bad_words=self.bad_words,
+            extra_args=self.vllm_xargs,
             **{name: value for name, value in optional.items() if value is not None},
         )
 
