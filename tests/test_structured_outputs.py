@@ -414,6 +414,22 @@ def test_smollm2_follows_a_grammar(llm):
         assert (dfa.accepting[state] if c.finish_reason == "stop" else state != dfa.dead), c.text
 
 
+def test_smollm2_follows_the_same_grammar_written_in_lark(llm):
+    lark = r"""
+    ?start: select_statement
+    select_statement: "SELECT " column " from " table " where " condition
+    column: "col_1 " | "col_2 "
+    table: "table_1 " | "table_2 "
+    condition: column "= " NUMBER
+    NUMBER: "1".."2" " "
+    """
+    prompt = "Generate an SQL query to show the 'username' and 'email' from the 'users' table."
+    outs = [llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=40,
+                                                structured_outputs=StructuredOutputsParams(grammar=g)),
+                         use_tqdm=False)[0].outputs[0] for g in (lark, SQL_GRAMMAR)]
+    assert outs[0].finish_reason == "stop" and outs[0].token_ids == outs[1].token_ids, outs[0].text
+
+
 def test_smollm2_constrained_outputs_are_the_same_under_preemption_and_chunked_prefill(llm, smollm2_model):
     """Masks follow each request through preemption (recompute), chunked prefill, prefix-cache hits and
     parallel-sampling forks: the tight engine's tokens equal the roomy one's."""

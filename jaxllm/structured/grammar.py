@@ -11,7 +11,8 @@ Rules ``name ::= body``; ``root`` is where the output starts. A body is alternat
 sequences of: string literals in double or single quotes (escapes ``\\n \\t \\r \\\\ \\" \\'
 \\xHH \\uHHHH \\UHHHHHHHH``), character classes ``[...]`` / ``[^...]`` (as in regexes), rule
 names, groups ``( ... )``, each optionally followed by ``* + ?`` or ``{m}``, ``{m,}``, ``{m,n}``.
-A body may span lines; a rule ends where the next ``name ::=`` begins.
+A body may span lines; a rule ends where the next ``name ::=`` begins. A grammar without
+``::=`` is read as Lark's syntax (lark.py), as vLLM does.
 
 Recursion. The output's automaton is finite, so a rule reached again while it is being expanded
 is expanded at most ``max_depth`` times on that path; deeper, that alternative is not allowed
@@ -29,6 +30,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+from jaxllm.structured.lark import is_lark, lark_rules
 from jaxllm.structured.regex import compile_regex, literal
 
 logger = logging.getLogger("jaxllm")
@@ -201,7 +203,7 @@ class _Emitter:
         kind = node[0]
         if kind == "lit":
             return literal(node[1])
-        if kind == "cls":
+        if kind in ("cls", "re"):  # a character class, or a Lark regular expression
             return node[1]
         if kind == "ref":
             return self.rule(node[1], stack)
@@ -236,8 +238,11 @@ def grammar_regex(text: str, max_depth: int = GRAMMAR_MAX_DEPTH) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _grammar_regex(text: str, max_depth: int) -> str:
-    rules = _Parser(text).rules()
-    if "root" not in rules:
+    if is_lark(text):  # no '::=': Lark's syntax, as vLLM decides
+        rules, root = lark_rules(text)
+    else:
+        rules, root = _Parser(text).rules(), "root"
+    if root not in rules:
         raise ValueError(f"grammar: no 'root' rule (the output's start); rules: {sorted(rules)}")
     for name, body in rules.items():
         for ref in _references(body):
@@ -247,13 +252,13 @@ def _grammar_regex(text: str, max_depth: int) -> str:
     too_large, previous = None, None
     for depth in range(max_depth, -1, -1):
         try:
-            pattern = _Emitter(rules, depth).rule("root", ())
+            pattern = _Emitter(rules, depth).rule(root, ())
         except _TooLarge as exc:
             too_large = exc
             continue
         if pattern is None:
             if too_large is None:
-                raise ValueError(f"grammar: 'root' never ends within {depth} levels of recursion")
+                raise ValueError(f"grammar: {root!r} never ends within {depth} levels of recursion")
             break
         if pattern == previous:  # no recursion left to cut
             break

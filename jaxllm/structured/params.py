@@ -20,8 +20,9 @@ DEFAULT_WHITESPACE = "[ ]?"  # one optional space in each gap JSON allows inside
 class StructuredOutputsParams:
     """Exactly one of ``json`` (a JSON schema: dict, JSON text or a pydantic model class),
     ``regex``, ``choice`` (a list of strings), ``json_object`` (True: any JSON object) or
-    ``grammar`` (EBNF rules from ``root``, as xgrammar and GBNF write them; recursion is unrolled
-    to ``GRAMMAR_MAX_DEPTH`` levels: see jaxllm/structured/grammar.py).
+    ``grammar`` (EBNF rules from ``root``, as xgrammar and GBNF write them, or a Lark grammar from
+    ``start``; recursion is unrolled to ``GRAMMAR_MAX_DEPTH`` levels: see
+    jaxllm/structured/grammar.py and lark.py).
 
     In generated JSON, ``whitespace_pattern`` (a regex; default one optional space) may fill each gap
     JSON allows inside objects and arrays (after '{' and '[', before '}' and ']', around ':' and ','),
@@ -42,7 +43,7 @@ class StructuredOutputsParams:
         if len(given) != 1:
             raise ValueError(f"structured_outputs needs exactly one of {list(_KINDS)}; got {given or 'none'}")
         if self.grammar is not None and not isinstance(self.grammar, str):
-            raise ValueError(f"structured_outputs.grammar={self.grammar!r} must be a string of EBNF rules")
+            raise ValueError(f"structured_outputs.grammar={self.grammar!r} must be a string of EBNF rules (or a Lark grammar)")
         if self.regex is not None and not isinstance(self.regex, str):
             raise ValueError(f"structured_outputs.regex={self.regex!r} must be a string")
         if self.choice is not None:
