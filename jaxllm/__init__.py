@@ -34,6 +34,7 @@ _EXPORTS = {
     "GuidedDecodingParams": "jaxllm.sampling_params",
     "TextPrompt": "jaxllm.inputs",
     "TokensPrompt": "jaxllm.inputs",
+    "EmbedsPrompt": "jaxllm.inputs",
     "LLMEngine": "jaxllm.engine.llm_engine",
     "EngineArgs": "jaxllm.engine_args",
     "create_engine": "jaxllm.engine_args",

@@ -96,6 +96,9 @@ class EngineArgs:
     # vLLM's custom logits processors: jaxllm.LogitsProcessor subclasses, or their names as
     # "package.module:Class" (see jaxllm.logits_processor); compiled into every step.
     logits_processors: list | None = None
+    # vLLM's: prompts may be input embeddings ({"prompt_embeds": [num_tokens, hidden_size]}); each
+    # bucket is then compiled twice (with and without embedding inputs).
+    enable_prompt_embeds: bool = False
 
     def sampling_defaults(self) -> dict:
         """SamplingParams fields that requests without their own take from the generation config."""
@@ -297,12 +300,15 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     if speculative is not None and speculative.method == "draft_model":
         draft = _load_draft(speculative.model, args, ckpt, cache, sched, classifier)
     processors = load_logits_processors(args.logits_processors, ckpt.config)
+    if args.enable_prompt_embeds and draft is not None:
+        raise ValueError("enable_prompt_embeds: the draft model of speculative_config cannot read the target's "
+                         "prompt embeddings")
     if processors and classifier is not None:
         raise ValueError(f"logits_processors: {ckpt.config.architecture} is a classifier; it samples no tokens")
     runner = ModelRunner(ckpt.config, params, cache, sched, attend, seed=args.seed,
                          num_speculative_tokens=num_speculative_tokens, lora_config=lora,
                          shared_pool_bytes=(0, 0) if draft is None else _pool_bytes(draft, cache),
-                         logits_processors=processors)
+                         logits_processors=processors, enable_prompt_embeds=args.enable_prompt_embeds)
     if draft is not None:  # the same block ids, the same buckets
         # As vLLM: no proposals past the draft's positions (it still runs every step in lockstep:
         # what it computes there only ever feeds proposals, which the target verifies).
@@ -320,4 +326,5 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
                      num_swap_blocks=runner.num_swap_blocks, async_scheduling=args.async_scheduling,
                      vocab_size=ckpt.config.vocab_size, speculative_config=speculative,
                      pooler_config=args.pooler(), lora_config=lora, classifier=classifier,
-                     logits_processors=processors)
+                     logits_processors=processors,
+                     prompt_embeds_dim=runner.embeds_dim if args.enable_prompt_embeds else None)

@@ -116,7 +116,7 @@ def test_draft_models_that_cannot_serve_are_refused(tmp_path, target):
     limits = dict(LIMITS, warmup=False)
     for draft, extra, match in [
         (wide_vocab, {}, "has a vocabulary of 200 tokens, the target 160"),
-        (classifier, {}, "is a sequence classifier, not a generative model"),
+        (classifier, {}, r"is a classifier \(LlamaForSequenceClassification\), not a generative model"),
         (target, {"preemption_mode": "swap"}, "works with preemption_mode='recompute' only"),
     ]:
         with pytest.raises(ValueError, match=match):

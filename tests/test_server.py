@@ -627,10 +627,10 @@ def test_ping_is_503_like_health_while_the_engine_is_down():
 def test_unknown_request_fields_are_logged_as_ignored(client, server):
     """As vLLM: a field the server does not know is accepted and named in a warning, not dropped unseen."""
     out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2,
-                                    extra_body={"made_up_field": 1, "vllm_xargs": {"k": 1}})
+                                    extra_body={"made_up_field": 1, "kv_transfer_params": {"k": 1}})
     assert out.choices[0].finish_reason == "length"
     deadline = time.time() + 10
-    expected = "request fields ['made_up_field', 'vllm_xargs'] are not known to this server and were ignored"
+    expected = "request fields ['kv_transfer_params', 'made_up_field'] are not known to this server and were ignored"
     while expected not in server["log"].read_text() and time.time() < deadline:
         time.sleep(0.1)
     assert expected in server["log"].read_text()

@@ -103,6 +103,10 @@ ENGINE_HELP = {
                      "`2 * max_lora_rank` columns per adapted weight and step.",
     "max_cpu_loras": "Adapters kept read in host memory; others are read from disk again when a step needs them. "
                      "None: `max_loras`.",
+    "enable_prompt_embeds": "Prompts may be input embeddings, `{\"prompt_embeds\": array [num_tokens, hidden_size]}` "
+                            "(numpy, JAX or torch), in place of the embedding table's rows (the server's completions: "
+                            "base64 of `torch.save` or `.npy` bytes). Each bucket is compiled twice (with and without "
+                            "embedding inputs).",
     "logits_processors": "Custom logits processors compiled into every step: `jaxllm.LogitsProcessor` subclasses, or "
                          "their names as `package.module:Class` (on the command line, several names after "
                          "`--logits-processors`). Requests pass their arguments in `SamplingParams.extra_args` "

@@ -17,7 +17,7 @@ from jaxllm.engine.detokenizer import IncrementalDetokenizer
 from jaxllm.engine.messages import RunnerOutput, SchedulerOutput
 from jaxllm.engine.request import PoolingSpec, Request, RequestStatus
 from jaxllm.engine.scheduler import RequestUpdate, Scheduler, SpecDecodeStats
-from jaxllm.inputs import PromptType, prompt_cache_salt, prompt_input
+from jaxllm.inputs import PromptType, embeds_cache_salt, prompt_cache_salt, prompt_embeds_of, prompt_input
 from jaxllm.lora.request import LoRARequest
 from jaxllm.outputs import (
     CompletionOutput,
@@ -149,6 +149,8 @@ class LLMEngine:
         logits_processors: custom logits processors (jaxllm.logits_processor), the same objects
             the runner compiled into its steps: each validates and gives its state of every
             generation request.
+        prompt_embeds_dim: with vLLM's ``enable_prompt_embeds``, the width of the input
+            embeddings prompts may give instead of token ids (``EmbedsPrompt``); None: refused.
     """
 
     def __init__(
@@ -167,8 +169,10 @@ class LLMEngine:
         lora_config: LoRAConfig | None = None,
         classifier: ClassifierHead | None = None,
         logits_processors: tuple[LogitsProcessor, ...] = (),
+        prompt_embeds_dim: int | None = None,
     ):
         self.tokenizer = tokenizer
+        self.prompt_embeds_dim = prompt_embeds_dim
         self.classifier = classifier
         self.logits_processors = tuple(logits_processors)
         self.lora_config = lora_config
@@ -252,15 +256,23 @@ class LLMEngine:
         cache_salt = prompt_cache_salt(prompt)
         if cache_salt is not None and not self.scheduler.kv.enable_prefix_caching:
             raise ValueError("cache_salt is only supported with prefix caching enabled")
-        prompt_text, token_ids = self._tokenize(prompt)
+        embeds = prompt_embeds_of(prompt)
+        if embeds is None:
+            prompt_text, token_ids = self._tokenize(prompt)
+        else:  # the ids are placeholders: the step reads each position's input from the embeddings
+            self._check_prompt_embeds(embeds, params)
+            prompt_text, token_ids = None, [0] * len(embeds)
         max_model_len = self.scheduler.config.max_model_len
         token_ids = params.truncated_prompt(token_ids, max_model_len)
+        if embeds is not None:
+            embeds = embeds[len(embeds) - len(token_ids):]  # truncation keeps the last rows
+            cache_salt = embeds_cache_salt(cache_salt, embeds)
         if params.max_tokens is None:  # as many as fit (at least one: a full prompt is refused below)
             params = dataclasses.replace(params, max_tokens=max(1, max_model_len - len(token_ids)))
         arrival = time.time() if arrival_time is None else arrival_time
         request = Request(str(request_id), token_ids, params, arrival, retain_blocks=retain_blocks,
                           cache_salt=cache_salt, priority=priority, matcher=self._matcher(params), pooling=pooling,
-                          lora_request=lora_request)
+                          lora_request=lora_request, prompt_embeds=embeds)
         self.scheduler.add_request(request)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         completions = {0: _Completion(request, detokenizer)}
@@ -295,6 +307,18 @@ class LLMEngine:
         use_activation = params.use_activation is not False
         pooling_type = "ALL" if task.startswith("token_") else self.pooler_config.pooling_type
         return sampling, PoolingSpec(pooling_type, normalize, task, use_activation)
+
+    def _check_prompt_embeds(self, embeds, params: SamplingParams) -> None:
+        if self.prompt_embeds_dim is None:
+            raise ValueError("prompt_embeds need an engine built with enable_prompt_embeds=True")
+        if embeds.shape[1] != self.prompt_embeds_dim:
+            raise ValueError(f"prompt_embeds have shape {embeds.shape}: this model's input embeddings are "
+                             f"{self.prompt_embeds_dim} wide")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs need the prompt's token ids; a prompt_embeds prompt has none")
+        if params.repetition_penalty != 1.0:
+            raise ValueError("repetition_penalty counts the prompt's tokens; a prompt_embeds prompt has none "
+                             "(presence_penalty and frequency_penalty, over the outputs, work)")
 
     def _with_logits_states(self, params: SamplingParams) -> SamplingParams:
         """A copy of ``params`` holding each custom logits processor's state of the request

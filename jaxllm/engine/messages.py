@@ -90,6 +90,9 @@ class ScheduledSequence:
     # Each custom logits processor's state of the request (numpy, or None: not used); empty when
     # the engine has none (see jaxllm.logits_processor).
     logits_states: tuple = field(default=(), compare=False, repr=False)
+    # vLLM's prompt_embeds: the request's float32 [num_prompt_tokens, hidden] inputs, while this
+    # step computes prompt positions (their token ids are placeholders).
+    prompt_embeds: Any = field(default=None, compare=False, repr=False)
 
     @property
     def sample_ids(self) -> tuple[str, ...]:

@@ -96,6 +96,9 @@ class Request:
     # vLLM's LoRARequest: the adapter the request runs with (None: the base model). Part of its
     # prefix blocks' hashes, so only requests with the same adapter share cached blocks.
     lora_request: Any = None
+    # vLLM's prompt_embeds: float32 [num_prompt_tokens, hidden], the inputs of the prompt's
+    # positions (prompt_token_ids are then placeholders); None: the token ids' embeddings.
+    prompt_embeds: Any = None
     # Logprobs, when asked for: one entry per output token, and per prompt position (0 is None).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)

@@ -466,6 +466,7 @@ class Scheduler:
             pooling=None if request.pooling is None else request.pooling[0],
             lora_request=request.lora_request,
             logits_states=params._logits_states,
+            prompt_embeds=request.prompt_embeds if start < request.num_prompt_tokens else None,
         )
 
     @staticmethod
@@ -557,7 +558,8 @@ class Scheduler:
         child = Request(child_id, parent.prompt_token_ids, child_params, parent.arrival_time,
                         parent_id=parent.request_id, completion_index=index, has_forked=True,
                         cache_salt=parent.cache_salt, priority=parent.priority, lora_request=parent.lora_request,
-                        matcher=None if parent.matcher is None else parent.matcher.copy())
+                        matcher=None if parent.matcher is None else parent.matcher.copy(),
+                        prompt_embeds=parent.prompt_embeds)
         child.num_computed_tokens = parent.num_computed_tokens
         child.status = RequestStatus.RUNNING
         self.kv.fork(parent, child)

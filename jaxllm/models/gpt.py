@@ -33,12 +33,13 @@ def _norm(cfg: ModelConfig, lp: dict, name: str, x):
 
 
 def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: AttentionMetadata, attend: AttentionFn,
-            lora=None):
+            lora=None, input_embeds=None):
     """Run the decoder over the flat batch token_ids [T]; returns (hidden [T, D], kv pool). No LoRA
-    adapters for this family (``lora`` must be None)."""
+    adapters for this family (``lora`` must be None). ``input_embeds``: as llama.forward's (the rows
+    replace the token embeddings, before OPT's project_in and the position embeddings)."""
     if lora is not None:
         raise ValueError(f"LoRA adapters are not supported for {cfg.architecture}")
-    x = embed(params, token_ids)
+    x = embed(params, token_ids, input_embeds)
     if "project_in" in params:
         x = matmul(x, params["project_in"])
     x = x + params["pos_embed"][md.positions + cfg.position_offset]

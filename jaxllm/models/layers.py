@@ -164,11 +164,17 @@ def pack_params(params: dict, tie_word_embeddings: bool, platform: str, cpu_matm
     return packed
 
 
-def embed(params: dict, token_ids: jax.Array) -> jax.Array:
+def embed(params: dict, token_ids: jax.Array, input_embeds=None) -> jax.Array:
     """The token embedding's rows for ``token_ids`` [T] -> [T, D], in the model's dtype; from the
-    packed output head when :func:`pack_params` made a tied model's ``embed`` that."""
+    packed output head when :func:`pack_params` made a tied model's ``embed`` that.
+    ``input_embeds``: (rows [T, D], use [T] bool): positions with ``use`` take their row instead
+    (vLLM's prompt_embeds)."""
     table = params["embed"]
-    return table.columns(token_ids) if isinstance(table, PackedMatrix) else table[token_ids]
+    x = table.columns(token_ids) if isinstance(table, PackedMatrix) else table[token_ids]
+    if input_embeds is not None:
+        rows, use = input_embeds
+        x = jnp.where(use[:, None], rows.astype(x.dtype), x)
+    return x
 
 
 def output_head(params: dict, tie_word_embeddings: bool) -> jax.Array:

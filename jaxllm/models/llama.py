@@ -72,12 +72,14 @@ def _mlp(cfg: ModelConfig, lp: dict, x, rows, lora_mask=None):
 
 
 def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: AttentionMetadata, attend: AttentionFn,
-            lora: tuple[dict, jax.Array] | None = None):
+            lora: tuple[dict, jax.Array] | None = None, input_embeds=None):
     """Run the decoder over the flat batch token_ids [T]; returns (hidden [T, D], kv pool).
 
     ``lora``: (the LoRA slot stacks, each token's mask [T, M * R]) when adapters are served (see
-    jaxllm/models/lora.py); the fused gate-up weight of :func:`pack_params` is not used then."""
-    x = embed(params, token_ids)
+    jaxllm/models/lora.py); the fused gate-up weight of :func:`pack_params` is not used then.
+    ``input_embeds``: (rows [T, D], whether each position takes its row [T] bool) for vLLM's
+    prompt_embeds, in place of the embedding table's rows; None: the table's."""
+    x = embed(params, token_ids, input_embeds)
     stacks, mask = lora if lora is not None else (None, None)
 
     def layer(carry, scanned):

@@ -37,6 +37,10 @@ class StepBatch:
     num_rows: np.ndarray  # [] int32 sampling rows in use; the rest of the R rows are padding
     want_pooling: np.ndarray  # [] bool: some sequence is a pooling request's (LLM.embed)
     lora_slots: np.ndarray  # [T] int32 the LoRA slot each token's adapter is in; -1: none
+    # vLLM's prompt_embeds: [T, D] inputs that replace the embedding table's rows where [T] bool
+    # says so; both None in steps without such positions (the plain program).
+    input_embeds: np.ndarray | None = None
+    use_embeds: np.ndarray | None = None
 
 
 class SampleRow(NamedTuple):
@@ -136,6 +140,7 @@ def build_batch(
     mask_slots: dict[str, int] | None = None,
     lora_slots: dict[int, int] | None = None,
     logits_specs: tuple = (),
+    embeds_dtype: np.dtype = np.float32,
 ) -> StepBatch:
     """Pad and flatten ``sched`` into numpy arrays; unseeded rows draw a seed from ``rng``.
 
@@ -144,7 +149,8 @@ def build_batch(
     (a placeholder) is read on the device from that step's output instead. ``mask_slots`` maps
     sample ids to the mask-table row that limits them (structured outputs). ``lora_slots`` maps
     the step's LoRA adapters (lora_int_id) to their device slots. ``logits_specs``: (state_shape,
-    dtype) of each of the engine's custom logits processors.
+    dtype) of each of the engine's custom logits processors. Sequences with ``prompt_embeds``
+    give their prompt positions' inputs as ``input_embeds`` (of ``embeds_dtype``).
     """
     seqs = sched.sequences
     rows = sample_rows(sched)
@@ -201,7 +207,23 @@ def build_batch(
         num_rows=np.array(len(rows), np.int32),
         want_pooling=np.array(any(s.pooling is not None for s in seqs)),
         lora_slots=token_lora,
+        **_input_embeds(seqs, T, embeds_dtype),
     )
+
+
+def _input_embeds(seqs, T: int, dtype) -> dict:
+    """input_embeds / use_embeds of the step's prompt_embeds positions ({} when it has none)."""
+    found = [(i, s) for i, s in enumerate(seqs) if s.prompt_embeds is not None and s.start_pos < len(s.prompt_embeds)]
+    if not found:
+        return {}
+    rows = np.zeros((T, found[0][1].prompt_embeds.shape[1]), dtype)
+    use = np.zeros(T, bool)
+    starts = np.cumsum([0] + [len(s.token_ids) for s in seqs])
+    for i, s in found:
+        n = min(len(s.token_ids), len(s.prompt_embeds) - s.start_pos)  # prompt positions of this chunk
+        rows[starts[i]:starts[i] + n] = s.prompt_embeds[s.start_pos:s.start_pos + n]
+        use[starts[i]:starts[i] + n] = True
+    return {"input_embeds": rows, "use_embeds": use}
 
 
 def _custom_tensors(rows: list[SampleRow], S: int, logits_specs: tuple) -> tuple | None:

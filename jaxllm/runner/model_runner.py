@@ -55,7 +55,8 @@ def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, mask_table, lora_st
     if lora_stacks is not None:
         dtype = next(iter(lora_stacks.values())).dtype
         lora = (lora_stacks, token_mask(batch.lora_slots, *lora_shape, dtype))
-    hidden, kv = model.forward(params, cfg, kv, token_ids, batch.md, attend, lora)
+    embeds = None if batch.input_embeds is None else (batch.input_embeds, batch.use_embeds)
+    hidden, kv = model.forward(params, cfg, kv, token_ids, batch.md, attend, lora, embeds)
     logits = model.logits(params, cfg, hidden[batch.logits_indices], batch.num_rows)
     tokens = sample(logits, batch.sampling, mask_table, processors)
     sample_lp = logprobs_if(batch.want_logprobs, logits, tokens)
@@ -117,10 +118,13 @@ class ModelRunner:
         lora_config: LoRAConfig | None = None,
         shared_pool_bytes: tuple[int, int] = (0, 0),
         logits_processors: tuple = (),
+        enable_prompt_embeds: bool = False,
     ):
         """``shared_pool_bytes``: (weight bytes, KV bytes per block) of a draft model whose pool
         shares this one's block ids, taken out of the KV budget when the pool is sized.
-        ``logits_processors``: custom ones (jaxllm.logits_processor), compiled into every step."""
+        ``logits_processors``: custom ones (jaxllm.logits_processor), compiled into every step.
+        ``enable_prompt_embeds``: steps may take prompt positions' inputs as embeddings (vLLM's
+        prompt_embeds): each bucket is compiled with those inputs too."""
         self.cfg, self.cache = cfg, cache
         self.dtype = np.dtype(params["embed"].dtype)
         platform = jax.devices()[0].platform
@@ -141,13 +145,15 @@ class ModelRunner:
         self._no_tokens = jnp.zeros(self.buckets.max_num_rows, jnp.int32)  # no previous step to feed
         lora_shape = None if self.lora is None else (self.lora.max_loras, self.lora.rank)
         self.logits_processors = tuple(logits_processors)
+        self.enable_prompt_embeds = enable_prompt_embeds
         self._logits_specs = tuple((tuple(p.state_shape), np.dtype(p.state_dtype)) for p in self.logits_processors)
         self._jit_step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend, lora_shape=lora_shape,
                                                    processors=self.logits_processors), donate_argnums=1)
         self._jit_copy = jax.jit(kv_pool.copy_blocks, donate_argnums=0)
-        # (T, B, with LoRA): a LoRA engine has each bucket twice, so that steps without adapter
-        # tokens run the plain program (no LoRA terms, the same numbers as an engine without LoRA).
-        self._compiled: dict[tuple[int, int, bool], object] = {}
+        # (T, B, with LoRA, with prompt embeddings): a LoRA engine has each bucket twice, so that
+        # steps without adapter tokens run the plain program (no LoRA terms, the same numbers as an
+        # engine without LoRA); so has one with enable_prompt_embeds.
+        self._compiled: dict[tuple[int, int, bool, bool], object] = {}
         self.num_compiles = 0
         self.num_blocks = self._size_pool(sched.max_model_len, *shared_pool_bytes)
         self.kv = kv_pool.allocate(cfg, self.num_blocks, cache.block_size, self.kv_dtype)
@@ -171,22 +177,32 @@ class ModelRunner:
         T, B = self.buckets.token_buckets[-1], self.buckets.block_buckets[-1]
         kv = jax.eval_shape(lambda: kv_pool.allocate(self.cfg, 2, self.cache.block_size, self.kv_dtype))
         stacks = None if self.lora is None else self.lora.stacks
-        compiled = self._jit_step.lower(self.params, kv, self._dummy_batch(T, B), self._no_tokens,
-                                        self.masks.table, stacks).compile()
+        compiled = self._jit_step.lower(self.params, kv, self._dummy_batch(T, B, self.enable_prompt_embeds),
+                                        self._no_tokens, self.masks.table, stacks).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
-    def _dummy_batch(self, T: int, B: int) -> StepBatch:
+    def _dummy_batch(self, T: int, B: int, embeds: bool = False) -> StepBatch:
         n = min(T, B * self.cache.block_size)
-        seq = ScheduledSequence("warmup", (0,) * n, 0, (0,) * B, True, SamplingOptions(), 0)
-        return build_batch(SchedulerOutput((seq,)), self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size,
-                           (T, B), logits_specs=self._logits_specs)
+        rows = np.zeros((n, self.embeds_dim), np.float32) if embeds else None
+        seq = ScheduledSequence("warmup", (0,) * n, 0, (0,) * B, True, SamplingOptions(), 0, prompt_embeds=rows)
+        return self._build(SchedulerOutput((seq,)), shape=(T, B))
+
+    @property
+    def embeds_dim(self) -> int:
+        """The width of the input embeddings (before OPT's project_in)."""
+        return self.cfg.word_embed_proj_dim or self.cfg.hidden_size
+
+    def _build(self, sched: SchedulerOutput, **kwargs) -> StepBatch:
+        return build_batch(sched, self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size,
+                           logits_specs=self._logits_specs, embeds_dtype=self.dtype, **kwargs)
 
     def warmup(self) -> None:
         """Compile every bucket now, so serving never stops to compile."""
         start = time.perf_counter()
         # Tracing holds the GIL, XLA's compile does not: lower in order, compile in parallel.
-        variants = (False, True) if self.lora is not None else (False,)
-        keys = [(T, B, lora) for lora in variants for T, B in self.buckets.shapes()]
+        loras = (False, True) if self.lora is not None else (False,)
+        embeds = (False, True) if self.enable_prompt_embeds else (False,)
+        keys = [(T, B, lora, e) for lora in loras for e in embeds for T, B in self.buckets.shapes()]
         lowered = {key: self._lower(*key) for key in keys if key not in self._compiled}
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             compiled = dict(zip(lowered, pool.map(lambda lw: lw.compile(), lowered.values()), strict=True))
@@ -203,16 +219,18 @@ class ModelRunner:
             self.num_compiles += 2
         logger.info("warm-up: %d programs compiled in %.1f s", self.num_compiles, time.perf_counter() - start)
 
-    def _lower(self, T: int, B: int, lora: bool = False):
-        return self._jit_step.lower(self.params, self.kv, self._dummy_batch(T, B), self._no_tokens, self.masks.table,
-                                    self.lora.stacks if lora else None)
+    def _lower(self, T: int, B: int, lora: bool = False, embeds: bool = False):
+        return self._jit_step.lower(self.params, self.kv, self._dummy_batch(T, B, embeds), self._no_tokens,
+                                    self.masks.table, self.lora.stacks if lora else None)
 
-    def _executable(self, T: int, B: int, lora: bool = False):
-        """The compiled step of bucket (T, B), with the LoRA terms or without."""
-        if (T, B, lora) not in self._compiled:
-            self._compiled[(T, B, lora)] = self._lower(T, B, lora).compile()
+    def _executable(self, T: int, B: int, lora: bool = False, embeds: bool = False):
+        """The compiled step of bucket (T, B), with the LoRA terms or without, with prompt
+        embeddings as inputs or without."""
+        key = (T, B, lora, embeds)
+        if key not in self._compiled:
+            self._compiled[key] = self._lower(*key).compile()
             self.num_compiles += 1
-        return self._compiled[(T, B, lora)]
+        return self._compiled[key]
 
     # -- the step ----------------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -233,13 +251,14 @@ class ModelRunner:
             return InFlightStep(sched)
         prev_rows = prev.row_of if prev is not None and prev.tokens is not None else None
         lora_slots = self._lora_slots_for(sched)
-        batch = build_batch(sched, self.buckets, self.cache.block_size, self._rng, self.cfg.vocab_size,
-                            prev_rows=prev_rows, mask_slots=self.masks.rows_for(sched), lora_slots=lora_slots,
-                            logits_specs=self._logits_specs)
+        batch = self._build(sched, prev_rows=prev_rows, mask_slots=self.masks.rows_for(sched), lora_slots=lora_slots)
         T, B = batch.token_ids.shape[0], batch.md.block_tables.shape[1]
         prev_tokens = self._no_tokens if prev_rows is None else prev.tokens
         lora = bool(lora_slots)  # adapter tokens in this step
-        (tokens, sample_lp, prompt_lp, pooled), self.kv = self._executable(T, B, lora)(
+        embeds = batch.input_embeds is not None  # prompt_embeds positions in this step
+        if embeds and not self.enable_prompt_embeds:
+            raise ValueError("a step with prompt_embeds on a runner built without enable_prompt_embeds")
+        (tokens, sample_lp, prompt_lp, pooled), self.kv = self._executable(T, B, lora, embeds)(
             self.params, self.kv, batch, prev_tokens, self.masks.table, self.lora.stacks if lora else None)
         return InFlightStep(sched, sample_rows(sched), tokens, sample_lp, prompt_lp,
                             bool(batch.want_logprobs), bool(batch.want_prompt_logprobs),

@@ -239,7 +239,11 @@ class SamplingRequest(RequestModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # One of prompt and prompt_embeds at least (vLLM's: embeddings prompts come first).
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    # vLLM's --enable-prompt-embeds inputs: base64 of torch.save(tensor [num_tokens, hidden_size]),
+    # or of numpy's .npy bytes (read without torch).
+    prompt_embeds: str | list[str] | None = None
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None
     echo: bool = False
@@ -252,6 +256,10 @@ class CompletionRequest(SamplingRequest):
             return "suffix is not supported yet", "suffix"
         if found is None and self.use_beam_search and self.echo:
             return "echo cannot be combined with use_beam_search", "echo"
+        if found is None and self.prompt_embeds:
+            for name in ("echo", "use_beam_search"):
+                if getattr(self, name):
+                    return f"{name} cannot be combined with prompt_embeds (the prompt has no tokens)", name
         return found
 
     def requested_max_tokens(self) -> int | None:

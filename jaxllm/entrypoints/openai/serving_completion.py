@@ -22,6 +22,7 @@ from jaxllm.entrypoints.openai.serving_engine import (
     APIError,
     Delta,
     OpenAIServing,
+    decode_prompt_embeds,
     final_outputs,
     merged_deltas,
     prompt_logprobs_body,
@@ -35,7 +36,12 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | StreamingResponse:
         lora = self.check_model(request.model)
         await self.check_supported(request)
-        prompts = [self.truncated(request, ids) for ids in self.prompt_token_lists(request.prompt, request.add_special_tokens)]
+        embeds = [self.truncated_embeds(request, e) for e in decode_prompt_embeds(request.prompt_embeds)]
+        if request.prompt is None and not embeds:
+            raise APIError("give prompt (or prompt_embeds)", param="prompt")
+        texts = [] if request.prompt is None else self.prompt_token_lists(request.prompt, request.add_special_tokens)
+        # An embeddings prompt's ids are placeholders: they count its tokens, nothing reads them.
+        prompts = [[0] * len(e) for e in embeds] + [self.truncated(request, ids) for ids in texts]
         params = self._params(request, prompts)
         base_id = random_id("cmpl")
         if request.use_beam_search:
@@ -47,7 +53,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 return StreamingResponse(body, media_type="text/event-stream")
             return self._response(request, base_id, prompts, outputs)
         streams = await self.start([f"{base_id}-{i}" for i in range(len(prompts))], prompts, params,
-                                  request.cache_salt, request.priority, lora)
+                                  request.cache_salt, request.priority, lora, embeds)
         if request.stream:
             body = self._stream(request, base_id, prompts, merged_deltas(self.engine, streams, params.n))
             return StreamingResponse(body, media_type="text/event-stream")

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
+import io
 import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import numpy as np
 from pydantic import BaseModel
 
 from jaxllm.beam_search import BeamSearchParams
 from jaxllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from jaxllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest, UsageInfo
+from jaxllm.inputs import prompt_embeds_of
 from jaxllm.lora.request import LoRARequest
 from jaxllm.outputs import CompletionOutput, RequestOutput, WholeOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams, truncate_prompt
@@ -218,6 +223,10 @@ class OpenAIServing:
         except ValueError as exc:
             raise APIError(str(exc), param="truncate_prompt_tokens") from exc
 
+    def truncated_embeds(self, request: SamplingRequest, embeds: np.ndarray) -> np.ndarray:
+        """The embeddings' last rows, as ``truncated`` keeps a prompt's last ids."""
+        return embeds[len(embeds) - len(self.truncated(request, [0] * len(embeds))):]
+
     def sampling_params(self, request: SamplingRequest, prompt_ids: list[int]) -> SamplingParams:
         if len(prompt_ids) >= self.served.max_model_len:
             raise APIError(f"the prompt has {len(prompt_ids)} tokens; max_model_len={self.served.max_model_len} "
@@ -267,15 +276,19 @@ class OpenAIServing:
 
     async def start(self, request_ids: list[str], prompts: list[list[int]], params,
                     cache_salt: str | None = None, priority: int = 0,
-                    lora_request: LoRARequest | None = None) -> list[RequestStream]:
+                    lora_request: LoRARequest | None = None, embeds: list | None = None) -> list[RequestStream]:
         """Add all requests or none: a refused one aborts those already added. ``cache_salt``:
         vLLM's, only requests with the same salt share cached prefix blocks; ``priority``: lower
         is scheduled sooner (``--scheduling-policy priority``); ``lora_request``: the adapter the
-        request's ``model`` names."""
+        request's ``model`` names; ``embeds``: the prompt embeddings of the first prompts (whose
+        ids are placeholders)."""
         streams: list[RequestStream] = []
+        embeds = embeds or []
         try:
-            for request_id, prompt in zip(request_ids, prompts, strict=True):
-                engine_prompt = prompt if cache_salt is None else {"prompt_token_ids": prompt, "cache_salt": cache_salt}
+            for i, (request_id, prompt) in enumerate(zip(request_ids, prompts, strict=True)):
+                engine_prompt = ({"prompt_embeds": embeds[i]} if i < len(embeds) else {"prompt_token_ids": prompt})
+                if cache_salt is not None:
+                    engine_prompt["cache_salt"] = cache_salt
                 streams.append(await self.engine.add_request(request_id, engine_prompt, params, priority,
                                                              lora_request=lora_request))
         except BaseException:
@@ -372,3 +385,37 @@ def prompt_logprobs_body(prompt_logprobs: list | None) -> list | None:
     return [None if d is None else {tid: {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
                                     for tid, lp in d.items()}
             for d in prompt_logprobs]
+
+
+def decode_prompt_embeds(value: str | list[str] | None) -> list[np.ndarray]:
+    """vLLM's ``prompt_embeds`` field: base64 of ``torch.save(tensor)`` (read with torch, when the
+    server has it) or of numpy's ``.npy`` bytes; each float32 [num_tokens, hidden_size]."""
+    if value is None:
+        return []
+    out = []
+    for data in [value] if isinstance(value, str) else value:
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise APIError(f"prompt_embeds must be base64: {exc}", param="prompt_embeds") from exc
+        try:
+            if raw.startswith(b"\x93NUMPY"):
+                array = np.load(io.BytesIO(raw), allow_pickle=False)
+            else:
+                array = _torch_load(raw)
+            array = prompt_embeds_of({"prompt_embeds": array})
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any unreadable payload is the client's 400
+            raise APIError(f"prompt_embeds could not be read: {exc}", param="prompt_embeds") from exc
+        out.append(array)
+    return out
+
+
+def _torch_load(raw: bytes):
+    try:
+        import torch
+    except ImportError as exc:
+        raise APIError("prompt_embeds in torch.save format need torch on the server; send numpy's .npy bytes "
+                       "(base64) instead", param="prompt_embeds") from exc
+    return torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
