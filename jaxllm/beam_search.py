@@ -183,6 +183,7 @@ def beam_search(engine: LLMEngine, prompts: list[list[int]], params: BeamSearchP
                 lora_request=None) -> list[BeamSearchOutput]:
     """Beam search for each prompt (token ids) on an idle engine, with ``lora_request``'s adapter
     when given; see the module docstring."""
+    engine.check_beam_search()
     if engine.has_unfinished_requests():
         raise ValueError("beam_search needs an idle engine: finish or abort the running requests first")
     return _Search(engine, params, lora_request).run(prompts)

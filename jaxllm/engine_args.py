@@ -29,6 +29,7 @@ from jaxllm.models.attention import get_attention_backend
 from jaxllm.models.kv_quant import kv_storage_dtype
 from jaxllm.runner import kv_pool
 from jaxllm.runner.draft import DraftModelRunner
+from jaxllm.runner.logprobs import LOGPROBS_MODES
 from jaxllm.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("jaxllm")
@@ -99,6 +100,10 @@ class EngineArgs:
     # vLLM's: prompts may be input embeddings ({"prompt_embeds": [num_tokens, hidden_size]}); each
     # bucket is then compiled twice (with and without embedding inputs).
     enable_prompt_embeds: bool = False
+    # vLLM's: what logprobs are: "raw_logprobs" (the model's distribution), "processed_logprobs"
+    # (what the token was chosen from: after penalties, processors, temperature, top-k/p, min-p),
+    # or the logits of either ("raw_logits", "processed_logits").
+    logprobs_mode: str = "raw_logprobs"
 
     def sampling_defaults(self) -> dict:
         """SamplingParams fields that requests without their own take from the generation config."""
@@ -165,6 +170,8 @@ class EngineArgs:
                 raise ValueError("logits_processors must be a list of classes or class names")
             for spec in self.logits_processors:
                 resolve_logits_processor(spec)
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode={self.logprobs_mode!r} must be one of {LOGPROBS_MODES}")
         if self.runner not in RUNNERS:
             raise ValueError(f"runner={self.runner!r} must be one of {RUNNERS}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:  # before the model loads
@@ -308,7 +315,8 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     runner = ModelRunner(ckpt.config, params, cache, sched, attend, seed=args.seed,
                          num_speculative_tokens=num_speculative_tokens, lora_config=lora,
                          shared_pool_bytes=(0, 0) if draft is None else _pool_bytes(draft, cache),
-                         logits_processors=processors, enable_prompt_embeds=args.enable_prompt_embeds)
+                         logits_processors=processors, enable_prompt_embeds=args.enable_prompt_embeds,
+                         logprobs_mode=args.logprobs_mode)
     if draft is not None:  # the same block ids, the same buckets
         # As vLLM: no proposals past the draft's positions (it still runs every step in lockstep:
         # what it computes there only ever feeds proposals, which the target verifies).
@@ -327,4 +335,5 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
                      vocab_size=ckpt.config.vocab_size, speculative_config=speculative,
                      pooler_config=args.pooler(), lora_config=lora, classifier=classifier,
                      logits_processors=processors,
-                     prompt_embeds_dim=runner.embeds_dim if args.enable_prompt_embeds else None)
+                     prompt_embeds_dim=runner.embeds_dim if args.enable_prompt_embeds else None,
+                     logprobs_mode=args.logprobs_mode)

@@ -107,6 +107,10 @@ ENGINE_HELP = {
                             "(numpy, JAX or torch), in place of the embedding table's rows (the server's completions: "
                             "base64 of `torch.save` or `.npy` bytes). Each bucket is compiled twice (with and without "
                             "embedding inputs).",
+    "logprobs_mode": "What returned logprobs are (vLLM's): `raw_logprobs`, the model's distribution (as transformers' "
+                     "`log_softmax`); `processed_logprobs`, the distribution each token was chosen from (after "
+                     "penalties, processors, min_tokens, and for sampled rows temperature and top-k / top-p / min-p); "
+                     "`raw_logits` / `processed_logits`, the logits of either. Beam search needs `raw_logprobs`.",
     "logits_processors": "Custom logits processors compiled into every step: `jaxllm.LogitsProcessor` subclasses, or "
                          "their names as `package.module:Class` (on the command line, several names after "
                          "`--logits-processors`). Requests pass their arguments in `SamplingParams.extra_args` "

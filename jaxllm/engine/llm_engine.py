@@ -151,6 +151,8 @@ class LLMEngine:
             generation request.
         prompt_embeds_dim: with vLLM's ``enable_prompt_embeds``, the width of the input
             embeddings prompts may give instead of token ids (``EmbedsPrompt``); None: refused.
+        logprobs_mode: what the runner's logprobs are (vLLM's; see jaxllm.runner.logprobs); beam
+            search needs "raw_logprobs".
     """
 
     def __init__(
@@ -170,8 +172,10 @@ class LLMEngine:
         classifier: ClassifierHead | None = None,
         logits_processors: tuple[LogitsProcessor, ...] = (),
         prompt_embeds_dim: int | None = None,
+        logprobs_mode: str = "raw_logprobs",
     ):
         self.tokenizer = tokenizer
+        self.logprobs_mode = logprobs_mode
         self.prompt_embeds_dim = prompt_embeds_dim
         self.classifier = classifier
         self.logits_processors = tuple(logits_processors)
@@ -307,6 +311,12 @@ class LLMEngine:
         use_activation = params.use_activation is not False
         pooling_type = "ALL" if task.startswith("token_") else self.pooler_config.pooling_type
         return sampling, PoolingSpec(pooling_type, normalize, task, use_activation)
+
+    def check_beam_search(self) -> None:
+        """Beam search ranks beams by the model's log-probabilities: refused under another logprobs_mode."""
+        if self.logprobs_mode != "raw_logprobs":
+            raise ValueError(f"beam search ranks by the model's logprobs; this engine's logprobs_mode is "
+                             f"{self.logprobs_mode!r} (it needs 'raw_logprobs')")
 
     def _check_prompt_embeds(self, embeds, params: SamplingParams) -> None:
         if self.prompt_embeds_dim is None:

@@ -1,12 +1,14 @@
 """Log-probabilities on device: of sampled tokens, of prompt tokens, and the top-k of each.
 
 Values are those of the model's raw distribution (log_softmax of the logits, before temperature
-or filters), as vLLM returns by default and as transformers' ``log_softmax`` gives. Both are
+or filters), as vLLM returns by default and as transformers' ``log_softmax`` gives; the engine's
+``logprobs_mode`` (vLLM's) may ask for the processed distribution, or logits. Both are
 computed under ``lax.cond`` so a step with no request asking for them pays nothing.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -33,9 +35,15 @@ class Logprobs:
     top_logprobs: jax.Array  # [R, MAX_LOGPROBS] float32
 
 
-def _compute(logits, targets) -> Logprobs:
+# vLLM's logprobs_mode: what the logprobs of sampled tokens are. "raw_*": of the model's logits;
+# "processed_*": of what the token was chosen from (see sampler.sample); "*_logits": the logits
+# themselves instead of their log_softmax (ranks are the same).
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+
+
+def _compute(logits, targets, as_logits: bool = False) -> Logprobs:
     # logits [R, V] float32; targets [R] int32 (out-of-range targets give garbage, ignored by host).
-    lp = jax.nn.log_softmax(logits, axis=-1)
+    lp = logits if as_logits else jax.nn.log_softmax(logits, axis=-1)
     target_lp = jnp.take_along_axis(lp, jnp.clip(targets, 0, lp.shape[-1] - 1)[:, None], axis=-1)
     rank = 1 + jnp.sum(lp > target_lp, axis=-1, dtype=jnp.int32)
     top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
@@ -50,24 +58,28 @@ def _empty(logits, targets) -> Logprobs:
     )
 
 
-def logprobs_if(wanted: jax.Array, logits: jax.Array, targets: jax.Array) -> Logprobs:
+def logprobs_if(wanted: jax.Array, logits: jax.Array, targets: jax.Array, as_logits: bool = False) -> Logprobs:
     """``_compute`` when the scalar ``wanted`` is true, zeros otherwise (no recompile either way)."""
-    return jax.lax.cond(wanted, _compute, _empty, logits, targets)
+    return jax.lax.cond(wanted, functools.partial(_compute, as_logits=as_logits), _empty, logits, targets)
 
 
-def prompt_logprobs_if(wanted: jax.Array, logits_fn, hidden: jax.Array, targets: jax.Array) -> Logprobs:
+def prompt_logprobs_if(wanted: jax.Array, logits_fn, hidden: jax.Array, targets: jax.Array,
+                       as_logits: bool = False) -> Logprobs:
     """Logprobs of every token's successor: hidden [T, D] -> logits_fn -> [T, V], only if wanted,
-    :data:`PROMPT_LOGPROBS_CHUNK` rows at a time (a row's values do not depend on the chunking)."""
+    :data:`PROMPT_LOGPROBS_CHUNK` rows at a time (a row's values do not depend on the chunking).
+    ``as_logits``: the logits instead (logprobs_mode "*_logits"; prompt positions have no
+    processing, so "processed" and "raw" are the same there)."""
+    compute_one = functools.partial(_compute, as_logits=as_logits)
 
     def compute(hidden, targets):
         T = hidden.shape[0]
         if T <= PROMPT_LOGPROBS_CHUNK:
-            return _compute(logits_fn(hidden), targets)
+            return compute_one(logits_fn(hidden), targets)
         n = -(-T // PROMPT_LOGPROBS_CHUNK)
         pad = n * PROMPT_LOGPROBS_CHUNK - T
         chunks = (jnp.pad(hidden, ((0, pad), (0, 0))).reshape(n, PROMPT_LOGPROBS_CHUNK, -1),
                   jnp.pad(targets, (0, pad)).reshape(n, PROMPT_LOGPROBS_CHUNK))
-        out = jax.lax.map(lambda c: _compute(logits_fn(c[0]), c[1]), chunks)
+        out = jax.lax.map(lambda c: compute_one(logits_fn(c[0]), c[1]), chunks)
         return jax.tree.map(lambda x: x.reshape(n * PROMPT_LOGPROBS_CHUNK, *x.shape[2:])[:T], out)
 
     def empty(hidden, targets):

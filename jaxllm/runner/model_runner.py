@@ -28,7 +28,13 @@ from jaxllm.models.layout import HEAD_PARAMS, check_params, param_shapes
 from jaxllm.models.lora import token_mask
 from jaxllm.runner import kv_pool
 from jaxllm.runner.batch import Buckets, SampleRow, StepBatch, build_batch, sample_rows
-from jaxllm.runner.logprobs import host_prompt_logprobs, host_sample_logprobs, logprobs_if, prompt_logprobs_if
+from jaxllm.runner.logprobs import (
+    LOGPROBS_MODES,
+    host_prompt_logprobs,
+    host_sample_logprobs,
+    logprobs_if,
+    prompt_logprobs_if,
+)
 from jaxllm.runner.lora_slots import LoRASlots
 from jaxllm.runner.mask_table import DeviceMaskTable
 from jaxllm.runner.sampler import sample
@@ -41,14 +47,16 @@ _COPY_SLOTS = 64  # block copies per call, padded with the null block copying on
 
 
 def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, mask_table, lora_stacks, *, cfg: ModelConfig,
-          attend: AttentionFn, lora_shape: tuple[int, int] | None = None, processors: tuple = ()):
+          attend: AttentionFn, lora_shape: tuple[int, int] | None = None, processors: tuple = (),
+          logprobs_mode: str = "raw_logprobs"):
     """One engine step. ``prev_tokens`` [max_num_rows] are the previous step's sampled tokens, still
     on the device: positions with ``feed_rows >= 0`` take their input from there. The sampled
     tokens come back padded to the same fixed length, to feed the next step. ``mask_table``:
     structured outputs' allowed-token bitmasks (``DeviceMaskTable``), indexed by
     ``batch.sampling.mask_rows``. ``lora_stacks``: the LoRA slots (``LoRASlots.stacks``) of
     ``lora_shape`` = (max_loras, max_lora_rank), or None when the engine serves no adapters.
-    ``processors``: the engine's custom logits processors, compiled into the sampler."""
+    ``processors``: the engine's custom logits processors, compiled into the sampler.
+    ``logprobs_mode``: vLLM's (see jaxllm.runner.logprobs.LOGPROBS_MODES)."""
     model = model_module(cfg)
     token_ids = jnp.where(batch.feed_rows >= 0, prev_tokens[jnp.maximum(batch.feed_rows, 0)], batch.token_ids)
     lora = None
@@ -58,10 +66,14 @@ def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, mask_table, lora_st
     embeds = None if batch.input_embeds is None else (batch.input_embeds, batch.use_embeds)
     hidden, kv = model.forward(params, cfg, kv, token_ids, batch.md, attend, lora, embeds)
     logits = model.logits(params, cfg, hidden[batch.logits_indices], batch.num_rows)
-    tokens = sample(logits, batch.sampling, mask_table, processors)
-    sample_lp = logprobs_if(batch.want_logprobs, logits, tokens)
+    as_logits = logprobs_mode.endswith("_logits")
+    if logprobs_mode.startswith("processed"):
+        tokens, chosen_from = sample(logits, batch.sampling, mask_table, processors, processed=True)
+    else:
+        tokens, chosen_from = sample(logits, batch.sampling, mask_table, processors), logits
+    sample_lp = logprobs_if(batch.want_logprobs, chosen_from, tokens, as_logits)
     logits_fn = functools.partial(model.logits, params, cfg)
-    prompt_lp = prompt_logprobs_if(batch.want_prompt_logprobs, logits_fn, hidden, batch.next_token_ids)
+    prompt_lp = prompt_logprobs_if(batch.want_prompt_logprobs, logits_fn, hidden, batch.next_token_ids, as_logits)
     pooled = jax.lax.cond(batch.want_pooling, _pool, _no_pool, hidden, batch)
     padded = jnp.zeros(prev_tokens.shape, tokens.dtype).at[: tokens.shape[0]].set(tokens)
     return (padded, sample_lp, prompt_lp, pooled), kv
@@ -119,12 +131,14 @@ class ModelRunner:
         shared_pool_bytes: tuple[int, int] = (0, 0),
         logits_processors: tuple = (),
         enable_prompt_embeds: bool = False,
+        logprobs_mode: str = "raw_logprobs",
     ):
         """``shared_pool_bytes``: (weight bytes, KV bytes per block) of a draft model whose pool
         shares this one's block ids, taken out of the KV budget when the pool is sized.
         ``logits_processors``: custom ones (jaxllm.logits_processor), compiled into every step.
         ``enable_prompt_embeds``: steps may take prompt positions' inputs as embeddings (vLLM's
-        prompt_embeds): each bucket is compiled with those inputs too."""
+        prompt_embeds): each bucket is compiled with those inputs too. ``logprobs_mode``: vLLM's,
+        what returned logprobs are (LOGPROBS_MODES)."""
         self.cfg, self.cache = cfg, cache
         self.dtype = np.dtype(params["embed"].dtype)
         platform = jax.devices()[0].platform
@@ -147,8 +161,11 @@ class ModelRunner:
         self.logits_processors = tuple(logits_processors)
         self.enable_prompt_embeds = enable_prompt_embeds
         self._logits_specs = tuple((tuple(p.state_shape), np.dtype(p.state_dtype)) for p in self.logits_processors)
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode={logprobs_mode!r} must be one of {LOGPROBS_MODES}")
         self._jit_step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend, lora_shape=lora_shape,
-                                                   processors=self.logits_processors), donate_argnums=1)
+                                                   processors=self.logits_processors, logprobs_mode=logprobs_mode),
+                                 donate_argnums=1)
         self._jit_copy = jax.jit(kv_pool.copy_blocks, donate_argnums=0)
         # (T, B, with LoRA, with prompt embeddings): a LoRA engine has each bucket twice, so that
         # steps without adapter tokens run the plain program (no LoRA terms, the same numbers as an

@@ -138,14 +138,23 @@ def categorical(keys: jax.Array, logits: jax.Array, block: int = 256) -> jax.Arr
     return (t * block + i).astype(jnp.int32)
 
 
-def _draw(logits, st: SamplingTensors):
-    # Temperature, filters and a seeded categorical draw for every row (all-greedy batches skip
-    # this). When any row filters, the filters' bisections are the costliest part.
+def _scaled(logits, st: SamplingTensors):
+    """The distribution each drawing row draws from: its logits over its temperature, then its
+    top-k / top-p / min-p (filtered entries -inf). When any row filters, the filters' bisections
+    are the costliest part of sampling."""
     scaled = logits / jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
     needs_filter = jnp.any((st.temperature > 0) & ((st.top_k > 0) | (st.top_p < 1.0) | (st.min_p > 0.0)))
-    scaled = jax.lax.cond(needs_filter, _filter, lambda x, *_: x, scaled, st.top_k, st.top_p, st.min_p)
+    return jax.lax.cond(needs_filter, _filter, lambda x, *_: x, scaled, st.top_k, st.top_p, st.min_p)
+
+
+def _categorical(scaled, st: SamplingTensors):
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(st.seeds, st.steps)
     return categorical(keys, scaled)
+
+
+def _draw(logits, st: SamplingTensors):
+    # Temperature, filters and a seeded categorical draw for every row (all-greedy batches skip this).
+    return _categorical(_scaled(logits, st), st)
 
 
 def apply_token_masks(logits: jax.Array, mask_rows: jax.Array, table: jax.Array) -> jax.Array:
@@ -159,9 +168,13 @@ def apply_token_masks(logits: jax.Array, mask_rows: jax.Array, table: jax.Array)
 
 
 def sample(logits: jax.Array, st: SamplingTensors, mask_table: jax.Array | None = None,
-           processors: tuple = ()) -> jax.Array:
+           processors: tuple = (), processed: bool = False):
     """logits [S, V] float32 -> token ids [S] int32 (``mask_table``: see :func:`apply_token_masks`;
-    ``processors``: the engine's custom logits processors, whose inputs are ``st.custom``)."""
+    ``processors``: the engine's custom logits processors, whose inputs are ``st.custom``).
+
+    With ``processed``, (token ids, the processed logits [S, V]): what each row's token was chosen
+    from, after masks, processors, penalties and min_tokens, and for drawing rows also temperature
+    and the top-k / top-p / min-p filters (vLLM's ``logprobs_mode="processed_..."``); the same tokens."""
     rows = jnp.arange(logits.shape[0])[:, None]
     if mask_table is not None and st.mask_rows is not None:
         logits = jax.lax.cond(jnp.any(st.mask_rows >= 0), apply_token_masks, lambda x, *_: x,
@@ -172,8 +185,13 @@ def sample(logits: jax.Array, st: SamplingTensors, mask_table: jax.Array | None 
         logits = apply_penalties(logits, st.penalties)
     logits = logits.at[rows, st.banned].set(-jnp.inf, mode="drop")
     greedy = argmax(logits)
-    drawn = jax.lax.cond(jnp.any(st.temperature > 0), _draw, lambda *_: greedy, logits, st)
-    return jnp.where(st.temperature > 0, drawn, greedy)
+    drawing = st.temperature > 0
+    if not processed:
+        drawn = jax.lax.cond(jnp.any(drawing), _draw, lambda *_: greedy, logits, st)
+        return jnp.where(drawing, drawn, greedy)
+    scaled = jnp.where(drawing[:, None], _scaled(logits, st), logits)
+    drawn = jax.lax.cond(jnp.any(drawing), _categorical, lambda *_: greedy, scaled, st)
+    return jnp.where(drawing, drawn, greedy), scaled
 
 
 def apply_processor(processor, logits: jax.Array, states: jax.Array, used: jax.Array,

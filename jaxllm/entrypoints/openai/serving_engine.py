@@ -164,9 +164,12 @@ class OpenAIServing:
         chosen = request.return_tokens_as_token_ids
         return self.served.return_tokens_as_token_ids if chosen is None else chosen
 
-    @staticmethod
-    def beam_search_params(request: SamplingRequest, params: SamplingParams) -> BeamSearchParams:
+    def beam_search_params(self, request: SamplingRequest, params: SamplingParams) -> BeamSearchParams:
         """``use_beam_search``: ``n`` beams, the request's max_tokens, ignore_eos and length_penalty."""
+        try:
+            self.engine.engine.check_beam_search()
+        except ValueError as exc:
+            raise APIError(str(exc), param="use_beam_search") from exc
         try:
             return BeamSearchParams(beam_width=params.n, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
                                     length_penalty=request.length_penalty)
