@@ -100,9 +100,34 @@ def generation_defaults(directory: Path) -> dict:
     return found
 
 
-def load_hf_directory(directory: Path, dtype=np.float32) -> Checkpoint:
-    """Convert the checkpoint in ``directory`` to the layout's params, cast to ``dtype``."""
-    config = config_from_hf(_with_generation_eos(directory, read_hf_config(directory)))
+def load_hf_directory(directory: Path, dtype=np.float32, load_format: str = "auto",
+                      hf_overrides: dict | None = None) -> Checkpoint:
+    """Convert the checkpoint in ``directory`` to the layout's params, cast to ``dtype``.
+
+    ``load_format`` (vLLM's): "auto" (safetensors, else torch .bin), "safetensors", "pt", or
+    "dummy" (random weights of the config's shapes; no weight files read). ``hf_overrides``:
+    config.json fields replaced before the model's config is built."""
+    config = config_from_hf(_with_generation_eos(directory, {**read_hf_config(directory), **(hf_overrides or {})}))
+    if load_format == "dummy":
+        return Checkpoint(config, dummy_params(config, dtype), load_tokenizer(directory), np.dtype(dtype).name)
     source = open_weights(directory)
+    kind = "safetensors" if isinstance(source, SafetensorsSource) else "pt"
+    if load_format not in ("auto", kind):
+        raise ValueError(f"load_format={load_format!r}: {directory} holds {kind} weights")
     params = convert(config, source, dtype)
     return Checkpoint(config, params, load_tokenizer(directory), source.source_dtype())
+
+
+def dummy_params(config, dtype, seed: int = 0) -> dict:
+    """vLLM's load_format="dummy": every parameter uniform in [-1e-3, 1e-3] (a fixed seed), in the
+    layout's shapes; for timing a model's shapes without its weights."""
+    from jaxllm.models.layout import param_shapes
+
+    rng = np.random.default_rng(seed)
+
+    def fill(shapes):
+        if isinstance(shapes, dict):
+            return {name: fill(shape) for name, shape in shapes.items()}
+        return (rng.random(shapes, dtype=np.float32) * 2e-3 - 1e-3).astype(dtype)
+
+    return fill(param_shapes(config))

@@ -38,26 +38,29 @@ def _hub_cache_dir(hf_cache_dir: str | Path | None) -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _from_hub_cache(repo_id: str, cache_dir: Path) -> Path:
+def _from_hub_cache(repo_id: str, cache_dir: Path, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=cache_dir))
     except (LocalEntryNotFoundError, HFValidationError) as e:
+        at = "" if revision is None else f" at revision {revision!r}"
         raise FileNotFoundError(
-            f"{repo_id!r} is not a local directory or .gguf file, and is not in the Hugging Face cache "
+            f"{repo_id!r}{at} is not a local directory or .gguf file, and is not in the Hugging Face cache "
             f"at {cache_dir} (nothing is downloaded; fetch it first with `hf download {repo_id}`)"
         ) from e
 
 
-def resolve_model(name_or_path: str | Path | None = None, *, hf_cache_dir: str | Path | None = None) -> Path:
+def resolve_model(name_or_path: str | Path | None = None, *, hf_cache_dir: str | Path | None = None,
+                  revision: str | None = None) -> Path:
     """Find the local checkpoint for ``name_or_path``.
 
     Args:
         name_or_path: None or "SmolLM2-135M-Instruct" (or its Hub id) for the embedded GGUF; a
             local directory or ``.gguf`` file; or a Hub repo id already in the local cache.
         hf_cache_dir: the Hugging Face hub cache to look in; huggingface_hub's default when None.
+        revision: a cached Hub repo's branch, tag or commit (vLLM's ``revision``); None: main.
 
     Returns:
         A checkpoint directory or a ``.gguf`` file.
@@ -67,8 +70,12 @@ def resolve_model(name_or_path: str | Path | None = None, *, hf_cache_dir: str |
             or what to install.
     """
     if name_or_path is None or str(name_or_path) in _DEFAULT_ALIASES:
+        if revision is not None:
+            raise ValueError(f"revision={revision!r}: the embedded default model has one version")
         return embedded_gguf()
     path = Path(name_or_path).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} picks a version of a Hub repo; {path} is a local path")
         return path
-    return _from_hub_cache(str(name_or_path), _hub_cache_dir(hf_cache_dir))
+    return _from_hub_cache(str(name_or_path), _hub_cache_dir(hf_cache_dir), revision)

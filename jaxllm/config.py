@@ -172,9 +172,14 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
     scheduling_policy: str = "fcfs"  # or "priority": by each request's priority, lower first
+    # vLLM's enable_chunked_prefill: False schedules a prompt only whole, in one step.
+    chunked_prefill: bool = True
 
     def __post_init__(self):
         _check_positive(self, "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+        if not self.chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_model_len="
+                             f"{self.max_model_len} without chunked prefill (a whole prompt goes in one step)")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be one of {SCHEDULING_POLICIES}")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -29,7 +29,7 @@ from jaxllm.models.attention import get_attention_backend
 from jaxllm.models.kv_quant import kv_storage_dtype
 from jaxllm.runner import kv_pool
 from jaxllm.runner.draft import DraftModelRunner
-from jaxllm.runner.logprobs import LOGPROBS_MODES
+from jaxllm.runner.logprobs import LOGPROBS_MODES, MAX_LOGPROBS
 from jaxllm.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("jaxllm")
@@ -104,6 +104,21 @@ class EngineArgs:
     # (what the token was chosen from: after penalties, processors, temperature, top-k/p, min-p),
     # or the logits of either ("raw_logits", "processed_logits").
     logprobs_mode: str = "raw_logprobs"
+    # -- vLLM's loading and compatibility arguments, so its scripts run unchanged --
+    # vLLM: no CUDA graphs. Here, the nearest thing: no warm-up; each bucket is compiled when a
+    # step first needs it (a faster start, slower first steps).
+    enforce_eager: bool = False
+    # None / True: long prompts are split to fit the token budget (always, as vLLM V1). False: a
+    # prompt is only scheduled whole (max_num_batched_tokens defaults to max_model_len then).
+    enable_chunked_prefill: bool | None = None
+    max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for (at most 20 here)
+    quantization: str | None = None  # None only: weights load as float32 / bfloat16 / float16
+    skip_tokenizer_init: bool = False  # no tokenizer: prompts are token ids, outputs carry no text
+    hf_overrides: dict | None = None  # config.json fields replaced before the model is built
+    load_format: str = "auto"  # "auto", "safetensors", "pt", "gguf", or "dummy" (random weights)
+    revision: str | None = None  # a cached Hub repo's branch, tag or commit
+    tokenizer_revision: str | None = None  # the same, for ``tokenizer``
+    tokenizer_mode: str = "auto"  # "auto" (or vLLM's "hf"): the checkpoint's Hugging Face tokenizer
 
     def sampling_defaults(self) -> dict:
         """SamplingParams fields that requests without their own take from the generation config."""
@@ -113,7 +128,7 @@ class EngineArgs:
         if self.generation_config == "vllm":
             return {}
         if self.generation_config == "auto":
-            defaults = model_generation_defaults(self.model)
+            defaults = model_generation_defaults(self.model, self.revision)
         else:
             directory = Path(self.generation_config).expanduser()
             if not directory.is_dir():
@@ -131,11 +146,14 @@ class EngineArgs:
         if max_model_len > max_position_embeddings:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's {max_position_embeddings} positions")
         max_num_seqs = self.max_num_seqs or seqs
+        chunked = self.enable_chunked_prefill is not False
+        default_tokens = max(tokens, max_num_seqs) if chunked else max(max_model_len, max_num_seqs)
         return SchedulerConfig(
             max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens or max(tokens, max_num_seqs),
+            max_num_batched_tokens=self.max_num_batched_tokens or default_tokens,
             max_model_len=max_model_len,
             scheduling_policy=self.scheduling_policy,
+            chunked_prefill=chunked,
         )
 
     def cache_config(self) -> CacheConfig:
@@ -170,6 +188,17 @@ class EngineArgs:
                 raise ValueError("logits_processors must be a list of classes or class names")
             for spec in self.logits_processors:
                 resolve_logits_processor(spec)
+        if self.quantization is not None:
+            raise ValueError(f"quantization={self.quantization!r} is not supported: weights load as float "
+                             "(float32 / bfloat16 / float16); leave it None")
+        if not isinstance(self.max_logprobs, int) or not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"max_logprobs={self.max_logprobs!r} must be an integer in [0, {MAX_LOGPROBS}] "
+                             "(the engine returns at most 20 top logprobs per token)")
+        if self.tokenizer_mode not in ("auto", "hf"):
+            raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported: 'auto' (or 'hf') reads the "
+                             "checkpoint's Hugging Face tokenizer; slow, mistral and custom tokenizers are not read")
+        if self.skip_tokenizer_init and self.tokenizer is not None:
+            raise ValueError("skip_tokenizer_init=True and tokenizer= disagree: give one")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode={self.logprobs_mode!r} must be one of {LOGPROBS_MODES}")
         if self.runner not in RUNNERS:
@@ -240,12 +269,12 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _load_tokenizer(name_or_path: str):
+def _load_tokenizer(name_or_path: str, revision: str | None = None):
     """The tokenizer of a local directory or cached Hub repo (``tokenizer=``)."""
     from converters import resolve_model
     from converters.hf import load_tokenizer
 
-    path = resolve_model(name_or_path)
+    path = resolve_model(name_or_path, revision=revision)
     tokenizer = load_tokenizer(path) if path.is_dir() else None
     if tokenizer is None:
         raise ValueError(f"tokenizer={name_or_path!r}: {path} holds no Hugging Face tokenizer files")
@@ -267,7 +296,7 @@ def _load_draft(name: str, args: EngineArgs, target: Checkpoint, cache: CacheCon
     if cache.preemption_mode == "swap":
         raise ValueError("speculative_config method='draft_model' works with preemption_mode='recompute' only "
                          "(swapping does not move the draft model's pool)")
-    draft = load_checkpoint_as(name, args.dtype, args.download_dir)
+    draft = load_checkpoint_as(name, args.dtype, args.download_dir, load_format=args.load_format)
     cfg = draft.config
     if cfg.is_classifier:
         raise ValueError(f"speculative_config model={name!r} is a classifier ({cfg.architecture}), not a "
@@ -293,9 +322,12 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     attend = get_attention_backend(args.attention_backend)  # fail fast on a bad name
     cache = args.cache_config()
     _enable_compilation_cache(args.compilation_cache_dir)
-    ckpt = checkpoint or load_checkpoint_as(args.model, args.dtype, args.download_dir)
+    ckpt = checkpoint or load_checkpoint_as(args.model, args.dtype, args.download_dir, load_format=args.load_format,
+                                            hf_overrides=args.hf_overrides, revision=args.revision)
     if args.tokenizer is not None:
-        ckpt = dataclasses.replace(ckpt, tokenizer=_load_tokenizer(args.tokenizer))
+        ckpt = dataclasses.replace(ckpt, tokenizer=_load_tokenizer(args.tokenizer, args.tokenizer_revision))
+    if args.skip_tokenizer_init:
+        ckpt = dataclasses.replace(ckpt, tokenizer=None)
     sched = args.scheduler_config(ckpt.config.max_position_embeddings)
     speculative, lora = args.speculative(), args.lora()
     classifier, params = ClassifierHead.split_from(ckpt.config, ckpt.params)
@@ -325,7 +357,7 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
         draft_runner = ModelRunner(draft.config, draft.params, dataclasses.replace(cache, num_kv_blocks=runner.num_blocks),
                                    sched, attend, seed=args.seed, num_speculative_tokens=num_speculative_tokens)
         runner = DraftModelRunner(runner, draft_runner)
-    if args.warmup:
+    if args.warmup and not args.enforce_eager:
         runner.warmup()
     eos = set(ckpt.config.eos_token_ids)
     if ckpt.tokenizer is not None and ckpt.tokenizer.eos_token_id is not None:
@@ -336,4 +368,4 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
                      pooler_config=args.pooler(), lora_config=lora, classifier=classifier,
                      logits_processors=processors,
                      prompt_embeds_dim=runner.embeds_dim if args.enable_prompt_embeds else None,
-                     logprobs_mode=args.logprobs_mode)
+                     logprobs_mode=args.logprobs_mode, max_logprobs=args.max_logprobs)

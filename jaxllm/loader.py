@@ -78,13 +78,14 @@ class Model:
 _jit_forward = jax.jit(_forward_logits, static_argnames=("cfg", "block_size"))
 
 
-def load_checkpoint_as(name_or_path: str | None, dtype: Any = "auto", cache_dir=None):
-    """Convert a checkpoint at the dtype ``dtype`` resolves to on this platform."""
+def load_checkpoint_as(name_or_path: str | None, dtype: Any = "auto", cache_dir=None, **options):
+    """Convert a checkpoint at the dtype ``dtype`` resolves to on this platform (``options``:
+    converters.load_checkpoint's load_format, hf_overrides, revision)."""
     from converters import load_checkpoint
 
     platform = jax.devices()[0].platform
     probe_dtype = np.float32 if dtype == "auto" else resolve_dtype(dtype, "", platform)
-    ckpt = load_checkpoint(name_or_path, dtype=probe_dtype, cache_dir=cache_dir)
+    ckpt = load_checkpoint(name_or_path, dtype=probe_dtype, cache_dir=cache_dir, **options)
     target = resolve_dtype(dtype, ckpt.source_dtype, platform)
     if target != probe_dtype:
         params = jax.tree.map(lambda x: x.astype(target), ckpt.params)

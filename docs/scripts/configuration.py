@@ -111,6 +111,27 @@ ENGINE_HELP = {
                      "`log_softmax`); `processed_logprobs`, the distribution each token was chosen from (after "
                      "penalties, processors, min_tokens, and for sampled rows temperature and top-k / top-p / min-p); "
                      "`raw_logits` / `processed_logits`, the logits of either. Beam search needs `raw_logprobs`.",
+    "enforce_eager": "vLLM's switch off CUDA graphs. JAX has no eager serving mode; the nearest thing: no warm-up, "
+                     "each bucket is compiled when a step first needs it (a faster start, slower first steps).",
+    "enable_chunked_prefill": "None / True: a long prompt is split to fit `max_num_batched_tokens` and mixed with "
+                              "decodes (always on, as vLLM V1). False: a prompt is only scheduled whole; "
+                              "`max_num_batched_tokens` must then be >= `max_model_len` (its default).",
+    "max_logprobs": "The most `logprobs` / `prompt_logprobs` a request may ask for (at most 20 here); more is a "
+                    "ValueError (a 400 in the server).",
+    "quantization": "None only: weights load as float32 / bfloat16 / float16 (GGUF files are dequantised); any "
+                    "other value is refused.",
+    "skip_tokenizer_init": "Load no tokenizer: prompts must be token ids, outputs carry token ids and no text, and "
+                           "stop strings, structured outputs and `bad_words` are refused.",
+    "hf_overrides": "config.json fields replaced before the model is built, e.g. `{\"max_position_embeddings\": "
+                    "4096}` (a Hugging Face checkpoint directory; part of the converted-weights cache key).",
+    "load_format": "`auto` (safetensors, else torch .bin, or a GGUF file), `safetensors`, `pt`, `gguf` (refused "
+                   "when the checkpoint holds another kind), or `dummy`: random weights of the config's shapes "
+                   "(uniform in [-1e-3, 1e-3], never cached), for timing a model without its weights.",
+    "revision": "The branch, tag or commit of a Hub repo in the local Hugging Face cache (nothing is downloaded); "
+                "refused for local paths.",
+    "tokenizer_revision": "`revision` for the repo named by `tokenizer`.",
+    "tokenizer_mode": "`auto` (or vLLM's `hf`): the checkpoint's Hugging Face tokenizer; `slow`, `mistral` and "
+                      "`custom` are refused.",
     "logits_processors": "Custom logits processors compiled into every step: `jaxllm.LogitsProcessor` subclasses, or "
                          "their names as `package.module:Class` (on the command line, several names after "
                          "`--logits-processors`). Requests pass their arguments in `SamplingParams.extra_args` "

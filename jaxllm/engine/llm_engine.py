@@ -153,6 +153,7 @@ class LLMEngine:
             embeddings prompts may give instead of token ids (``EmbedsPrompt``); None: refused.
         logprobs_mode: what the runner's logprobs are (vLLM's; see jaxllm.runner.logprobs); beam
             search needs "raw_logprobs".
+        max_logprobs: the most logprobs / prompt_logprobs a request may ask for (vLLM's).
     """
 
     def __init__(
@@ -173,8 +174,10 @@ class LLMEngine:
         logits_processors: tuple[LogitsProcessor, ...] = (),
         prompt_embeds_dim: int | None = None,
         logprobs_mode: str = "raw_logprobs",
+        max_logprobs: int = 20,
     ):
         self.tokenizer = tokenizer
+        self.max_logprobs = max_logprobs
         self.logprobs_mode = logprobs_mode
         self.prompt_embeds_dim = prompt_embeds_dim
         self.classifier = classifier
@@ -251,6 +254,7 @@ class LLMEngine:
             raise ValueError(f"this model is a {self.classifier.kind} classifier: it serves {tasks} (PoolingParams), "
                              "not generation (SamplingParams)")
         params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids, logit_bias ids checked
+        self._check_limits(params)
         if self.logits_processors and pooling is None:
             params = self._with_logits_states(params)
         if self.vocab_size is not None:
@@ -311,6 +315,16 @@ class LLMEngine:
         use_activation = params.use_activation is not False
         pooling_type = "ALL" if task.startswith("token_") else self.pooler_config.pooling_type
         return sampling, PoolingSpec(pooling_type, normalize, task, use_activation)
+
+    def _check_limits(self, params: SamplingParams) -> None:
+        """What this engine's settings refuse in a request that SamplingParams allows."""
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.max_logprobs:
+                raise ValueError(f"{name}={value} is more than this engine's max_logprobs={self.max_logprobs}")
+        if self.tokenizer is None and params.stop:
+            raise ValueError(f"stop={params.stop!r}: stop strings are matched on text, and this engine has no "
+                             "tokenizer (skip_tokenizer_init); use stop_token_ids")
 
     def check_beam_search(self) -> None:
         """Beam search ranks beams by the model's log-probabilities: refused under another logprobs_mode."""

@@ -369,6 +369,8 @@ class Scheduler:
     def _swap_in(self, request: Request, step: _StepBuilder) -> bool:
         """Copy the saved blocks of the swapped-out head of the queue back and schedule it."""
         num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
+        if num_new < request.num_tokens - request.num_computed_tokens and not self.config.chunked_prefill:
+            return False  # without chunked prefill it waits for a step with room for all of it
         if self.kv.num_blocks_for(request.num_computed_tokens + num_new) > self.kv.num_free_blocks:
             return False
         slots = self.swap_space.release(request.request_id)
@@ -414,6 +416,8 @@ class Scheduler:
             skip_cache = wants_prompt_lp or pools_all or held
             computed = NO_COMPUTED_BLOCKS if skip_cache else self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - held - computed.num_tokens, step.budget)
+            if num_new < request.num_tokens - held - computed.num_tokens and not self.config.chunked_prefill:
+                return  # without chunked prefill a prompt goes whole, in a later step; nobody overtakes it
             allocation = self.kv.allocate_slots(request, num_new, computed)
             if allocation is None:
                 # First come first served: nobody overtakes the head of the queue. If nothing runs,
