@@ -15,10 +15,16 @@ from jaxllm.entrypoints.openai.tool_calls import (
     StreamedReply,
     ToolChoice,
     constraint,
+    parse_deepseek_v3,
+    parse_granite,
     parse_hermes,
+    parse_internlm,
+    parse_jamba,
     parse_llama3_json,
     parse_mistral,
+    parse_phi4_mini_json,
     parse_pythonic,
+    parse_qwen3_coder,
     parse_reply,
     resolve_tool_choice,
 )
@@ -164,6 +170,63 @@ def test_mistral_parser(text, content, calls):
     assert all(re.fullmatch(r"[A-Za-z0-9]{9}", c["id"]) for c in parsed.tool_calls)  # Mistral's id form
 
 
+@pytest.mark.parametrize("parse, text, content, calls", [
+    (parse_granite, '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "ping", '
+                    '"arguments": {}}]', None, [("get_weather", {"city": "Paris"}), ("ping", {})]),
+    (parse_granite, '<tool_call>[{"name": "ping", "arguments": {}}]', None, [("ping", {})]),  # Granite 3.1
+    (parse_granite, '[{"name": "ping", "arguments": {}}]', None, [("ping", {})]),
+    (parse_granite, "Sunny [mostly].", "Sunny [mostly].", []),
+    (parse_granite, '<|tool_call|>[{"name": "ping", "arguments": {', '<|tool_call|>[{"name": "ping", "arguments": {',
+     []),
+    (parse_jamba, 'Checking.<tool_calls>[{"name": "ping", "arguments": {"a": 1}}]</tool_calls>', "Checking.",
+     [("ping", {"a": 1})]),
+    (parse_jamba, '<tool_calls>[{"name": "ping", "arguments": {}}]', None, [("ping", {})]),  # left open at eos
+    (parse_jamba, "<tool_calls>nope</tool_calls>", "<tool_calls>nope</tool_calls>", []),
+    (parse_internlm, 'I will look.<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": '
+                     '"Paris"}}<|action_end|>', "I will look.", [("get_weather", {"city": "Paris"})]),
+    (parse_internlm, "<|action_start|><|plugin|>{oops}<|action_end|>", "<|action_start|><|plugin|>{oops}<|action_end|>",
+     []),
+    (parse_phi4_mini_json, 'functools[{"name": "ping", "arguments": {}}, {"name": "get_time", "arguments": '
+                           '{"zone": "UTC"}}]', None, [("ping", {}), ("get_time", {"zone": "UTC"})]),
+    (parse_phi4_mini_json, "Use functools[...] in Python.", "Use functools[...] in Python.", []),
+    (parse_deepseek_v3, "Let me check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+                        '```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>'
+                        "ping\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>", "Let me check.",
+     [("get_weather", {"city": "Paris"}), ("ping", {})]),
+    (parse_deepseek_v3, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{bad}\n```"
+                        "<｜tool▁call▁end｜>", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n"
+                        "```json\n{bad}\n```<｜tool▁call▁end｜>", []),
+])
+def test_more_vllm_parsers(parse, text, content, calls):
+    parsed = parse(text)
+    assert (parsed.content, _calls(parsed)) == (content, calls)
+
+
+QWEN3_TOOLS = ({"type": "function", "function": {"name": "book", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "nights": {"type": "integer"}, "budget": {"type": "number"},
+    "pets": {"type": "boolean"}, "extras": {"type": "array"}, "zip": {"type": "string"}}}}},)
+
+
+def test_qwen3_coder_parser_types_values_by_the_tools():
+    text = ("Booking.\n<tool_call>\n<function=book>\n<parameter=city>\nNew York\n</parameter>\n"
+            "<parameter=nights>\n3\n</parameter>\n<parameter=budget>\n120.5\n</parameter>\n<parameter=pets>\n"
+            "true\n</parameter>\n<parameter=extras>\n[\"breakfast\"]\n</parameter>\n<parameter=zip>\n01234\n"
+            "</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=ping>\n<parameter=n>\n7\n</parameter>\n"
+            "<parameter=note>\nhello\n</parameter>\n</function>\n</tool_call>")
+    parsed = parse_qwen3_coder(text, QWEN3_TOOLS)
+    assert parsed.content == "Booking."
+    assert _calls(parsed) == [("book", {"city": "New York", "nights": 3, "budget": 120.5, "pets": True,
+                                        "extras": ["breakfast"], "zip": "01234"}),
+                              ("ping", {"n": 7, "note": "hello"})]  # untyped: JSON when it parses
+    bad = parse_qwen3_coder("<tool_call><function=book><parameter=nights>many</parameter></function></tool_call>",
+                            QWEN3_TOOLS)
+    assert _calls(bad) == [("book", {"nights": "many"})]  # not an integer: kept as text
+    assert parse_qwen3_coder("No calls.", QWEN3_TOOLS).content == "No calls."
+    choice = resolve_tool_choice(list(QWEN3_TOOLS), None)
+    reply = parse_reply(text, choice, "qwen3_coder")
+    assert _calls(reply)[0][1]["nights"] == 3  # the request's tools reach the parser
+
+
 STREAM_CASES = {
     "hermes": ["Plain answer with < and <tool and <tool_cal but no call.",
                'Checking <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
@@ -175,7 +238,18 @@ STREAM_CASES = {
     "pythonic": ['[get_weather(city="Paris"), ping()]', " [f(x=1)", "Text [with] brackets.", "[1, 2]"],
     "mistral": ['Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', '[TOOL_CALLS][{"name": "ping", "arguments": {}}]',
                 "An [ordinary] reply [TOOL_CALL", "[TOOL_CALLS]not json"],
+    "granite": ['<|tool_call|>[{"name": "ping", "arguments": {}}]', ' [{"name": "ping", "arguments": {}}]',
+                "Text [with] brackets.", "<|tool_ca"],
+    "jamba": ['Checking <tool_calls>[{"name": "ping", "arguments": {}}]</tool_calls>', "a <tool_c", "no <b>calls</b>"],
+    "internlm": ['Look.<|action_start|><|plugin|>{"name": "ping", "parameters": {}}<|action_end|>', "x <|action_st"],
+    "phi4_mini_json": ['functools[{"name": "ping", "arguments": {}}]', "functools are nice", "func"],
+    "deepseek_v3": ["Hm.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>ping\n```json\n{}\n```"
+                    "<｜tool▁call▁end｜><｜tool▁calls▁end｜>", "plain <｜tool▁calls"],
+    "qwen3_coder": ["Ok.\n<tool_call>\n<function=ping>\n<parameter=n>\n7\n</parameter>\n</function>\n</tool_call>",
+                    "a <tool_cal"],
 }
+STREAM_CASES["llama4_json"] = STREAM_CASES["llama3_json"]
+STREAM_CASES["llama4_pythonic"] = STREAM_CASES["pythonic"]
 
 
 @pytest.mark.parametrize("parser, text", [(p, t) for p, texts in STREAM_CASES.items() for t in texts])

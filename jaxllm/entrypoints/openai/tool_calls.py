@@ -14,8 +14,13 @@
   with ``--enable-auto-tool-choice --tool-call-parser NAME``, as in vLLM. Parsers (vLLM's names):
   ``hermes`` (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``: Hermes, Qwen2.5/3 and
   other models trained on that format), ``llama3_json`` (Llama 3.1/3.2: the reply is
-  ``{"name": ..., "parameters": {...}}``, several joined by ``;``), ``pythonic`` (Llama 3.2/4 and
-  others: ``[get_weather(city="Paris")]``).
+  ``{"name": ..., "parameters": {...}}``, several joined by ``;``; also ``llama4_json``),
+  ``pythonic`` (Llama 3.2/4 and others: ``[get_weather(city="Paris")]``; also
+  ``llama4_pythonic``), ``mistral`` (``[TOOL_CALLS]``), ``granite`` (Granite 3.x:
+  ``<|tool_call|>[{...}]``), ``jamba`` (``<tool_calls>[...]</tool_calls>``), ``internlm``
+  (``<|action_start|><|plugin|>{...}<|action_end|>``), ``phi4_mini_json`` (``functools[...]``),
+  ``deepseek_v3`` (DeepSeek-V3 / R1's ``<｜tool▁calls▁begin｜>`` blocks) and ``qwen3_coder``
+  (Qwen3-Coder's ``<function=NAME><parameter=KEY>value</parameter>``, typed by the tools' schemas).
 
 Named and required calls need no parser: the constraint makes the reply parseable.
 """
@@ -33,13 +38,14 @@ from typing import Any
 
 from jaxllm.structured.params import StructuredOutputsParams
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
-
 
 @dataclass(frozen=True)
 class ToolChoice:
     mode: str  # "none", "auto", "required" or "named"
     name: str | None = None  # the function of "named"
+    # The request's tools: parsers whose calls carry untyped text (qwen3_coder) read each
+    # parameter's type from them.
+    tools: tuple = field(default=(), compare=False)
 
 
 def tool_call_id() -> str:
@@ -52,13 +58,13 @@ def resolve_tool_choice(tools: list[dict[str, Any]] | None, tool_choice: str | d
     if len(set(names)) != len(names):
         raise ValueError(f"tools have duplicate function names: {sorted({n for n in names if names.count(n) > 1})}")
     if tool_choice is None:
-        return ToolChoice("auto" if tools else "none")
+        return ToolChoice("auto" if tools else "none", tools=tuple(tools or ()))
     if isinstance(tool_choice, str):
         if tool_choice not in ("none", "auto", "required"):
             raise ValueError(f"tool_choice={tool_choice!r} must be 'none', 'auto', 'required' or a named function")
         if tool_choice != "none" and not tools:
             raise ValueError(f"tool_choice={tool_choice!r} needs tools")
-        return ToolChoice(tool_choice)
+        return ToolChoice(tool_choice, tools=tuple(tools or ()))
     function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
     if tool_choice.get("type") != "function" or not isinstance(function, dict) or not isinstance(
             function.get("name"), str):
@@ -126,7 +132,7 @@ def parse_reply(text: str, choice: ToolChoice, parser: str | None) -> ParsedRepl
             return ParsedReply(text)
         return ParsedReply(None, [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls])
     if choice.mode == "auto" and parser is not None:
-        return TOOL_CALL_PARSER_TABLE[parser].parse(text)
+        return TOOL_CALL_PARSER_TABLE[parser].parse_with(text, choice.tools)
     return ParsedReply(text)
 
 
@@ -259,16 +265,163 @@ def parse_mistral(text: str) -> ParsedReply:
     return ParsedReply(text[:start].strip() or None, calls)
 
 
+def parse_granite(text: str) -> ParsedReply:
+    """IBM Granite 3.x tool calls (vLLM's ``granite``): the whole reply, after an optional
+    ``<|tool_call|>`` (3.0) or ``<tool_call>`` (3.1), is a JSON list of ``{"name": ...,
+    "arguments": {...}}``. Anything else is content."""
+    body = text.strip()
+    for marker in (_GRANITE_CALL, _HERMES_OPEN):
+        body = body.removeprefix(marker).strip()
+    if not body.startswith("["):
+        return ParsedReply(text)
+    try:
+        items = json.loads(body)
+    except json.JSONDecodeError:
+        return ParsedReply(text)
+    calls = _named_calls(items, ("arguments",)) if isinstance(items, list) and items else None
+    return ParsedReply(text) if calls is None else ParsedReply(None, calls)
+
+
+def parse_jamba(text: str) -> ParsedReply:
+    """AI21 Jamba tool calls (vLLM's ``jamba``): ``<tool_calls>[{"name": ..., "arguments": {...}},
+    ...]</tool_calls>`` (the end tag may be missing at the end); the text before is content."""
+    start = text.find(_JAMBA_OPEN)
+    if start < 0:
+        return ParsedReply(text)
+    body = text[start + len(_JAMBA_OPEN):].split(_JAMBA_CLOSE)[0]
+    try:
+        items = json.loads(body)
+    except json.JSONDecodeError:
+        return ParsedReply(text)
+    calls = _named_calls(items, ("arguments",)) if isinstance(items, list) and items else None
+    return ParsedReply(text) if calls is None else ParsedReply(text[:start].strip() or None, calls)
+
+
+def parse_internlm(text: str) -> ParsedReply:
+    """InternLM2 / 2.5 tool calls (vLLM's ``internlm``): ``<|action_start|><|plugin|>`` then one
+    ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``) and ``<|action_end|>``; the text
+    before is content."""
+    start = text.find(_INTERNLM_OPEN)
+    if start < 0:
+        return ParsedReply(text)
+    body = text[start + len(_INTERNLM_OPEN):].split(_INTERNLM_CLOSE)[0]
+    try:
+        item = json.loads(body)
+    except json.JSONDecodeError:
+        return ParsedReply(text)
+    calls = _named_calls([item], ("parameters", "arguments"))
+    return ParsedReply(text) if calls is None else ParsedReply(text[:start].strip() or None, calls)
+
+
+def parse_phi4_mini_json(text: str) -> ParsedReply:
+    """Phi-4-mini tool calls (vLLM's ``phi4_mini_json``): the whole reply is ``functools[...]``, a
+    JSON list of ``{"name": ..., "arguments": {...}}``. Anything else is content."""
+    body = text.strip()
+    if not body.startswith(_PHI4_CALLS):
+        return ParsedReply(text)
+    try:
+        items = json.loads(body[len(_PHI4_CALLS) - 1:])
+    except json.JSONDecodeError:
+        return ParsedReply(text)
+    calls = _named_calls(items, ("arguments", "parameters")) if isinstance(items, list) and items else None
+    return ParsedReply(text) if calls is None else ParsedReply(None, calls)
+
+
+_DEEPSEEK_CALL = re.compile(r"<｜tool▁call▁begin｜>(?P<type>.*?)<｜tool▁sep｜>(?P<name>.*?)\n```(?:json)?\n"
+                            r"(?P<arguments>.*?)\n```\s*<｜tool▁call▁end｜>", re.DOTALL)
+
+
+def parse_deepseek_v3(text: str) -> ParsedReply:
+    """DeepSeek-V3 / R1 tool calls (vLLM's ``deepseek_v3``): after ``<｜tool▁calls▁begin｜>``, each
+    ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`` then the arguments in a ```json block and
+    ``<｜tool▁call▁end｜>``; the text before is content."""
+    start = text.find(_DEEPSEEK_OPEN)
+    if start < 0:
+        return ParsedReply(text)
+    calls = []
+    for match in _DEEPSEEK_CALL.finditer(text, start):
+        try:
+            arguments = json.loads(match["arguments"])
+        except json.JSONDecodeError:
+            return ParsedReply(text)
+        calls.append(_call(match["name"].strip(), json.dumps(arguments, ensure_ascii=False)))
+    return ParsedReply(text[:start].strip() or None, calls) if calls else ParsedReply(text)
+
+
+_QWEN3_FUNCTION = re.compile(r"<function=(?P<name>[^>\n]+)>(?P<body>.*?)(?:</function>|$)", re.DOTALL)
+_QWEN3_PARAMETER = re.compile(r"<parameter=(?P<name>[^>\n]+)>(?P<value>.*?)(?:</parameter>|(?=<parameter=)|$)",
+                              re.DOTALL)
+
+
+def parse_qwen3_coder(text: str, tools: tuple = ()) -> ParsedReply:
+    """Qwen3-Coder tool calls (vLLM's ``qwen3_coder``): ``<tool_call><function=NAME>`` with one
+    ``<parameter=KEY>value</parameter>`` per argument, then ``</function></tool_call>``; the text
+    before the first is content. Values are text: each becomes its parameter's JSON type in the
+    request's tools (string: as is; integer, number, boolean, object, array: parsed), a value that
+    does not parse as its type stays a string, and an untyped one is JSON if it parses."""
+    start = text.find(_HERMES_OPEN)
+    if start < 0:
+        return ParsedReply(text)
+    types = {tool["function"]["name"]: (tool["function"].get("parameters") or {}).get("properties") or {}
+             for tool in tools}
+    calls = []
+    for function in _QWEN3_FUNCTION.finditer(text, start):
+        name = function["name"].strip()
+        properties = types.get(name, {})
+        arguments = {p["name"].strip(): _typed(_strip_newline(p["value"]), properties.get(p["name"].strip()))
+                     for p in _QWEN3_PARAMETER.finditer(function["body"])}
+        calls.append(_call(name, json.dumps(arguments, ensure_ascii=False)))
+    return ParsedReply(text[:start].strip() or None, calls) if calls else ParsedReply(text)
+
+
+def _strip_newline(value: str) -> str:
+    """A parameter's text without the one newline after its tag and the one before the end tag."""
+    value = value[1:] if value.startswith("\n") else value
+    return value[:-1] if value.endswith("\n") else value
+
+
+def _typed(value: str, schema: dict | None) -> Any:
+    kind = (schema or {}).get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    if "string" in kinds:
+        return value
+    try:
+        if "integer" in kinds:
+            return int(value)
+        if "number" in kinds:
+            number = float(value)
+            return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+        if "boolean" in kinds:
+            lowered = value.strip().lower()
+            if lowered in ("true", "false"):
+                return lowered == "true"
+            return value
+        return json.loads(value)  # object, array, null or no type: JSON when it is
+    except ValueError:
+        return value
+
+
+_GRANITE_CALL = "<|tool_call|>"
+_JAMBA_OPEN, _JAMBA_CLOSE = "<tool_calls>", "</tool_calls>"
+_INTERNLM_OPEN, _INTERNLM_CLOSE = "<|action_start|><|plugin|>", "<|action_end|>"
+_PHI4_CALLS = "functools["
+_DEEPSEEK_OPEN = "<｜tool▁calls▁begin｜>"
+
+
 @dataclass(frozen=True)
 class ToolCallParser:
     """How ``"auto"`` replies carry tool calls: ``markers`` open the calls; ``anchored``: only at the
     start of the reply (after whitespace), else anywhere (the text before is content)."""
 
-    parse: Any  # text -> ParsedReply
+    parse: Any  # text -> ParsedReply (text, tools -> ParsedReply with ``needs_tools``)
     markers: tuple[str, ...]
     anchored: bool = False
     # The markers are special tokens the reply's text must keep (skip_special_tokens=False).
     keeps_special_tokens: bool = False
+    needs_tools: bool = False  # the parser reads parameter types from the request's tools
+
+    def parse_with(self, text: str, tools: tuple = ()) -> ParsedReply:
+        return self.parse(text, tools) if self.needs_tools else self.parse(text)
 
     def calls_start(self, text: str, sent: int) -> int | None:
         """Where the calls begin in ``text`` at or after ``sent`` (None: not seen yet)."""
@@ -289,9 +442,19 @@ class ToolCallParser:
 TOOL_CALL_PARSER_TABLE = {
     "hermes": ToolCallParser(parse_hermes, (_HERMES_OPEN,)),
     "llama3_json": ToolCallParser(parse_llama3_json, (_PYTHON_TAG, "{"), anchored=True),
+    "llama4_json": ToolCallParser(parse_llama3_json, (_PYTHON_TAG, "{"), anchored=True),
     "mistral": ToolCallParser(parse_mistral, (_MISTRAL_CALLS,), keeps_special_tokens=True),
     "pythonic": ToolCallParser(parse_pythonic, (_PYTHON_TAG, "["), anchored=True),
+    "llama4_pythonic": ToolCallParser(parse_pythonic, (_PYTHON_TAG, "["), anchored=True),
+    "granite": ToolCallParser(parse_granite, (_GRANITE_CALL, _HERMES_OPEN, "["), anchored=True,
+                              keeps_special_tokens=True),
+    "jamba": ToolCallParser(parse_jamba, (_JAMBA_OPEN,), keeps_special_tokens=True),
+    "internlm": ToolCallParser(parse_internlm, (_INTERNLM_OPEN,), keeps_special_tokens=True),
+    "phi4_mini_json": ToolCallParser(parse_phi4_mini_json, (_PHI4_CALLS,), anchored=True),
+    "deepseek_v3": ToolCallParser(parse_deepseek_v3, (_DEEPSEEK_OPEN,), keeps_special_tokens=True),
+    "qwen3_coder": ToolCallParser(parse_qwen3_coder, (_HERMES_OPEN,), needs_tools=True),
 }
+TOOL_CALL_PARSERS = tuple(TOOL_CALL_PARSER_TABLE)
 
 
 class StreamedReply:
@@ -347,7 +510,7 @@ class StreamedReply:
             parsed = parse_reply(self.text, self.choice, self.parser)
             return (parsed.content or ""), parsed.tool_calls
         rest = self.text[self._sent:]
-        parsed = self._parser.parse(rest) if self._calling else ParsedReply(rest)
+        parsed = self._parser.parse_with(rest, self.choice.tools) if self._calling else ParsedReply(rest)
         if not parsed.tool_calls:
             return rest, []
         return (parsed.content or ""), parsed.tool_calls
