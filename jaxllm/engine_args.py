@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -119,6 +120,10 @@ class EngineArgs:
     revision: str | None = None  # a cached Hub repo's branch, tag or commit
     tokenizer_revision: str | None = None  # the same, for ``tokenizer``
     tokenizer_mode: str = "auto"  # "auto" (or vLLM's "hf"): the checkpoint's Hugging Face tokenizer
+    # vLLM's: no periodic stats line (throughput, requests, KV use) while there is work. LLM sets it
+    # True unless given, as vLLM's LLM does; the server logs every JAXLLM_LOG_STATS_INTERVAL (or
+    # VLLM_LOG_STATS_INTERVAL) seconds, 10 by default.
+    disable_log_stats: bool = False
 
     def sampling_defaults(self) -> dict:
         """SamplingParams fields that requests without their own take from the generation config."""
@@ -269,6 +274,24 @@ def _json_object(text: str) -> dict:
     return value
 
 
+LOG_STATS_INTERVAL = ("JAXLLM_LOG_STATS_INTERVAL", "VLLM_LOG_STATS_INTERVAL")
+
+
+def log_stats_interval() -> float:
+    """Seconds between stats lines: the environment's (jaxllm's variable first, then vLLM's), else 10."""
+    for name in LOG_STATS_INTERVAL:
+        value = os.environ.get(name)
+        if value:
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise ValueError(f"{name}={value!r} must be a number of seconds") from None
+            if seconds < 0:
+                raise ValueError(f"{name}={value!r} must be >= 0")
+            return seconds
+    return 10.0
+
+
 def _load_tokenizer(name_or_path: str, revision: str | None = None):
     """The tokenizer of a local directory or cached Hub repo (``tokenizer=``)."""
     from converters import resolve_model
@@ -368,4 +391,5 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
                      pooler_config=args.pooler(), lora_config=lora, classifier=classifier,
                      logits_processors=processors,
                      prompt_embeds_dim=runner.embeds_dim if args.enable_prompt_embeds else None,
-                     logprobs_mode=args.logprobs_mode, max_logprobs=args.max_logprobs)
+                     logprobs_mode=args.logprobs_mode, max_logprobs=args.max_logprobs,
+                     log_stats_interval=None if args.disable_log_stats else log_stats_interval())

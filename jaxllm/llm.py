@@ -58,6 +58,7 @@ class LLM:
     """
 
     def __init__(self, model: str | Model | None = None, **kwargs: Any):
+        kwargs.setdefault("disable_log_stats", True)  # as vLLM's LLM: no periodic stats line offline
         if isinstance(model, Model):  # already loaded in a notebook: reuse its weights
             loaded, asked = model.params["embed"].dtype, kwargs.get("dtype", "auto")
             if asked != "auto" and _dtype_name(asked) != loaded.name:

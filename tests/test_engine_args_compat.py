@@ -5,6 +5,7 @@ by name (quantization, tokenizer_mode)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -131,3 +132,22 @@ def test_revision_picks_a_cached_snapshot(model, tmp_path):
     assert resolve_model("org/tiny", hf_cache_dir=hub, revision="b" * 40).name == "b" * 40
     with pytest.raises(FileNotFoundError, match="'org/tiny' at revision 'v3' is not a local directory"):
         resolve_model("org/tiny", hf_cache_dir=hub, revision="v3")
+
+
+def test_periodic_stats_line(model, monkeypatch, caplog):
+    monkeypatch.setenv("JAXLLM_LOG_STATS_INTERVAL", "0")
+    quiet = LLM(str(model), **LIMITS, warmup=False)  # LLM's default, as vLLM's: disable_log_stats=True
+    with caplog.at_level("INFO", logger="jaxllm"):
+        quiet.generate("hi", GREEDY, use_tqdm=False)
+    assert "Avg prompt throughput" not in caplog.text
+    llm = LLM(str(model), **LIMITS, warmup=False, disable_log_stats=False)
+    with caplog.at_level("INFO", logger="jaxllm"):
+        llm.generate(["hi", "there"], GREEDY, use_tqdm=False)
+    lines = [r.getMessage() for r in caplog.records if "Avg prompt throughput" in r.getMessage()]
+    assert lines and all(re.fullmatch(r"Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: [\d.]+ "
+                                      r"tokens/s, Running: \d+ reqs, Waiting: \d+ reqs, KV cache usage: [\d.]+%, "
+                                      r"Prefix cache hit rate: [\d.]+%", line) for line in lines)
+    assert "Running: 2 reqs" in lines[0]
+    monkeypatch.setenv("JAXLLM_LOG_STATS_INTERVAL", "soon")
+    with pytest.raises(ValueError, match="JAXLLM_LOG_STATS_INTERVAL='soon' must be a number of seconds"):
+        LLM(str(model), **LIMITS, warmup=False, disable_log_stats=False)

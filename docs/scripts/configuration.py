@@ -132,6 +132,10 @@ ENGINE_HELP = {
     "tokenizer_revision": "`revision` for the repo named by `tokenizer`.",
     "tokenizer_mode": "`auto` (or vLLM's `hf`): the checkpoint's Hugging Face tokenizer; `slow`, `mistral` and "
                       "`custom` are refused.",
+    "disable_log_stats": "No periodic stats line. Otherwise, while there is work, the engine logs prompt and "
+                         "generation throughput, running and waiting requests, KV cache usage and the prefix-cache "
+                         "hit rate every `JAXLLM_LOG_STATS_INTERVAL` (or vLLM's `VLLM_LOG_STATS_INTERVAL`) seconds, "
+                         "10 by default. `LLM` sets it True unless given (as vLLM's); `jaxllm serve` logs.",
     "logits_processors": "Custom logits processors compiled into every step: `jaxllm.LogitsProcessor` subclasses, or "
                          "their names as `package.module:Class` (on the command line, several names after "
                          "`--logits-processors`). Requests pass their arguments in `SamplingParams.extra_args` "

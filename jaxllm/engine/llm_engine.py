@@ -154,6 +154,8 @@ class LLMEngine:
         logprobs_mode: what the runner's logprobs are (vLLM's; see jaxllm.runner.logprobs); beam
             search needs "raw_logprobs".
         max_logprobs: the most logprobs / prompt_logprobs a request may ask for (vLLM's).
+        log_stats_interval: log throughput and the pool's use every this many seconds while
+            there is work (vLLM's stats log); None: never (``disable_log_stats``).
     """
 
     def __init__(
@@ -175,8 +177,11 @@ class LLMEngine:
         prompt_embeds_dim: int | None = None,
         logprobs_mode: str = "raw_logprobs",
         max_logprobs: int = 20,
+        log_stats_interval: float | None = None,
     ):
         self.tokenizer = tokenizer
+        self.log_stats_interval = log_stats_interval
+        self._last_stats_log: tuple[float, int, int] | None = None  # (time, prompt tokens, generated tokens)
         self.max_logprobs = max_logprobs
         self.logprobs_mode = logprobs_mode
         self.prompt_embeds_dim = prompt_embeds_dim
@@ -413,6 +418,8 @@ class LLMEngine:
         in_flight, self._in_flight = self._in_flight, None
         if not self.scheduler.has_unfinished_requests():
             return []  # a step still in flight computed only for requests aborted since
+        if self.log_stats_interval is not None:
+            self._log_stats()
         scheduled = self.scheduler.schedule()
         if not self.async_scheduling:
             updates = self.scheduler.update(scheduled, self.runner.execute(scheduled))
@@ -428,6 +435,24 @@ class LLMEngine:
         else:
             self._in_flight = (scheduled, handle)
         return _merged(outputs)
+
+    def _log_stats(self) -> None:
+        """vLLM's periodic line: prompt and generation throughput since the last one, requests
+        running and waiting, the KV pool's use and the prefix cache's hit rate."""
+        now = time.monotonic()
+        if self._last_stats_log is None:
+            self._last_stats_log = (now, self._num_prompt_tokens, self._num_generated_tokens)
+            return
+        then, prompt, generated = self._last_stats_log
+        if now - then < self.log_stats_interval:
+            return
+        stats, elapsed = self.stats, max(now - then, 1e-9)
+        self._last_stats_log = (now, stats.num_prompt_tokens, stats.num_generated_tokens)
+        logger.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
+                    "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+                    (stats.num_prompt_tokens - prompt) / elapsed, (stats.num_generated_tokens - generated) / elapsed,
+                    stats.num_running, stats.num_waiting, 100 * stats.kv_blocks_used / max(stats.kv_blocks_total, 1),
+                    100 * stats.prefix_cache_hit_rate)
 
     def _resolve(self, scheduled: SchedulerOutput, handle) -> list[tuple[bool, RequestOutput]]:
         return self._outputs(self.scheduler.resolve(scheduled, self.runner.fetch(handle)))
