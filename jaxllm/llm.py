@@ -86,6 +86,14 @@ class LLM:
         (benchmarks; vLLM's name). False, with a warning, while requests hold blocks."""
         return self.llm_engine.reset_prefix_cache()
 
+    def get_metrics(self) -> list:
+        """vLLM's: the engine's counters and gauges now (``jaxllm.metrics_reader``: Counter, Gauge,
+        Vector), named as the server's ``/metrics`` names them (``jaxllm:`` prefix). The latency
+        histograms are the server's."""
+        from jaxllm.metrics_reader import read_metrics
+
+        return read_metrics(self.llm_engine.stats, self.engine_args.model or "SmolLM2-135M-Instruct")
+
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 

@@ -151,3 +151,36 @@ def test_periodic_stats_line(model, monkeypatch, caplog):
     monkeypatch.setenv("JAXLLM_LOG_STATS_INTERVAL", "soon")
     with pytest.raises(ValueError, match="JAXLLM_LOG_STATS_INTERVAL='soon' must be a number of seconds"):
         LLM(str(model), **LIMITS, warmup=False, disable_log_stats=False)
+
+
+def test_get_metrics(model, prompts):
+    from jaxllm.metrics_reader import Counter, Gauge, Vector
+
+    llm = LLM(str(model), **LIMITS, warmup=False, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    metrics = {m.name: m for m in llm.get_metrics()}
+    assert isinstance(metrics["jaxllm:prompt_tokens"], Counter)
+    assert metrics["jaxllm:prompt_tokens"].value == sum(len(p) for p in prompts)
+    assert metrics["jaxllm:generation_tokens"].value == sum(len(o.outputs[0].token_ids) for o in outs) == 12
+    assert isinstance(metrics["jaxllm:num_requests_running"], Gauge) and metrics["jaxllm:num_requests_running"].value == 0
+    assert metrics["jaxllm:num_requests_running"].labels == {"model_name": str(model)}
+    per_position = metrics["jaxllm:spec_decode_num_accepted_tokens_per_pos"]
+    assert isinstance(per_position, Vector) and len(per_position.values) in (0, 2)  # one per proposal position
+    assert sum(per_position.values) == metrics["jaxllm:spec_decode_num_accepted_tokens"].value
+
+
+def test_read_metrics_gives_a_vector_per_position():
+    import dataclasses
+
+    from jaxllm.engine.llm_engine import EngineStats
+    from jaxllm.engine.scheduler import SpecDecodeStats
+    from jaxllm.metrics_reader import Vector, read_metrics
+
+    stats = EngineStats(1, 2, 3, 10, 40, 20, 0.5, 1, 9, 7, 40, 12,
+                        spec_decode=SpecDecodeStats(3, 6, 4, [3, 1]))
+    metrics = {m.name: m for m in read_metrics(stats, "m")}
+    assert metrics["jaxllm:spec_decode_num_accepted_tokens_per_pos"] == Vector(
+        "jaxllm:spec_decode_num_accepted_tokens_per_pos", {"model_name": "m"}, [3, 1])
+    assert (metrics["jaxllm:num_requests_waiting"].value, metrics["jaxllm:kv_cache_usage_perc"].value) == (2, 0.3)
+    assert metrics["jaxllm:prefix_cache_hits"].value == 20
+    assert "jaxllm:lora_requests_info" not in metrics and dataclasses.is_dataclass(metrics["jaxllm:prompt_tokens"])

@@ -22,7 +22,7 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
                     20.0, 40.0, 80.0)
 
 
-class _StatsCollector(Collector):
+class StatsCollector(Collector):
     def __init__(self, model_name: str, stats: Callable[[], EngineStats]):
         self.model_name = model_name
         self.stats = stats
@@ -78,7 +78,7 @@ class ServerMetrics:
 
     def __init__(self, model_name: str, stats: Callable[[], EngineStats]):
         self.registry = CollectorRegistry()
-        self.registry.register(_StatsCollector(model_name, stats))
+        self.registry.register(StatsCollector(model_name, stats))
         labels = {"labelnames": ["model_name"], "registry": self.registry, "buckets": _LATENCY_BUCKETS}
         # Children bound to the label now, so the series are exported (empty) before any request.
         self.ttft = Histogram("jaxllm:time_to_first_token_seconds", "Time to first token.", **labels).labels(model_name)
