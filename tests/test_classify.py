@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from server_client import assert_error, client_for
 from tiny_models import make_tiny_checkpoint, make_tiny_tokenizer
 
 from jaxllm import LLM, PoolingParams, SamplingParams
@@ -187,24 +188,9 @@ def test_classifiers_refuse_generation_and_embedding(llm3, three_labels):
 # -- the server's /classify, /score and /rerank, in process ------------------------------------
 
 def _client(path):
-    from fastapi.testclient import TestClient
+    llm = LLM(str(path), **LIMITS, warmup=False, compilation_cache_dir=None)
+    return client_for(llm.llm_engine, LIMITS["max_model_len"], LIMITS["max_num_seqs"])
 
-    from jaxllm.engine.async_engine import AsyncLLMEngine
-    from jaxllm.entrypoints.openai.api_server import build_app
-    from jaxllm.entrypoints.openai.metrics import ServerMetrics
-    from jaxllm.entrypoints.openai.serving_engine import ServedModel
-
-    engine = AsyncLLMEngine(LLM(str(path), **LIMITS, warmup=False, compilation_cache_dir=None).llm_engine)
-    served = ServedModel("m", str(path), LIMITS["max_model_len"], LIMITS["max_num_seqs"])
-    return TestClient(build_app(engine, served, ServerMetrics("m", lambda: engine.stats)))
-
-
-def _error(response, status: int, match: str, param: str | None = None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert match in error["message"] and error["code"] == status
-    if param is not None:
-        assert error["param"] == param
 
 
 @pytest.fixture(scope="module")
@@ -243,13 +229,13 @@ def test_classify_route(classifier_client, llm3):
                                           "chat_template": template}).json()["data"][0]["probs"]
     plain = client.post("/classify", json={"input": f"user: {TEXTS[0]}\n"}).json()["data"][0]["probs"]
     np.testing.assert_allclose(chat, plain, atol=1e-6)
-    _error(client.post("/score", json={"text_1": "a", "text_2": "b"}), 400, "a classifier of 3 labels, not a cross-encoder")
-    _error(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}), 400, "is a sequence classifier")
-    _error(client.post("/v1/embeddings", json={"input": "a"}), 400, "task='embed' is not supported")
-    _error(client.post("/classify", json={"input": "a", "activation": True, "use_activation": False}), 400,
+    assert_error(client.post("/score", json={"text_1": "a", "text_2": "b"}), 400, "a classifier of 3 labels, not a cross-encoder")
+    assert_error(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}), 400, "is a sequence classifier")
+    assert_error(client.post("/v1/embeddings", json={"input": "a"}), 400, "task='embed' is not supported")
+    assert_error(client.post("/classify", json={"input": "a", "activation": True, "use_activation": False}), 400,
            "disagree", "activation")
-    _error(client.post("/classify", json={"input": []}), 400, "input must not be empty", "input")
-    _error(client.post("/classify", json={"model": "other", "input": "a"}), 404, "other")
+    assert_error(client.post("/classify", json={"input": []}), 400, "input must not be empty", "input")
+    assert_error(client.post("/classify", json={"model": "other", "input": "a"}), 404, "other")
 
 
 def test_score_and_rerank_routes(cross_encoder_client, cross_encoder):
@@ -275,11 +261,11 @@ def test_score_and_rerank_routes(cross_encoder_client, cross_encoder):
         assert body["usage"]["total_tokens"] > 0
     everything = client.post("/rerank", json={"query": TEXTS[0], "documents": DOCS}).json()["results"]
     assert [r["index"] for r in everything] == order
-    _error(client.post("/score", json={"text_1": TEXTS[:2], "text_2": DOCS[:3]}), 400, "data_1 has 2 texts", "text_1")
-    _error(client.post("/rerank", json={"query": "q", "documents": []}), 400, "documents must hold non-empty texts",
+    assert_error(client.post("/score", json={"text_1": TEXTS[:2], "text_2": DOCS[:3]}), 400, "data_1 has 2 texts", "text_1")
+    assert_error(client.post("/rerank", json={"query": "q", "documents": []}), 400, "documents must hold non-empty texts",
            "documents")
-    _error(client.post("/rerank", json={"query": "q", "documents": ["d"], "top_n": -1}), 400, "top_n=-1", "top_n")
-    _error(client.post("/rerank", json={"query": "q", "documents": ["d"], "truncate_prompt_tokens": 0}), 400,
+    assert_error(client.post("/rerank", json={"query": "q", "documents": ["d"], "top_n": -1}), 400, "top_n=-1", "top_n")
+    assert_error(client.post("/rerank", json={"query": "q", "documents": ["d"], "truncate_prompt_tokens": 0}), 400,
            "truncate_prompt_tokens=0", "truncate_prompt_tokens")
 
 
@@ -301,4 +287,4 @@ def test_update_weights_replaces_a_classifiers_head_too(tmp_path, three_labels):
 def test_too_long_pairs_are_a_400_naming_the_fields(cross_encoder_client):
     long = "word " * 200  # over max_model_len=128 tokens together with the query
     response = cross_encoder_client.post("/rerank", json={"query": "q", "documents": ["short", long]})
-    _error(response, 400, "an input (query/documents) has", "query/documents")
+    assert_error(response, 400, "an input (query/documents) has", "query/documents")

@@ -145,13 +145,9 @@ def test_bad_arguments_are_refused_before_the_queue(llm, model):
 def test_the_server_passes_vllm_xargs(llm, plain):
     import argparse
 
-    from fastapi.testclient import TestClient
+    from server_client import client_for
 
-    from jaxllm.engine.async_engine import AsyncLLMEngine
     from jaxllm.engine_args import EngineArgs
-    from jaxllm.entrypoints.openai.api_server import build_app
-    from jaxllm.entrypoints.openai.metrics import ServerMetrics
-    from jaxllm.entrypoints.openai.serving_engine import ServedModel
 
     parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
     args = EngineArgs.from_cli_args(parser.parse_args(["--logits-processors", "test_logits_processors:OnlyToken",
@@ -160,10 +156,8 @@ def test_the_server_passes_vllm_xargs(llm, plain):
 
     want = llm.generate(PROMPTS[0], SamplingParams(**dict(GREEDY, max_tokens=4)), use_tqdm=False)[0].outputs[0]
     assert want.token_ids == plain[0][:4]
-    engine = AsyncLLMEngine(llm.llm_engine)  # from here on the engine is the server's
-    served = ServedModel("m", "m", LIMITS["max_model_len"], LIMITS["max_num_seqs"])
     tok = make_tiny_tokenizer()
-    with TestClient(build_app(engine, served, ServerMetrics("m", lambda: engine.stats))) as client:
+    with client_for(llm.llm_engine, LIMITS["max_model_len"], LIMITS["max_num_seqs"]) as client:  # the server's now
         body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
         hit = client.post("/v1/completions", json={**body, "vllm_xargs": {"target_token": 7}}).json()
         assert hit["choices"][0]["text"] == tok.decode([7] * 4)

@@ -143,12 +143,7 @@ def test_bad_embeddings_and_settings_are_refused(llm, model):
 
 def test_completions_take_prompt_embeds(llm, model):
     import torch
-    from fastapi.testclient import TestClient
-
-    from jaxllm.engine.async_engine import AsyncLLMEngine
-    from jaxllm.entrypoints.openai.api_server import build_app
-    from jaxllm.entrypoints.openai.metrics import ServerMetrics
-    from jaxllm.entrypoints.openai.serving_engine import ServedModel
+    from server_client import client_for
 
     hf, tok = _hf(model), llm.get_tokenizer()
     ids = tok.encode(TEXTS[1])
@@ -159,9 +154,7 @@ def test_completions_take_prompt_embeds(llm, model):
     torch.save(rows, saved)
     npy = io.BytesIO()
     np.save(npy, rows.numpy())
-    engine = AsyncLLMEngine(llm.llm_engine)  # from here on the engine is the server's
-    served = ServedModel("m", "m", LIMITS["max_model_len"], LIMITS["max_num_seqs"])
-    with TestClient(build_app(engine, served, ServerMetrics("m", lambda: engine.stats))) as client:
+    with client_for(llm.llm_engine, LIMITS["max_model_len"], LIMITS["max_num_seqs"]) as client:  # the server's now
         body = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
         both = client.post("/v1/completions", json={**body, "prompt": TEXTS[1], "prompt_embeds": [
             base64.b64encode(saved.getvalue()).decode(), base64.b64encode(npy.getvalue()).decode()]}).json()

@@ -9,6 +9,7 @@ import base64
 
 import numpy as np
 import pytest
+from server_client import assert_error, client_for
 from tiny_models import make_tiny_checkpoint, make_tiny_tokenizer
 
 from jaxllm import LLM, PoolingParams, SamplingParams
@@ -216,24 +217,9 @@ def test_tasks_a_model_does_not_serve_are_refused(llm_tokens, token_classifier, 
 # -- the server's POST /pooling, in process ------------------------------------------------------
 
 def _client(path):
-    from fastapi.testclient import TestClient
+    llm = LLM(str(path), **LIMITS, warmup=False, compilation_cache_dir=None)
+    return client_for(llm.llm_engine, LIMITS["max_model_len"], LIMITS["max_num_seqs"])
 
-    from jaxllm.engine.async_engine import AsyncLLMEngine
-    from jaxllm.entrypoints.openai.api_server import build_app
-    from jaxllm.entrypoints.openai.metrics import ServerMetrics
-    from jaxllm.entrypoints.openai.serving_engine import ServedModel
-
-    engine = AsyncLLMEngine(LLM(str(path), **LIMITS, warmup=False, compilation_cache_dir=None).llm_engine)
-    served = ServedModel("m", str(path), LIMITS["max_model_len"], LIMITS["max_num_seqs"])
-    return TestClient(build_app(engine, served, ServerMetrics("m", lambda: engine.stats)))
-
-
-def _error(response, status: int, match: str, param: str | None = None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert match in error["message"] and error["code"] == status
-    if param is not None:
-        assert error["param"] == param
 
 
 def test_pooling_route_on_a_token_classifier(llm_tokens, token_classifier):
@@ -253,13 +239,13 @@ def test_pooling_route_on_a_token_classifier(llm_tokens, token_classifier):
         np.testing.assert_allclose(values, want[0].reshape(-1), atol=1e-6)
         logits = client.post("/pooling", json={"input": TEXTS[0], "use_activation": False}).json()["data"][0]["data"]
         np.testing.assert_allclose(_softmax(np.asarray(logits)), want[0], atol=1e-5)
-        _error(client.post("/pooling", json={"input": "a", "task": "classify"}), 400,
+        assert_error(client.post("/pooling", json={"input": "a", "task": "classify"}), 400,
                "task='classify' is not supported by this model, which serves ['token_classify']", "task")
-        _error(client.post("/pooling", json={"input": "a", "task": "reward"}), 400, "task")
-        _error(client.post("/pooling", json={"input": "a", "dimensions": 4}), 400, "dimensions=4", "dimensions")
-        _error(client.post("/classify", json={"input": "a"}), 400, "not a sequence classifier")
-        _error(client.post("/score", json={"text_1": "a", "text_2": "b"}), 400, "is a token classifier")
-        _error(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}), 400,
+        assert_error(client.post("/pooling", json={"input": "a", "task": "reward"}), 400, "task")
+        assert_error(client.post("/pooling", json={"input": "a", "dimensions": 4}), 400, "dimensions=4", "dimensions")
+        assert_error(client.post("/classify", json={"input": "a"}), 400, "not a sequence classifier")
+        assert_error(client.post("/score", json={"text_1": "a", "text_2": "b"}), 400, "is a token classifier")
+        assert_error(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}), 400,
                "is a token classifier")
 
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from dataclasses import dataclass
 
+from jaxllm.structured.grammar_lexing import Tok, brace_bounds, lex
 from jaxllm.structured.lark import is_lark, lark_rules
 from jaxllm.structured.regex import compile_regex, literal
 
@@ -50,23 +50,6 @@ _TOKEN = re.compile(r"""
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "[": "[", "]": "]", "-": "-"}
 
 
-@dataclass(frozen=True)
-class _Tok:
-    kind: str
-    text: str
-    at: int  # offset in the grammar, for messages
-
-
-def _lex(text: str) -> list[_Tok]:
-    toks, i = [], 0
-    while i < len(text):
-        m = _TOKEN.match(text, i)
-        if m is None:
-            raise ValueError(f"grammar: unexpected {text[i:i + 20]!r} at offset {i}")
-        if m.lastgroup != "space":
-            toks.append(_Tok(m.lastgroup, m.group(), i))
-        i = m.end()
-    return toks
 
 
 def _unescape(body: str, at: int) -> str:
@@ -98,10 +81,10 @@ class _Parser:
     ("rep", item, min, max | None)."""
 
     def __init__(self, text: str):
-        self.toks = _lex(text)
+        self.toks = lex(text, _TOKEN, "grammar")
         self.i = 0
 
-    def peek(self, offset: int = 0) -> _Tok | None:
+    def peek(self, offset: int = 0) -> Tok | None:
         j = self.i + offset
         return self.toks[j] if j < len(self.toks) else None
 
@@ -145,7 +128,7 @@ class _Parser:
             elif tok.text == "?":
                 item = ("rep", item, 0, 1)
             else:
-                item = ("rep", item, *_bounds(tok))
+                item = ("rep", item, *brace_bounds(tok, "grammar"))
         return item
 
     def atom(self) -> tuple:
@@ -167,18 +150,6 @@ class _Parser:
             self.i += 1
             return inner
         raise ValueError(f"grammar: unexpected {tok.text!r} at offset {tok.at}")
-
-
-def _bounds(tok: _Tok) -> tuple[int, int | None]:
-    inner = tok.text[1:-1].replace(" ", "")
-    low, comma, high = inner.partition(",")
-    if not low and not comma:
-        raise ValueError(f"grammar: empty repetition {tok.text} at offset {tok.at}")
-    lo = int(low) if low else 0
-    hi = (int(high) if high else None) if comma else lo
-    if hi is not None and hi < lo:
-        raise ValueError(f"grammar: repetition {tok.text} at offset {tok.at} has max < min")
-    return lo, hi
 
 
 class _TooLarge(ValueError):

@@ -28,7 +28,8 @@ other files raise ValueError.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from jaxllm.structured.grammar_lexing import Tok, brace_bounds, lex
 
 _TOKEN = re.compile(r"""
     (?P<space>\s+|//[^\n]*|\#[^\n]*)
@@ -81,25 +82,6 @@ def is_lark(text: str) -> bool:
     return not any("::=" in re.sub(r"(#|//).*$", "", line) for line in text.splitlines())
 
 
-@dataclass(frozen=True)
-class _Tok:
-    kind: str
-    text: str
-    at: int
-
-
-def _lex(text: str) -> list[_Tok]:
-    toks, i = [], 0
-    while i < len(text):
-        m = _TOKEN.match(text, i)
-        if m is None:
-            raise ValueError(f"grammar (Lark): unexpected {text[i:i + 20]!r} at offset {i}")
-        if m.lastgroup != "space":
-            toks.append(_Tok(m.lastgroup, m.group(), i))
-        i = m.end()
-    return toks
-
-
 def _is_terminal(name: str) -> bool:
     return name.lstrip("_")[:1].isupper()
 
@@ -108,9 +90,9 @@ class _Parser:
     """Definitions as grammar.py's trees; ("re", pattern) for a regular expression."""
 
     def __init__(self, text: str):
-        self.toks, self.i = _lex(text), 0
+        self.toks, self.i = lex(text, _TOKEN, "grammar (Lark)"), 0
 
-    def peek(self) -> _Tok | None:
+    def peek(self) -> Tok | None:
         return self.toks[self.i] if self.i < len(self.toks) else None
 
     def definitions(self) -> list[tuple[str, tuple, int]]:
@@ -147,7 +129,7 @@ class _Parser:
                 bounds = {"*": (0, None), "+": (1, None), "?": (0, 1)}[tok.text]
                 self.i += 1
             elif tok.kind == "repeat":
-                bounds = _brace_bounds(tok)
+                bounds = brace_bounds(tok, "grammar (Lark)")
                 self.i += 1
             elif tok.text == "~":
                 bounds = self._tilde_bounds(tok)
@@ -156,7 +138,7 @@ class _Parser:
             item = ("rep", item, *bounds)
         return item
 
-    def _tilde_bounds(self, tilde: _Tok) -> tuple[int, int]:
+    def _tilde_bounds(self, tilde: Tok) -> tuple[int, int]:
         self.i += 1
         low = self._number(tilde)
         high = low
@@ -167,7 +149,7 @@ class _Parser:
             raise ValueError(f"grammar (Lark): repetition ~ {low}..{high} at offset {tilde.at} has max < min")
         return low, high
 
-    def _number(self, after: _Tok) -> int:
+    def _number(self, after: Tok) -> int:
         tok = self.peek()
         if tok is None or tok.kind != "number":
             raise ValueError(f"grammar (Lark): '~' at offset {after.at} needs a count")
@@ -207,7 +189,7 @@ class _Parser:
         raise ValueError(f"grammar (Lark): unexpected {tok.text!r} at offset {tok.at}")
 
 
-def _unquote(tok: _Tok) -> tuple[str, bool]:
+def _unquote(tok: Tok) -> tuple[str, bool]:
     """A string token's text (escapes as in Python) and whether it is case-insensitive."""
     insensitive = tok.text.endswith("i")
     body = tok.text[1:-2] if insensitive else tok.text[1:-1]
@@ -218,7 +200,7 @@ def _unquote(tok: _Tok) -> tuple[str, bool]:
     return text, insensitive
 
 
-def _string(tok: _Tok) -> tuple:
+def _string(tok: Tok) -> tuple:
     text, insensitive = _unquote(tok)
     if not insensitive or text.lower() == text.upper():
         return ("lit", text)
@@ -226,24 +208,12 @@ def _string(tok: _Tok) -> tuple:
     return parts[0] if len(parts) == 1 else ("seq", tuple(parts))
 
 
-def _char_range(start: _Tok, end: _Tok) -> tuple:
+def _char_range(start: Tok, end: Tok) -> tuple:
     (lo, _), (hi, _) = _unquote(start), _unquote(end)
     if len(lo) != 1 or len(hi) != 1 or ord(lo) > ord(hi):
         raise ValueError(f"grammar (Lark): range {start.text}..{end.text} at offset {start.at} must go from one "
                          "character to another, not below it")
     return ("cls", f"[\\U{ord(lo):08X}-\\U{ord(hi):08X}]")
-
-
-def _brace_bounds(tok: _Tok) -> tuple[int, int | None]:
-    inner = tok.text[1:-1].replace(" ", "")
-    low, comma, high = inner.partition(",")
-    if not low and not comma:
-        raise ValueError(f"grammar (Lark): empty repetition {tok.text} at offset {tok.at}")
-    lo = int(low) if low else 0
-    hi = (int(high) if high else None) if comma else lo
-    if hi is not None and hi < lo:
-        raise ValueError(f"grammar (Lark): repetition {tok.text} at offset {tok.at} has max < min")
-    return lo, hi
 
 
 def _directives(text: str) -> tuple[str, list[tuple[str, str]], list[str]]:

@@ -21,40 +21,28 @@ from jaxllm.entrypoints.openai.protocol import (
 )
 from jaxllm.entrypoints.openai.serving_chat import apply_chat_template
 from jaxllm.entrypoints.openai.serving_engine import APIError, OpenAIServing, final_outputs, logger
+from jaxllm.lora.request import LoRARequest
 from jaxllm.outputs import PoolingRequestOutput
 from jaxllm.pooling_params import PoolingParams
 
 
 class OpenAIServingEmbedding(OpenAIServing):
     async def create_embedding(self, request: EmbeddingRequest) -> EmbeddingResponse:
-        lora = self.check_model(request.model)
-        self.check_priority(request.priority)
-        ignored = request.ignored_fields()
-        if ignored:
-            logger.warning("request fields %s are not known to this server and were ignored", ignored)
+        lora = self._accepted(request)
         try:
             params = PoolingParams(dimensions=request.dimensions, normalize=request.normalize,
                                    truncate_prompt_tokens=request.truncate_prompt_tokens, task="embed")
         except ValueError as exc:
             param = next((n for n in ("dimensions", "normalize", "truncate_prompt_tokens") if n in str(exc)), None)
             raise APIError(str(exc), param=param) from exc
-        prompts = [self._checked(params.truncated_prompt(ids, self.served.max_model_len))
-                   for ids in self._token_lists(request)]
-        request_id = random_id("embd")
-        ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        streams = await self.start(ids, prompts, params, priority=request.priority, lora_request=lora)
-        outputs = await final_outputs(self.engine, streams, _last_output)
+        request_id, prompts, outputs = await self._pooled(request, params, "embd", lora)
         data = [EmbeddingData(index=i, embedding=_encoded(out.outputs.data, request.encoding_format))
                 for i, out in enumerate(outputs)]
-        num_tokens = sum(len(p) for p in prompts)
-        return EmbeddingResponse(id=request_id, model=self.model_name(request.model), data=data, usage=UsageInfo.of(num_tokens, 0))
+        return EmbeddingResponse(id=request_id, model=self.model_name(request.model), data=data,
+                                 usage=UsageInfo.of(sum(map(len, prompts)), 0))
 
     async def create_pooling(self, request: PoolingRequest) -> PoolingResponse:
-        lora = self.check_model(request.model)
-        self.check_priority(request.priority)
-        ignored = request.ignored_fields()
-        if ignored:
-            logger.warning("request fields %s are not known to this server and were ignored", ignored)
+        lora = self._accepted(request)
         engine = self.engine.engine
         task = request.task or next(t for t in engine.supported_tasks if t.startswith("token_"))
         if task not in engine.supported_tasks:
@@ -65,17 +53,30 @@ class OpenAIServingEmbedding(OpenAIServing):
             params = PoolingParams(**{name: getattr(request, name) for name in fields}, task=task)
         except ValueError as exc:
             raise APIError(str(exc), param=next((n for n in fields if str(exc).startswith(f"{n}=")), None)) from exc
-        prompts = [self._checked(params.truncated_prompt(ids, self.served.max_model_len))
-                   for ids in self._token_lists(request)]
-        request_id = random_id("pool")
-        ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        streams = await self.start(ids, prompts, params, priority=request.priority, lora_request=lora)
-        outputs = await final_outputs(self.engine, streams, _last_output)
+        request_id, prompts, outputs = await self._pooled(request, params, "pool", lora)
         data = [PoolingResponseData(index=i, data=_encoded(out.outputs.data, request.encoding_format))
                 for i, out in enumerate(outputs)]
-        num_tokens = sum(len(p) for p in prompts)
         return PoolingResponse(id=request_id, model=self.model_name(request.model), data=data,
-                               usage=UsageInfo.of(num_tokens, 0))
+                               usage=UsageInfo.of(sum(map(len, prompts)), 0))
+
+    def _accepted(self, request) -> LoRARequest | None:
+        """The adapter the request's model names, once its model, priority and fields are checked."""
+        lora = self.check_model(request.model)
+        self.check_priority(request.priority)
+        ignored = request.ignored_fields()
+        if ignored:
+            logger.warning("request fields %s are not known to this server and were ignored", ignored)
+        return lora
+
+    async def _pooled(self, request: PoolingInputRequest, params: PoolingParams, prefix: str,
+                      lora: LoRARequest | None) -> tuple[str, list[list[int]], list[PoolingRequestOutput]]:
+        """(response id, the prompts' token ids, their outputs) of one pooling request per input."""
+        prompts = [self._checked(params.truncated_prompt(ids, self.served.max_model_len))
+                   for ids in self._token_lists(request)]
+        request_id = random_id(prefix)
+        ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        streams = await self.start(ids, prompts, params, priority=request.priority, lora_request=lora)
+        return request_id, prompts, await final_outputs(self.engine, streams, _last_output)
 
     def _token_lists(self, request: PoolingInputRequest) -> list[list[int]]:
         """The request's inputs as token ids: ``input``, or the conversation in ``messages``."""

@@ -22,7 +22,7 @@ from jaxllm.entrypoints.openai.protocol import (
     random_id,
 )
 from jaxllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding, _last_output
-from jaxllm.entrypoints.openai.serving_engine import APIError, final_outputs, logger
+from jaxllm.entrypoints.openai.serving_engine import APIError, final_outputs
 from jaxllm.lora.request import LoRARequest
 from jaxllm.pooling_params import PoolingParams
 from jaxllm.scoring import plan_scores
@@ -34,10 +34,8 @@ class OpenAIServingScores(OpenAIServingEmbedding):
     async def create_classify(self, request: ClassificationRequest) -> ClassificationResponse:
         lora = self._checked_request(request, "classify", "Classification")
         params = self._params(request, "classify")
-        prompts = [self._checked(params.truncated_prompt(ids, self.served.max_model_len))
-                   for ids in self._token_lists(request)]
-        request_id = random_id("classify")
-        vectors = await self._run(request_id, prompts, params, request.priority, lora)
+        request_id, prompts, outputs = await self._pooled(request, params, "classify", lora)
+        vectors = [out.outputs.data for out in outputs]
         labels = self.engine.engine.classifier.labels
         data = [ClassificationData(index=i, label=labels[int(np.argmax(v))], probs=[float(x) for x in v],
                                    num_classes=len(v)) for i, v in enumerate(vectors)]
@@ -67,8 +65,7 @@ class OpenAIServingScores(OpenAIServingEmbedding):
 
     # -- internals -------------------------------------------------------------------------------
     def _checked_request(self, request, task: str, api: str) -> LoRARequest | None:
-        lora = self.check_model(request.model)
-        self.check_priority(request.priority)
+        lora = self._accepted(request)
         classifier = self.engine.engine.classifier
         if task == "classify" and (classifier is None or classifier.per_token):
             raise APIError(f"The model does not support {api} API: {self.served.name} is not a sequence "
@@ -79,9 +76,6 @@ class OpenAIServingScores(OpenAIServingEmbedding):
         if task == "score" and classifier is not None and classifier.num_labels != 1:
             raise APIError(f"The model does not support {api} API: {self.served.name} is a classifier of "
                            f"{classifier.num_labels} labels, not a cross-encoder (one label)")
-        ignored = request.ignored_fields()
-        if ignored:
-            logger.warning("request fields %s are not known to this server and were ignored", ignored)
         return lora
 
     @staticmethod
