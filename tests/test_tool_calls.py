@@ -16,16 +16,20 @@ from jaxllm.entrypoints.openai.tool_calls import (
     ToolChoice,
     constraint,
     parse_deepseek_v3,
+    parse_glm45,
     parse_granite,
     parse_hermes,
     parse_internlm,
     parse_jamba,
+    parse_kimi_k2,
     parse_llama3_json,
+    parse_minimax,
     parse_mistral,
     parse_phi4_mini_json,
     parse_pythonic,
     parse_qwen3_coder,
     parse_reply,
+    parse_xlam,
     resolve_tool_choice,
 )
 from jaxllm.structured.regex import compile_regex
@@ -196,6 +200,18 @@ def test_mistral_parser(text, content, calls):
     (parse_deepseek_v3, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{bad}\n```"
                         "<｜tool▁call▁end｜>", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n"
                         "```json\n{bad}\n```<｜tool▁call▁end｜>", []),
+    (parse_xlam, '[{"name": "ping", "arguments": {}}, {"name": "get_time", "arguments": {"zone": "UTC"}}]', None,
+     [("ping", {}), ("get_time", {"zone": "UTC"})]),
+    (parse_xlam, '```json\n[{"name": "ping", "arguments": {"a": 1}}]\n```', None, [("ping", {"a": 1})]),
+    (parse_xlam, "[1, 2] are numbers", "[1, 2] are numbers", []),
+    (parse_minimax, 'Checking.\n<tool_calls>\n{"name": "ping", "arguments": {}}\n{"name": "get_time", "arguments": '
+                    '{"zone": "UTC"}}\n</tool_calls>', "Checking.", [("ping", {}), ("get_time", {"zone": "UTC"})]),
+    (parse_minimax, "<tool_calls>\nnot json\n</tool_calls>", "<tool_calls>\nnot json\n</tool_calls>", []),
+    (parse_glm45, "I'll check.<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+                  "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>", "I'll check.",
+     [("get_weather", {"city": "Paris", "days": 3})]),  # untyped: JSON when it parses
+    (parse_glm45, "<tool_call>\n<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>",
+     "<tool_call>\n<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>", []),  # no name
 ])
 def test_more_vllm_parsers(parse, text, content, calls):
     parsed = parse(text)
@@ -227,6 +243,23 @@ def test_qwen3_coder_parser_types_values_by_the_tools():
     assert _calls(reply)[0][1]["nights"] == 3  # the request's tools reach the parser
 
 
+def test_kimi_k2_parser_keeps_its_call_ids():
+    text = ("Let me see.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+            '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_call_begin|>functions.ping:1'
+            "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>")
+    parsed = parse_kimi_k2(text)
+    assert (parsed.content, _calls(parsed)) == ("Let me see.", [("get_weather", {"city": "Paris"}), ("ping", {})])
+    assert [c["id"] for c in parsed.tool_calls] == ["functions.get_weather:0", "functions.ping:1"]
+    broken = "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{<|tool_call_end|>"
+    assert (parse_kimi_k2(broken).content, parse_kimi_k2(broken).tool_calls) == (broken, [])
+
+
+def test_glm45_parser_types_values_by_the_tools():
+    text = ("<tool_call>book\n<arg_key>city</arg_key>\n<arg_value>New York</arg_value>\n<arg_key>nights</arg_key>\n"
+            "<arg_value>3</arg_value>\n<arg_key>zip</arg_key>\n<arg_value>01234</arg_value>\n</tool_call>")
+    assert _calls(parse_glm45(text, QWEN3_TOOLS)) == [("book", {"city": "New York", "nights": 3, "zip": "01234"})]
+
+
 STREAM_CASES = {
     "hermes": ["Plain answer with < and <tool and <tool_cal but no call.",
                'Checking <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
@@ -248,6 +281,13 @@ STREAM_CASES = {
     "qwen3_coder": ["Ok.\n<tool_call>\n<function=ping>\n<parameter=n>\n7\n</parameter>\n</function>\n</tool_call>",
                     "a <tool_cal"],
 }
+STREAM_CASES["xlam"] = ['[{"name": "ping", "arguments": {}}]', '```json\n[{"name": "ping", "arguments": {}}]\n```',
+                        "Text [with] brackets.", "`code`", "[1, 2]"]
+STREAM_CASES["minimax"] = ['Ok.\n<tool_calls>\n{"name": "ping", "arguments": {}}\n</tool_calls>', "a <tool_c"]
+STREAM_CASES["kimi_k2"] = ["Hm.<|tool_calls_section_begin|><|tool_call_begin|>functions.ping:0<|tool_call_argument_begin|>"
+                           "{}<|tool_call_end|><|tool_calls_section_end|>", "plain <|tool_calls_sec"]
+STREAM_CASES["glm45"] = ["Ok.<tool_call>ping\n<arg_key>n</arg_key>\n<arg_value>7</arg_value>\n</tool_call>",
+                         "a <tool_cal"]
 STREAM_CASES["llama4_json"] = STREAM_CASES["llama3_json"]
 STREAM_CASES["llama4_pythonic"] = STREAM_CASES["pythonic"]
 

@@ -31,7 +31,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                             "<tool_call>{...}</tool_call>; llama3_json: the reply is {\"name\": .., \"parameters\": ..}, "
                             "several joined by ';'; mistral: [TOOL_CALLS] then a JSON list, or name[ARGS]{...} "
                             "per call; pythonic: [f(x=1), g()]; granite, jamba, internlm, phi4_mini_json, "
-                            "deepseek_v3, qwen3_coder: those models' formats; see tool_calls.py)")
+                            "deepseek_v3, qwen3_coder, xlam, minimax, kimi_k2, glm45: those models' formats; see tool_calls.py)")
     group.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                        help="put a reasoning model's <think> ... </think> part of chat replies in the message's "
                             "'reasoning' (and 'reasoning_content') instead of 'content'")

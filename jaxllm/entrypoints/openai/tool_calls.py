@@ -20,7 +20,8 @@
   ``<|tool_call|>[{...}]``), ``jamba`` (``<tool_calls>[...]</tool_calls>``), ``internlm``
   (``<|action_start|><|plugin|>{...}<|action_end|>``), ``phi4_mini_json`` (``functools[...]``),
   ``deepseek_v3`` (DeepSeek-V3 / R1's ``<｜tool▁calls▁begin｜>`` blocks) and ``qwen3_coder``
-  (Qwen3-Coder's ``<function=NAME><parameter=KEY>value</parameter>``, typed by the tools' schemas).
+  (Qwen3-Coder's ``<function=NAME><parameter=KEY>value</parameter>``, typed by the tools' schemas),
+  ``xlam``, ``minimax``, ``kimi_k2`` and ``glm45`` (those models' formats).
 
 Named and required calls need no parser: the constraint makes the reply parseable.
 """
@@ -362,8 +363,7 @@ def parse_qwen3_coder(text: str, tools: tuple = ()) -> ParsedReply:
     start = text.find(_HERMES_OPEN)
     if start < 0:
         return ParsedReply(text)
-    types = {tool["function"]["name"]: (tool["function"].get("parameters") or {}).get("properties") or {}
-             for tool in tools}
+    types = _tool_properties(tools)
     calls = []
     for function in _QWEN3_FUNCTION.finditer(text, start):
         name = function["name"].strip()
@@ -401,6 +401,95 @@ def _typed(value: str, schema: dict | None) -> Any:
         return value
 
 
+def parse_xlam(text: str) -> ParsedReply:
+    """Salesforce xLAM tool calls (vLLM's ``xlam``): the whole reply is a JSON list of
+    ``{"name": ..., "arguments": {...}}``, bare or as a ```json block. Anything else is content."""
+    body = text.strip()
+    block = _CODE_BLOCK.fullmatch(body)
+    if block is not None:
+        body = block["body"].strip()
+    if not body.startswith("["):
+        return ParsedReply(text)
+    try:
+        items = json.loads(body)
+    except json.JSONDecodeError:
+        return ParsedReply(text)
+    calls = _named_calls(items, ("arguments", "parameters")) if isinstance(items, list) and items else None
+    return ParsedReply(text) if calls is None else ParsedReply(None, calls)
+
+
+def parse_minimax(text: str) -> ParsedReply:
+    """MiniMax-M1 tool calls (vLLM's ``minimax``): ``<tool_calls>`` then one ``{"name": ...,
+    "arguments": {...}}`` object per line, then ``</tool_calls>``; the text before is content."""
+    start = text.find(_JAMBA_OPEN)
+    if start < 0:
+        return ParsedReply(text)
+    body = text[start + len(_JAMBA_OPEN):].split(_JAMBA_CLOSE)[0]
+    try:
+        items = [json.loads(line) for line in body.splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        return ParsedReply(text)
+    calls = _named_calls(items, ("arguments", "parameters")) if items else None
+    return ParsedReply(text) if calls is None else ParsedReply(text[:start].strip() or None, calls)
+
+
+_KIMI_CALL = re.compile(r"<\|tool_call_begin\|>\s*(?P<id>[^<]+?)\s*<\|tool_call_argument_begin\|>(?P<arguments>.*?)"
+                        r"<\|tool_call_end\|>", re.DOTALL)
+
+
+def parse_kimi_k2(text: str) -> ParsedReply:
+    """Kimi K2 tool calls (vLLM's ``kimi_k2``): after ``<|tool_calls_section_begin|>``, each
+    ``<|tool_call_begin|>functions.NAME:INDEX<|tool_call_argument_begin|>{...}<|tool_call_end|>``;
+    the call id is ``functions.NAME:INDEX`` (as vLLM returns it). The text before is content."""
+    start = text.find(_KIMI_OPEN)
+    if start < 0:
+        return ParsedReply(text)
+    calls = []
+    for match in _KIMI_CALL.finditer(text, start):
+        call_id = match["id"].strip()
+        name = call_id.split(":")[0].removeprefix("functions.")
+        try:
+            arguments = json.loads(match["arguments"])
+        except json.JSONDecodeError:
+            return ParsedReply(text)
+        call = _call(name, json.dumps(arguments, ensure_ascii=False))
+        call["id"] = call_id
+        calls.append(call)
+    return ParsedReply(text[:start].strip() or None, calls) if calls else ParsedReply(text)
+
+
+_GLM_CALL = re.compile(r"<tool_call>(?P<name>[^<\n]*)(?P<body>.*?)(?:</tool_call>|$)", re.DOTALL)
+_GLM_ARG = re.compile(r"<arg_key>(?P<key>.*?)</arg_key>\s*<arg_value>(?P<value>.*?)</arg_value>", re.DOTALL)
+
+
+def parse_glm45(text: str, tools: tuple = ()) -> ParsedReply:
+    """GLM-4.5 tool calls (vLLM's ``glm45``): ``<tool_call>NAME`` then ``<arg_key>KEY</arg_key>
+    <arg_value>VALUE</arg_value>`` pairs and ``</tool_call>``; values are typed by the request's
+    tools as ``qwen3_coder``'s are. The text before the first call is content."""
+    start = text.find(_HERMES_OPEN)
+    if start < 0:
+        return ParsedReply(text)
+    properties = _tool_properties(tools)
+    calls = []
+    for match in _GLM_CALL.finditer(text, start):
+        name = match["name"].strip()
+        if not name:
+            return ParsedReply(text)
+        schema = properties.get(name, {})
+        arguments = {a["key"].strip(): _typed(a["value"], schema.get(a["key"].strip())) for a in _GLM_ARG.finditer(
+            match["body"])}
+        calls.append(_call(name, json.dumps(arguments, ensure_ascii=False)))
+    return ParsedReply(text[:start].strip() or None, calls) if calls else ParsedReply(text)
+
+
+def _tool_properties(tools: tuple) -> dict[str, dict]:
+    """Each tool's name -> its parameters' properties (JSON schemas)."""
+    return {tool["function"]["name"]: (tool["function"].get("parameters") or {}).get("properties") or {}
+            for tool in tools}
+
+
+_CODE_BLOCK = re.compile(r"```(?:json)?\s*(?P<body>.*?)```", re.DOTALL)
+_KIMI_OPEN = "<|tool_calls_section_begin|>"
 _GRANITE_CALL = "<|tool_call|>"
 _JAMBA_OPEN, _JAMBA_CLOSE = "<tool_calls>", "</tool_calls>"
 _INTERNLM_OPEN, _INTERNLM_CLOSE = "<|action_start|><|plugin|>", "<|action_end|>"
@@ -453,6 +542,10 @@ TOOL_CALL_PARSER_TABLE = {
     "phi4_mini_json": ToolCallParser(parse_phi4_mini_json, (_PHI4_CALLS,), anchored=True),
     "deepseek_v3": ToolCallParser(parse_deepseek_v3, (_DEEPSEEK_OPEN,), keeps_special_tokens=True),
     "qwen3_coder": ToolCallParser(parse_qwen3_coder, (_HERMES_OPEN,), needs_tools=True),
+    "xlam": ToolCallParser(parse_xlam, ("[", "```"), anchored=True),
+    "minimax": ToolCallParser(parse_minimax, (_JAMBA_OPEN,)),
+    "kimi_k2": ToolCallParser(parse_kimi_k2, (_KIMI_OPEN,), keeps_special_tokens=True),
+    "glm45": ToolCallParser(parse_glm45, (_HERMES_OPEN,), needs_tools=True),
 }
 TOOL_CALL_PARSERS = tuple(TOOL_CALL_PARSER_TABLE)
 
