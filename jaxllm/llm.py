@@ -90,9 +90,10 @@ class LLM:
         """vLLM's: the engine's counters and gauges now (``jaxllm.metrics_reader``: Counter, Gauge,
         Vector), named as the server's ``/metrics`` names them (``jaxllm:`` prefix). The latency
         histograms are the server's."""
+        from converters.resolve import DEFAULT_MODEL
         from jaxllm.metrics_reader import read_metrics
 
-        return read_metrics(self.llm_engine.stats, self.engine_args.model or "SmolLM2-135M-Instruct")
+        return read_metrics(self.llm_engine.stats, self.engine_args.model or DEFAULT_MODEL)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

@@ -275,8 +275,10 @@ def test_update_weights_replaces_a_classifiers_head_too(tmp_path, three_labels):
     other = _checkpoint(tmp_path / "other", seed=5, id2label={0: "negative", 1: "neutral", 2: "positive"})
     llm = LLM(str(three_labels), **LIMITS, warmup=False)
     new = jaxllm.load_model(str(other), dtype="float32").params
-    with pytest.raises(ValueError, match="a classifier's params need its 'score' head"):
+    with pytest.raises(ValueError, match=r"a classifier's params need its head \['score'\]; missing \['score'\]"):
         llm.update_weights({k: v for k, v in new.items() if k != "score"})
+    with pytest.raises(ValueError, match=r"update_weights params/score has shape \(64, 2\), expected \(64, 3\)"):
+        llm.update_weights({**new, "score": new["score"][:, :2]})
     llm.update_weights(new)
     hf, tok = _hf(other), llm.get_tokenizer()
     out = llm.classify(TEXTS[:2], use_tqdm=False)

@@ -147,6 +147,20 @@ def test_token_embed_preempted_mid_prompt_starts_over(causal_lm):
     np.testing.assert_allclose(done["tok"].outputs.data, _hf_hidden(causal_lm, ids), atol=1e-4)
 
 
+def test_update_weights_replaces_a_token_classifiers_head_and_bias(tmp_path, token_classifier):
+    import jaxllm
+
+    other = _checkpoint(tmp_path / "other", num_labels=3, token_classifier=True, seed=6)
+    llm = LLM(str(token_classifier), **LIMITS, warmup=False, compilation_cache_dir=None)
+    new = jaxllm.load_model(str(other), dtype="float32").params
+    with pytest.raises(ValueError, match=r"need its head \['score', 'score_bias'\]; missing \['score_bias'\]"):
+        llm.update_weights({k: v for k, v in new.items() if k != "score_bias"})
+    llm.update_weights(new)
+    ids = llm.get_tokenizer().encode(TEXTS[0])
+    rows = llm.reward(TEXTS[0], use_tqdm=False)[0].outputs.data
+    np.testing.assert_allclose(rows, _softmax(_hf_token_logits(other, ids)), atol=2e-5)
+
+
 def test_a_sequence_classifier_also_classifies_each_token(tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification

@@ -19,6 +19,7 @@ from jaxllm.engine.request import PoolingSpec, Request, RequestStatus
 from jaxllm.engine.scheduler import RequestUpdate, Scheduler, SpecDecodeStats
 from jaxllm.inputs import PromptType, embeds_cache_salt, prompt_cache_salt, prompt_embeds_of, prompt_input
 from jaxllm.lora.request import LoRARequest
+from jaxllm.models.layout import HEAD_PARAMS, check_params, param_shapes
 from jaxllm.outputs import (
     CompletionOutput,
     Logprob,
@@ -661,9 +662,13 @@ class LLMEngine:
         self._check_idle("update_weights")
         if not hasattr(self.runner, "update_weights"):
             raise ValueError("update_weights needs the model runner (this engine's runner has no weights)")
-        if self.classifier is not None:
-            if "score" not in params:
-                raise ValueError("update_weights: a classifier's params need its 'score' head")
+        if self.classifier is not None:  # the head's parameters, which the runner does not check
+            shapes = {name: shape for name, shape in param_shapes(self.runner.cfg).items() if name in HEAD_PARAMS}
+            missing = sorted(shapes.keys() - params.keys())
+            if missing:
+                raise ValueError(f"update_weights: a classifier's params need its head {sorted(shapes)}; "
+                                 f"missing {missing}")
+            check_params({name: params[name] for name in shapes}, shapes, "update_weights params")
             classifier, params = ClassifierHead.split_from(self.runner.cfg, params)
         self.runner.update_weights(params)
         if self.classifier is not None:

@@ -67,10 +67,12 @@ def _step(params, kv: KVPool, batch: StepBatch, prev_tokens, mask_table, lora_st
     hidden, kv = model.forward(params, cfg, kv, token_ids, batch.md, attend, lora, embeds)
     logits = model.logits(params, cfg, hidden[batch.logits_indices], batch.num_rows)
     as_logits = logprobs_mode.endswith("_logits")
-    if logprobs_mode.startswith("processed"):
-        tokens, chosen_from = sample(logits, batch.sampling, mask_table, processors, processed=True)
+    plain = functools.partial(sample, logits, batch.sampling, mask_table, processors)
+    if logprobs_mode.startswith("processed"):  # the processed logits only in steps that return logprobs
+        tokens, chosen_from = jax.lax.cond(batch.want_logprobs, lambda: plain(processed=True),
+                                           lambda: (plain(), logits))
     else:
-        tokens, chosen_from = sample(logits, batch.sampling, mask_table, processors), logits
+        tokens, chosen_from = plain(), logits
     sample_lp = logprobs_if(batch.want_logprobs, chosen_from, tokens, as_logits)
     logits_fn = functools.partial(model.logits, params, cfg)
     prompt_lp = prompt_logprobs_if(batch.want_prompt_logprobs, logits_fn, hidden, batch.next_token_ids, as_logits)

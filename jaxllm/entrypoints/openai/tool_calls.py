@@ -279,39 +279,41 @@ def parse_granite(text: str) -> ParsedReply:
         items = json.loads(body)
     except json.JSONDecodeError:
         return ParsedReply(text)
-    calls = _named_calls(items, ("arguments",)) if isinstance(items, list) and items else None
+    calls = _list_calls(items, ("arguments",))
     return ParsedReply(text) if calls is None else ParsedReply(None, calls)
+
+
+def _list_calls(items: Any, arguments_keys: tuple[str, ...]) -> list[dict[str, Any]] | None:
+    """``_named_calls`` of a non-empty JSON list; None for anything else."""
+    return _named_calls(items, arguments_keys) if isinstance(items, list) and items else None
+
+
+def _tagged_calls(text: str, open_tag: str, close_tag: str, read, arguments_keys: tuple[str, ...]) -> ParsedReply:
+    """Calls between ``open_tag`` and ``close_tag`` (which may be missing at the end): ``read``
+    turns that text into a list of ``{"name": ..., <an arguments key>: ...}``; the text before is
+    content, and a body that does not read is all content."""
+    start = text.find(open_tag)
+    if start < 0:
+        return ParsedReply(text)
+    try:
+        calls = _list_calls(read(text[start + len(open_tag):].split(close_tag)[0]), arguments_keys)
+    except json.JSONDecodeError:
+        return ParsedReply(text)
+    return ParsedReply(text) if calls is None else ParsedReply(text[:start].strip() or None, calls)
 
 
 def parse_jamba(text: str) -> ParsedReply:
     """AI21 Jamba tool calls (vLLM's ``jamba``): ``<tool_calls>[{"name": ..., "arguments": {...}},
-    ...]</tool_calls>`` (the end tag may be missing at the end); the text before is content."""
-    start = text.find(_JAMBA_OPEN)
-    if start < 0:
-        return ParsedReply(text)
-    body = text[start + len(_JAMBA_OPEN):].split(_JAMBA_CLOSE)[0]
-    try:
-        items = json.loads(body)
-    except json.JSONDecodeError:
-        return ParsedReply(text)
-    calls = _named_calls(items, ("arguments",)) if isinstance(items, list) and items else None
-    return ParsedReply(text) if calls is None else ParsedReply(text[:start].strip() or None, calls)
+    ...]</tool_calls>``; the text before is content."""
+    return _tagged_calls(text, _JAMBA_OPEN, _JAMBA_CLOSE, json.loads, ("arguments",))
 
 
 def parse_internlm(text: str) -> ParsedReply:
     """InternLM2 / 2.5 tool calls (vLLM's ``internlm``): ``<|action_start|><|plugin|>`` then one
     ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``) and ``<|action_end|>``; the text
     before is content."""
-    start = text.find(_INTERNLM_OPEN)
-    if start < 0:
-        return ParsedReply(text)
-    body = text[start + len(_INTERNLM_OPEN):].split(_INTERNLM_CLOSE)[0]
-    try:
-        item = json.loads(body)
-    except json.JSONDecodeError:
-        return ParsedReply(text)
-    calls = _named_calls([item], ("parameters", "arguments"))
-    return ParsedReply(text) if calls is None else ParsedReply(text[:start].strip() or None, calls)
+    return _tagged_calls(text, _INTERNLM_OPEN, _INTERNLM_CLOSE, lambda body: [json.loads(body)],
+                         ("parameters", "arguments"))
 
 
 def parse_phi4_mini_json(text: str) -> ParsedReply:
@@ -321,10 +323,9 @@ def parse_phi4_mini_json(text: str) -> ParsedReply:
     if not body.startswith(_PHI4_CALLS):
         return ParsedReply(text)
     try:
-        items = json.loads(body[len(_PHI4_CALLS) - 1:])
+        calls = _list_calls(json.loads(body[len(_PHI4_CALLS) - 1:]), ("arguments", "parameters"))
     except json.JSONDecodeError:
         return ParsedReply(text)
-    calls = _named_calls(items, ("arguments", "parameters")) if isinstance(items, list) and items else None
     return ParsedReply(text) if calls is None else ParsedReply(None, calls)
 
 
@@ -414,23 +415,16 @@ def parse_xlam(text: str) -> ParsedReply:
         items = json.loads(body)
     except json.JSONDecodeError:
         return ParsedReply(text)
-    calls = _named_calls(items, ("arguments", "parameters")) if isinstance(items, list) and items else None
+    calls = _list_calls(items, ("arguments", "parameters"))
     return ParsedReply(text) if calls is None else ParsedReply(None, calls)
 
 
 def parse_minimax(text: str) -> ParsedReply:
     """MiniMax-M1 tool calls (vLLM's ``minimax``): ``<tool_calls>`` then one ``{"name": ...,
     "arguments": {...}}`` object per line, then ``</tool_calls>``; the text before is content."""
-    start = text.find(_JAMBA_OPEN)
-    if start < 0:
-        return ParsedReply(text)
-    body = text[start + len(_JAMBA_OPEN):].split(_JAMBA_CLOSE)[0]
-    try:
-        items = [json.loads(line) for line in body.splitlines() if line.strip()]
-    except json.JSONDecodeError:
-        return ParsedReply(text)
-    calls = _named_calls(items, ("arguments", "parameters")) if items else None
-    return ParsedReply(text) if calls is None else ParsedReply(text[:start].strip() or None, calls)
+    return _tagged_calls(text, _JAMBA_OPEN, _JAMBA_CLOSE,
+                         lambda body: [json.loads(line) for line in body.splitlines() if line.strip()],
+                         ("arguments", "parameters"))
 
 
 _KIMI_CALL = re.compile(r"<\|tool_call_begin\|>\s*(?P<id>[^<]+?)\s*<\|tool_call_argument_begin\|>(?P<arguments>.*?)"
