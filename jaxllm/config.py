@@ -217,7 +217,8 @@ class SpeculativeConfig:
     model: str | None = None
     # Draft models: no proposals past this many positions (default: the draft's own maximum).
     max_model_len: int | None = None
-    draft_tensor_parallel_size: int | None = None  # 1 only: one device
+    # None: the target's tensor_parallel_size (the draft runs split over the same devices).
+    draft_tensor_parallel_size: int | None = None
 
     def __post_init__(self):
         if self.method not in SPECULATIVE_METHODS:
@@ -226,9 +227,9 @@ class SpeculativeConfig:
         _check_positive(self, "num_speculative_tokens")
         optional = ("prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size", "max_model_len")
         _check_positive(self, *(n for n in optional if getattr(self, n) is not None))
-        if self.draft_tensor_parallel_size not in (None, 1):
-            raise ValueError(f"speculative_config draft_tensor_parallel_size={self.draft_tensor_parallel_size!r}: "
-                             "jaxllm runs a model on one device")
+        dtp = self.draft_tensor_parallel_size
+        if dtp is not None and (not isinstance(dtp, int) or isinstance(dtp, bool) or dtp < 1):
+            raise ValueError(f"speculative_config draft_tensor_parallel_size={dtp!r} must be a positive integer")
         if self.method == "draft_model":
             if not isinstance(self.model, str) or not self.model:
                 raise ValueError(f"speculative_config method='draft_model' needs model (the draft checkpoint), "

@@ -28,7 +28,7 @@ from jaxllm.logits_processor import load_logits_processors
 from jaxllm.logits_processor import resolve as resolve_logits_processor
 from jaxllm.models.attention import get_attention_backend
 from jaxllm.models.kv_quant import kv_storage_dtype
-from jaxllm.runner import kv_pool
+from jaxllm.runner import kv_pool, parallel
 from jaxllm.runner.draft import DraftModelRunner
 from jaxllm.runner.logprobs import LOGPROBS_MODES, MAX_LOGPROBS
 from jaxllm.runner.model_runner import ModelRunner
@@ -52,7 +52,8 @@ class EngineArgs:
     # Accepted for vLLM scripts: LLM.sleep / wake_up work on any engine here (JAX frees device
     # buffers itself; vLLM needs its own allocator for them).
     enable_sleep_mode: bool = False
-    tensor_parallel_size: int = 1  # one device: larger values are refused
+    # Devices the model is split over (Megatron-style, by heads and FFN width: jaxllm/runner/parallel.py).
+    tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     dtype: str = "auto"
     block_size: int = 16
@@ -210,11 +211,17 @@ class EngineArgs:
             raise ValueError(f"runner={self.runner!r} must be one of {RUNNERS}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:  # before the model loads
             raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be one of {SCHEDULING_POLICIES}")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
-            value = getattr(self, name)
-            if value != 1:
-                raise ValueError(f"{name}={value!r}: jaxllm runs a model on one device; parallelism across "
-                                 "devices is not supported yet")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size={tp!r} must be a positive integer")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size!r}: pipeline parallelism is not "
+                             "supported; split a model over devices with tensor_parallel_size")
+        speculative = self.speculative()
+        if speculative is not None and speculative.draft_tensor_parallel_size not in (None, tp):
+            raise ValueError(f"speculative_config draft_tensor_parallel_size={speculative.draft_tensor_parallel_size!r}"
+                             f" must equal tensor_parallel_size={tp} (or be left unset): the draft model runs split "
+                             "over the target's devices")
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -330,12 +337,13 @@ def _load_draft(name: str, args: EngineArgs, target: Checkpoint, cache: CacheCon
     return draft
 
 
-def _pool_bytes(draft: Checkpoint, cache: CacheConfig) -> tuple[int, int]:
-    """(weight bytes, KV bytes per block) of a draft model, for sizing the shared block pool."""
+def _pool_bytes(draft: Checkpoint, cache: CacheConfig, tp: int) -> tuple[int, int]:
+    """(weight bytes, KV bytes per block) one device holds of a draft model split over ``tp``
+    devices, for sizing the shared block pool."""
     dtype = np.dtype(draft.params["embed"].dtype)
     kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, dtype, jax.devices()[0].platform)
-    weights = sum(x.nbytes for x in jax.tree.leaves(draft.params))
-    return weights, kv_pool.bytes_per_block(draft.config, cache.block_size, kv_dtype)
+    weights = parallel.bytes_per_device(draft.params, tp)
+    return weights, kv_pool.bytes_per_block(draft.config, cache.block_size, kv_dtype) // tp
 
 
 def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
@@ -343,6 +351,7 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     """Load the model (unless ``checkpoint`` is given), size the KV pool, compile, return an engine
     (an ``engine_cls``)."""
     attend = get_attention_backend(args.attention_backend)  # fail fast on a bad name
+    mesh = parallel.make_mesh(args.tensor_parallel_size)  # fails before loading when devices are missing
     cache = args.cache_config()
     _enable_compilation_cache(args.compilation_cache_dir)
     ckpt = checkpoint or load_checkpoint_as(args.model, args.dtype, args.download_dir, load_format=args.load_format,
@@ -361,6 +370,9 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
     draft = None
     if speculative is not None and speculative.method == "draft_model":
         draft = _load_draft(speculative.model, args, ckpt, cache, sched, classifier)
+    parallel.check_model(ckpt.config, mesh)
+    if draft is not None:
+        parallel.check_model(draft.config, mesh, "the draft model")
     processors = load_logits_processors(args.logits_processors, ckpt.config)
     if args.enable_prompt_embeds and draft is not None:
         raise ValueError("enable_prompt_embeds: the draft model of speculative_config cannot read the target's "
@@ -369,16 +381,17 @@ def create_engine(args: EngineArgs, checkpoint: Checkpoint | None = None,
         raise ValueError(f"logits_processors: {ckpt.config.architecture} is a classifier; it samples no tokens")
     runner = ModelRunner(ckpt.config, params, cache, sched, attend, seed=args.seed,
                          num_speculative_tokens=num_speculative_tokens, lora_config=lora,
-                         shared_pool_bytes=(0, 0) if draft is None else _pool_bytes(draft, cache),
+                         shared_pool_bytes=(0, 0) if draft is None else _pool_bytes(draft, cache, args.tensor_parallel_size),
                          logits_processors=processors, enable_prompt_embeds=args.enable_prompt_embeds,
-                         logprobs_mode=args.logprobs_mode)
+                         logprobs_mode=args.logprobs_mode, mesh=mesh)
     if draft is not None:  # the same block ids, the same buckets
         # As vLLM: no proposals past the draft's positions (it still runs every step in lockstep:
         # what it computes there only ever feeds proposals, which the target verifies).
         draft_len = min(draft.config.max_position_embeddings, speculative.max_model_len or sched.max_model_len)
         speculative = dataclasses.replace(speculative, max_model_len=draft_len)
         draft_runner = ModelRunner(draft.config, draft.params, dataclasses.replace(cache, num_kv_blocks=runner.num_blocks),
-                                   sched, attend, seed=args.seed, num_speculative_tokens=num_speculative_tokens)
+                                   sched, attend, seed=args.seed, num_speculative_tokens=num_speculative_tokens,
+                                   mesh=mesh)
         runner = DraftModelRunner(runner, draft_runner)
     if args.warmup and not args.enforce_eager:
         runner.warmup()

@@ -27,8 +27,10 @@ ENGINE_HELP = {
                          "(JAX frees the device buffers itself; vLLM needs its own allocator for them).",
     "trust_remote_code": "Accepted for vLLM scripts; no checkpoint code ever runs (only the built-in "
                          "architectures load).",
-    "tensor_parallel_size": "Must be 1: one device per model (tensor parallelism is not built yet).",
-    "pipeline_parallel_size": "Must be 1: one device per model.",
+    "tensor_parallel_size": "Devices to split the model over (the first N of `jax.devices()`): query / kv "
+                            "heads and the FFN width split evenly, the KV pool by kv heads; must divide "
+                            "`num_attention_heads`, `num_key_value_heads` and `intermediate_size`.",
+    "pipeline_parallel_size": "Must be 1: no pipeline parallelism (split a model with `tensor_parallel_size`).",
     "dtype": "`auto`, `float32`, `bfloat16`, `float16`. `auto` is float32 on CPU and, on GPU, the "
              "checkpoint's 16-bit type (bfloat16 for float32 and quantised checkpoints). On CPU `bfloat16` "
              "runs the `cpu` backend's matmuls on AVX512-BF16 with half the weight and KV bytes: faster, "

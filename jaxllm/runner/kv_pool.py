@@ -42,12 +42,14 @@ def kv_budget_bytes(cache: CacheConfig, device: jax.Device, weights_bytes: int, 
     return budget
 
 
-def num_blocks_for(cache: CacheConfig, cfg: ModelConfig, dtype, budget_bytes: int, extra_bytes_per_block: int = 0) -> int:
+def num_blocks_for(cache: CacheConfig, cfg: ModelConfig, dtype, budget_bytes: int, extra_bytes_per_block: int = 0,
+                   shards: int = 1) -> int:
     """Blocks that fit ``budget_bytes``; ``extra_bytes_per_block``: another pool indexed by the same
-    block ids (a draft model's) shares the budget."""
+    block ids (a draft model's) shares the budget. ``shards``: the pool is split by kv heads over
+    that many devices (tensor parallelism); the budget and the extra bytes are one device's."""
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
-    blocks = budget_bytes // (bytes_per_block(cfg, cache.block_size, dtype) + extra_bytes_per_block)
+    blocks = budget_bytes // (bytes_per_block(cfg, cache.block_size, dtype) // shards + extra_bytes_per_block)
     if blocks < 2:
         raise ValueError(f"kv cache budget of {budget_bytes} bytes holds fewer than 2 blocks")
     return int(blocks)

@@ -26,7 +26,7 @@ from jaxllm.models.kv_quant import kv_storage_dtype
 from jaxllm.models.layers import pack_params
 from jaxllm.models.layout import HEAD_PARAMS, check_params, param_shapes
 from jaxllm.models.lora import token_mask
-from jaxllm.runner import kv_pool
+from jaxllm.runner import kv_pool, parallel
 from jaxllm.runner.batch import Buckets, SampleRow, StepBatch, build_batch, sample_rows
 from jaxllm.runner.logprobs import (
     LOGPROBS_MODES,
@@ -134,23 +134,31 @@ class ModelRunner:
         logits_processors: tuple = (),
         enable_prompt_embeds: bool = False,
         logprobs_mode: str = "raw_logprobs",
+        mesh=None,
     ):
         """``shared_pool_bytes``: (weight bytes, KV bytes per block) of a draft model whose pool
         shares this one's block ids, taken out of the KV budget when the pool is sized.
         ``logits_processors``: custom ones (jaxllm.logits_processor), compiled into every step.
         ``enable_prompt_embeds``: steps may take prompt positions' inputs as embeddings (vLLM's
         prompt_embeds): each bucket is compiled with those inputs too. ``logprobs_mode``: vLLM's,
-        what returned logprobs are (LOGPROBS_MODES)."""
+        what returned logprobs are (LOGPROBS_MODES). ``mesh``: the devices to split the model over
+        (tensor parallelism, ``parallel.make_mesh``); None: one device."""
         self.cfg, self.cache = cfg, cache
+        self.mesh = mesh
+        parallel.check_model(cfg, mesh)
         self.dtype = np.dtype(params["embed"].dtype)
         platform = jax.devices()[0].platform
-        self._cpu_matmul = getattr(attend, "cpu_matmul", False)
+        # Packed panels are not split over devices: under tensor parallelism the matmuls are XLA's.
+        self._cpu_matmul = getattr(attend, "cpu_matmul", False) and mesh is None
+        if mesh is not None:
+            attend = parallel.shard_attention(attend, mesh)
         self.params = self._device_params(params)
         self._host_params = None  # the weights while asleep at level 1 (see sleep)
         self.lora = None
         if lora_config is not None:  # LoRA's b stacks go to the cpu matmul kernel too when the weights do
             packed = isinstance(self.params["layers"].get("wq"), PackedMatrix)
             self.lora = LoRASlots(cfg, lora_config, self.dtype, pack_b=packed)
+            self.lora.stacks = self._replicate(self.lora.stacks)
         self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.dtype, platform)  # fp8/int8 carry scales
         self.buckets = Buckets.make(
             sched.max_num_batched_tokens, sched.max_num_seqs, -(-sched.max_model_len // cache.block_size),
@@ -158,36 +166,42 @@ class ModelRunner:
             num_speculative_tokens=num_speculative_tokens,  # a verifying sequence samples 1 + k rows
         )
         self._rng = np.random.default_rng(seed)
-        self._no_tokens = jnp.zeros(self.buckets.max_num_rows, jnp.int32)  # no previous step to feed
+        self._no_tokens = self._replicate(jnp.zeros(self.buckets.max_num_rows, jnp.int32))  # no previous step to feed
         lora_shape = None if self.lora is None else (self.lora.max_loras, self.lora.rank)
         self.logits_processors = tuple(logits_processors)
         self.enable_prompt_embeds = enable_prompt_embeds
         self._logits_specs = tuple((tuple(p.state_shape), np.dtype(p.state_dtype)) for p in self.logits_processors)
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode={logprobs_mode!r} must be one of {LOGPROBS_MODES}")
+        # Under tensor parallelism the results are replicated and the pool keeps its split.
+        split = {} if mesh is None else {"out_shardings": (parallel.replicated(mesh), parallel.kv_sharding(mesh))}
         self._jit_step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend, lora_shape=lora_shape,
                                                    processors=self.logits_processors, logprobs_mode=logprobs_mode),
-                                 donate_argnums=1)
-        self._jit_copy = jax.jit(kv_pool.copy_blocks, donate_argnums=0)
+                                 donate_argnums=1, **split)
+        self._jit_copy = jax.jit(kv_pool.copy_blocks, donate_argnums=0,
+                                 **({} if mesh is None else {"out_shardings": parallel.kv_sharding(mesh)}))
         # (T, B, with LoRA, with prompt embeddings): a LoRA engine has each bucket twice, so that
         # steps without adapter tokens run the plain program (no LoRA terms, the same numbers as an
         # engine without LoRA); so has one with enable_prompt_embeds.
         self._compiled: dict[tuple[int, int, bool, bool], object] = {}
         self.num_compiles = 0
         self.num_blocks = self._size_pool(sched.max_model_len, *shared_pool_bytes)
-        self.kv = kv_pool.allocate(cfg, self.num_blocks, cache.block_size, self.kv_dtype)
+        self.kv = self._allocate_kv()
         self.num_swap_blocks = num_swap_slots(cache, cfg, self.kv_dtype)
         self._swap = HostSwapSpace(self.kv, self.num_swap_blocks) if self.num_swap_blocks else None
         # Each step's rows refer to at most max_num_rows masks; twice that keeps recent ones.
         self.masks = DeviceMaskTable(cfg.vocab_size, capacity=2 * self.buckets.max_num_rows)
+        self.masks.table = self._replicate(self.masks.table)
 
     # -- set-up --------------------------------------------------------------------------------
     def _size_pool(self, max_model_len: int, other_weights: int = 0, other_bytes_per_block: int = 0) -> int:
+        # Per device: its share of the weights, of each block and of the activation peak.
         device = jax.devices()[0]
-        weights = sum(x.nbytes for x in jax.tree.leaves(self.params)) + other_weights
+        weights = parallel.bytes_per_device(self.params, parallel.mesh_size(self.mesh)) + other_weights
         peak = self._activation_peak() if device.platform == "gpu" and self.cache.num_kv_blocks is None else 0
         budget = kv_pool.kv_budget_bytes(self.cache, device, weights, peak)
-        blocks = kv_pool.num_blocks_for(self.cache, self.cfg, self.kv_dtype, budget, other_bytes_per_block)
+        blocks = kv_pool.num_blocks_for(self.cache, self.cfg, self.kv_dtype, budget, other_bytes_per_block,
+                                        shards=parallel.mesh_size(self.mesh))
         kv_pool.log_capacity(blocks, self.cache.block_size, max_model_len)
         return blocks
 
@@ -195,6 +209,9 @@ class ModelRunner:
         """Scratch memory of the largest bucket, compiled against a 2-block pool."""
         T, B = self.buckets.token_buckets[-1], self.buckets.block_buckets[-1]
         kv = jax.eval_shape(lambda: kv_pool.allocate(self.cfg, 2, self.cache.block_size, self.kv_dtype))
+        if self.mesh is not None:
+            split = parallel.kv_sharding(self.mesh)
+            kv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=split), kv)
         stacks = None if self.lora is None else self.lora.stacks
         compiled = self._jit_step.lower(self.params, kv, self._dummy_batch(T, B, self.enable_prompt_embeds),
                                         self._no_tokens, self.masks.table, stacks).compile()
@@ -338,9 +355,9 @@ class ModelRunner:
             if self._host_params is None:
                 raise ValueError("wake_up(['weights']) after sleep(level=2): the weights were discarded; "
                                  "update_weights(params) first")
-            self.params, self._host_params = jax.device_put(self._host_params), None
+            self.params, self._host_params = self._put_params(self._host_params), None
         if "kv_cache" in tags and self.kv is None:
-            self.kv = kv_pool.allocate(self.cfg, self.num_blocks, self.cache.block_size, self.kv_dtype)
+            self.kv = self._allocate_kv()
 
     @property
     def is_sleeping(self) -> bool:
@@ -358,8 +375,25 @@ class ModelRunner:
 
     def _device_params(self, params: dict) -> dict:
         """``params`` laid out for the step (``pack_params``: see there), on the device."""
-        return jax.device_put(pack_params(params, self.cfg.tie_word_embeddings, jax.devices()[0].platform,
-                                          cpu_matmul=self._cpu_matmul, hidden_act=self.cfg.hidden_act))
+        return self._put_params(pack_params(params, self.cfg.tie_word_embeddings, jax.devices()[0].platform,
+                                            cpu_matmul=self._cpu_matmul, hidden_act=self.cfg.hidden_act))
+
+    def _put_params(self, packed: dict) -> dict:
+        """Step-layout weights on the device, or split over the mesh (``parallel.param_shardings``)."""
+        if self.mesh is None:
+            return jax.device_put(packed)
+        return jax.device_put(packed, parallel.param_shardings(packed, self.mesh))
+
+    def _replicate(self, tree):
+        """``tree`` on every device of the mesh (unchanged on one device)."""
+        return tree if self.mesh is None or tree is None else jax.device_put(tree, parallel.replicated(self.mesh))
+
+    def _allocate_kv(self) -> KVPool:
+        """A zeroed pool; under tensor parallelism each device allocates only its heads' part."""
+        make = functools.partial(kv_pool.allocate, self.cfg, self.num_blocks, self.cache.block_size, self.kv_dtype)
+        if self.mesh is None:
+            return make()
+        return jax.jit(make, out_shardings=parallel.kv_sharding(self.mesh))()
 
     def _copy_blocks(self, copies) -> None:
         pairs = np.asarray(copies, np.int32).reshape(-1, 2)
