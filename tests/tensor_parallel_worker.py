@@ -70,6 +70,8 @@ def shardings(path) -> dict:
         "kv_devices": sorted(d.id for d in k.sharding.device_set),
         "num_blocks": runner.num_blocks,
         "all_reduces": lowered.count("all-reduce("),
+        "other_collectives": {op: lowered.count(op + "(") for op in ("all-gather", "all-to-all", "collective-permute",
+                                                                     "reduce-scatter")},
         # the GPU's pool sizing compiles the largest bucket against a split 2-block pool
         "activation_peak": runner._activation_peak(),
     }

@@ -117,6 +117,7 @@ def test_weights_and_pool_are_split_by_heads_and_ffn_width(results):
     assert got["num_blocks"] == (1 << 20) // (2 * 2 * 8 * 1 * 16 * 4) == 512
     # per layer: attention output and MLP (the layer loop holds one of each), nothing else
     assert got["all_reduces"] == 2
+    assert got["other_collectives"] == {"all-gather": 0, "all-to-all": 0, "collective-permute": 0, "reduce-scatter": 0}
     assert got["activation_peak"] > 0
 
 
