@@ -157,9 +157,13 @@ def test_completions_take_prompt_embeds(llm, model):
     with client_for(llm.llm_engine, LIMITS["max_model_len"], LIMITS["max_num_seqs"]) as client:  # the server's now
         body = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
         both = client.post("/v1/completions", json={**body, "prompt": TEXTS[1], "prompt_embeds": [
-            base64.b64encode(saved.getvalue()).decode(), base64.b64encode(npy.getvalue()).decode()]}).json()
+            base64.b64encode(saved.getvalue()).decode(), base64.b64encode(npy.getvalue()).decode()],
+            "return_token_ids": True}).json()
         # vLLM's order: the embeddings prompts first, then the text ones.
         assert [c["text"] for c in both["choices"]] == [want] * 3
+        # return_token_ids: an embeddings prompt has no ids to show (its ids are placeholders)
+        assert [c.get("prompt_token_ids") for c in both["choices"]] == [None, None, ids]
+        assert len({tuple(c["token_ids"]) for c in both["choices"]}) == 1
         assert both["usage"]["prompt_tokens"] == 3 * len(ids)
         for extra, param in [({"prompt_embeds": "not base64!"}, "prompt_embeds"),
                              ({"prompt_embeds": base64.b64encode(b"junk").decode()}, "prompt_embeds"),

@@ -120,6 +120,9 @@ class SamplingRequest(RequestModel):
     logits_processors: list[Any] | None = None
     # vLLM's: logprobs show tokens as "token_id:<id>"; None: the server's --return-tokens-as-token-ids.
     return_tokens_as_token_ids: bool | None = None
+    # vLLM's: the prompt's and each choice's token ids beside the text (a stream sends the prompt's
+    # in its first chunk, and each chunk's new tokens).
+    return_token_ids: bool | None = None
     # vLLM's: lower is scheduled sooner; needs --scheduling-policy priority, else a non-zero one is a 400.
     priority: int = 0
 
@@ -448,13 +451,19 @@ class CompletionLogProbs(OpenAIModel):
 PromptLogprobs = list[dict[int, dict[str, Any]] | None]
 
 
-class CompletionChoice(OpenAIModel):
+class CompletionChoice(_OmitsAbsent):
+    OMITTED_WHEN_NONE = ("prompt_token_ids", "token_ids")
+
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    # With return_token_ids: the prompt's ids (a stream: in each choice's first chunk) and the
+    # generated ones (a stream: each chunk's new ones).
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(OpenAIModel):
@@ -493,15 +502,20 @@ class DeltaMessage(_OmitsAbsent):
     tool_calls: list[dict[str, Any]] | None = None
 
 
-class ChatChoice(OpenAIModel):
+class ChatChoice(_OmitsAbsent):
+    OMITTED_WHEN_NONE = ("token_ids",)
+
     index: int
     message: DeltaMessage
     logprobs: ChatChoiceLogProbs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: the generated ids
 
 
-class ChatCompletionResponse(OpenAIModel):
+class ChatCompletionResponse(_OmitsAbsent):
+    OMITTED_WHEN_NONE = ("prompt_token_ids",)
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -509,23 +523,30 @@ class ChatCompletionResponse(OpenAIModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids: the rendered conversation's ids
 
 
-class ChatStreamChoice(OpenAIModel):
+class ChatStreamChoice(_OmitsAbsent):
+    OMITTED_WHEN_NONE = ("token_ids",)
+
     index: int
     delta: DeltaMessage
     logprobs: ChatChoiceLogProbs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: the chunk's new ids
 
 
-class ChatCompletionChunk(OpenAIModel):
+class ChatCompletionChunk(_OmitsAbsent):
+    OMITTED_WHEN_NONE = ("prompt_token_ids",)
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids: in the stream's first chunk
 
 
 class ModelCard(OpenAIModel):

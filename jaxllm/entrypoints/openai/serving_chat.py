@@ -92,12 +92,12 @@ class OpenAIServingChat(OpenAIServing):
                                               lora)
             if request.stream:
                 return StreamingResponse(self._stream(request, request_id, as_deltas([output], params.n), params.n,
-                                                      len(prompt_ids), choice), media_type="text/event-stream")
+                                                      prompt_ids, choice), media_type="text/event-stream")
             return self._response(request, request_id, output, choice)
         streams = await self.start([request_id], [prompt_ids], params, request.cache_salt, request.priority, lora)
         if request.stream:
             body = self._stream(request, request_id, merged_deltas(self.engine, streams, params.n), params.n,
-                                len(prompt_ids), choice)
+                                prompt_ids, choice)
             return StreamingResponse(body, media_type="text/event-stream")
         [output] = await final_outputs(self.engine, streams)
         return self._response(request, request_id, output, choice)
@@ -125,12 +125,14 @@ class OpenAIServingChat(OpenAIServing):
             choices.append(ChatChoice(index=c.index, message=message,
                                       logprobs=self._logprobs(request, c.token_ids, c.logprobs),
                                       finish_reason=_finish_reason(choice, c.finish_reason, bool(reply.tool_calls)),
-                                      stop_reason=c.stop_reason))
+                                      stop_reason=c.stop_reason,
+                                      token_ids=list(c.token_ids) if request.return_token_ids else None))
         usage = self.usage(len(output.prompt_token_ids), sum(len(c.token_ids) for c in output.outputs),
                            output.num_cached_tokens)
         prompt_logprobs = prompt_logprobs_body(output.prompt_logprobs) if request.prompt_logprobs is not None else None
         return ChatCompletionResponse(id=request_id, model=self.model_name(request.model), choices=choices, usage=usage,
-                                      prompt_logprobs=prompt_logprobs)
+                                      prompt_logprobs=prompt_logprobs,
+                                      prompt_token_ids=list(output.prompt_token_ids) if request.return_token_ids else None)
 
     def _logprobs(self, request: ChatCompletionRequest, token_ids: list[int],
                   logprobs: list | None) -> ChatChoiceLogProbs | None:
@@ -139,7 +141,8 @@ class OpenAIServingChat(OpenAIServing):
         return chat_logprobs(token_ids, logprobs, request.top_logprobs or 0, self.tokenizer, self.as_token_ids(request))
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, deltas: AsyncIterator[Delta], n: int,
-                      num_prompt_tokens: int, choice: ToolChoice) -> AsyncIterator[str]:
+                      prompt_ids: list[int], choice: ToolChoice) -> AsyncIterator[str]:
+        num_prompt_tokens = len(prompt_ids)
         num_tokens: dict[int, int] = {}  # choice -> generated tokens
         cached_tokens = 0  # of the prompt, served from the prefix cache
         replies = {index: StreamedReply(choice, self.served.tool_call_parser) for index in range(n)}
@@ -150,7 +153,10 @@ class OpenAIServingChat(OpenAIServing):
             for index in range(n):  # OpenAI's first chunk of each choice carries the role alone
                 role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
                 # Sent before the engine has scheduled the request: its cache hits are not known yet.
-                yield sse(self._chunk(request, request_id, role, self._usage(request, num_prompt_tokens, 0, None)))
+                chunk = self._chunk(request, request_id, role, self._usage(request, num_prompt_tokens, 0, None))
+                if request.return_token_ids and index == 0:  # the stream's first chunk
+                    chunk.prompt_token_ids = list(prompt_ids)
+                yield sse(chunk)
                 if echoed:
                     echo = ChatStreamChoice(index=index, delta=DeltaMessage(content=echoed))
                     yield sse(self._chunk(request, request_id, echo, self._usage(request, num_prompt_tokens, 0, None)))
@@ -187,14 +193,15 @@ class OpenAIServingChat(OpenAIServing):
             content += rest
             calls += [{"index": i, **call} for i, call in enumerate(parsed)]
             finish_reason = _finish_reason(reply.choice, finish_reason, bool(parsed))
-        carries_logprobs = request.logprobs and delta.token_ids
-        if not content and not calls and not reasoning and finish_reason is None and not carries_logprobs:
+        carries_ids = (request.logprobs or request.return_token_ids) and delta.token_ids
+        if not content and not calls and not reasoning and finish_reason is None and not carries_ids:
             return None
         message = DeltaMessage(content=content if content or not (calls or reasoning) else None,
                                tool_calls=calls or None, reasoning=reasoning or None, reasoning_content=reasoning or None)
         return ChatStreamChoice(index=delta.index, delta=message,
                                 logprobs=self._logprobs(request, delta.token_ids, delta.logprobs),
-                                finish_reason=finish_reason, stop_reason=delta.stop_reason)
+                                finish_reason=finish_reason, stop_reason=delta.stop_reason,
+                                token_ids=list(delta.token_ids) if request.return_token_ids else None)
 
     def _chunk(self, request: ChatCompletionRequest, request_id: str, choice: ChatStreamChoice,
                usage: UsageInfo | None = None) -> ChatCompletionChunk:

@@ -40,8 +40,11 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.prompt is None and not embeds:
             raise APIError("give prompt (or prompt_embeds)", param="prompt")
         texts = [] if request.prompt is None else self.prompt_token_lists(request.prompt, request.add_special_tokens)
-        # An embeddings prompt's ids are placeholders: they count its tokens, nothing reads them.
+        # An embeddings prompt's ids are placeholders: they count its tokens, nothing reads them
+        # (and return_token_ids shows none).
         prompts = [[0] * len(e) for e in embeds] + [self.truncated(request, ids) for ids in texts]
+        shown = [None] * len(embeds) + [list(ids) for ids in prompts[len(embeds):]]
+        shown = shown if request.return_token_ids else [None] * len(prompts)
         params = self._params(request, prompts)
         base_id = random_id("cmpl")
         if request.use_beam_search:
@@ -49,15 +52,15 @@ class OpenAIServingCompletion(OpenAIServing):
             outputs = list(await asyncio.gather(*(beam_search_output(self.engine, f"{base_id}-{i}", ids, beams, lora)
                                                   for i, ids in enumerate(prompts))))
             if request.stream:
-                body = self._stream(request, base_id, prompts, as_deltas(outputs, params.n))
+                body = self._stream(request, base_id, prompts, as_deltas(outputs, params.n), shown)
                 return StreamingResponse(body, media_type="text/event-stream")
-            return self._response(request, base_id, prompts, outputs)
+            return self._response(request, base_id, prompts, outputs, shown)
         streams = await self.start([f"{base_id}-{i}" for i in range(len(prompts))], prompts, params,
                                   request.cache_salt, request.priority, lora, embeds)
         if request.stream:
-            body = self._stream(request, base_id, prompts, merged_deltas(self.engine, streams, params.n))
+            body = self._stream(request, base_id, prompts, merged_deltas(self.engine, streams, params.n), shown)
             return StreamingResponse(body, media_type="text/event-stream")
-        return self._response(request, base_id, prompts, await final_outputs(self.engine, streams))
+        return self._response(request, base_id, prompts, await final_outputs(self.engine, streams), shown)
 
     def _params(self, request: CompletionRequest, prompts: list[list[int]]) -> SamplingParams:
         params = [self.sampling_params(request, ids) for ids in prompts]
@@ -69,10 +72,12 @@ class OpenAIServingCompletion(OpenAIServing):
 
     # -- whole responses -------------------------------------------------------------------------
     def _response(self, request: CompletionRequest, request_id: str, prompts: list[list[int]],
-                  outputs: list[RequestOutput]) -> CompletionResponse:
+                  outputs: list[RequestOutput], shown: list[list[int] | None]) -> CompletionResponse:
+        """``shown``: each prompt's ids for return_token_ids (None: not asked, or an embeddings prompt,
+        whose ids are placeholders)."""
         n = len(outputs[0].outputs)
         choices = [
-            self._choice(request, i * n + c.index, prompt, output.prompt_logprobs, c)
+            self._choice(request, i * n + c.index, prompt, output.prompt_logprobs, c, shown[i])
             for i, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)) for c in output.outputs
         ]
         completion_tokens = sum(len(c.token_ids) for output in outputs for c in output.outputs)
@@ -82,14 +87,16 @@ class OpenAIServingCompletion(OpenAIServing):
         return CompletionResponse(id=request_id, model=self.model_name(request.model), choices=choices, usage=usage)
 
     def _choice(self, request: CompletionRequest, index: int, prompt: list[int], prompt_logprobs: list | None,
-                completion: CompletionOutput) -> CompletionChoice:
+                completion: CompletionOutput, shown_prompt: list[int] | None) -> CompletionChoice:
         text, token_ids, logprobs = completion.text, completion.token_ids, completion.logprobs
         if request.echo:
             text, token_ids, logprobs = self._echoed(prompt, prompt_logprobs, text, token_ids, logprobs)
         return CompletionChoice(index=index, text=text, logprobs=self._logprobs(request, token_ids, logprobs),
                                 finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
                                 prompt_logprobs=prompt_logprobs_body(prompt_logprobs)
-                                if request.prompt_logprobs is not None else None)
+                                if request.prompt_logprobs is not None else None,
+                                prompt_token_ids=shown_prompt,
+                                token_ids=list(completion.token_ids) if request.return_token_ids else None)
 
     def _echoed(self, prompt: list[int], prompt_logprobs: list | None, text: str, token_ids: list[int],
                 logprobs: list | None) -> tuple[str, list[int], list | None]:
@@ -112,7 +119,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     # -- streams ---------------------------------------------------------------------------------
     async def _stream(self, request: CompletionRequest, request_id: str, prompts: list[list[int]],
-                      deltas: AsyncIterator[Delta]) -> AsyncIterator[str]:
+                      deltas: AsyncIterator[Delta], shown: list[list[int] | None]) -> AsyncIterator[str]:
         num_tokens: dict[int, int] = {}  # choice -> generated tokens
         cached_tokens: dict[int, int] = {}  # prompt -> its tokens served from the prefix cache
         text_offsets: dict[int, int] = {}  # choice -> characters its logprobs' tokens covered so far
@@ -121,7 +128,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 first = delta.index not in num_tokens
                 num_tokens[delta.index] = delta.num_tokens
                 cached_tokens[delta.prompt_index] = delta.num_cached_tokens
-                choice = self._stream_choice(request, prompts, delta, first, text_offsets)
+                choice = self._stream_choice(request, prompts, delta, first, text_offsets, shown)
                 if choice is not None:
                     usage = (self.usage(len(prompts[delta.prompt_index]), delta.num_tokens, delta.num_cached_tokens)
                              if request.continuous_usage else None)
@@ -135,16 +142,18 @@ class OpenAIServingCompletion(OpenAIServing):
         yield SSE_DONE
 
     def _stream_choice(self, request: CompletionRequest, prompts: list[list[int]], delta: Delta, first: bool,
-                       text_offsets: dict[int, int]) -> CompletionChoice | None:
+                       text_offsets: dict[int, int], shown: list[list[int] | None]) -> CompletionChoice | None:
         """The chunk of one delta; the first of each choice carries the echoed prompt. None: nothing to send
         (text held back for a possible stop string or an incomplete character, and no logprobs)."""
         text, token_ids, logprobs = delta.text, delta.token_ids, delta.logprobs
         if request.echo and first:
             prompt = prompts[delta.prompt_index]
             text, token_ids, logprobs = self._echoed(prompt, delta.prompt_logprobs, text, token_ids, logprobs)
-        carries_logprobs = request.logprobs is not None and token_ids
-        if not text and delta.finish_reason is None and not carries_logprobs:
+        carries_ids = (request.logprobs is not None or request.return_token_ids) and token_ids
+        if not text and delta.finish_reason is None and not carries_ids and not (first and request.return_token_ids):
             return None
         choice_logprobs = self._logprobs(request, token_ids, logprobs, text_offsets, delta.index)
         return CompletionChoice(index=delta.index, text=text, logprobs=choice_logprobs,
-                                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+                                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+                                prompt_token_ids=shown[delta.prompt_index] if first else None,
+                                token_ids=list(delta.token_ids) if request.return_token_ids else None)
