@@ -37,6 +37,7 @@ def config_from_dict(d: dict) -> ModelConfig:
         fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
     fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
     fields["id2label"] = tuple(fields.get("id2label", ()))
+    fields["matryoshka_dimensions"] = tuple(fields.get("matryoshka_dimensions", ()))
     return ModelConfig(**fields)
 
 

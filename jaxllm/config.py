@@ -96,6 +96,11 @@ class ModelConfig:
     id2label: tuple[str, ...] = ()
     classifier_activation: str = "softmax"
     classifies_tokens: bool = False
+    # An embedding model trained with Matryoshka representation learning (config.json's
+    # ``is_matryoshka`` or ``matryoshka_dimensions``, as vLLM reads them): embed requests may ask
+    # for fewer ``dimensions``, any or only those listed.
+    is_matryoshka: bool = False
+    matryoshka_dimensions: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -123,6 +128,20 @@ class ModelConfig:
     @property
     def is_classifier(self) -> bool:
         return self.num_labels > 0
+
+    def check_dimensions(self, dimensions: int) -> None:
+        """ValueError unless an embedding of this model may be cut to ``dimensions`` (vLLM's
+        Matryoshka rule: only a model trained for it, and to the sizes it lists when it lists some)."""
+        if not (self.is_matryoshka or self.matryoshka_dimensions):
+            raise ValueError(f"dimensions={dimensions}: {self.architecture} does not support matryoshka "
+                             "representation; changing output dimensions would give poor results (a model trained "
+                             "for it may say so with hf_overrides={'is_matryoshka': True})")
+        if self.matryoshka_dimensions and dimensions not in self.matryoshka_dimensions:
+            raise ValueError(f"dimensions={dimensions}: {self.architecture} supports only "
+                             f"{list(self.matryoshka_dimensions)} matryoshka dimensions")
+        width = self.word_embed_proj_dim or self.hidden_size
+        if dimensions > width:
+            raise ValueError(f"dimensions={dimensions} is more than the model's embedding size {width}")
 
     @property
     def dtype_bytes_per_token_kv(self) -> int:

@@ -17,7 +17,9 @@ class PoolingParams:
     """How one prompt's hidden states become its output vector.
 
     Args:
-        dimensions: vLLM's Matryoshka truncation. None only: no model here is trained for it.
+        dimensions: vLLM's Matryoshka truncation: the embedding's first ``dimensions`` values
+            (normalised after the cut), for "embed" and "token_embed" on a model trained for it
+            (``ModelConfig.check_dimensions``); None: all of them.
         normalize: L2-normalise the vector (each token's, for token_embed); None: the engine's
             ``pooler_config`` decides.
         truncate_prompt_tokens: keep the prompt's last k tokens (-1: the last max_model_len).
@@ -49,9 +51,9 @@ class PoolingParams:
                 raise ValueError(f"{name}={value!r} must be a bool or None")
         if self.task is not None and self.task not in POOLING_TASKS:
             raise ValueError(f"task={self.task!r} must be one of {POOLING_TASKS} or None")
-        if self.dimensions is not None:
-            raise ValueError(f"dimensions={self.dimensions!r} is not supported: the model is not a Matryoshka "
-                             "model; leave it None")
+        d = self.dimensions
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
+            raise ValueError(f"dimensions={d!r} must be a positive integer (or None: all of them)")
         _check_truncate_prompt_tokens(self.truncate_prompt_tokens)
 
     def truncated_prompt(self, token_ids: list[int], max_model_len: int) -> list[int]:

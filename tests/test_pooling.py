@@ -28,8 +28,9 @@ def test_pooler_config_and_pooling_params_errors():
                        ({"normalize": "yes"}, "normalize='yes' must be a bool"), ([1], "must be a dict")]:
         with pytest.raises(ValueError, match=match):
             PoolerConfig.from_dict(bad)
-    with pytest.raises(ValueError, match="dimensions=64 is not supported"):
-        PoolingParams(dimensions=64)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=f"dimensions={bad!r} must be a positive integer"):
+            PoolingParams(dimensions=bad)
     with pytest.raises(ValueError, match="truncate_prompt_tokens=0"):
         PoolingParams(truncate_prompt_tokens=0)
     from jaxllm.engine_args import EngineArgs

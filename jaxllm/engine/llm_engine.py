@@ -304,6 +304,11 @@ class LLMEngine:
         "token_embed"; a classifier its head's ("classify", "token_classify")."""
         return self.classifier.tasks if self.classifier is not None else ("generate", "embed", "token_embed")
 
+    def check_pooling_params(self, params: PoolingParams) -> None:
+        """ValueError (naming the field) when this engine's model cannot serve ``params``: its
+        task, or Matryoshka ``dimensions`` it was not trained for."""
+        self._as_pooling(params)
+
     def _as_pooling(self, params: PoolingParams) -> tuple[SamplingParams, PoolingSpec]:
         """A pooling request (vLLM's: the prompt's final hidden states pooled into one vector) runs
         as a request of one output token, which is not returned: its SamplingParams, and what
@@ -317,10 +322,15 @@ class LLMEngine:
                              + (" (a classifier)" if self.classifier is not None else
                                 "; classify needs a *ForSequenceClassification model, token_classify a "
                                 "*ForSequenceClassification or *ForTokenClassification one"))
+        if params.dimensions is not None:
+            if task not in ("embed", "token_embed"):
+                raise ValueError(f"dimensions={params.dimensions}: only embeddings (task 'embed' or 'token_embed') "
+                                 f"can be cut, not task={task!r}")
+            self.runner.cfg.check_dimensions(params.dimensions)
         normalize = self.pooler_config.normalize if params.normalize is None else params.normalize
         use_activation = params.use_activation is not False
         pooling_type = "ALL" if task.startswith("token_") else self.pooler_config.pooling_type
-        return sampling, PoolingSpec(pooling_type, normalize, task, use_activation)
+        return sampling, PoolingSpec(pooling_type, normalize, task, use_activation, params.dimensions)
 
     def _check_limits(self, params: SamplingParams) -> None:
         """What this engine's settings refuse in a request that SamplingParams allows."""
@@ -564,7 +574,9 @@ class LLMEngine:
             vector = vector / request.num_pooled_tokens
         if spec.task in ("classify", "token_classify"):
             vector = self.classifier(vector, spec.use_activation)
-        elif spec.normalize:
+        elif spec.dimensions is not None:  # Matryoshka: the first values, normalised after the cut
+            vector = vector[..., : spec.dimensions]
+        if spec.task in ("embed", "token_embed") and spec.normalize:
             norms = np.linalg.norm(vector, axis=-1, keepdims=True)
             vector = vector / np.maximum(norms, 1e-12)
         return PoolingRequestOutput(request.request_id, PoolingOutput(vector), list(request.prompt_token_ids), True)

@@ -38,13 +38,15 @@ _FINISH_REASONS = {
 class PoolingSpec(NamedTuple):
     """What a pooling request's output is: its hidden states pooled by ``type`` ("LAST", "MEAN",
     "CLS", or "ALL": each prompt token's, for the token tasks), then for "embed" / "token_embed"
-    L2-normalised if ``normalize``, for "classify" / "token_classify" put through the classifier
-    head (and its activation if ``use_activation``)."""
+    L2-normalised if ``normalize`` (after keeping their first ``dimensions`` values, when set), for
+    "classify" / "token_classify" put through the classifier head (and its activation if
+    ``use_activation``)."""
 
     type: str
     normalize: bool
     task: str = "embed"
     use_activation: bool = True
+    dimensions: int | None = None
 
 
 @dataclass(eq=False)

@@ -60,6 +60,8 @@ def _common(hf: dict) -> dict:
         "vocab_size": int(_required(hf, "vocab_size")),
         "bos_token_id": hf.get("bos_token_id"),
         "eos_token_ids": _eos_token_ids(hf),
+        "is_matryoshka": bool(hf.get("is_matryoshka", False)),
+        "matryoshka_dimensions": tuple(int(d) for d in hf.get("matryoshka_dimensions") or ()),
     }
 
 

@@ -71,6 +71,11 @@ class OpenAIServingEmbedding(OpenAIServing):
     async def _pooled(self, request: PoolingInputRequest, params: PoolingParams, prefix: str,
                       lora: LoRARequest | None) -> tuple[str, list[list[int]], list[PoolingRequestOutput]]:
         """(response id, the prompts' token ids, their outputs) of one pooling request per input."""
+        try:
+            self.engine.engine.check_pooling_params(params)
+        except ValueError as exc:
+            raise APIError(str(exc), param=next((n for n in ("dimensions", "task") if str(exc).startswith(f"{n}=")),
+                                                None)) from exc
         prompts = [self._checked(params.truncated_prompt(ids, self.served.max_model_len))
                    for ids in self._token_lists(request)]
         request_id = random_id(prefix)

@@ -263,14 +263,18 @@ class OpenAIServing:
             value = list(value)
         if not value:
             raise APIError(f"{param} must not be empty", param=param)
-        vocab = len(self.tokenizer)
+        # Without a tokenizer (skip_tokenizer_init) the model's vocabulary bounds the ids.
+        vocab = len(self.tokenizer) if self.tokenizer is not None else self.engine.engine.vocab_size
         out = []
         for item in value:
+            if isinstance(item, str) and self.tokenizer is None:
+                raise APIError(f"{param} is text, but this server has no tokenizer (skip_tokenizer_init): give token "
+                               "ids", param=param)
             if isinstance(item, str):
                 ids = list(self.tokenizer.encode(item, add_special_tokens=add_special_tokens))
             else:
                 ids = list(item)
-                if any(t < 0 or t >= vocab for t in ids):
+                if vocab is not None and any(t < 0 or t >= vocab for t in ids):
                     raise APIError(f"{param} token ids must be in [0, {vocab})", param=param)
             if not ids:
                 raise APIError(f"{param} must not be empty", param=param)
