@@ -123,3 +123,33 @@ def test_chat_returns_the_rendered_conversations_ids(served):
     assert not any("prompt_token_ids" in chunk for chunk in chunks[1:])
     streamed = [i for chunk in chunks for c in chunk["choices"] for i in c.get("token_ids", [])]
     assert streamed == chat.outputs[0].token_ids
+
+
+def test_a_server_without_a_tokenizer_serves_token_ids(tmp_path):
+    """vLLM's skip_tokenizer_init serving: token ids in, token ids out (the RL loop's way); logprobs
+    name tokens by id; what needs text is refused by name."""
+    from server_client import assert_error
+    from tiny_models import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint("llama", tmp_path / "tiny")  # no tokenizer files
+    llm = LLM(str(path), max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=32, block_size=8)
+    assert llm.get_tokenizer() is None
+    prompt = [5, 6, 7, 8]
+    want = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    body = {"prompt": prompt, "temperature": 0, "max_tokens": 5, "ignore_eos": True, "return_token_ids": True}
+    with client_for(llm.llm_engine, 64, 4) as client:
+        [choice] = client.post("/v1/completions", json={**body, "logprobs": 1}).json()["choices"]
+        assert choice["token_ids"] == want and choice["prompt_token_ids"] == prompt and choice["text"] == ""
+        assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in want]
+        streamed = [i for chunk in events(client.post("/v1/completions", json={**body, "stream": True}))
+                    for c in chunk["choices"] for i in c["token_ids"]]
+        assert streamed == want
+        assert_error(client.post("/v1/completions", json={**body, "stop": ["a"]}), 400, "no tokenizer", "stop")
+        assert_error(client.post("/v1/completions", json={**body, "prompt": "text"}), 400, "no tokenizer", "prompt")
+        assert_error(client.post("/v1/completions", json={**body, "prompt": [5, 160]}), 400,
+                     "prompt token ids must be in [0, 160)", "prompt")
+        assert_error(client.post("/v1/chat/completions", json={"messages": MESSAGES}), 400, "no tokenizer",
+                     "messages")
+        assert_error(client.post("/tokenize", json={"prompt": "hi"}), 400, "no tokenizer", "prompt")
+        assert_error(client.post("/detokenize", json={"tokens": [5]}), 400, "no tokenizer", "tokens")

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import sys
 
@@ -86,7 +87,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ValueError)
     async def refused(_, exc: ValueError):  # the engine refused the request (e.g. too long)
-        return _error(str(exc), 400, "BadRequestError")
+        # The engine's messages start with the field they name ("stop=[...]: ..."): its param.
+        named = re.match(r"([a-z_]+)=", str(exc))
+        return _error(str(exc), 400, "BadRequestError", named.group(1) if named else None)
 
     @app.exception_handler(EngineQueueFullError)
     async def overloaded(_, exc: EngineQueueFullError):
@@ -278,6 +281,8 @@ def _add_utility_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedMode
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
         if (request.prompt is None) == (request.messages is None):
             raise APIError("give exactly one of prompt and messages", param="prompt")
+        if tokenizer is None:
+            raise APIError("this server has no tokenizer (skip_tokenizer_init)", param="prompt")
         if request.messages is not None:
             ids = apply_chat_template(tokenizer, request.messages, request.add_generation_prompt,
                                       request.chat_template, None, request.continue_final_message,
@@ -288,6 +293,8 @@ def _add_utility_routes(app: FastAPI, engine: AsyncLLMEngine, served: ServedMode
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        if tokenizer is None:
+            raise APIError("this server has no tokenizer (skip_tokenizer_init)", param="tokens")
         vocab = len(tokenizer)
         if any(t < 0 or t >= vocab for t in request.tokens):
             raise APIError(f"token ids must be in [0, {vocab})", param="tokens")

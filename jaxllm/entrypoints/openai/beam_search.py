@@ -56,7 +56,8 @@ async def beam_search_output(engine: AsyncLLMEngine, request_id: str, prompt: li
     for index, seq in enumerate(best):
         generated = seq.tokens[group.num_prompt_tokens:]
         shown = generated[:-1] if seq.finish_reason == "stop" else generated  # the eos is not text
-        outputs.append(CompletionOutput(index=index, text=tokenizer.decode(shown, skip_special_tokens=True),
+        text = "" if tokenizer is None else tokenizer.decode(shown, skip_special_tokens=True)
+        outputs.append(CompletionOutput(index=index, text=text,
                                         token_ids=generated, cumulative_logprob=seq.cum_logprob, logprobs=None,
                                         finish_reason=seq.finish_reason, stop_reason=None))
     return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=prompt, prompt_logprobs=None,

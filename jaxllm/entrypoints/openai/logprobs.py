@@ -72,7 +72,7 @@ def _chat_logprob(token_id: int, logprob: Logprob, tokenizer, as_token_ids: bool
 def _token_text(token_id: int, logprob: Logprob | None, tokenizer) -> str:
     if logprob is not None and logprob.decoded_token is not None:
         return logprob.decoded_token
-    return tokenizer.decode([token_id])
+    return "" if tokenizer is None else tokenizer.decode([token_id])  # no tokenizer: no text
 
 
 def _shown(token_id: int, text: str, as_token_ids: bool) -> str:

@@ -58,6 +58,9 @@ def apply_chat_template(tokenizer, messages: list[ChatMessage], add_generation_p
                         continue_final_message: bool = False,
                         chat_template_kwargs: dict | None = None) -> list[int]:
     """Token ids of a conversation (``render_chat``); any failure is the client's error (400)."""
+    if tokenizer is None:
+        raise APIError("this server has no tokenizer (skip_tokenizer_init), and messages need the model's chat "
+                       "template: send token ids to /v1/completions", param="messages")
     try:
         return render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt,
                            continue_final_message=continue_final_message, chat_template=chat_template,

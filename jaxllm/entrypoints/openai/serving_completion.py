@@ -103,7 +103,8 @@ class OpenAIServingCompletion(OpenAIServing):
         """The prompt put in front of the text, tokens and (when asked for) logprobs."""
         if logprobs is not None:
             logprobs = [*(prompt_logprobs or [None] * len(prompt)), *logprobs]
-        return self.tokenizer.decode(prompt) + text, [*prompt, *token_ids], logprobs
+        prompt_text = "" if self.tokenizer is None else self.tokenizer.decode(prompt)  # no tokenizer: no text
+        return prompt_text + text, [*prompt, *token_ids], logprobs
 
     def _logprobs(self, request: CompletionRequest, token_ids: list[int], logprobs: list | None,
                   text_offsets: dict[int, int] | None = None, index: int = 0) -> CompletionLogProbs | None:

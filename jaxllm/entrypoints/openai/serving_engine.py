@@ -159,8 +159,16 @@ class OpenAIServing:
             cached_tokens = None
         return UsageInfo.of(prompt_tokens, completion_tokens, cached_tokens)
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may name: the tokenizer's, or without one (skip_tokenizer_init) the model's."""
+        return len(self.tokenizer) if self.tokenizer is not None else self.engine.engine.vocab_size
+
     def as_token_ids(self, request: SamplingRequest) -> bool:
-        """Whether logprobs show tokens as ``"token_id:<id>"``: the request's choice, else the server's."""
+        """Whether logprobs show tokens as ``"token_id:<id>"``: the request's choice, else the server's;
+        always without a tokenizer (skip_tokenizer_init), which leaves no token text to show."""
+        if self.tokenizer is None:
+            return True
         chosen = request.return_tokens_as_token_ids
         return self.served.return_tokens_as_token_ids if chosen is None else chosen
 
@@ -234,7 +242,7 @@ class OpenAIServing:
         if len(prompt_ids) >= self.served.max_model_len:
             raise APIError(f"the prompt has {len(prompt_ids)} tokens; max_model_len={self.served.max_model_len} "
                            "leaves no room for a completion", param="prompt")
-        vocab = len(self.tokenizer)
+        vocab = self.vocab_size
         for name in ("stop_token_ids", "allowed_token_ids"):
             if any(not 0 <= t < vocab for t in getattr(request, name) or ()):
                 raise APIError(f"{name} must be in [0, {vocab})", param=name)
@@ -263,8 +271,7 @@ class OpenAIServing:
             value = list(value)
         if not value:
             raise APIError(f"{param} must not be empty", param=param)
-        # Without a tokenizer (skip_tokenizer_init) the model's vocabulary bounds the ids.
-        vocab = len(self.tokenizer) if self.tokenizer is not None else self.engine.engine.vocab_size
+        vocab = self.vocab_size
         out = []
         for item in value:
             if isinstance(item, str) and self.tokenizer is None:
@@ -274,7 +281,7 @@ class OpenAIServing:
                 ids = list(self.tokenizer.encode(item, add_special_tokens=add_special_tokens))
             else:
                 ids = list(item)
-                if vocab is not None and any(t < 0 or t >= vocab for t in ids):
+                if any(t < 0 or t >= vocab for t in ids):
                     raise APIError(f"{param} token ids must be in [0, {vocab})", param=param)
             if not ids:
                 raise APIError(f"{param} must not be empty", param=param)
