@@ -46,11 +46,17 @@ def test_config_infers_the_method_from_a_model_and_checks_it():
         ({"model": "x", "num_speculative_tokens": 2, "prompt_lookup_max": 3}, "prompt_lookup_max is for method='ngram'"),
         ({"method": "eagle", "model": "x", "num_speculative_tokens": 2}, "method='eagle' is not supported"),
         ({"num_speculative_tokens": 2, "max_model_len": 64}, "max_model_len=64 is for method='draft_model'"),
-        ({"model": "x", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2}, "runs a model on one device"),
+        ({"model": "x", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 0},
+         "draft_tensor_parallel_size=0 must be a positive integer"),
         ({"model": "x", "num_speculative_tokens": 2, "max_model_len": 0}, "max_model_len=0 must be a positive"),
     ]:
         with pytest.raises(ValueError, match=match):
             SpeculativeConfig.from_dict(bad)
+    # the draft runs split over the target's devices: tensor_parallel_size (1 here) or unset
+    from jaxllm.engine_args import EngineArgs
+
+    with pytest.raises(ValueError, match="draft_tensor_parallel_size=2 must equal tensor_parallel_size=1"):
+        EngineArgs(speculative_config={"model": "x", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2})
 
 
 def test_a_draft_equal_to_the_target_is_always_right(target):
