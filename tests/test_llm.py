@@ -231,9 +231,11 @@ def test_vllm_parallelism_and_tokenizer_arguments(tmp_path, smollm2_model):
 
     from jaxllm.engine_args import EngineArgs
 
-    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
-        with pytest.raises(ValueError, match=rf"{name}=2: jaxllm runs a model on one device"):
-            LLM(smollm2_model, **{name: 2})
+    # tensor parallelism needs the devices (tests/test_tensor_parallel.py splits over three)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs 2 devices; 1 cpu device\(s\) are visible"):
+        LLM(smollm2_model, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2: pipeline parallelism is not supported"):
+        LLM(smollm2_model, pipeline_parallel_size=2)
     assert EngineArgs(tensor_parallel_size=1, trust_remote_code=True).tensor_parallel_size == 1
     path = make_tiny_checkpoint("llama", tmp_path / "model")  # weights only, no tokenizer
     tokenizer_dir = tmp_path / "tokenizer"
