@@ -20,6 +20,10 @@ their negations (ASCII meanings, as in ECMAScript), ``\\n \\t \\r \\f \\v``, ``\
 strings). A pattern always matches the whole text: ``^`` at its start and ``$`` at its end are
 accepted and mean nothing more. Anchors elsewhere, backreferences, lookaround, possessive
 quantifiers, ``\\b`` and inline flags raise ValueError.
+
+One extension, Onigmo's absent operator for literal strings: ``(?~abc|xy)`` matches any text
+that contains none of ``abc`` and ``xy`` (structural tags' free text, params.py). It is built
+as the Aho-Corasick automaton of the strings, every state accepting but those that end one.
 """
 
 from __future__ import annotations
@@ -191,6 +195,13 @@ class _Parser:
                 if end < 0:
                     raise self.error("unterminated group name")
                 self.i = end + 1
+            elif self.p.startswith("?~", self.i):
+                self.i += 2
+                words = self._absent_words(self.alternation())
+                if self.peek() != ")":
+                    raise self.error("missing ')'")
+                self.i += 1
+                return ("absent", words)
             elif self.p.startswith(("?=", "?!", "?<=", "?<!"), self.i):
                 raise self.error("lookaround is not supported")
             else:
@@ -200,6 +211,16 @@ class _Parser:
             raise self.error("missing ')'")
         self.i += 1
         return node
+
+    def _absent_words(self, node) -> tuple[str, ...]:
+        """The literal strings of ``(?~...)``: alternatives of single characters in sequence."""
+        words = []
+        for branch in node[1] if node[0] == "alt" else [node]:
+            items = branch[1] if branch[0] == "cat" else [branch]
+            if not items or any(kind != "chars" or len(r) != 1 or r[0][0] != r[0][1] for kind, r, *_ in items):
+                raise self.error("(?~...) takes non-empty literal strings separated by '|'")
+            words.append("".join(chr(r[0][0]) for _, r in items))
+        return tuple(words)
 
     def char_class(self) -> Ranges:
         negate = self.peek() == "^"
@@ -286,17 +307,23 @@ class _NFA:
         self.edges.append([])
         return len(self.eps) - 1
 
+    def chars(self, a: int, ranges: Ranges, b: int) -> None:
+        """Edges a -> b on the code points ``ranges``: one path of byte ranges per UTF-8 sequence."""
+        for sequence in utf8_sequences(ranges):
+            at = a
+            for k, byte_range in enumerate(sequence):
+                nxt = b if k == len(sequence) - 1 else self.state()
+                self.edges[at].append(((byte_range,), nxt))
+                at = nxt
+
     def build(self, node) -> tuple[int, int]:
         kind = node[0]
-        if kind == "chars":  # one path of byte ranges per UTF-8 sequence of the code point ranges
+        if kind == "chars":
             a, b = self.state(), self.state()
-            for sequence in utf8_sequences(node[1]):
-                at = a
-                for k, byte_range in enumerate(sequence):
-                    nxt = b if k == len(sequence) - 1 else self.state()
-                    self.edges[at].append(((byte_range,), nxt))
-                    at = nxt
+            self.chars(a, node[1], b)
             return a, b
+        if kind == "absent":
+            return self.absent(node[1])
         if kind == "cat":
             a = b = self.state()
             for child in node[1]:
@@ -331,6 +358,29 @@ class _NFA:
             b = e
         self.eps[b].append(end)
         return a, end
+
+    def absent(self, words: tuple[str, ...]) -> tuple[int, int]:
+        """Text containing none of ``words``: a state per prefix of a word (Aho-Corasick: on a
+        character, the longest prefix that ends the text so far), each with an exit; no edge into
+        a prefix that ends with a whole word."""
+        prefixes = sorted({w[:k] for w in words for k in range(len(w))}, key=len)  # "" first
+        alphabet = sorted({ord(c) for w in words for c in w})
+        state = {p: self.state() for p in prefixes}
+        end = self.state()
+        others = _complement(tuple((c, c) for c in alphabet))
+        for p in prefixes:
+            self.eps[state[p]].append(end)
+            targets: dict[str, list[tuple[int, int]]] = {"": list(others)}
+            for c in alphabet:
+                text = p + chr(c)
+                if any(text.endswith(w) for w in words):
+                    continue  # a whole word: no way on
+                longest = next(text[k:] for k in range(len(text) + 1) if text[k:] in state)
+                targets.setdefault(longest, []).append((c, c))
+            for target, ranges in targets.items():
+                if ranges:
+                    self.chars(state[p], _normalize(ranges), state[target])
+        return state[""], end
 
     def closure(self, states) -> frozenset[int]:
         seen, stack = set(states), list(states)

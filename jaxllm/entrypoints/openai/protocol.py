@@ -41,7 +41,8 @@ class RequestModel(OpenAIModel):
 
 
 def _response_format_params(response_format: dict[str, Any], whitespace: dict) -> StructuredOutputsParams | None:
-    """OpenAI's ``response_format``: text (no constraint), json_object or json_schema."""
+    """OpenAI's ``response_format``: text (no constraint), json_object, json_schema, or vLLM's
+    structural_tag (``structures`` and ``triggers`` beside the type)."""
     kind = response_format.get("type")
     if kind == "text":
         return None
@@ -52,7 +53,10 @@ def _response_format_params(response_format: dict[str, Any], whitespace: dict) -
         if not isinstance(spec, dict) or "schema" not in spec:
             raise ValueError("response_format json_schema needs a 'json_schema' object with a 'schema'")
         return StructuredOutputsParams(json=spec["schema"], **whitespace)
-    raise ValueError(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'")
+    if kind == "structural_tag":
+        return StructuredOutputsParams(structural_tag=dict(response_format), **whitespace)
+    raise ValueError(f"response_format type {kind!r} is not supported; use 'text', 'json_object', 'json_schema' or "
+                     "'structural_tag'")
 
 
 class ErrorInfo(OpenAIModel):
