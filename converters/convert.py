@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from converters.name_maps import FamilyMap, TensorRule, axis_sizes, expected_shape, family_map
+from converters.name_maps import FamilyMap, TensorRule, axis_size, axis_sizes, expected_shape, family_map
 from converters.sources import TensorSource
 from jaxllm.config import ModelConfig
 from jaxllm.models.layout import param_shapes
@@ -41,6 +41,10 @@ def _convert_one(rule: TensorRule, hf: np.ndarray, hf_name: str, sizes: dict[str
     if rule.split is not None:
         part, parts = rule.split
         hf = np.split(hf, parts, axis=-1)[part]
+    if rule.rows is not None:
+        before, size = rule.rows
+        start = sum(axis_size(entry, sizes) for entry in before)
+        hf = hf[start : start + axis_size(size, sizes)]
     if rule.transpose:
         hf = hf.T
     return hf.reshape(shape)

@@ -7,12 +7,16 @@ and how to bring it into the layout:
 - ``transpose``: torch ``nn.Linear`` stores ``[out, in]``; the layout is input-major ``[in, out]``.
   GPT-2's ``Conv1D`` already stores ``[in, out]``, so its rules do not transpose.
 - ``split``: ``(part, parts)`` of the last HF axis, for GPT-2's fused ``c_attn`` (q | k | v).
+- ``rows``: ``(before, size)``: the rows ``[sum(before), sum(before) + size)`` of the HF axis 0,
+  in axis letters, for Phi-3's fused ``qkv_proj`` (q | k | v, kv narrower under GQA) and
+  ``gate_up_proj`` (gate | up).
 - then a reshape to the layout shape splits heads out: ``[D, N*H] -> [D, N, H]``.
 
 Axis letters (as in ``layout.py``): D model, N q heads, K kv heads, H head dim, F ffn, V vocab,
 E OPT's word_embed_proj_dim (D when absent), P learned positions (incl. OPT's offset of 2),
 L a classifier's labels.
-A shape entry is a product of letters with an optional integer factor: ``"NH"``, ``"3D"``.
+A shape entry is a product of letters with an optional integer factor: ``"NH"``, ``"3D"``, or a
+sum of such products: ``"NH+2KH"``.
 
 Only rules whose parameter exists in ``param_shapes(config)`` are applied, so the layout decides
 which tensors a checkpoint must contain (biases, qk-norm, an untied lm_head, ...).
@@ -35,6 +39,7 @@ class TensorRule:
     hf_shape: tuple[str, ...]  # expected HF shape in axis letters, checked before any transform
     transpose: bool = False  # [out, in] -> [in, out]
     split: tuple[int, int] | None = None  # (part, parts) of the last HF axis
+    rows: tuple[tuple[str, ...], str] | None = None  # (entries before, size) of rows of HF axis 0
     # Config flag that, when False, means the checkpoint has no such tensor and the layout
     # still wants one (OPT with enable_bias=False): the parameter is zeros.
     zeros_unless: str | None = None
@@ -75,16 +80,21 @@ def axis_sizes(c: ModelConfig) -> dict[str, int]:
 def expected_shape(spec: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
     """``("NH", "D")`` -> ``(N*H, D)``; a leading integer multiplies: ``"3D"`` -> ``3*D``."""
 
-    def size(entry: str) -> int:
-        match = re.fullmatch(r"(\d*)([A-Z]+)", entry)
+    return tuple(axis_size(entry, sizes) for entry in spec)
+
+
+def axis_size(entry: str, sizes: dict[str, int]) -> int:
+    """``"NH+2KH"`` -> ``N*H + 2*K*H``."""
+    total = 0
+    for term in entry.split("+"):
+        match = re.fullmatch(r"(\d*)([A-Z]+)", term)
         if match is None:
             raise ValueError(f"bad axis spec {entry!r}")
-        total = int(match.group(1) or 1)
+        product = int(match.group(1) or 1)
         for letter in match.group(2):
-            total *= sizes[letter]
-        return total
-
-    return tuple(size(entry) for entry in spec)
+            product *= sizes[letter]
+        total += product
+    return total
 
 
 def _linear(param: str, name: str, out: str, inp: str, **kw) -> TensorRule:
@@ -189,6 +199,24 @@ OPT = FamilyMap(
     ignored=(),
 )
 
+# Phi-3: Llama's decoder with q, k, v fused into qkv_proj and gate, up into gate_up_proj.
+_PHI3_FUSED = {
+    "wq": ("self_attn.qkv_proj", ((), "NH")), "wk": ("self_attn.qkv_proj", (("NH",), "KH")),
+    "wv": ("self_attn.qkv_proj", (("NH", "KH"), "KH")),
+    "w_gate": ("mlp.gate_up_proj", ((), "F")), "w_up": ("mlp.gate_up_proj", (("F",), "F")),
+}
+PHI3 = FamilyMap(
+    rules=tuple(
+        TensorRule(r.param, _LLAMA_LAYER + _PHI3_FUSED[r.param][0] + ".weight",
+                   ("NH+2KH" if "qkv" in _PHI3_FUSED[r.param][0] else "2F", "D"), transpose=True,
+                   rows=_PHI3_FUSED[r.param][1])
+        if r.param in _PHI3_FUSED and r.per_layer and not r.hf_name.endswith(".bias") else r
+        for r in LLAMA.rules
+    ),
+    base_prefix=LLAMA.base_prefix,
+    ignored=LLAMA.ignored,
+)
+
 # A sequence classifier: the same decoder and a score head [num_labels, D] on its last token
 # (a token classifier: on every token).
 LLAMA_CLASSIFIER = FamilyMap(
@@ -219,6 +247,7 @@ _BY_ARCHITECTURE = {
     "Qwen3ForCausalLM": LLAMA,
     "GPT2LMHeadModel": GPT2,
     "OPTForCausalLM": OPT,
+    "Phi3ForCausalLM": PHI3,
 }
 
 

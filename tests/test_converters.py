@@ -59,6 +59,22 @@ def _expected_llama(sd: dict, c) -> dict:
     return top
 
 
+def _expected_phi3(sd: dict, c) -> dict:
+    """Phi-3's fused tensors cut by hand into Llama's, then read as Llama's."""
+    NH, KH, F = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    unfused = dict(sd)
+    for i in range(c.num_layers):
+        qkv = unfused.pop(f"model.layers.{i}.self_attn.qkv_proj.weight")
+        unfused[f"model.layers.{i}.self_attn.q_proj.weight"] = qkv[:NH]
+        unfused[f"model.layers.{i}.self_attn.k_proj.weight"] = qkv[NH : NH + KH]
+        unfused[f"model.layers.{i}.self_attn.v_proj.weight"] = qkv[NH + KH :]
+        gate_up = unfused.pop(f"model.layers.{i}.mlp.gate_up_proj.weight")
+        assert gate_up.shape[0] == 2 * F
+        unfused[f"model.layers.{i}.mlp.gate_proj.weight"] = gate_up[:F]
+        unfused[f"model.layers.{i}.mlp.up_proj.weight"] = gate_up[F:]
+    return _expected_llama(unfused, c)
+
+
 def _expected_gpt2(sd: dict, c) -> dict:
     D, N, H = c.hidden_size, c.num_heads, c.head_dim
 
@@ -114,7 +130,7 @@ def _expected_opt(sd: dict, c) -> dict:
 
 _EXPECTED = {"LlamaForCausalLM": _expected_llama, "MistralForCausalLM": _expected_llama,
              "Qwen2ForCausalLM": _expected_llama, "Qwen3ForCausalLM": _expected_llama,
-             "GPT2LMHeadModel": _expected_gpt2, "OPTForCausalLM": _expected_opt}
+             "GPT2LMHeadModel": _expected_gpt2, "OPTForCausalLM": _expected_opt, "Phi3ForCausalLM": _expected_phi3}
 
 
 def _assert_trees_equal(ours: dict, want: dict) -> None:

@@ -126,3 +126,20 @@ def test_bfloat16_dtype_names(tmp_path):
     assert jaxllm.loader.resolve_dtype("auto", "float16", "gpu") == np.dtype(np.float16)
     with pytest.raises(ValueError, match="dtype='float8'"):
         jaxllm.loader.resolve_dtype("float8", "float32", "cpu")
+
+
+def test_phi3_through_the_engine_equals_transformers_greedy(tmp_path):
+    """Phi-3's fused projections, split by the converter, and its sliding window (16 here) in the
+    engine's paged steps: 40-token prompts chunked by a 16-token budget, 24 tokens each
+    (``min_tokens`` bans the eos as transformers' ``min_new_tokens`` does)."""
+    from conftest import hf_greedy
+
+    from jaxllm import LLM, SamplingParams
+
+    path = make_tiny_checkpoint("phi3", tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    prompts = [np.random.default_rng(seed).integers(3, 160, size=40).tolist() for seed in range(3)]
+    llm = LLM(str(path), max_model_len=96, max_num_seqs=4, max_num_batched_tokens=16, num_kv_blocks=48, block_size=8)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=24, min_tokens=24), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 24) for p in prompts]

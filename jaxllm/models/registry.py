@@ -108,6 +108,16 @@ def _qwen3(hf: dict) -> ModelConfig:
     return _llama_like(hf, qkv_bias=bias, o_bias=bias, qk_norm=True)
 
 
+def _phi3(hf: dict) -> ModelConfig:
+    """Phi-3 (and Phi-3.5 / Phi-4 without longrope): Llama's layers with fused projections (the
+    converter splits them) and one sliding window, when set, on every layer."""
+    partial = float(hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor={partial}: RoPE on part of each head is not supported "
+                         f"({hf['architectures'][0]})")
+    return _llama_like(hf)
+
+
 def _gpt2(hf: dict) -> ModelConfig:
     hidden, heads = int(_required(hf, "n_embd", "hidden_size")), int(_required(hf, "n_head", "num_attention_heads"))
     return ModelConfig(
@@ -197,6 +207,7 @@ ARCHITECTURES: dict[str, Callable[[dict], ModelConfig]] = {
     "Qwen3ForCausalLM": _qwen3,
     "GPT2LMHeadModel": _gpt2,
     "OPTForCausalLM": _opt,
+    "Phi3ForCausalLM": _phi3,
     "LlamaForSequenceClassification": _classifier(_llama),
     "MistralForSequenceClassification": _classifier(_mistral),
     "Qwen2ForSequenceClassification": _classifier(_qwen2),
