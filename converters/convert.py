@@ -55,6 +55,8 @@ def _param(rule: TensorRule, reader: _Reader, c: ModelConfig, shape, layer: int 
         return np.zeros(shape, dtype)
     hf_name = rule.hf_name.format(i=layer)
     value = _convert_one(rule, reader.get(hf_name), hf_name, axis_sizes(c), shape)
+    if rule.offset:
+        value = value.astype(np.float32) + np.float32(rule.offset)  # before the cast, as Gemma adds in float32
     return value.astype(dtype)
 
 

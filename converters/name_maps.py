@@ -24,6 +24,7 @@ which tensors a checkpoint must contain (biases, qk-norm, an untied lm_head, ...
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class TensorRule:
     # Config flag that, when False, means the checkpoint has no such tensor and the layout
     # still wants one (OPT with enable_bias=False): the parameter is zeros.
     zeros_unless: str | None = None
+    offset: float = 0.0  # added to the tensor: Gemma's RMSNorm scales by (1 + weight)
 
     @property
     def per_layer(self) -> bool:
@@ -199,6 +201,14 @@ OPT = FamilyMap(
     ignored=(),
 )
 
+# Gemma: Llama's names; its norms scale by (1 + weight), stored here as the scale itself.
+GEMMA = FamilyMap(
+    rules=tuple(dataclasses.replace(r, offset=1.0) if r.param in ("attn_norm", "mlp_norm", "final_norm") else r
+                for r in LLAMA.rules),
+    base_prefix=LLAMA.base_prefix,
+    ignored=LLAMA.ignored,
+)
+
 # Phi-3: Llama's decoder with q, k, v fused into qkv_proj and gate, up into gate_up_proj.
 _PHI3_FUSED = {
     "wq": ("self_attn.qkv_proj", ((), "NH")), "wk": ("self_attn.qkv_proj", (("NH",), "KH")),
@@ -248,6 +258,7 @@ _BY_ARCHITECTURE = {
     "GPT2LMHeadModel": GPT2,
     "OPTForCausalLM": OPT,
     "Phi3ForCausalLM": PHI3,
+    "GemmaForCausalLM": GEMMA,
 }
 
 

@@ -87,6 +87,8 @@ class ModelConfig:
     pre_norm: bool = True  # OPT-350m normalises after attention/MLP
     final_norm: bool = True
     word_embed_proj_dim: int | None = None  # OPT-350m projects embeddings in and out
+    # "llama" family: Gemma multiplies the token embeddings by sqrt(hidden_size) (in the model's dtype).
+    embed_scale: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # A classifier (``*ForSequenceClassification``, or ``*ForTokenClassification`` when

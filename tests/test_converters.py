@@ -75,6 +75,12 @@ def _expected_phi3(sd: dict, c) -> dict:
     return _expected_llama(unfused, c)
 
 
+def _expected_gemma(sd: dict, c) -> dict:
+    """Gemma's norm weights w scale by (1 + w): the layout stores 1 + w."""
+    plus_one = {name: w + 1 if name.endswith("norm.weight") else w for name, w in sd.items()}
+    return _expected_llama(plus_one, c)
+
+
 def _expected_gpt2(sd: dict, c) -> dict:
     D, N, H = c.hidden_size, c.num_heads, c.head_dim
 
@@ -130,7 +136,8 @@ def _expected_opt(sd: dict, c) -> dict:
 
 _EXPECTED = {"LlamaForCausalLM": _expected_llama, "MistralForCausalLM": _expected_llama,
              "Qwen2ForCausalLM": _expected_llama, "Qwen3ForCausalLM": _expected_llama,
-             "GPT2LMHeadModel": _expected_gpt2, "OPTForCausalLM": _expected_opt, "Phi3ForCausalLM": _expected_phi3}
+             "GPT2LMHeadModel": _expected_gpt2, "OPTForCausalLM": _expected_opt, "Phi3ForCausalLM": _expected_phi3,
+             "GemmaForCausalLM": _expected_gemma}
 
 
 def _assert_trees_equal(ours: dict, want: dict) -> None:

@@ -37,8 +37,9 @@ def test_tiny_family_logits_match_transformers(family, tmp_path):
     assert_logits_close(model.forward(ids), _hf_logits(path, ids), F32_RTOL)
 
 
-def test_bfloat16_logits_close_to_transformers(tmp_path):
-    path = make_tiny_checkpoint("llama", tmp_path)
+@pytest.mark.parametrize("family", ["llama", "gemma"])  # gemma: its (1 + w) norm scales rounded to bfloat16
+def test_bfloat16_logits_close_to_transformers(tmp_path, family):
+    path = make_tiny_checkpoint(family, tmp_path)
     ids = list(range(3, 40))
     model = jaxllm.load_model(str(path), dtype="bfloat16")
     assert model.params["embed"].dtype == jnp.bfloat16
@@ -128,15 +129,17 @@ def test_bfloat16_dtype_names(tmp_path):
         jaxllm.loader.resolve_dtype("float8", "float32", "cpu")
 
 
-def test_phi3_through_the_engine_equals_transformers_greedy(tmp_path):
-    """Phi-3's fused projections, split by the converter, and its sliding window (16 here) in the
-    engine's paged steps: 40-token prompts chunked by a 16-token budget, 24 tokens each
-    (``min_tokens`` bans the eos as transformers' ``min_new_tokens`` does)."""
+@pytest.mark.parametrize("family", ["phi3", "gemma"])
+def test_newer_families_through_the_engine_equal_transformers_greedy(tmp_path, family):
+    """Phi-3's fused projections (split by the converter) and sliding window (16 here), Gemma's
+    norms, embedding scale and GeGLU, in the engine's paged steps: 40-token prompts chunked by a
+    16-token budget, 24 tokens each (``min_tokens`` bans the eos as transformers'
+    ``min_new_tokens`` does)."""
     from conftest import hf_greedy
 
     from jaxllm import LLM, SamplingParams
 
-    path = make_tiny_checkpoint("phi3", tmp_path)
+    path = make_tiny_checkpoint(family, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     prompts = [np.random.default_rng(seed).integers(3, 160, size=40).tolist() for seed in range(3)]
     llm = LLM(str(path), max_model_len=96, max_num_seqs=4, max_num_batched_tokens=16, num_kv_blocks=48, block_size=8)

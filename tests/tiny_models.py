@@ -12,6 +12,7 @@ Families and what each one exercises:
   qwen3        qk-norm, explicit head_dim 32 != hidden / heads, attention_bias (q/k/v and o)
   smollm2      Llama with tied embeddings, 3 q heads / 1 kv head
   phi3         fused qkv_proj (GQA: q wider than k, v) and gate_up_proj, sliding_window 16
+  gemma        RMSNorm by (1 + weight), embeddings times sqrt(hidden), GeGLU, tied
   gpt2         Conv1D weights, fused c_attn, learned positions, tied
   opt          separate q/k/v, position offset 2, ReLU, tied
   opt350m      word_embed_proj_dim 32 (project_in/out), post-norm, no final norm
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FAMILIES = ("llama", "llama3_rope", "mistral", "qwen2", "qwen3", "smollm2", "phi3", "gpt2", "opt", "opt350m")
+FAMILIES = ("llama", "llama3_rope", "mistral", "qwen2", "qwen3", "smollm2", "phi3", "gemma", "gpt2", "opt", "opt350m")
 
 _LLAMA_SIZES = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -59,6 +60,7 @@ def _config(name: str):
         "gpt2": lambda: tf.GPT2Config(
             n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=160, bos_token_id=1, eos_token_id=2,
         ),
+        "gemma": lambda: tf.GemmaConfig(**_LLAMA_SIZES, hidden_activation="gelu_pytorch_tanh"),
         "phi3": lambda: tf.Phi3Config(**_LLAMA_SIZES, sliding_window=16, pad_token_id=0),
         "opt": lambda: tf.OPTConfig(**_OPT_SIZES, word_embed_proj_dim=64),
         "opt350m": lambda: tf.OPTConfig(**_OPT_SIZES, word_embed_proj_dim=32, do_layer_norm_before=False),

@@ -8,6 +8,7 @@ write is an in-place update of the donated pool.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.models import lora as lora_
@@ -80,6 +81,8 @@ def forward(params: dict, cfg: ModelConfig, kv: KVPool, token_ids, md: Attention
     ``input_embeds``: (rows [T, D], whether each position takes its row [T] bool) for vLLM's
     prompt_embeds, in place of the embedding table's rows; None: the table's."""
     x = embed(params, token_ids, input_embeds)
+    if cfg.embed_scale is not None:  # Gemma
+        x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     stacks, mask = lora if lora is not None else (None, None)
 
     def layer(carry, scanned):

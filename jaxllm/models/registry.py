@@ -118,6 +118,14 @@ def _phi3(hf: dict) -> ModelConfig:
     return _llama_like(hf)
 
 
+def _gemma(hf: dict) -> ModelConfig:
+    """Gemma (1): Llama's layers with a GeGLU MLP, RMSNorm scaled by (1 + weight) (the converter
+    adds the 1), embeddings multiplied by sqrt(hidden_size), tied embeddings."""
+    hidden = int(_required(hf, "hidden_size"))
+    return _llama_like(hf, hidden_act=hf.get("hidden_activation") or "gelu_pytorch_tanh", embed_scale=hidden ** 0.5,
+                       tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)))
+
+
 def _gpt2(hf: dict) -> ModelConfig:
     hidden, heads = int(_required(hf, "n_embd", "hidden_size")), int(_required(hf, "n_head", "num_attention_heads"))
     return ModelConfig(
@@ -208,6 +216,7 @@ ARCHITECTURES: dict[str, Callable[[dict], ModelConfig]] = {
     "GPT2LMHeadModel": _gpt2,
     "OPTForCausalLM": _opt,
     "Phi3ForCausalLM": _phi3,
+    "GemmaForCausalLM": _gemma,
     "LlamaForSequenceClassification": _classifier(_llama),
     "MistralForSequenceClassification": _classifier(_mistral),
     "Qwen2ForSequenceClassification": _classifier(_qwen2),
