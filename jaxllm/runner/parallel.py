@@ -38,9 +38,8 @@ _LAYER_SPLIT_AXIS = {
 
 
 def make_mesh(tensor_parallel_size: int) -> Mesh | None:
-    """The first ``tensor_parallel_size`` devices as a one-axis mesh; None for one device."""
-    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-        raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r} must be a positive integer")
+    """The first ``tensor_parallel_size`` devices (a positive integer: EngineArgs checks it) as a
+    one-axis mesh; None for one device."""
     if tensor_parallel_size == 1:
         return None
     devices = jax.devices()

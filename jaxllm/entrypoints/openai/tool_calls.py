@@ -361,18 +361,12 @@ def parse_qwen3_coder(text: str, tools: tuple = ()) -> ParsedReply:
     before the first is content. Values are text: each becomes its parameter's JSON type in the
     request's tools (string: as is; integer, number, boolean, object, array: parsed), a value that
     does not parse as its type stays a string, and an untyped one is JSON if it parses."""
-    start = text.find(_HERMES_OPEN)
-    if start < 0:
-        return ParsedReply(text)
-    types = _tool_properties(tools)
-    calls = []
-    for function in _QWEN3_FUNCTION.finditer(text, start):
-        name = function["name"].strip()
-        properties = types.get(name, {})
-        arguments = {p["name"].strip(): _typed(_strip_newline(p["value"]), properties.get(p["name"].strip()))
-                     for p in _QWEN3_PARAMETER.finditer(function["body"])}
-        calls.append(_call(name, json.dumps(arguments, ensure_ascii=False)))
-    return ParsedReply(text[:start].strip() or None, calls) if calls else ParsedReply(text)
+    def found(start: int):
+        for function in _QWEN3_FUNCTION.finditer(text, start):
+            yield function["name"], [(p["name"], _strip_newline(p["value"]))
+                                     for p in _QWEN3_PARAMETER.finditer(function["body"])]
+
+    return _typed_tool_calls(text, tools, found)
 
 
 def _strip_newline(value: str) -> str:
@@ -460,18 +454,29 @@ def parse_glm45(text: str, tools: tuple = ()) -> ParsedReply:
     """GLM-4.5 tool calls (vLLM's ``glm45``): ``<tool_call>NAME`` then ``<arg_key>KEY</arg_key>
     <arg_value>VALUE</arg_value>`` pairs and ``</tool_call>``; values are typed by the request's
     tools as ``qwen3_coder``'s are. The text before the first call is content."""
+    def found(start: int):
+        for match in _GLM_CALL.finditer(text, start):
+            yield match["name"], [(a["key"], a["value"]) for a in _GLM_ARG.finditer(match["body"])]
+
+    return _typed_tool_calls(text, tools, found)
+
+
+def _typed_tool_calls(text: str, tools: tuple, found) -> ParsedReply:
+    """The calls of a format whose argument values are text (qwen3_coder, glm45), each typed by its
+    parameter's schema in the request's tools (``_typed``). ``found(start)`` yields (name, [(key,
+    value text)]) per call from the first ``<tool_call>``; the text before it is content. A call
+    without a name leaves the whole reply as content."""
     start = text.find(_HERMES_OPEN)
     if start < 0:
         return ParsedReply(text)
     properties = _tool_properties(tools)
     calls = []
-    for match in _GLM_CALL.finditer(text, start):
-        name = match["name"].strip()
+    for name, pairs in found(start):
+        name = name.strip()
         if not name:
             return ParsedReply(text)
         schema = properties.get(name, {})
-        arguments = {a["key"].strip(): _typed(a["value"], schema.get(a["key"].strip())) for a in _GLM_ARG.finditer(
-            match["body"])}
+        arguments = {key.strip(): _typed(value, schema.get(key.strip())) for key, value in pairs}
         calls.append(_call(name, json.dumps(arguments, ensure_ascii=False)))
     return ParsedReply(text[:start].strip() or None, calls) if calls else ParsedReply(text)
 
