@@ -57,7 +57,15 @@ def _param(rule: TensorRule, reader: _Reader, c: ModelConfig, shape, layer: int 
     value = _convert_one(rule, reader.get(hf_name), hf_name, axis_sizes(c), shape)
     if rule.offset:
         value = value.astype(np.float32) + np.float32(rule.offset)  # before the cast, as Gemma adds in float32
-    return value.astype(dtype)
+    return value.astype(dtype, copy=False)
+
+
+def _stacked(rule: TensorRule, reader: _Reader, c: ModelConfig, shape, dtype) -> np.ndarray:
+    """One parameter of every layer, each written straight into its slice of the stack."""
+    out = np.empty(shape, dtype)
+    for i in range(c.num_layers):
+        out[i] = _param(rule, reader, c, shape[1:], i, dtype)
+    return out
 
 
 def _check_leftovers(reader: _Reader, source: TensorSource, fmap: FamilyMap, params: dict, c: ModelConfig) -> None:
@@ -94,11 +102,7 @@ def convert(c: ModelConfig, source: TensorSource, dtype=np.float32) -> dict:
         for name, shape in shapes.items()
         if name != "layers"
     }
-    params["layers"] = {
-        name: np.stack([
-            _param(fmap.rule(name, per_layer=True), reader, c, shape[1:], i, dtype) for i in range(c.num_layers)
-        ])
-        for name, shape in shapes["layers"].items()
-    }
+    params["layers"] = {name: _stacked(fmap.rule(name, per_layer=True), reader, c, shape, dtype)
+                        for name, shape in shapes["layers"].items()}
     _check_leftovers(reader, source, fmap, params, c)
     return params

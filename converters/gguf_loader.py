@@ -16,6 +16,7 @@ import numpy as np
 
 from converters.checkpoint import Checkpoint
 from converters.convert import convert
+from converters.gguf_file import GGUFFile
 from converters.gguf_tokenizer import load_gguf_tokenizer
 from jaxllm.models.registry import config_from_hf
 
@@ -57,26 +58,21 @@ _LAYER_NAMES = {
 }
 
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def hf_config_from_gguf(reader) -> dict:
+def hf_config_from_gguf(reader: GGUFFile) -> dict:
     """A Hugging Face ``config.json``-style dict from GGUF metadata."""
-    arch = _field(reader, "general.architecture")
+    arch = reader.field("general.architecture")
     if arch not in _ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {sorted(_ARCHITECTURES)}")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ValueError("GGUF tensor 'rope_freqs.weight' (llama3 rope scaling) is not supported yet")
     hf = {"architectures": [_ARCHITECTURES[arch]]}
     for gguf_key, hf_key in _CONFIG_KEYS.items():
-        value = _field(reader, f"{arch}.{gguf_key}")
+        value = reader.field(f"{arch}.{gguf_key}")
         if value is not None:
             hf[hf_key] = value
-    hf.setdefault("vocab_size", len(reader.fields["tokenizer.ggml.tokens"].data))
-    hf["bos_token_id"] = _field(reader, "tokenizer.ggml.bos_token_id")
-    hf["eos_token_id"] = _field(reader, "tokenizer.ggml.eos_token_id")
+    hf.setdefault("vocab_size", len(reader.fields["tokenizer.ggml.tokens"]))
+    hf["bos_token_id"] = reader.field("tokenizer.ggml.bos_token_id")
+    hf["eos_token_id"] = reader.field("tokenizer.ggml.eos_token_id")
     # llama.cpp drops output.weight when it is the embedding.
     hf["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
     hf["attention_bias"] = any(t.name.endswith("attn_q.bias") for t in reader.tensors)
@@ -108,8 +104,8 @@ def hf_tensor_name(gguf_name: str) -> str | None:
 class GGUFSource:
     """GGUF tensors under HF names, dequantised to float32 one at a time."""
 
-    def __init__(self, reader, hf_config: dict):
-        self._arch = _field(reader, "general.architecture")
+    def __init__(self, reader: GGUFFile, hf_config: dict):
+        self._arch = reader.field("general.architecture")
         self._tensors = {hf_tensor_name(t.name): t for t in reader.tensors if hf_tensor_name(t.name)}
         heads = hf_config["num_attention_heads"]
         self._heads = {"q_proj": heads, "k_proj": hf_config.get("num_key_value_heads", heads)}
@@ -134,9 +130,7 @@ class GGUFSource:
 
 def load_gguf(path: Path, dtype=np.float32) -> Checkpoint:
     """Convert a GGUF file alone to the layout's params (dequantised, cast to ``dtype``)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+    reader = GGUFFile(path)
     hf = hf_config_from_gguf(reader)
     config = config_from_hf(hf)
     source = GGUFSource(reader, hf)

@@ -9,9 +9,12 @@ transformers when torch is installed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+if TYPE_CHECKING:
+    from converters.gguf_file import GGUFFile
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -34,22 +37,17 @@ def _pre_tokenizer(pre: str | None):
     return None
 
 
-def _field(reader, name: str, default=None):
-    field = reader.fields.get(name)
-    return default if field is None else field.contents()
-
-
-def _byte_level_bpe(reader, pre_tokenizer) -> Tokenizer:
-    tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+def _byte_level_bpe(reader: GGUFFile, pre_tokenizer) -> Tokenizer:
+    tokens: list[str] = reader.field("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in reader.field("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
-    types = _field(reader, "tokenizer.ggml.token_type", [])
+    types = reader.field("tokenizer.ggml.token_type", [])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=False) if k == _CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types, strict=False) if k == _USER_DEFINED])
-    bos_id = _field(reader, "tokenizer.ggml.bos_token_id")
-    if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos_id is not None:
+    bos_id = reader.field("tokenizer.ggml.bos_token_id")
+    if reader.field("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
         bos = tokens[bos_id]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
@@ -57,28 +55,28 @@ def _byte_level_bpe(reader, pre_tokenizer) -> Tokenizer:
     return tok
 
 
-def _special_token_names(reader, tokens: list[str]) -> dict[str, str]:
+def _special_token_names(reader: GGUFFile, tokens: list[str]) -> dict[str, str]:
     names = {}
     for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
-        index = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        index = reader.field(f"tokenizer.ggml.{key}_token_id")
         if index is not None and 0 <= index < len(tokens):
             names[name] = tokens[index]
     return names
 
 
-def load_gguf_tokenizer(reader, path) -> Any:
+def load_gguf_tokenizer(reader: GGUFFile, path) -> Any:
     """A transformers ``PreTrainedTokenizerFast`` for the GGUF file read by ``reader``."""
     from transformers import PreTrainedTokenizerFast
 
-    model = _field(reader, "tokenizer.ggml.model")
-    pre = _field(reader, "tokenizer.ggml.pre")
+    model = reader.field("tokenizer.ggml.model")
+    pre = reader.field("tokenizer.ggml.pre")
     pre_tokenizer = _pre_tokenizer(pre) if model == "gpt2" else None
     if pre_tokenizer is None:
         return _transformers_fallback(path, model, pre)
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    tokens = reader.field("tokenizer.ggml.tokens")
     return PreTrainedTokenizerFast(
         tokenizer_object=_byte_level_bpe(reader, pre_tokenizer),
-        chat_template=_field(reader, "tokenizer.chat_template"),
+        chat_template=reader.field("tokenizer.chat_template"),
         **_special_token_names(reader, tokens),
     )
 

@@ -62,7 +62,14 @@ def save(checkpoint: Checkpoint, directory: Path) -> None:
     if checkpoint.tokenizer is not None:
         checkpoint.tokenizer.save_pretrained(tmp / "tokenizer")
     shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    try:
+        os.replace(tmp, directory)
+    except OSError:
+        # Another process (a second server, a test worker) saved the same checkpoint between the
+        # two calls above: theirs is as good as ours.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_saved(directory):
+            raise
 
 
 def load(directory: Path) -> Checkpoint:

@@ -3,12 +3,18 @@ persistent XLA compilation cache so the many small engines of the suite compile 
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
 
-jax.config.update("jax_compilation_cache_dir", "/tmp/jaxllm-test-xla-cache")
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+XLA_CACHE = {"JAX_COMPILATION_CACHE_DIR": "/tmp/jaxllm-test-xla-cache", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"}
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(XLA_CACHE["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+# Subprocesses (notebook kernels, the tensor-parallel worker, servers) share the cache: jaxllm
+# defers to a cache directory JAX already has, and JAX reads these variables when imported.
+os.environ.update(XLA_CACHE)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 
 import jax
@@ -303,6 +305,22 @@ def test_orbax_round_trip_is_exact(dtype, tmp_path):
     back = orbax_cache.load(tmp_path / "saved")
     assert back.config == ck.config and back.source_dtype == ck.source_dtype and back.tokenizer is None
     _assert_trees_equal(back.params, ck.params)
+
+
+def test_a_save_racing_another_writer_keeps_the_finished_checkpoint(tmp_path, monkeypatch):
+    """Two processes converting the same checkpoint: the one that renames second finds the
+    directory already there and keeps it, leaving no temporary directory behind."""
+    ck = converters.load_checkpoint(make_tiny_checkpoint("llama3_rope", tmp_path / "hf"))
+    target, real_replace = tmp_path / "saved", os.replace
+
+    def other_writer_first(src, dst):
+        shutil.copytree(src, dst)  # the other process's identical checkpoint lands in between
+        real_replace(src, dst)  # raises: dst is a non-empty directory now
+
+    monkeypatch.setattr(orbax_cache.os, "replace", other_writer_first)
+    orbax_cache.save(ck, target)
+    assert {p.name for p in tmp_path.iterdir()} == {"hf", "saved"}
+    _assert_trees_equal(orbax_cache.load(target).params, ck.params)
 
 
 def test_cache_dir_skips_conversion_the_second_time(tmp_path, monkeypatch):

@@ -124,9 +124,41 @@ def test_gguf_tokenizer_loads_without_torch(smollm2_path):
 
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
-        "from gguf import GGUFReader; from pathlib import Path\n"
+        "from pathlib import Path\n"
+        "from converters.gguf_file import GGUFFile\n"
         "from converters.gguf_tokenizer import load_gguf_tokenizer\n"
-        f"p = Path({str(smollm2_path)!r}); tok = load_gguf_tokenizer(GGUFReader(p), p)\n"
+        f"p = Path({str(smollm2_path)!r}); tok = load_gguf_tokenizer(GGUFFile(p), p)\n"
         f"assert tok.encode({PROMPT!r}) == {PROMPT_IDS!r}, tok.encode({PROMPT!r})\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_our_reader_equals_gguf_py_reader(smollm2_path):
+    """Every metadata value and every tensor's type, shape and bytes, as gguf-py reads them."""
+    from gguf import GGUFReader
+
+    from converters.gguf_file import GGUFFile
+
+    ours, theirs = GGUFFile(smollm2_path), GGUFReader(smollm2_path)
+    assert ours.version == 3
+    assert list(ours.fields) == [k for k in theirs.fields if not k.startswith("GGUF.")]
+    for key, value in ours.fields.items():
+        assert value == theirs.fields[key].contents(), key
+    assert ours.fields["tokenizer.ggml.tokens"][:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert len(ours.tensors) == len(theirs.tensors) == 272
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (a.name, a.tensor_type, a.shape) == (b.name, b.tensor_type, tuple(b.shape.tolist()))
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
+        assert np.array_equal(a.data, b.data), a.name
+
+
+def test_reader_refuses_what_is_not_gguf(tmp_path):
+    from converters.gguf_file import GGUFFile
+
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGML" + bytes(28))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        GGUFFile(bad)
+    bad.write_bytes(b"GGUF" + (1).to_bytes(4, "little") + bytes(16))
+    with pytest.raises(ValueError, match="version 1"):
+        GGUFFile(bad)
