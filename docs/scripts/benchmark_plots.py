@@ -72,7 +72,23 @@ def section_load_time(r: dict | None) -> list[str]:
         f"Parameters: {r['param_bytes'] / 2**20:.0f} MiB; machine: {r['machine']['platform']}, "
         f"{r['machine']['cpu_count']} cores.",
         "",
+        *_load_time_before(r),
         "![load time](images/bench_load_time.png)",
+        "",
+    ]
+
+
+def _load_time_before(r: dict) -> list[str]:
+    """The same command at an earlier commit, run just before on the same host, where recorded."""
+    before = r.get("before")
+    if before is None:
+        return []
+    return [
+        f"The same command at `{before['commit']}` ({before['note']}): GGUF convert "
+        f"{before['gguf_convert_median_s']:.1f} s (median), first start {before['first_start_convert_and_save_s']:.1f} s, "
+        f"orbax reload {before['orbax_reload_median_s']:.1f} s. Since `{r['commit']}` the GGUF metadata is read by "
+        "`converters/gguf_file.py` instead of gguf-py's reader, and converted layers are written straight "
+        "into their stacks.",
         "",
     ]
 
