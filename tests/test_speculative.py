@@ -424,7 +424,7 @@ def test_smollm2_copying_needs_fewer_steps_and_gives_the_same_text(plain_llm, sp
     assert spec_steps < 0.7 * plain_steps  # 50 vs 81 when written
 
 
-@pytest.mark.parametrize("params", [
+VARIANTS = [
     dict(temperature=0.8, top_p=0.9, seed=11, max_tokens=60),
     dict(temperature=1.0, top_k=20, seed=3, n=2, max_tokens=40),
     dict(temperature=0.0, logprobs=3, max_tokens=40),
@@ -434,14 +434,37 @@ def test_smollm2_copying_needs_fewer_steps_and_gives_the_same_text(plain_llm, sp
     dict(temperature=0.0, repetition_penalty=1.3, max_tokens=30),
     dict(temperature=0.7, seed=5, frequency_penalty=0.5, presence_penalty=0.3, max_tokens=40),
     dict(temperature=0.0, bad_words=["bridge", " 7,"], logit_bias={11: 2.0}, max_tokens=60),
-])
-def test_smollm2_outputs_with_proposals_equal_outputs_without(plain_llm, spec_llm, params):
+]
+
+
+@pytest.fixture(scope="module")
+def variant_outputs(plain_llm, spec_llm):
+    """COPY_CHATS under every one of VARIANTS, all in one batch (18 chats, 19 sequences: more than
+    max_num_seqs, so some wait), through the engine without proposals and the one with them.
+    One batch costs about what one variant alone did (a step reads all the weights whatever its
+    rows), and every request shares its steps with requests of other sampling settings."""
     from jaxllm import SamplingParams
 
-    sampling = SamplingParams(**params)
-    plain = plain_llm.chat(COPY_CHATS, sampling, use_tqdm=False)
-    drafted_before = spec_llm.llm_engine.stats.spec_decode.num_draft_tokens
-    spec = spec_llm.chat(COPY_CHATS, sampling, use_tqdm=False)
+    chats = [chat for _ in VARIANTS for chat in COPY_CHATS]
+    params = [SamplingParams(**v) for v in VARIANTS for _ in COPY_CHATS]
+    before = spec_llm.llm_engine.stats.spec_decode
+    plain = plain_llm.chat(chats, params, use_tqdm=False)
+    spec = spec_llm.chat(chats, params, use_tqdm=False)
+    after, n = spec_llm.llm_engine.stats.spec_decode, len(COPY_CHATS)
+    return {"plain": [plain[i * n:(i + 1) * n] for i in range(len(VARIANTS))],
+            "spec": [spec[i * n:(i + 1) * n] for i in range(len(VARIANTS))],
+            "drafted": after.num_draft_tokens - before.num_draft_tokens,
+            "accepted": after.num_accepted_tokens - before.num_accepted_tokens}
+
+
+def test_smollm2_sampling_variants_get_proposals_and_keep_some(variant_outputs):
+    assert variant_outputs["drafted"] > 100 and variant_outputs["accepted"] > 40
+
+
+@pytest.mark.parametrize("index", range(len(VARIANTS)), ids=[",".join(v) for v in VARIANTS])
+def test_smollm2_outputs_with_proposals_equal_outputs_without(variant_outputs, index):
+    params = VARIANTS[index]
+    plain, spec = variant_outputs["plain"][index], variant_outputs["spec"][index]
     assert _ids(spec) == _ids(plain)
     for s, p in zip(spec, plain, strict=True):
         for sc, pc in zip(s.outputs, p.outputs, strict=True):
@@ -452,27 +475,33 @@ def test_smollm2_outputs_with_proposals_equal_outputs_without(plain_llm, spec_ll
                     assert a.keys() == b.keys()
                     assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
                 assert sc.cumulative_logprob == pytest.approx(pc.cumulative_logprob, abs=1e-3)
-    assert spec_llm.llm_engine.stats.spec_decode.num_draft_tokens > drafted_before
+    if params.get("n"):
+        assert all(len(s.outputs) == params["n"] for s in spec)
     if "stop" in params:  # the copy stops at "bridge", in the middle of accepted proposals
         assert spec[0].outputs[0].finish_reason == "stop" and spec[0].outputs[0].stop_reason == "bridge"
 
 
-@pytest.mark.parametrize(("chat", "constraint"), [
+CONSTRAINED = [
     (COPY_CHATS[1], {"regex": r"([0-9]+, )+[0-9]+"}),
     ([{"role": "user", "content": "List three people with their name and age as a JSON array."}],
      {"json": {"type": "array", "items": {"type": "object", "properties": {
          "name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}}, "required": ["name", "age"]}}}),
-])
-def test_smollm2_structured_outputs_with_proposals_match(plain_llm, spec_llm, chat, constraint):
+]
+
+
+def test_smollm2_structured_outputs_with_proposals_match(plain_llm, spec_llm):
+    """Both constraints in one batch through each engine."""
     from jaxllm import SamplingParams
     from jaxllm.sampling_params import StructuredOutputsParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=StructuredOutputsParams(**constraint))
+    chats = [chat for chat, _ in CONSTRAINED]
+    params = [SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=StructuredOutputsParams(**constraint))
+              for _, constraint in CONSTRAINED]
     before, compiles = spec_llm.llm_engine.stats.spec_decode, spec_llm.llm_engine.stats.num_compiles
-    spec = spec_llm.chat(chat, params, use_tqdm=False)
-    assert _ids(spec) == _ids(plain_llm.chat(chat, params, use_tqdm=False))
+    spec = spec_llm.chat(chats, params, use_tqdm=False)
+    assert _ids(spec) == _ids(plain_llm.chat(chats, params, use_tqdm=False))
     after = spec_llm.llm_engine.stats.spec_decode
-    assert after.num_accepted_tokens > before.num_accepted_tokens  # the pattern's repeats are proposed
+    assert after.num_accepted_tokens > before.num_accepted_tokens  # the patterns' repeats are proposed
     assert spec_llm.llm_engine.stats.num_compiles == compiles
 
 
