@@ -11,7 +11,6 @@ import functools
 import logging
 import os
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -102,36 +101,6 @@ def _pool(hidden, batch: StepBatch):
     return sums, first, h[batch.logits_indices], hidden
 
 
-# Jitted steps of the runners alive now, by configuration. Weak: a step's executables are freed
-# with the last runner using it (an LRU cache of 8 steps kept too many alive: ~880 tests into
-# the suite XLA:CPU could no longer map an executable's code, "LLVM compilation error: Cannot
-# allocate memory", and the process crashed).
-_LIVE_STEPS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def _jitted_step(cfg: ModelConfig, attend: AttentionFn, lora_shape, processors: tuple, logprobs_mode: str, mesh):
-    """The jitted step of one configuration, with the pool donated. A runner built while another
-    of the same configuration lives shares its step (JAX keeps the traces, lowerings and
-    executables: an engine of the same model and pool shape, as notebooks and the test suite
-    make, warms up in a second instead of tracing every bucket again), unless a part of the
-    configuration cannot be hashed."""
-    key = (cfg, attend, lora_shape, processors, logprobs_mode, mesh)
-    try:
-        step = _LIVE_STEPS.get(key)
-    except TypeError:
-        return _new_jitted_step(*key)
-    if step is None:
-        step = _LIVE_STEPS[key] = _new_jitted_step(*key)
-    return step
-
-
-def _new_jitted_step(cfg, attend, lora_shape, processors, logprobs_mode, mesh):
-    # Under tensor parallelism the results are replicated and the pool keeps its split.
-    split = {} if mesh is None else {"out_shardings": (parallel.replicated(mesh), parallel.kv_sharding(mesh))}
-    return jax.jit(functools.partial(_step, cfg=cfg, attend=attend, lora_shape=lora_shape, processors=processors,
-                                     logprobs_mode=logprobs_mode), donate_argnums=1, **split)
-
-
 @dataclass
 class InFlightStep:
     """A dispatched step whose results are still on the device (see ``ModelRunner.dispatch``)."""
@@ -204,7 +173,11 @@ class ModelRunner:
         self._logits_specs = tuple((tuple(p.state_shape), np.dtype(p.state_dtype)) for p in self.logits_processors)
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode={logprobs_mode!r} must be one of {LOGPROBS_MODES}")
-        self._jit_step = _jitted_step(cfg, attend, lora_shape, self.logits_processors, logprobs_mode, mesh)
+        # Under tensor parallelism the results are replicated and the pool keeps its split.
+        split = {} if mesh is None else {"out_shardings": (parallel.replicated(mesh), parallel.kv_sharding(mesh))}
+        self._jit_step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend, lora_shape=lora_shape,
+                                                   processors=self.logits_processors, logprobs_mode=logprobs_mode),
+                                 donate_argnums=1, **split)
         self._jit_copy = jax.jit(kv_pool.copy_blocks, donate_argnums=0,
                                  **({} if mesh is None else {"out_shardings": parallel.kv_sharding(mesh)}))
         # (T, B, with LoRA, with prompt embeddings): a LoRA engine has each bucket twice, so that
